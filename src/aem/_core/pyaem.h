@@ -1,0 +1,72 @@
+/* pyaem.h — declarations shared by the Python-facing C files of aem._core
+ * (module.c, event.c, pyengine.c).  The engine itself (engine.h) knows
+ * nothing of Python. */
+#ifndef AEM_PYAEM_H
+#define AEM_PYAEM_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <sys/socket.h>
+
+#include "doorbell.h"
+#include "engine.h"
+
+/* ---- events (event.c) -------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    uint64_t eid;
+    int64_t time_ns;
+    uint64_t a, b;       /* raw kind data */
+    PyObject *source;    /* the registration's source, or NULL (built lazily for timers) */
+    PyObject *o[4];      /* kind objects */
+    PyObject *dict;      /* attributes a constructor adds */
+    int64_t t_after, t_interval;  /* timer events: to rebuild the source */
+    uint8_t kind;
+    uint8_t kept;
+} EventObject;
+
+extern PyTypeObject *aem_event_types[AEM_K__COUNT];
+extern PyTypeObject *AemEvent_Type;
+int aem_event_init_types(PyObject *module);
+EventObject *aem_event_new(uint8_t kind, uint64_t eid, int64_t time_ns, PyObject *source);
+
+/* ---- the engine object (pyengine.c) -------------------------------------------- */
+
+typedef struct EngineObject {
+    PyObject_HEAD
+    aem_engine core;
+    pid_t owner_pid;
+    int closed;
+    int delivering;         /* a handler runs: no nesting */
+    int running;            /* run() in progress */
+    unsigned long run_thread;
+    unsigned long deliver_thread;
+    int stop_requested;
+    uint32_t internal;      /* internal registrations (not counted for idleness) */
+    PyObject *error_handler;
+    PyObject *spawn_hook;   /* runs handlers of EVF_FORK/EVF_CAPSULE registrations */
+    PyObject *payload_hook; /* makes Read payloads (vmtable); NULL: bytes */
+    PyObject *unregister_hook; /* told of each unregistration (jobs, capsules) */
+    aem_doorbell doorbell;
+    int async_on;
+    pthread_t main_thread;
+    char *scratch;
+    size_t scratch_cap;
+    uint64_t drains, nested;
+    PyObject *weakreflist;
+} EngineObject;
+
+extern PyTypeObject *AemEngine_Type;
+int aem_engine_init_type(PyObject *module);
+
+/* ---- module state (module.c) ---------------------------------------------------- */
+
+extern PyObject *AemError;           /* aem.AemError */
+extern PyObject *AemUnknownEvent;    /* aem.UnknownEventError */
+extern PyObject *aem_socket_type;    /* socket.socket */
+extern PyObject *aem_timer_type;     /* aem.sources.Timer (fast path) */
+extern PyObject *aem_str_attach;     /* "_attach" */
+extern PyObject *aem_str_after_ns, *aem_str_interval_ns, *aem_str_max_size, *aem_str_sockargs, *aem_str_path;
+
+#endif

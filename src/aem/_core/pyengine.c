@@ -1,0 +1,1311 @@
+/* pyengine.c — aem._core.Engine: registration, delivery, run, async delivery.
+ *
+ * Delivery of one occurrence (deliver_one):
+ *   registration finished? (one-shot timer, EVF_ONESHOT, Close, ChildExit)
+ *        -> unregistered first, so the handler sees itself gone
+ *   kind work: accept() the connections, recv() the data, reap the child ...
+ *   constructor(event) -> handler(event) | spawn hook (EVF_FORK/EVF_CAPSULE)
+ *        -> destructor(event) (also when the handler raised)
+ *   an Exception from any of them is counted and given to the error handler;
+ *   a BaseException (KeyboardInterrupt, SystemExit) propagates to the caller
+ *   of run() or to the interrupted main thread.
+ *
+ * Two ways to drive the engine:
+ *   run():   the calling thread waits in epoll_wait (GIL released) and delivers.
+ *   start(): the doorbell thread (doorbell.c) waits; when something is ready
+ *            it schedules one pending call and pthread_kills the main thread
+ *            with the kick signal, whose Python-level handler also drains:
+ *            a busy main thread takes the pending call at its next bytecode
+ *            boundary, a blocked one returns from its syscall with EINTR and
+ *            runs the signal handler before retrying (PEP 475).
+ */
+#define _GNU_SOURCE
+#include "pyaem.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <structmember.h>
+#include <sys/un.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/epoll.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#ifndef P_PIDFD
+#define P_PIDFD 3
+#endif
+
+PyTypeObject *AemEngine_Type;
+
+/* The engine in asynchronous mode (one per process: the kick signal is process-wide). */
+static EngineObject *async_engine;
+static int kick_signum;
+
+static const char *kind_names[AEM_K__COUNT] = {
+    "none", "timer", "readable", "writable", "accept", "read", "close", "signal",
+    "child", "job", "file", "user", "pressure", "custom", "hosted",
+};
+
+/* ---- host hooks for the C engine ------------------------------------------------ */
+
+static void host_release(void *obj) { Py_XDECREF((PyObject *)obj); }
+
+static void *host_make_name(const char *name, size_t len) {
+    PyObject *s = PyUnicode_DecodeFSDefaultAndSize(name, (Py_ssize_t)len);
+    if (!s) PyErr_Clear();
+    return s;
+}
+
+static const aem_host python_host = {.release = host_release, .make_name = host_make_name};
+
+/* ---- helpers ---------------------------------------------------------------------- */
+
+static int check_open(EngineObject *self) {
+    if (self->closed) {
+        PyErr_SetString(AemError, "this aem engine is closed (or belongs to the parent of a forked process)");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *set_errno_error(int neg_errno, const char *what) {
+    errno = -neg_errno;
+    PyObject *exc = PyErr_SetFromErrnoWithFilename(PyExc_OSError, what);
+    return exc;
+}
+
+static int parse_eid(PyObject *arg, uint64_t *eid) {
+    if (!PyLong_Check(arg)) {
+        PyErr_Format(PyExc_TypeError, "event id must be an int, not %.100s", Py_TYPE(arg)->tp_name);
+        return -1;
+    }
+    *eid = PyLong_AsUnsignedLongLong(arg);
+    if (*eid == (uint64_t)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(AemUnknownEvent, "no registered event with id %R", arg);
+        return -1;
+    }
+    return 0;
+}
+
+static aem_reg *lookup_or_raise(EngineObject *self, PyObject *eid_obj, uint64_t *eid, uint32_t *slot) {
+    if (parse_eid(eid_obj, eid) < 0) return NULL;
+    aem_reg *r = aem_engine_lookup(&self->core, *eid, slot);
+    if (!r) PyErr_Format(AemUnknownEvent, "no registered event with id %R", eid_obj);
+    return r;
+}
+
+#define AEM_F_INTERNAL 0x200u  /* the engine's own plumbing: not counted for idleness */
+static inline int is_internal(const aem_reg *r) { return r->flags & AEM_F_INTERNAL; }
+
+static inline uint32_t user_live(EngineObject *self) { return self->core.live - self->internal; }
+
+/* Release a registration's references and slot. */
+static void unregister_slot(EngineObject *self, uint32_t slot) {
+    aem_reg *r = aem_slot(&self->core, slot);
+    PyObject *handler = r->handler, *obj = r->obj;
+    uint64_t eid = aem_eid_of(slot, r->gen);
+    int internal = is_internal(r);
+    uint8_t kind = r->kind;
+    aem_engine_free_reg(&self->core, slot);
+    if (internal) self->internal--;
+    if (self->unregister_hook && self->unregister_hook != Py_None && !internal &&
+        kind != AEM_K_TIMER) {
+        PyObject *res = PyObject_CallFunction(self->unregister_hook, "K", (unsigned long long)eid);
+        if (!res) PyErr_WriteUnraisable(self->unregister_hook);
+        Py_XDECREF(res);
+    }
+    Py_XDECREF(handler);
+    Py_XDECREF(obj);
+}
+
+/* ---- Engine lifetime --------------------------------------------------------------- */
+
+static PyObject *engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    if (PyTuple_GET_SIZE(args) || (kwds && PyDict_GET_SIZE(kwds))) {
+        PyErr_SetString(PyExc_TypeError, "Engine() takes no arguments");
+        return NULL;
+    }
+    EngineObject *self = (EngineObject *)type->tp_alloc(type, 0);
+    if (!self) return NULL;
+    int rc = aem_engine_init(&self->core, &python_host);
+    if (rc < 0) {
+        Py_DECREF(self);
+        return set_errno_error(rc, "aem engine");
+    }
+    self->owner_pid = getpid();
+    return (PyObject *)self;
+}
+
+static void release_all(EngineObject *self) {
+    aem_engine *e = &self->core;
+    for (uint32_t s = 0; s < e->nslots; s++) {
+        aem_reg *r = aem_slot(e, s);
+        if (r->state == AEM_S_FREE) continue;
+        PyObject *h = r->handler, *o = r->obj;
+        r->handler = r->obj = NULL;
+        Py_XDECREF(h);
+        Py_XDECREF(o);
+    }
+}
+
+static void stop_async(EngineObject *self, int in_child) {
+    if (!self->async_on) return;
+    self->async_on = 0;
+    if (!in_child) {
+        Py_BEGIN_ALLOW_THREADS
+        aem_doorbell_stop(&self->doorbell);
+        Py_END_ALLOW_THREADS
+    }
+    if (async_engine == self) {
+        async_engine = NULL;
+        if (!in_child) Py_DECREF(self);
+    }
+}
+
+static void engine_close_impl(EngineObject *self, int in_child) {
+    if (self->closed) return;
+    stop_async(self, in_child);
+    self->closed = 1;
+    release_all(self);
+    aem_engine_destroy(&self->core);
+    PyMem_Free(self->scratch);
+    self->scratch = NULL;
+    self->scratch_cap = 0;
+}
+
+static int engine_traverse(EngineObject *self, visitproc visit, void *arg) {
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->error_handler);
+    Py_VISIT(self->spawn_hook);
+    Py_VISIT(self->payload_hook);
+    Py_VISIT(self->unregister_hook);
+    if (!self->closed) {
+        aem_engine *e = &self->core;
+        for (uint32_t s = 0; s < e->nslots; s++) {
+            aem_reg *r = aem_slot(e, s);
+            if (r->state == AEM_S_FREE) continue;
+            Py_VISIT((PyObject *)r->handler);
+            Py_VISIT((PyObject *)r->obj);
+        }
+    }
+    return 0;
+}
+
+static int engine_clear(EngineObject *self) {
+    Py_CLEAR(self->error_handler);
+    Py_CLEAR(self->spawn_hook);
+    Py_CLEAR(self->payload_hook);
+    Py_CLEAR(self->unregister_hook);
+    if (!self->closed) release_all(self);
+    return 0;
+}
+
+static void engine_dealloc(EngineObject *self) {
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    if (self->weakreflist) PyObject_ClearWeakRefs((PyObject *)self);
+    engine_close_impl(self, getpid() != self->owner_pid);
+    engine_clear(self);
+    tp->tp_free(self);
+    Py_DECREF(tp);
+}
+
+static PyObject *engine_close(EngineObject *self, PyObject *noargs) {
+    if (self->running) {
+        PyErr_SetString(AemError, "cannot close the engine while run() is in progress");
+        return NULL;
+    }
+    engine_close_impl(self, 0);
+    Py_RETURN_NONE;
+}
+
+static PyObject *engine_abandon(EngineObject *self, PyObject *noargs) {
+    /* In a forked child: the doorbell thread does not exist here; drop everything. */
+    self->running = 0;
+    self->delivering = 0;
+    engine_close_impl(self, 1);
+    Py_RETURN_NONE;
+}
+
+/* ---- registration ------------------------------------------------------------------ */
+
+/* Validate the common arguments; build the obj stored with the registration. */
+static int prepare(EngineObject *self, PyObject *handler, unsigned long flags, PyObject *prio_obj,
+                   PyObject *ctor, PyObject *dtor, PyObject *pool, PyObject *source, int32_t *prio,
+                   PyObject **obj_out, uint16_t *flags_out) {
+    if (!PyCallable_Check(handler)) {
+        PyErr_Format(PyExc_TypeError, "handler must be callable, not %.100s", Py_TYPE(handler)->tp_name);
+        return -1;
+    }
+    if (flags & ~(unsigned long)AEM_F__PUBLIC) {
+        PyErr_Format(PyExc_ValueError, "unknown flag bits 0x%lx (known: EVF_ONESHOT, EVF_FORK, "
+                     "EVF_NOCLDWAIT, EVF_CAPSULE, EVF_KEEPALIVE)", flags & ~(unsigned long)AEM_F__PUBLIC);
+        return -1;
+    }
+    if ((flags & AEM_F_FORK) && (flags & AEM_F_CAPSULE)) {
+        PyErr_SetString(PyExc_ValueError, "EVF_FORK and EVF_CAPSULE exclude each other");
+        return -1;
+    }
+    if ((flags & (AEM_F_NOCLDWAIT | AEM_F_KEEPALIVE)) && !(flags & (AEM_F_FORK | AEM_F_CAPSULE))) {
+        PyErr_SetString(PyExc_ValueError,
+                        "EVF_NOCLDWAIT and EVF_KEEPALIVE apply to handlers run in their own process: "
+                        "combine them with EVF_FORK or EVF_CAPSULE");
+        return -1;
+    }
+    if ((flags & (AEM_F_FORK | AEM_F_CAPSULE)) && (!self->spawn_hook || self->spawn_hook == Py_None)) {
+        PyErr_SetString(PyExc_NotImplementedError,
+                        "EVF_FORK/EVF_CAPSULE need aem's process support (aem.capsules), "
+                        "which is not available in this build");
+        return -1;
+    }
+    if (!PyLong_Check(prio_obj)) {
+        PyErr_Format(PyExc_TypeError, "priority must be an int, not %.100s", Py_TYPE(prio_obj)->tp_name);
+        return -1;
+    }
+    int overflow;
+    long p = PyLong_AsLongAndOverflow(prio_obj, &overflow);
+    if (overflow || p < INT32_MIN || p > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "priority must fit in 32 bits (-2**31 .. 2**31-1)");
+        return -1;
+    }
+    *prio = (int32_t)p;
+    if (ctor != Py_None && !PyCallable_Check(ctor)) {
+        PyErr_SetString(PyExc_TypeError, "constructor must be callable or None");
+        return -1;
+    }
+    if (dtor != Py_None && !PyCallable_Check(dtor)) {
+        PyErr_SetString(PyExc_TypeError, "destructor must be callable or None");
+        return -1;
+    }
+    if (pool != Py_None && !(flags & AEM_F_CAPSULE)) {
+        PyErr_SetString(PyExc_ValueError, "pool= is only used with EVF_CAPSULE");
+        return -1;
+    }
+    *flags_out = (uint16_t)flags;
+    if (ctor != Py_None || dtor != Py_None || pool != Py_None) {
+        *obj_out = PyTuple_Pack(4, source ? source : Py_None, ctor, dtor, pool);
+        if (!*obj_out) return -1;
+        *flags_out |= AEM_F_EXTRAS;
+    } else {
+        *obj_out = Py_XNewRef(source);
+    }
+    return 0;
+}
+
+static int64_t seconds_to_ns(PyObject *v, const char *what, int allow_zero) {
+    double d;
+    if (PyLong_Check(v)) {
+        d = PyLong_AsDouble(v);
+        if (d == -1.0 && PyErr_Occurred()) return -1;
+    } else if (PyFloat_Check(v)) {
+        d = PyFloat_AS_DOUBLE(v);
+    } else {
+        PyErr_Format(PyExc_TypeError, "%s must be a number of seconds, not %.100s", what, Py_TYPE(v)->tp_name);
+        return -1;
+    }
+    if (!(d >= 0) || d > 9e9 || (!allow_zero && d == 0)) {
+        PyErr_Format(PyExc_ValueError, "%s must be %s seconds (got %R)", what,
+                     allow_zero ? "a finite number of >= 0" : "a finite number of > 0", v);
+        return -1;
+    }
+    return (int64_t)(d * 1e9 + 0.5);
+}
+
+static PyObject *new_eid_result(EngineObject *self, uint32_t slot) {
+    return PyLong_FromUnsignedLongLong(aem_eid_of(slot, aem_slot(&self->core, slot)->gen));
+}
+
+static PyObject *register_timer(EngineObject *self, PyObject *source, PyObject *handler,
+                                uint16_t flags, int32_t prio, PyObject *obj) {
+    PyObject *after_o = PyObject_GetAttr(source, aem_str_after_ns);
+    if (!after_o) return NULL;
+    PyObject *interval_o = PyObject_GetAttr(source, aem_str_interval_ns);
+    if (!interval_o) {
+        Py_DECREF(after_o);
+        return NULL;
+    }
+    long long after = PyLong_AsLongLong(after_o), interval = PyLong_AsLongLong(interval_o);
+    Py_DECREF(after_o);
+    Py_DECREF(interval_o);
+    if (PyErr_Occurred()) return NULL;
+    if (after < 0 || interval < 0) {
+        PyErr_SetString(PyExc_ValueError, "timer times must be >= 0");
+        return NULL;
+    }
+    /* The timer source object itself is not kept (it is rebuilt for event.source):
+     * a registered timer costs its slot and its heap entry only. */
+    if (!(flags & AEM_F_EXTRAS)) Py_CLEAR(obj);
+    int64_t slot = aem_engine_new_reg(&self->core, AEM_K_TIMER, flags, prio, handler, obj);
+    if (slot < 0) {
+        Py_XDECREF(obj);
+        return PyErr_NoMemory();
+    }
+    aem_reg *r = aem_slot(&self->core, (uint32_t)slot);
+    r->aux = after;
+    Py_INCREF(handler);
+    int rc = aem_engine_arm_timer(&self->core, (uint32_t)slot, aem_now_ns() + after, interval);
+    if (rc < 0) {
+        unregister_slot(self, (uint32_t)slot);
+        return PyErr_NoMemory();
+    }
+    return new_eid_result(self, (uint32_t)slot);
+}
+
+static PyObject *engine_register(EngineObject *self, PyObject *const *args, Py_ssize_t nargs,
+                                 PyObject *kwnames) {
+    static const char *const names[] = {"source", "handler", "flags", "priority",
+                                        "constructor", "destructor", "pool"};
+    PyObject *vals[7] = {NULL, NULL, NULL, NULL, Py_None, Py_None, Py_None};
+    Py_ssize_t nk = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nargs > 7) {
+        PyErr_SetString(PyExc_TypeError, "register() takes at most 7 arguments");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < nargs; i++) vals[i] = args[i];
+    for (Py_ssize_t k = 0; k < nk; k++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, k);
+        int found = 0;
+        for (int i = 0; i < 7; i++) {
+            if (PyUnicode_CompareWithASCIIString(key, names[i]) == 0) {
+                if (i < nargs) {
+                    PyErr_Format(PyExc_TypeError, "register() got multiple values for '%s'", names[i]);
+                    return NULL;
+                }
+                vals[i] = args[nargs + k];
+                found = 1;
+                break;
+            }
+        }
+        if (!found) {
+            PyErr_Format(PyExc_TypeError, "register() got an unexpected keyword argument %R", key);
+            return NULL;
+        }
+    }
+    if (!vals[0] || !vals[1]) {
+        PyErr_SetString(PyExc_TypeError, "register() needs a source and a handler");
+        return NULL;
+    }
+    if (check_open(self) < 0) return NULL;
+    PyObject *source = vals[0], *handler = vals[1];
+    unsigned long flags = 0;
+    if (vals[2]) {
+        if (!PyLong_Check(vals[2])) {
+            PyErr_Format(PyExc_TypeError, "flags must be an int, not %.100s", Py_TYPE(vals[2])->tp_name);
+            return NULL;
+        }
+        flags = PyLong_AsUnsignedLong(vals[2]);
+        if (flags == (unsigned long)-1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_ValueError, "flags must be a combination of the EVF_* constants");
+            return NULL;
+        }
+    }
+    static PyObject *zero;
+    if (!zero) zero = PyLong_FromLong(0);
+    PyObject *prio_obj = vals[3] ? vals[3] : zero;
+    int32_t prio;
+    uint16_t f;
+    PyObject *obj;
+    if (prepare(self, handler, flags, prio_obj, vals[4], vals[5], vals[6], source, &prio, &obj, &f) < 0)
+        return NULL;
+    if (aem_timer_type && PyObject_TypeCheck(source, (PyTypeObject *)aem_timer_type))
+        return register_timer(self, source, handler, f, prio, obj);
+    PyObject *attach = PyObject_GetAttr(source, aem_str_attach);
+    if (!attach) {
+        Py_XDECREF(obj);
+        if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError,
+                         "expected an event source (aem.Timer, aem.Readable, aem.Read, aem.Signal, "
+                         "aem.UserEvent, ... or an aem.Source subclass), got %.100s",
+                         Py_TYPE(source)->tp_name);
+        }
+        return NULL;
+    }
+    PyObject *res = PyObject_CallFunction(attach, "OOHiO", (PyObject *)self, handler, f, prio,
+                                          obj ? obj : Py_None);
+    Py_DECREF(attach);
+    Py_XDECREF(obj);
+    return res;
+}
+
+/* _add(kind, target, events, handler, flags, priority, obj, aux=0, internal=False) -> eid
+ * The low-level registration used by the sources' _attach (arguments already checked). */
+static PyObject *engine_add(EngineObject *self, PyObject *args) {
+    int kind, internal = 0;
+    PyObject *target, *handler, *obj;
+    unsigned int events;
+    unsigned short flags;
+    int prio;
+    long long aux = 0;
+    if (!PyArg_ParseTuple(args, "iOIOHiO|Lp:_add", &kind, &target, &events, &handler, &flags, &prio,
+                          &obj, &aux, &internal))
+        return NULL;
+    if (check_open(self) < 0) return NULL;
+    if (kind <= AEM_K_NONE || kind >= AEM_K__COUNT || kind == AEM_K_TIMER) {
+        PyErr_Format(PyExc_ValueError, "bad event kind %d", kind);
+        return NULL;
+    }
+    if (obj == Py_None) obj = NULL;
+    if (internal) flags |= AEM_F_INTERNAL;
+    int64_t slot = aem_engine_new_reg(&self->core, (uint8_t)kind, flags, prio, handler, obj);
+    if (slot < 0) return PyErr_NoMemory();
+    Py_INCREF(handler);
+    Py_XINCREF(obj);
+    if (internal) self->internal++;
+    aem_slot(&self->core, (uint32_t)slot)->aux = aux;
+    int rc = 0;
+    const char *what = "register";
+    switch (kind) {
+    case AEM_K_READABLE: case AEM_K_WRITABLE: case AEM_K_ACCEPT: case AEM_K_READ: case AEM_K_CLOSE:
+    case AEM_K_CUSTOM: {
+        int fd = PyObject_AsFileDescriptor(target);
+        if (fd < 0) goto fail;
+        rc = aem_engine_arm_fd(&self->core, (uint32_t)slot, fd, events);
+        if (rc == -EPERM) {
+            PyErr_Format(PyExc_ValueError, "fd %d cannot be watched by epoll (a regular file or "
+                         "directory is always ready; read it directly)", fd);
+            goto fail;
+        }
+        if (rc == -EBADF) {
+            PyErr_Format(PyExc_ValueError, "fd %d is not an open file descriptor", fd);
+            goto fail;
+        }
+        what = "epoll_ctl";
+        break;
+    }
+    case AEM_K_CHILD: case AEM_K_PRESSURE: {
+        int fd = PyObject_AsFileDescriptor(target);
+        if (fd < 0) goto fail;
+        rc = aem_engine_arm_owned_fd(&self->core, (uint32_t)slot, fd, events);
+        what = "epoll_ctl";
+        break;
+    }
+    case AEM_K_SIGNAL: {
+        long sig = PyLong_AsLong(target);
+        if (sig == -1 && PyErr_Occurred()) goto fail;
+        rc = aem_engine_arm_signal(&self->core, (uint32_t)slot, (int)sig);
+        if (rc == -EBUSY) {
+            PyErr_Format(AemError, "signal %ld is already routed to another aem engine", sig);
+            goto fail;
+        }
+        if (rc == -EINVAL) {
+            PyErr_Format(PyExc_ValueError, "signal %ld cannot be caught", sig);
+            goto fail;
+        }
+        what = "sigaction";
+        break;
+    }
+    case AEM_K_FILE: {
+        PyObject *bytes;
+        if (!PyUnicode_FSConverter(target, &bytes)) goto fail;
+        rc = aem_engine_arm_inotify(&self->core, (uint32_t)slot, PyBytes_AS_STRING(bytes), events);
+        if (rc < 0) {
+            errno = -rc;
+            PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, target);
+            Py_DECREF(bytes);
+            goto fail;
+        }
+        Py_DECREF(bytes);
+        break;
+    }
+    default:
+        rc = aem_engine_arm_hosted(&self->core, (uint32_t)slot);
+    }
+    if (rc < 0) {
+        set_errno_error(rc, what);
+        goto fail;
+    }
+    return new_eid_result(self, (uint32_t)slot);
+fail:
+    unregister_slot(self, (uint32_t)slot);
+    return NULL;
+}
+
+static PyObject *engine_unregister(EngineObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"eid", "missing_ok", NULL};
+    PyObject *eid_obj;
+    int missing_ok = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|p:unregister", kwlist, &eid_obj, &missing_ok))
+        return NULL;
+    if (check_open(self) < 0) return NULL;
+    uint64_t eid;
+    uint32_t slot;
+    aem_reg *r = lookup_or_raise(self, eid_obj, &eid, &slot);
+    if (!r || is_internal(r)) {
+        if (r) PyErr_Format(AemUnknownEvent, "no registered event with id %R", eid_obj);
+        if (missing_ok && PyErr_ExceptionMatches(AemUnknownEvent)) {
+            PyErr_Clear();
+            Py_RETURN_FALSE;
+        }
+        return NULL;
+    }
+    unregister_slot(self, slot);
+    Py_RETURN_TRUE;
+}
+
+static PyObject *engine_control(EngineObject *self, PyObject *args) {
+    PyObject *eid_obj, *arg = Py_None;
+    int op;
+    if (!PyArg_ParseTuple(args, "Oi|O:control", &eid_obj, &op, &arg)) return NULL;
+    if (check_open(self) < 0) return NULL;
+    if (op != AEM_EVJOBPRIO && op != AEM_EVJOBSTOP && op != AEM_EVJOBSTART && op != AEM_EVJOBSHTDN) {
+        PyErr_Format(PyExc_ValueError, "unknown control operation %d (EVJOBPRIO, EVJOBSTOP, "
+                     "EVJOBSTART, EVJOBSHTDN, EVTBLINIT)", op);
+        return NULL;
+    }
+    uint64_t eid;
+    uint32_t slot;
+    aem_reg *r = lookup_or_raise(self, eid_obj, &eid, &slot);
+    if (!r) return NULL;
+    if (is_internal(r)) {
+        PyErr_Format(AemUnknownEvent, "no registered event with id %R", eid_obj);
+        return NULL;
+    }
+    int rc = 0;
+    switch (op) {
+    case AEM_EVJOBPRIO: {
+        if (!PyLong_Check(arg)) {
+            PyErr_SetString(PyExc_TypeError, "EVJOBPRIO needs the new priority (an int) as arg");
+            return NULL;
+        }
+        int overflow;
+        long p = PyLong_AsLongAndOverflow(arg, &overflow);
+        if (overflow || p < INT32_MIN || p > INT32_MAX) {
+            PyErr_SetString(PyExc_ValueError, "priority must fit in 32 bits");
+            return NULL;
+        }
+        aem_engine_set_priority(&self->core, slot, (int32_t)p);
+        break;
+    }
+    case AEM_EVJOBSTOP:
+        rc = aem_engine_stop_reg(&self->core, slot);
+        break;
+    case AEM_EVJOBSTART:
+        rc = aem_engine_start_reg(&self->core, slot);
+        if (rc == 0 && self->core.pqlen) aem_engine_wake(&self->core);
+        break;
+    case AEM_EVJOBSHTDN:
+        unregister_slot(self, slot);  /* the unregister hook ends the job's processes */
+        break;
+    }
+    if (rc == -EINVAL) {
+        PyErr_Format(AemError, "event %R has finished; it cannot be stopped or started", eid_obj);
+        return NULL;
+    }
+    if (rc < 0) return set_errno_error(rc, "control");
+    Py_RETURN_NONE;
+}
+
+/* ---- delivery ---------------------------------------------------------------------- */
+
+/* An exception is set: decide.  Returns 0 when handled (an Exception: counted,
+ * given to the error handler), -1 when it must propagate (a BaseException). */
+static int report(EngineObject *self, PyObject *event) {
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) return -1;
+    self->core.stats.errors++;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb) PyException_SetTraceback(value, tb);
+    if (self->error_handler && self->error_handler != Py_None) {
+        PyObject *res = PyObject_CallFunctionObjArgs(self->error_handler, value,
+                                                     event ? event : Py_None, NULL);
+        if (!res) {
+            if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+                Py_XDECREF(type);
+                Py_XDECREF(value);
+                Py_XDECREF(tb);
+                return -1;
+            }
+            PyErr_WriteUnraisable(self->error_handler);
+        }
+        Py_XDECREF(res);
+    } else {
+        PyErr_Restore(type, value, tb);
+        PyErr_Print();
+        return 0;
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    return 0;
+}
+
+typedef struct {
+    PyObject *handler, *source, *ctor, *dtor, *pool;
+    uint64_t eid;
+    uint16_t flags;
+} target_t;
+
+static void default_destructor(EngineObject *self, EventObject *ev) {
+    /* Payloads in vmtable blocks go back unless the handler kept them. */
+    if (ev->kept || ev->kind != AEM_K_READ || !ev->o[0] || PyBytes_CheckExact(ev->o[0])) return;
+    PyObject *res = PyObject_CallMethod(ev->o[0], "free", NULL);
+    if (!res) PyErr_Clear();  /* already freed by the handler: fine */
+    Py_XDECREF(res);
+}
+
+/* Run constructor, handler (or spawn hook), destructor.  -1: a BaseException propagates. */
+static int call_handler(EngineObject *self, const target_t *t, EventObject *ev) {
+    PyObject *event = (PyObject *)ev, *res;
+    int rc = 0;
+    self->delivering = 1;
+    if (t->ctor && t->ctor != Py_None) {
+        res = PyObject_Vectorcall(t->ctor, &event, 1, NULL);
+        if (!res) {
+            rc = report(self, event);
+            goto destruct;
+        }
+        Py_DECREF(res);
+    }
+    if (t->flags & (AEM_F_FORK | AEM_F_CAPSULE)) {
+        res = PyObject_CallFunction(self->spawn_hook, "KOOHO", (unsigned long long)t->eid, t->handler,
+                                    event, t->flags, t->pool ? t->pool : Py_None);
+    } else {
+        res = PyObject_Vectorcall(t->handler, &event, 1, NULL);
+    }
+    if (!res) rc = report(self, event);
+    Py_XDECREF(res);
+destruct:
+    if (t->dtor && t->dtor != Py_None) {
+        PyObject *type = NULL, *value = NULL, *tb = NULL;
+        if (rc < 0) PyErr_Fetch(&type, &value, &tb);
+        res = PyObject_Vectorcall(t->dtor, &event, 1, NULL);
+        if (!res && report(self, event) < 0 && rc == 0) rc = -1;
+        else if (!res) PyErr_Clear();
+        Py_XDECREF(res);
+        if (type || value) {
+            if (PyErr_Occurred()) PyErr_Clear();
+            PyErr_Restore(type, value, tb);
+        }
+    } else {
+        default_destructor(self, ev);
+    }
+    self->delivering = 0;
+    self->core.stats.delivered[ev->kind]++;
+    return rc;
+}
+
+static int ensure_scratch(EngineObject *self, size_t n) {
+    if (self->scratch_cap >= n) return 0;
+    char *p = PyMem_Realloc(self->scratch, n);
+    if (!p) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->scratch = p;
+    self->scratch_cap = n;
+    return 0;
+}
+
+static PyObject *make_payload(EngineObject *self, const char *data, Py_ssize_t n) {
+    if (self->payload_hook && self->payload_hook != Py_None && n > 0) {
+        PyObject *mv = PyMemoryView_FromMemory((char *)data, n, PyBUF_READ);
+        if (!mv) return NULL;
+        PyObject *res = PyObject_CallOneArg(self->payload_hook, mv);
+        /* The view must not outlive the scratch buffer. */
+        PyObject *r2 = PyObject_CallMethod(mv, "release", NULL);
+        Py_XDECREF(r2);
+        Py_DECREF(mv);
+        return res;
+    }
+    return PyBytes_FromStringAndSize(data, n);
+}
+
+static PyObject *sockaddr_to_py(const struct sockaddr_storage *ss, socklen_t len) {
+    if (ss->ss_family == AF_INET || ss->ss_family == AF_INET6) {
+        char host[64];
+        if (ss->ss_family == AF_INET) {
+            const struct sockaddr_in *a = (const void *)ss;
+            inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
+            return Py_BuildValue("(si)", host, ntohs(a->sin_port));
+        }
+        const struct sockaddr_in6 *a = (const void *)ss;
+        inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
+        return Py_BuildValue("(siII)", host, ntohs(a->sin6_port), ntohl(a->sin6_flowinfo), a->sin6_scope_id);
+    }
+    if (ss->ss_family == AF_UNIX) {
+        const struct sockaddr_un *a = (const void *)ss;
+        Py_ssize_t n = (Py_ssize_t)len - (Py_ssize_t)offsetof(struct sockaddr_un, sun_path);
+        if (n <= 0) return PyUnicode_FromString("");
+        if (a->sun_path[0] == 0) return PyBytes_FromStringAndSize(a->sun_path, n);
+        return PyUnicode_DecodeFSDefault(a->sun_path);
+    }
+    Py_RETURN_NONE;
+}
+
+static int deliver_accept(EngineObject *self, const target_t *t, const aem_occ *o, int fd) {
+    PyObject *sockargs = t->source ? PyObject_GetAttr(t->source, aem_str_sockargs) : NULL;
+    if (!sockargs) {
+        PyErr_Clear();
+        return 0;
+    }
+    int rc = 0;
+    for (int i = 0; i < 64; i++) {
+        struct sockaddr_storage ss;
+        socklen_t len = sizeof ss;
+        int conn = accept4(fd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (conn < 0) {
+            if (errno == EINTR || errno == ECONNABORTED) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+            /* EMFILE, ENFILE, ENOBUFS...: report, leave the connection in the backlog. */
+            PyErr_SetFromErrno(PyExc_OSError);
+            rc = report(self, NULL);
+            break;
+        }
+        EventObject *ev = aem_event_new(AEM_K_ACCEPT, t->eid, o->time_ns, t->source);
+        if (!ev) {
+            close(conn);
+            return -1;
+        }
+        PyObject *sargs = PyTuple_New(4);
+        if (!sargs) {
+            close(conn);
+            Py_DECREF(ev);
+            return -1;
+        }
+        for (int k = 0; k < 3; k++) PyTuple_SET_ITEM(sargs, k, Py_NewRef(PyTuple_GET_ITEM(sockargs, k)));
+        PyTuple_SET_ITEM(sargs, 3, PyLong_FromLong(conn));
+        ev->o[0] = PyObject_Call(aem_socket_type, sargs, NULL);
+        Py_DECREF(sargs);
+        if (!ev->o[0]) {
+            close(conn);
+            Py_DECREF(ev);
+            Py_DECREF(sockargs);
+            return -1;
+        }
+        ev->o[1] = sockaddr_to_py(&ss, len);
+        ev->b = (uint64_t)conn;
+        rc = call_handler(self, t, ev);
+        Py_DECREF(ev);
+        if (rc < 0) break;
+        uint32_t slot;
+        aem_reg *r = aem_engine_lookup(&self->core, t->eid, &slot);
+        if (!r || r->state != AEM_S_ACTIVE) break;  /* unregistered or stopped by the handler */
+    }
+    Py_DECREF(sockargs);
+    return rc;
+}
+
+static int deliver_read(EngineObject *self, const target_t *t, const aem_occ *o, aem_reg *r, uint32_t slot) {
+    int fd = r->fd;
+    size_t max = r->aux > 0 ? (size_t)r->aux : 65536;
+    if (ensure_scratch(self, max) < 0) return -1;
+    ssize_t n;
+    do {
+        n = recv(fd, self->scratch, max, MSG_DONTWAIT);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return 0;  /* spurious */
+    if (n < 0 && errno == ENOTSOCK) {
+        do {
+            n = read(fd, self->scratch, max);
+        } while (n < 0 && errno == EINTR);
+        if (n < 0 && errno == EAGAIN) return 0;
+    }
+    EventObject *ev = aem_event_new(AEM_K_READ, t->eid, o->time_ns, t->source);
+    if (!ev) return -1;
+    ev->b = (uint64_t)fd;
+    if (n > 0) {
+        ev->o[0] = make_payload(self, self->scratch, n);
+        if (!ev->o[0]) {
+            int rc = report(self, (PyObject *)ev);
+            Py_DECREF(ev);
+            return rc;
+        }
+    } else {
+        /* End of stream (or an error: aem.Close reports it): no more reads. */
+        ev->a = 1;
+        ev->o[0] = PyBytes_FromStringAndSize(NULL, 0);
+        aem_engine_disarm(&self->core, slot);
+    }
+    int rc = call_handler(self, t, ev);
+    Py_DECREF(ev);
+    return rc;
+}
+
+static int fill_child(EngineObject *self, EventObject *ev, aem_reg *r) {
+    siginfo_t info;
+    memset(&info, 0, sizeof info);
+    int reap = !(r->aux >> 32);  /* aux: pid | no_reap << 32 */
+    int options = WEXITED | WNOHANG | (reap ? 0 : WNOWAIT);
+    ev->o[0] = PyLong_FromLongLong(r->aux & 0xffffffffLL);
+    if (waitid(P_PIDFD, (id_t)r->fd, &info, options) == 0 && info.si_pid != 0) {
+        int code = info.si_code == CLD_EXITED ? info.si_status : -info.si_status;
+        ev->o[1] = PyLong_FromLong(code);
+    } else {
+        ev->o[1] = Py_NewRef(Py_None);  /* not our child, or already reaped elsewhere */
+    }
+    return ev->o[0] && ev->o[1] ? 0 : -1;
+}
+
+static int deliver_custom(EngineObject *self, const target_t *t, const aem_occ *o) {
+    PyObject *items = PyObject_CallMethod(t->source, "collect", "K", (unsigned long long)o->a);
+    if (!items) return report(self, NULL);
+    if (items == Py_None) {
+        Py_DECREF(items);
+        return 0;
+    }
+    PyObject *it = PyObject_GetIter(items);
+    Py_DECREF(items);
+    if (!it) return report(self, NULL);
+    int rc = 0;
+    PyObject *item;
+    while ((item = PyIter_Next(it))) {
+        EventObject *ev = aem_event_new(AEM_K_CUSTOM, t->eid, o->time_ns, t->source);
+        if (!ev) {
+            Py_DECREF(item);
+            rc = -1;
+            break;
+        }
+        ev->a = o->a;
+        ev->o[0] = item;
+        rc = call_handler(self, t, ev);
+        Py_DECREF(ev);
+        if (rc < 0) break;
+    }
+    Py_DECREF(it);
+    if (rc == 0 && PyErr_Occurred()) rc = report(self, NULL);
+    return rc;
+}
+
+static int deliver_one(EngineObject *self, aem_occ *o) {
+    aem_engine *e = &self->core;
+    aem_reg *r = aem_slot(e, o->slot);
+    target_t t = {.handler = r->handler, .eid = aem_eid_of(o->slot, o->gen), .flags = r->flags};
+    PyObject *obj = r->obj;
+    if (t.flags & AEM_F_EXTRAS) {
+        t.source = PyTuple_GET_ITEM(obj, 0);
+        t.ctor = PyTuple_GET_ITEM(obj, 1);
+        t.dtor = PyTuple_GET_ITEM(obj, 2);
+        t.pool = PyTuple_GET_ITEM(obj, 3);
+        if (t.source == Py_None) t.source = NULL;
+    } else {
+        t.source = obj;
+    }
+    uint8_t kind = r->kind;
+    int finished = kind == AEM_K_CLOSE || kind == AEM_K_CHILD || (t.flags & AEM_F_ONESHOT) ||
+                   (kind == AEM_K_TIMER && r->arg == 0);
+    /* Our own references: the handler may unregister itself. */
+    Py_INCREF(t.handler);
+    Py_XINCREF(obj);
+    int rc = 0;
+    EventObject *ev = NULL;
+    switch (kind) {
+    case AEM_K_ACCEPT:
+        if (finished) unregister_slot(self, o->slot);
+        rc = deliver_accept(self, &t, o, r->fd);
+        goto done;
+    case AEM_K_READ:
+        rc = deliver_read(self, &t, o, r, o->slot);
+        if (finished) {
+            aem_reg *again = aem_engine_lookup(e, t.eid, NULL);
+            if (again) unregister_slot(self, o->slot);
+        }
+        goto done;
+    case AEM_K_CUSTOM:
+        if (finished) unregister_slot(self, o->slot);
+        rc = deliver_custom(self, &t, o);
+        goto done;
+    default:
+        break;
+    }
+    ev = aem_event_new(kind, t.eid, o->time_ns, t.source);
+    if (!ev) {
+        rc = -1;
+        goto done;
+    }
+    ev->a = o->a;
+    ev->b = o->b;
+    switch (kind) {
+    case AEM_K_TIMER:
+        ev->t_after = r->aux;
+        ev->t_interval = r->arg;
+        break;
+    case AEM_K_READABLE: case AEM_K_WRITABLE:
+        ev->b = (uint64_t)r->fd;
+        break;
+    case AEM_K_CLOSE: {
+        int err = 0;
+        socklen_t len = sizeof err;
+        if (getsockopt(r->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) err = 0;
+        ev->a = (uint64_t)err;
+        ev->b = (uint64_t)r->fd;
+        break;
+    }
+    case AEM_K_CHILD:
+        rc = fill_child(self, ev, r);
+        break;
+    case AEM_K_JOB: case AEM_K_HOSTED:
+        if (o->obj && PyTuple_Check(o->obj)) {
+            for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(o->obj) && i < 4; i++)
+                ev->o[i] = Py_NewRef(PyTuple_GET_ITEM(o->obj, i));
+        }
+        Py_CLEAR(o->obj);
+        break;
+    case AEM_K_FILE: case AEM_K_USER:
+        ev->o[0] = o->obj;  /* ownership moves to the event */
+        o->obj = NULL;
+        break;
+    case AEM_K_PRESSURE:
+        ev->o[0] = t.source ? PyObject_GetAttrString(t.source, "kind") : NULL;
+        if (!ev->o[0]) PyErr_Clear();
+        break;
+    }
+    if (finished) unregister_slot(self, o->slot);
+    if (rc == 0) rc = call_handler(self, &t, ev);
+done:
+    Py_XDECREF(o->obj);
+    o->obj = NULL;
+    Py_XDECREF(ev);
+    Py_DECREF(t.handler);
+    Py_XDECREF(obj);
+    return rc;
+}
+
+/* One turn: wait up to timeout_ms, collect, deliver what was pending.
+ * Returns the number of occurrences delivered, or -1 with an exception set. */
+static int engine_step(EngineObject *self, int timeout_ms) {
+    aem_engine *e = &self->core;
+    self->deliver_thread = PyThread_get_thread_ident();
+    if (e->pqlen) timeout_ms = 0;
+    int n;
+    if (timeout_ms == 0) {
+        n = aem_engine_wait(e->epfd, e->evbuf, AEM_MAXEVENTS, 0);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        n = aem_engine_wait(e->epfd, e->evbuf, AEM_MAXEVENTS, timeout_ms);
+        Py_END_ALLOW_THREADS
+    }
+    if (n == -EINTR) {
+        if (PyErr_CheckSignals() < 0) return -1;
+        n = 0;
+    } else if (n < 0) {
+        set_errno_error(n, "epoll_wait");
+        return -1;
+    }
+    if (n > 0) aem_engine_collect(e, e->evbuf, n);
+    uint32_t budget = e->pqlen;
+    int delivered = 0;
+    aem_occ o;
+    while (budget-- && !self->closed && aem_engine_pop(e, &o)) {
+        delivered++;
+        if (deliver_one(self, &o) < 0) return -1;
+        if (self->stop_requested) break;
+    }
+    return delivered;
+}
+
+static PyObject *engine_run(EngineObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"timeout", "until_idle", NULL};
+    PyObject *timeout_obj = Py_None;
+    int until_idle = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|Op:run", kwlist, &timeout_obj, &until_idle)) return NULL;
+    if (check_open(self) < 0) return NULL;
+    if (self->running) {
+        PyErr_SetString(AemError, self->delivering ? "aem.run() called from a handler: handlers never nest"
+                                                   : "aem.run() is already running in another thread");
+        return NULL;
+    }
+    if (self->delivering) {
+        PyErr_SetString(AemError, "aem.run() called from a handler: handlers never nest");
+        return NULL;
+    }
+    int64_t deadline = -1;
+    if (timeout_obj != Py_None) {
+        int64_t t = seconds_to_ns(timeout_obj, "timeout", 1);
+        if (t < 0) return NULL;
+        deadline = aem_now_ns() + t;
+    }
+    if (self->async_on && !pthread_equal(pthread_self(), self->main_thread)) {
+        PyErr_SetString(AemError, "the engine delivers asynchronously to the main thread: call "
+                        "aem.run() from the main thread, or aem.stop() first");
+        return NULL;
+    }
+    self->running = 1;
+    self->stop_requested = 0;
+    self->run_thread = PyThread_get_thread_ident();
+    if (self->async_on) aem_doorbell_pause(&self->doorbell, 1);
+    const char *reason = NULL;
+    PyObject *result = NULL;
+    for (;;) {
+        if (self->stop_requested) { reason = "stopped"; break; }
+        if (self->closed) { reason = "closed"; break; }
+        if (until_idle && user_live(self) == 0 && self->core.pqlen == 0) { reason = "idle"; break; }
+        int timeout_ms = -1;
+        if (deadline >= 0) {
+            int64_t left = deadline - aem_now_ns();
+            if (left <= 0) { reason = "timeout"; break; }
+            timeout_ms = (int)((left + 999999) / 1000000);
+        }
+        if (engine_step(self, timeout_ms) < 0) break;
+    }
+    self->running = 0;
+    self->stop_requested = 0;
+    if (self->async_on) aem_doorbell_pause(&self->doorbell, 0);
+    if (reason) result = PyUnicode_FromString(reason);
+    return result;
+}
+
+static PyObject *engine_stop(EngineObject *self, PyObject *noargs) {
+    if (self->running) {
+        self->stop_requested = 1;
+        if (!self->closed) aem_engine_wake(&self->core);
+    }
+    stop_async(self, 0);
+    Py_RETURN_NONE;
+}
+
+/* ---- asynchronous delivery -------------------------------------------------------------- */
+
+/* Deliver everything ready, in the main thread (pending call or kick signal handler). */
+static int drain(EngineObject *self) {
+    if (self->delivering || self->running || self->closed) {
+        self->nested++;
+        return 0;
+    }
+    self->drains++;
+    int rc = 0;
+    for (int i = 0; i < 64; i++) {
+        int n = engine_step(self, 0);
+        if (n < 0) {
+            rc = -1;
+            break;
+        }
+        if (n == 0 && self->core.pqlen == 0) break;
+    }
+    if (self->async_on) aem_doorbell_ack(&self->doorbell);
+    return rc;
+}
+
+static int pending_drain(void *unused) {
+    if (!async_engine) return 0;
+    return drain(async_engine);
+}
+
+static void ring(void *arg) {
+    EngineObject *self = arg;
+    Py_AddPendingCall(pending_drain, NULL);  /* a full queue is fine: the signal drains too */
+    pthread_kill(self->main_thread, kick_signum);
+}
+
+static PyObject *engine_start(EngineObject *self, PyObject *args) {
+    int signum;
+    if (!PyArg_ParseTuple(args, "i:_start_async", &signum)) return NULL;
+    if (check_open(self) < 0) return NULL;
+    if (self->async_on) Py_RETURN_NONE;
+    if (async_engine && async_engine != self) {
+        PyErr_SetString(AemError, "another aem engine already delivers asynchronously in this process");
+        return NULL;
+    }
+    self->main_thread = pthread_self();
+    kick_signum = signum;
+    int rc = aem_doorbell_start(&self->doorbell, self->core.epfd, ring, self);
+    if (rc < 0) return set_errno_error(rc, "pthread_create");
+    self->async_on = 1;
+    async_engine = self;
+    Py_INCREF(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *engine_drain(EngineObject *self, PyObject *noargs) {
+    if (drain(self) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* The Python-level handler of the kick signal: _kick(signum, frame). */
+PyObject *aem_kick(PyObject *module, PyObject *args) {
+    if (async_engine && drain(async_engine) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* ---- host-made occurrences ------------------------------------------------------------------ */
+
+static PyObject *engine_fire(EngineObject *self, PyObject *args) {
+    PyObject *eid_obj, *payload = Py_None;
+    if (!PyArg_ParseTuple(args, "O|O:fire", &eid_obj, &payload)) return NULL;
+    if (check_open(self) < 0) return NULL;
+    uint64_t eid;
+    if (parse_eid(eid_obj, &eid) < 0) return NULL;
+    Py_INCREF(payload);
+    if (aem_engine_push(&self->core, eid, 0, 0, payload) < 0) {
+        PyErr_Format(AemUnknownEvent, "no registered event with id %R (unregistered?)", eid_obj);
+        return NULL;
+    }
+    /* Fired by a handler: the delivering loop picks it up without a wake-up. */
+    if (!(self->delivering && self->deliver_thread == PyThread_get_thread_ident()))
+        aem_engine_wake(&self->core);
+    Py_RETURN_NONE;
+}
+
+/* _push(eid, values_tuple): an occurrence made by Python code (job exits, shortages). */
+static PyObject *engine_push(EngineObject *self, PyObject *args) {
+    PyObject *eid_obj, *values;
+    if (!PyArg_ParseTuple(args, "OO!:_push", &eid_obj, &PyTuple_Type, &values)) return NULL;
+    if (check_open(self) < 0) return NULL;
+    uint64_t eid;
+    if (parse_eid(eid_obj, &eid) < 0) return NULL;
+    Py_INCREF(values);
+    if (aem_engine_push(&self->core, eid, 0, 0, values) < 0) Py_RETURN_FALSE;
+    aem_engine_wake(&self->core);
+    Py_RETURN_TRUE;
+}
+
+/* ---- introspection ------------------------------------------------------------------------------ */
+
+static PyObject *engine_stats(EngineObject *self, PyObject *noargs) {
+    aem_engine *e = &self->core;
+    PyObject *per = PyDict_New();
+    if (!per) return NULL;
+    uint64_t delivered = 0;
+    for (int k = 1; k < AEM_K__COUNT; k++) {
+        delivered += e->stats.delivered[k];
+        if (!e->stats.registered[k] && !e->stats.delivered[k]) continue;
+        PyObject *d = Py_BuildValue("{sKsK}", "registered", (unsigned long long)e->stats.registered[k],
+                                    "delivered", (unsigned long long)e->stats.delivered[k]);
+        if (!d || PyDict_SetItemString(per, kind_names[k], d) < 0) {
+            Py_XDECREF(d);
+            Py_DECREF(per);
+            return NULL;
+        }
+        Py_DECREF(d);
+    }
+    PyObject *res = Py_BuildValue(
+        "{sIsIsKsKsIsIsKsKsKsKsIsNsNsKsKsN}",
+        "registered", self->closed ? 0u : user_live(self),
+        "internal", self->internal,
+        "total_registered", (unsigned long long)e->stats.total_registered,
+        "delivered", (unsigned long long)delivered,
+        "queued", e->pqlen,
+        "held", e->nheld,
+        "occurrences", (unsigned long long)e->stats.occurrences,
+        "errors", (unsigned long long)e->stats.errors,
+        "dropped", (unsigned long long)e->stats.dropped,
+        "wakeups", (unsigned long long)e->stats.wakeups,
+        "timers", e->tlen,
+        "async", PyBool_FromLong(self->async_on),
+        "running", PyBool_FromLong(self->running),
+        "drains", (unsigned long long)self->drains,
+        "rings", (unsigned long long)(self->async_on ? self->doorbell.rings : 0),
+        "per_source", per);
+    return res;
+}
+
+static PyObject *engine_describe(EngineObject *self, PyObject *eid_obj) {
+    if (check_open(self) < 0) return NULL;
+    uint64_t eid;
+    uint32_t slot;
+    aem_reg *r = lookup_or_raise(self, eid_obj, &eid, &slot);
+    if (!r) return NULL;
+    static const char *states[] = {"free", "active", "stopped", "done"};
+    PyObject *source = r->obj;
+    if (source && (r->flags & AEM_F_EXTRAS)) source = PyTuple_GET_ITEM(source, 0);
+    return Py_BuildValue("{sssIsisssOsOsIsL}", "kind", kind_names[r->kind], "flags",
+                         (unsigned)(r->flags & AEM_F__PUBLIC), "priority", r->priority, "state",
+                         states[r->state], "handler", (PyObject *)r->handler, "source",
+                         source ? source : Py_None, "held", r->held, "deadline_ns",
+                         (long long)(r->kind == AEM_K_TIMER ? aem_timers_deadline(&self->core, slot) : -1));
+}
+
+static PyObject *engine_set_error_handler(EngineObject *self, PyObject *fn) {
+    if (fn != Py_None && !PyCallable_Check(fn)) {
+        PyErr_SetString(PyExc_TypeError, "the error handler must be callable (fn(exc, event)) or None");
+        return NULL;
+    }
+    PyObject *old = self->error_handler ? self->error_handler : Py_None;
+    Py_INCREF(old);
+    Py_INCREF(fn);
+    Py_XSETREF(self->error_handler, fn);
+    return old;
+}
+
+static PyObject *engine_set_hooks(EngineObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"spawn", "payload", "unregister", NULL};
+    PyObject *spawn = NULL, *payload = NULL, *unreg = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|OOO:_set_hooks", kwlist, &spawn, &payload, &unreg))
+        return NULL;
+    if (spawn) Py_XSETREF(self->spawn_hook, Py_NewRef(spawn));
+    if (payload) Py_XSETREF(self->payload_hook, Py_NewRef(payload));
+    if (unreg) Py_XSETREF(self->unregister_hook, Py_NewRef(unreg));
+    Py_RETURN_NONE;
+}
+
+static PyObject *engine_get_pid(EngineObject *self, void *c) { return PyLong_FromLong(self->owner_pid); }
+static PyObject *engine_get_closed(EngineObject *self, void *c) { return PyBool_FromLong(self->closed); }
+static PyObject *engine_get_running(EngineObject *self, void *c) { return PyBool_FromLong(self->running); }
+static PyObject *engine_get_async(EngineObject *self, void *c) { return PyBool_FromLong(self->async_on); }
+static PyObject *engine_get_delivering(EngineObject *self, void *c) {
+    return PyBool_FromLong(self->delivering);
+}
+
+static PyMethodDef engine_methods[] = {
+    {"register", (PyCFunction)(void (*)(void))engine_register, METH_FASTCALL | METH_KEYWORDS,
+     "register(source, handler, flags=0, priority=0, constructor=None, destructor=None, pool=None)\n--\n\n"
+     "Register handler for the occurrences of source; returns the event id."},
+    {"_add", (PyCFunction)engine_add, METH_VARARGS, "Low-level registration used by sources."},
+    {"unregister", (PyCFunction)(void (*)(void))engine_unregister, METH_VARARGS | METH_KEYWORDS,
+     "unregister(eid, missing_ok=False)\n--\n\nRemove a registration; True if it existed."},
+    {"control", (PyCFunction)engine_control, METH_VARARGS,
+     "control(eid, op, arg=None)\n--\n\nEVJOBPRIO, EVJOBSTOP, EVJOBSTART, EVJOBSHTDN."},
+    {"run", (PyCFunction)(void (*)(void))engine_run, METH_VARARGS | METH_KEYWORDS,
+     "run(timeout=None, until_idle=True)\n--\n\nDeliver events in this thread; returns why it ended: "
+     "'stopped', 'idle', 'timeout' or 'closed'."},
+    {"stop", (PyCFunction)engine_stop, METH_NOARGS, "stop()\n--\n\nEnd run() and asynchronous delivery."},
+    {"_start_async", (PyCFunction)engine_start, METH_VARARGS, "Start the doorbell thread."},
+    {"_drain", (PyCFunction)engine_drain, METH_NOARGS, "Deliver what is ready now."},
+    {"fire", (PyCFunction)engine_fire, METH_VARARGS, "fire(eid, payload=None)\n--\n\nFire a user event."},
+    {"_push", (PyCFunction)engine_push, METH_VARARGS, "Queue an occurrence made by Python code."},
+    {"stats", (PyCFunction)engine_stats, METH_NOARGS, "stats()\n--\n\nCounters of the engine."},
+    {"describe", (PyCFunction)engine_describe, METH_O,
+     "describe(eid)\n--\n\nWhat the engine knows of one registration (kind, state, priority ...)."},
+    {"set_error_handler", (PyCFunction)engine_set_error_handler, METH_O,
+     "set_error_handler(fn)\n--\n\nfn(exc, event) receives handler exceptions; returns the previous one."},
+    {"_set_hooks", (PyCFunction)(void (*)(void))engine_set_hooks, METH_VARARGS | METH_KEYWORDS, NULL},
+    {"close", (PyCFunction)engine_close, METH_NOARGS, "close()\n--\n\nRelease every registration and fd."},
+    {"_abandon", (PyCFunction)engine_abandon, METH_NOARGS, "Forget the engine in a forked child."},
+    {NULL},
+};
+
+static PyGetSetDef engine_getset[] = {
+    {"pid", (getter)engine_get_pid, NULL, "The process that created the engine.", NULL},
+    {"closed", (getter)engine_get_closed, NULL, "True once closed.", NULL},
+    {"running", (getter)engine_get_running, NULL, "True while run() is in progress.", NULL},
+    {"async_delivery", (getter)engine_get_async, NULL, "True between start() and stop().", NULL},
+    {"delivering", (getter)engine_get_delivering, NULL, "True while a handler runs.", NULL},
+    {NULL},
+};
+
+static PyMemberDef engine_members[] = {
+    {"__weaklistoffset__", T_PYSSIZET, offsetof(EngineObject, weakreflist), READONLY, NULL},
+    {NULL},
+};
+
+static PyType_Slot engine_slots[] = {
+    {Py_tp_new, engine_new},
+    {Py_tp_dealloc, engine_dealloc},
+    {Py_tp_traverse, engine_traverse},
+    {Py_tp_clear, engine_clear},
+    {Py_tp_methods, engine_methods},
+    {Py_tp_getset, engine_getset},
+    {Py_tp_members, engine_members},
+    {Py_tp_doc, "The C core of an aem engine. Use aem.Engine (or the module-level functions)."},
+    {0, NULL},
+};
+
+static PyType_Spec engine_spec = {
+    .name = "aem._core.Engine",
+    .basicsize = sizeof(EngineObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .slots = engine_slots,
+};
+
+int aem_engine_init_type(PyObject *module) {
+    AemEngine_Type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &engine_spec, NULL);
+    if (!AemEngine_Type) return -1;
+    return PyModule_AddObjectRef(module, "Engine", (PyObject *)AemEngine_Type);
+}

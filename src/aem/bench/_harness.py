@@ -1,0 +1,258 @@
+"""The benchmark harness shared by every suite of ``aem bench``.
+
+A suite is a module ``aem.bench.<name>`` with a function ``run(ctx: Context) -> None``.
+It measures aem and its anchors *side by side in the same run* (interleaved rounds,
+see :func:`interleave`) and records one :class:`Row` per (case, variant, metric)
+with :meth:`Context.record`.  The harness then
+
+* prints a table per suite with each aem figure's ratio to every anchor of the
+  same case and metric,
+* writes ``results.json`` (machine description + every row, raw samples included),
+  ``results.md`` (the same tables in markdown) and the suite's PNG plots to ``--out``.
+
+Ratios are always computed between rows of one run; absolute numbers are reported
+with the CPU model and never compared across runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+AEM = "aem"
+
+
+@dataclass
+class Row:
+    """One measured figure: ``value`` of ``metric`` for ``variant`` in ``case``.
+
+    ``variant`` is ``"aem"`` (or starts with ``"aem"``) for our own figures; anything
+    else is an anchor.  ``better`` says which direction is an improvement, so the
+    table can mark ratios.  ``samples`` keeps the raw per-round values.
+    """
+
+    suite: str
+    case: str
+    variant: str
+    metric: str
+    value: float
+    unit: str
+    better: str = "lower"  # or "higher"
+    samples: list[float] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def is_aem(self) -> bool:
+        return self.variant.startswith(AEM)
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) of ``samples`` by linear interpolation."""
+    if not samples:
+        raise ValueError("percentile of no samples")
+    data = sorted(samples)
+    if len(data) == 1:
+        return float(data[0])
+    pos = (len(data) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(data) - 1)
+    return float(data[lo] + (data[hi] - data[lo]) * (pos - lo))
+
+
+def distribution(samples: Sequence[float]) -> dict[str, float]:
+    """p50, p99, max and mean of ``samples``."""
+    return {
+        "p50": percentile(samples, 50),
+        "p99": percentile(samples, 99),
+        "max": float(max(samples)),
+        "mean": float(statistics.fmean(samples)),
+    }
+
+
+def interleave(
+    variants: dict[str, Callable[[], float]], rounds: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Run each variant alternately (A B C A B C ...), ``warmup`` discarded rounds first.
+
+    Each callable performs one measurement and returns its figure.  Returns the
+    figures of the kept rounds per variant, in round order.
+    """
+    out: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(warmup + rounds):
+        for name, fn in variants.items():
+            value = fn()
+            if r >= warmup:
+                out[name].append(value)
+    return out
+
+
+def machine() -> dict[str, str]:
+    """What the figures were measured on: CPU model, cores, kernel, Python, aem."""
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    from aem import __version__
+
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "aem": __version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def pin_to_cpu(cpu: int) -> None:
+    """Pin the calling process to one CPU (ignored where the CPU does not exist)."""
+    try:
+        if cpu < (os.cpu_count() or 1):
+            os.sched_setaffinity(0, {cpu})
+    except OSError:
+        pass
+
+
+class Context:
+    """Handed to a suite's ``run``: its options and the place to record figures."""
+
+    def __init__(self, suite: str, quick: bool, out_dir: Path) -> None:
+        self.suite = suite
+        self.quick = quick
+        self.out_dir = out_dir
+        self.rows: list[Row] = []
+        self.plots: list[Path] = []
+        self.notes: list[str] = []
+
+    def record(
+        self,
+        case: str,
+        variant: str,
+        metric: str,
+        value: float,
+        unit: str,
+        better: str = "lower",
+        samples: Iterable[float] = (),
+        note: str = "",
+    ) -> Row:
+        """Record one figure. ``value`` is what the table shows (usually a median)."""
+        if better not in ("lower", "higher"):
+            raise ValueError("better must be 'lower' or 'higher'")
+        row = Row(self.suite, case, variant, metric, float(value), unit, better,
+                  [float(s) for s in samples], note)
+        self.rows.append(row)
+        return row
+
+    def note(self, text: str) -> None:
+        """A sentence printed under the suite's table and kept in the results."""
+        self.notes.append(text)
+
+    def plot_path(self, name: str) -> Path:
+        """Where to save a PNG plot named ``name`` (registered for the report)."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"{self.suite}-{name}.png"
+        self.plots.append(path)
+        return path
+
+
+def ratios(rows: Sequence[Row]) -> list[tuple[Row, Row, float]]:
+    """(aem row, anchor row, aem/anchor) for every pair sharing case and metric."""
+    out = []
+    for a in rows:
+        if not a.is_aem:
+            continue
+        for b in rows:
+            if b.is_aem or b.case != a.case or b.metric != a.metric or b.value == 0:
+                continue
+            out.append((a, b, a.value / b.value))
+    return out
+
+
+def _fmt(v: float) -> str:
+    if v == 0:
+        return "0"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    if abs(v) >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3g}"
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    """The rows as a markdown table, with ratios of aem to each anchor."""
+    lines = ["| case | variant | metric | value | unit | aem ÷ this |",
+             "|---|---|---|---:|---|---:|"]
+    aem_by_key = {(r.case, r.metric): r for r in rows if r.is_aem}
+    for r in rows:
+        ratio = ""
+        a = aem_by_key.get((r.case, r.metric))
+        if a is not None and not r.is_aem and r.value:
+            ratio = f"{a.value / r.value:.2f}×"
+        lines.append(f"| {r.case} | {r.variant} | {r.metric} | {_fmt(r.value)} | {r.unit} | {ratio} |")
+    return "\n".join(lines)
+
+
+def print_table(suite: str, rows: Sequence[Row], notes: Sequence[str]) -> None:
+    """Print the suite's rows (rich table when rich is installed)."""
+    aem_by_key = {(r.case, r.metric): r for r in rows if r.is_aem}
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # pragma: no cover - rich is in the bench extra
+        print(f"== {suite}")
+        print(markdown_table(rows))
+        for n in notes:
+            print("  " + n)
+        return
+    table = Table(title=f"aem bench {suite}", title_justify="left")
+    for col in ("case", "variant", "metric", "value", "unit", "aem ÷ this"):
+        table.add_column(col, justify="right" if col in ("value", "aem ÷ this") else "left")
+    for r in rows:
+        ratio = ""
+        a = aem_by_key.get((r.case, r.metric))
+        if a is not None and not r.is_aem and r.value:
+            q = a.value / r.value
+            good = q <= 1 if r.better == "lower" else q >= 1
+            ratio = f"[{'green' if good else 'red'}]{q:.2f}×[/]"
+        style = "bold" if r.is_aem else ""
+        table.add_row(r.case, r.variant, r.metric, _fmt(r.value), r.unit, ratio, style=style)
+    console = Console()
+    console.print(table)
+    for n in notes:
+        console.print("  " + n)
+
+
+def write_report(out_dir: Path, contexts: Sequence[Context]) -> None:
+    """results.json and results.md for every suite run."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    payload: dict[str, Any] = {"machine": info, "suites": {}}
+    md = ["# aem bench results", "",
+          f"CPU: {info['cpu']} ({info['cores']} cores), kernel {info['kernel']}, "
+          f"Python {info['python']}, aem {info['aem']}, {info['date']}.", "",
+          "Ratios are between figures of this one run (aem ÷ anchor).", ""]
+    for ctx in contexts:
+        payload["suites"][ctx.suite] = {
+            "quick": ctx.quick,
+            "rows": [asdict(r) for r in ctx.rows],
+            "notes": ctx.notes,
+            "plots": [p.name for p in ctx.plots],
+        }
+        md += [f"## {ctx.suite}", "", markdown_table(ctx.rows), ""]
+        md += [f"- {n}" for n in ctx.notes]
+        md += [f"![{p.stem}]({p.name})" for p in ctx.plots]
+        md.append("")
+    (out_dir / "results.json").write_text(json.dumps(payload, indent=1))
+    (out_dir / "results.md").write_text("\n".join(md))

@@ -1,0 +1,64 @@
+"""The ``aem`` command: ``aem demo``, ``aem stats``, ``aem bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(duration=args.duration)
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    import aem
+
+    print(json.dumps(aem.stats(), indent=2, sort_keys=True))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    try:
+        bench.run(args.suites, quick=args.quick, out_dir=args.out)
+    except ValueError as e:
+        print(f"aem bench: {e}", file=sys.stderr)
+        return 2
+    print(f"results written to {args.out}/ (results.json, results.md, plots)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``aem`` command."""
+    parser = argparse.ArgumentParser(prog="aem", description="aem: an asynchronous event mechanism for Linux")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="show events (timer, socket, signal, user event) interrupting a busy main thread")
+    p.add_argument("--duration", type=float, default=None,
+                   help="stop after this many seconds (default: until Ctrl-C or SIGTERM)")
+    p.set_defaults(fn=_cmd_demo)
+
+    p = sub.add_parser("stats", help="print the statistics of a fresh engine as JSON")
+    p.set_defaults(fn=_cmd_stats)
+
+    p = sub.add_parser("bench", help="run benchmarks side by side with their anchors")
+    p.add_argument("suites", nargs="*", help="suites to run (default: all)")
+    p.add_argument("--quick", action="store_true", help="small sizes, few rounds: checks that suites run")
+    p.add_argument("--out", default="bench-results", help="directory for results.json, results.md and plots")
+    p.set_defaults(fn=_cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``aem`` command."""
+    args = build_parser().parse_args(argv)
+    return int(args.fn(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

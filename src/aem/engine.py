@@ -1,0 +1,368 @@
+"""The engine: registrations and the delivery of their events.
+
+Each process has one engine, created on first use and re-created, empty, in
+a forked child (the parent's epoll set, threads and signal routes are not
+inherited).  The module-level functions (``aem.register``, ``aem.run`` ...)
+act on it; :class:`Engine` exists for advanced uses (several engines in one
+process, tests).
+
+Two ways to deliver, same registrations:
+
+* ``aem.run()`` — the calling thread waits for events and runs the handlers
+  itself: the fast path for servers.
+* ``aem.start()`` — handlers run in the main thread *while it does something
+  else*: a thread of the engine waits natively (no GIL) and, when events are
+  ready, interrupts the main thread at its next safe point (a pending call
+  for a busy thread, the kick signal — ``SIGURG`` by default — for one
+  blocked in a system call).  ``aem.stop()`` ends it.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+import sys
+import threading
+import traceback
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from . import _core
+from ._core import AemError, Event, UnknownEventError
+from .sources import EventSource
+
+__all__ = [
+    "DEFAULT_KICK_SIGNAL", "Engine", "control", "current", "keepalive", "register", "run",
+    "set_error_handler", "start", "stats", "stop", "unregister",
+]
+
+Handler = Callable[[Any], object]
+ErrorHandler = Callable[[BaseException, "Event | None"], object]
+
+#: The signal that interrupts a blocked main thread in asynchronous mode.
+#: SIGURG: ignored by default, so a stray one harms nobody (Go's runtime made
+#: the same choice for the same reason).  ``aem.start(signum=...)`` picks another.
+DEFAULT_KICK_SIGNAL: int = signal.SIGURG
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived during run()/keepalive(): end them cleanly."""
+
+
+def default_error_handler(exc: BaseException, event: Event | None) -> None:
+    """Print the handler's traceback to stderr (the default error handler)."""
+    what = f"event {event.eid} ({type(event).__name__})" if event is not None else "the engine"
+    print(f"aem: exception in the handler of {what}:", file=sys.stderr)
+    traceback.print_exception(exc, file=sys.stderr)
+
+
+class Engine(_core.Engine):
+    """An event engine: its registrations and the delivery of their events.
+
+    Most programs use the process's engine through the module-level functions
+    (``aem.register`` ...).  An ``Engine`` may also be created directly; it
+    must then be closed (``close()`` or a ``with`` block).
+    """
+
+    def __init__(self) -> None:
+        self.set_error_handler(default_error_handler)
+        self._kick: tuple[int, Any] | None = None
+        self._channel: tuple[socket.socket, socket.socket] | None = None
+        #: job eid -> eids of the ChildExit(job=...) registrations listening to it
+        self._jobs: dict[int, set[int]] = {}
+        self._unregister_listeners: list[Callable[[int], object]] = []
+        self._set_hooks(unregister=self._on_unregister)
+        _engines.add(self)
+
+    # -- registration ----------------------------------------------------------------
+
+    def register(self, source: EventSource, handler: Handler, flags: int = 0, priority: int = 0,
+                 constructor: Handler | None = None, destructor: Handler | None = None,
+                 pool: Any = None) -> int:
+        """Register ``handler`` for the occurrences of ``source``; return the event id.
+
+        ``flags``: ``EVF_ONESHOT`` (unregister after the first delivery),
+        ``EVF_FORK`` / ``EVF_CAPSULE`` (run the handler in another process),
+        ``EVF_NOCLDWAIT``, ``EVF_KEEPALIVE``.  ``priority``: higher is
+        delivered first among pending events (then order of arrival).
+        ``constructor(event)`` runs right before the handler,
+        ``destructor(event)`` right after (even if the handler raised).
+
+        Raises ``TypeError`` for a non-source or a non-callable handler,
+        ``ValueError`` for unknown flags, a closed fd or a bad priority.
+        """
+        return super().register(source, handler, flags, priority, constructor, destructor, pool)
+
+    def _on_unregister(self, eid: int) -> None:
+        listeners = self._jobs.pop(eid, None)  # noqa: F841 - the job's listeners stay registered
+        for job, eids in list(self._jobs.items()):
+            if eid in eids:
+                eids.discard(eid)
+                if not eids:
+                    del self._jobs[job]
+        for fn in self._unregister_listeners:
+            fn(eid)
+
+    def _job_exit(self, job: int, pid: int, returncode: int | None, error: str | None) -> int:
+        """Deliver the end of a process of ``job`` to its ChildExit(job=...) listeners."""
+        n = 0
+        for eid in list(self._jobs.get(job, ())):
+            if self._push(eid, (pid, returncode, job, error)):
+                n += 1
+        return n
+
+    def _user_channel(self) -> socket.socket:
+        """The write end of the datagram channel that forked processes fire through."""
+        if self._channel is None:
+            r, w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+            r.setblocking(False)
+            self._add(_core.K_READABLE, r.fileno(), _core.EPOLLIN, self._on_channel, 0,
+                      2**31 - 1, r, 0, True)
+            self._channel = (r, w)
+        return self._channel[1]
+
+    def _on_channel(self, event: Event) -> None:
+        assert self._channel is not None
+        r = self._channel[0]
+        for _ in range(256):
+            try:
+                data = r.recv(1 << 20)
+            except BlockingIOError:
+                return
+            eid, payload = pickle.loads(data)
+            try:
+                self.fire(eid, payload)
+            except UnknownEventError:
+                pass  # unregistered meanwhile
+
+    # -- delivery -----------------------------------------------------------------------
+
+    def run(self, timeout: float | None = None, until_idle: bool = True) -> str:
+        """Wait for events and run their handlers in this thread.
+
+        Returns why it ended: ``"stopped"`` (``stop()`` was called),
+        ``"idle"`` (no registration left; only with ``until_idle``),
+        ``"timeout"``, ``"interrupted"`` (SIGINT, i.e. Ctrl-C) or
+        ``"terminated"`` (SIGTERM) — the last two only when the application
+        did not register those signals itself.
+        """
+        with self._terminating_signals():
+            try:
+                return str(super().run(timeout, until_idle))
+            except KeyboardInterrupt:
+                return "interrupted"
+            except _Terminated:
+                return "terminated"
+
+    def keepalive(self) -> str:
+        """Block the main thread doing nothing but receive events (AEM's aem_evkeepalive).
+
+        Returns on ``stop()``, SIGINT or SIGTERM, like :meth:`run`.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            raise AemError("keepalive() blocks the main thread: call it from the main thread")
+        return self.run(None, until_idle=False)
+
+    @contextmanager
+    def _terminating_signals(self) -> Iterator[None]:
+        """SIGTERM ends run() cleanly while it runs, if nobody else handles it."""
+        installed = False
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+                and _core_signal_free(signal.SIGTERM)):
+            signal.signal(signal.SIGTERM, _raise_terminated)
+            installed = True
+        try:
+            yield
+        finally:
+            if installed:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def start(self, signum: int | None = None) -> None:
+        """Deliver events asynchronously to the main thread until :meth:`stop`.
+
+        Handlers then run in the main thread, interrupting whatever it does —
+        a busy loop, ``time.sleep``, a blocking ``recv``, ``input()`` — at
+        its next safe point; it then goes on.  Handlers never nest.  The
+        main thread is interrupted with ``signum`` (default ``SIGURG``),
+        whose disposition aem holds until ``stop()``.  Must be called from
+        the main thread.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            raise AemError("start() must be called from the main thread, where handlers will run")
+        if self.async_delivery:
+            return
+        sig = DEFAULT_KICK_SIGNAL if signum is None else signum
+        if sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL, signal.SIGSTOP):
+            raise ValueError("choose a kick signal the application does not otherwise use "
+                             "(SIGURG, SIGUSR2, a real-time signal ...)")
+        if not _core_signal_free(sig):
+            raise AemError(f"signal {sig} is registered as an aem.Signal; choose another kick signal")
+        old = signal.signal(sig, _core._kick)
+        try:
+            self._start_async(sig)
+        except BaseException:
+            signal.signal(sig, old)
+            raise
+        self._kick = (sig, old)
+
+    def stop(self) -> None:
+        """End :meth:`run` (after the handler in progress) and asynchronous delivery."""
+        super().stop()
+        if self._kick is not None and threading.current_thread() is threading.main_thread():
+            sig, old = self._kick
+            self._kick = None
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+    def close(self) -> None:
+        """Stop delivery and release every registration, fd and thread of the engine."""
+        self.stop()
+        super().close()
+        if self._channel is not None:
+            for s in self._channel:
+                s.close()
+            self._channel = None
+        self._jobs.clear()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _after_fork_in_child(self) -> None:
+        self._abandon()
+        if self._kick is not None:
+            sig, old = self._kick
+            self._kick = None
+            try:
+                signal.signal(sig, old if old is not None else signal.SIG_DFL)
+            except (ValueError, OSError):
+                pass
+        # The channel's write end stays open: UserEvent.fire() from this child uses it.
+        self._jobs.clear()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self.stats()['registered']} registered"
+        return f"<aem.Engine pid={self.pid} {state}>"
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
+def _core_signal_free(signum: int) -> bool:
+    """True when no aem engine routes ``signum`` (an ``aem.Signal`` registration)."""
+    return not _core.signal_routed(signum)
+
+
+_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+_current: Engine | None = None
+_lock = threading.Lock()
+
+
+def current() -> Engine:
+    """The calling process's engine (created on first use)."""
+    global _current
+    eng = _current
+    if eng is None:
+        with _lock:
+            if _current is None:
+                _current = Engine()
+            eng = _current
+    return eng
+
+
+def _after_fork_in_child() -> None:
+    global _current
+    _current = None
+    for eng in list(_engines):
+        eng._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# -- the module-level API: the process's engine -------------------------------------------
+
+def register(source: EventSource, handler: Handler, flags: int = 0, priority: int = 0,
+             constructor: Handler | None = None, destructor: Handler | None = None,
+             pool: Any = None) -> int:
+    """Register ``handler`` for the occurrences of ``source`` on the process's engine.
+
+    Returns the event id (a positive int).  See :meth:`Engine.register`.
+
+    >>> eid = aem.register(aem.Timer(1.0), lambda ev: print("tick", ev.count))  # doctest: +SKIP
+    """
+    return (_current or current()).register(source, handler, flags, priority, constructor,
+                                            destructor, pool)
+
+
+def unregister(eid: int, missing_ok: bool = False) -> bool:
+    """Remove registration ``eid``; its pending occurrences are dropped.
+
+    Raises :class:`aem.UnknownEventError` if it is not registered (one-shot
+    events unregister themselves after delivery), unless ``missing_ok``.
+    Returns True if it was registered.
+    """
+    return bool((_current or current()).unregister(eid, missing_ok))
+
+
+def control(eid: int, op: int, arg: Any = None) -> None:
+    """Job control (AEM's ``aem_evctl``).
+
+    * ``EVJOBPRIO``: ``arg`` is the new priority.
+    * ``EVJOBSTOP``: suspend delivery; occurrences are kept (at most
+      ``aem.HELD_MAX`` per event; timers coalesce into one with a count).
+    * ``EVJOBSTART``: resume; kept occurrences are delivered in order.
+    * ``EVJOBSHTDN``: unregister and end the processes attached to the event.
+    * ``EVTBLINIT``: configure the process's vmtable (``eid`` 0, ``arg`` a dict).
+    """
+    if op == _core.EVTBLINIT:
+        from . import vmtable as _vmt
+
+        _vmt.configure_process_vmtable(arg)
+        return
+    (_current or current()).control(eid, op, arg)
+
+
+def run(timeout: float | None = None) -> str:
+    """Deliver events in the calling thread until ``stop()``, no registration is left,
+    or ``timeout`` seconds pass.  Returns why it ended (see :meth:`Engine.run`)."""
+    return (_current or current()).run(timeout)
+
+
+def start(signum: int | None = None) -> None:
+    """Deliver events asynchronously to the main thread (see :meth:`Engine.start`)."""
+    current().start(signum)
+
+
+def stop() -> None:
+    """End ``run()``/``keepalive()`` and asynchronous delivery."""
+    eng = _current
+    if eng is not None and not eng.closed:
+        eng.stop()
+
+
+def keepalive() -> str:
+    """Block the main thread receiving events until ``stop()``, SIGINT or SIGTERM."""
+    return current().keepalive()
+
+
+def stats() -> dict[str, Any]:
+    """Counters of the process's engine (registered, delivered, queued, errors, per source ...)."""
+    return current().stats()
+
+
+def set_error_handler(fn: ErrorHandler | None) -> ErrorHandler | None:
+    """Set ``fn(exc, event)`` to receive exceptions raised by handlers; returns the previous one.
+
+    ``None`` restores the default (print the traceback to stderr).
+    """
+    eng = current()
+    old = eng.set_error_handler(default_error_handler if fn is None else fn)
+    return None if old is default_error_handler else old

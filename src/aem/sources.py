@@ -1,0 +1,520 @@
+"""Event sources: what an application can register a handler for.
+
+Each source is a small object describing *what* to wait for; ``aem.register``
+hands it to the engine, which arms the matching kernel object (a timer in
+the engine's heap behind one timerfd, an fd in epoll, a signal routed to the
+engine's pipe, an inotify watch, a pidfd, a PSI trigger).
+
+New kinds of sources can be written by users (AEM's loadable event modules):
+subclass :class:`Source`, give it a file descriptor the engine can watch and a
+``collect`` method that turns readiness into occurrences.  See
+:class:`Source` for the interface.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal as _signal
+import socket
+import threading
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from . import _core
+from ._core import AemError, UnknownEventError
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+__all__ = [
+    "IN_ACCESS", "IN_ALL_EVENTS", "IN_ATTRIB", "IN_CLOSE_WRITE", "IN_CREATE", "IN_DELETE",
+    "IN_DELETE_SELF", "IN_MODIFY", "IN_MOVED_FROM", "IN_MOVED_TO", "IN_MOVE_SELF",
+    "Accept", "ChildExit", "Close", "EventSource", "FileChange", "MemoryPressure", "Read", "Readable",
+    "Signal", "Source", "Timer", "UserEvent", "Writable",
+]
+
+
+class HasFileno(Protocol):
+    """Anything with a ``fileno()`` method (sockets, files, pipes ...)."""
+
+    def fileno(self) -> int: ...
+
+
+FdLike = int | HasFileno
+
+# inotify masks (linux/inotify.h)
+IN_ACCESS = 0x001
+IN_MODIFY = 0x002
+IN_ATTRIB = 0x004
+IN_CLOSE_WRITE = 0x008
+IN_CLOSE_NOWRITE = 0x010
+IN_OPEN = 0x020
+IN_MOVED_FROM = 0x040
+IN_MOVED_TO = 0x080
+IN_CREATE = 0x100
+IN_DELETE = 0x200
+IN_DELETE_SELF = 0x400
+IN_MOVE_SELF = 0x800
+IN_IGNORED = 0x8000
+IN_ISDIR = 0x40000000
+IN_ALL_EVENTS = 0xFFF
+_IN_DEFAULT = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE
+               | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF)
+
+
+def _fd_of(target: FdLike) -> int:
+    if isinstance(target, bool):
+        raise TypeError("expected a file descriptor (int) or an object with fileno(), not bool")
+    if isinstance(target, int):
+        fd = target
+    elif hasattr(target, "fileno"):
+        fd = target.fileno()
+        if not isinstance(fd, int):
+            raise TypeError(f"{type(target).__name__}.fileno() returned {type(fd).__name__}, not int")
+    else:
+        raise TypeError(
+            f"expected a file descriptor (int) or an object with fileno(), not {type(target).__name__}")
+    if fd < 0:
+        raise ValueError(f"file descriptor must be >= 0 (got {fd}; is the socket closed?)")
+    return fd
+
+
+class EventSource:
+    """Base class of every event source: what ``aem.register`` accepts."""
+
+    __slots__ = ()
+
+    def _attach(self, engine: Engine, handler: Any, flags: int, priority: int, obj: Any) -> int:
+        raise TypeError(f"{type(self).__name__} does not say how to register it: "
+                        "subclass aem.Source and implement fileno() and collect()")
+
+
+class Source(EventSource, ABC):
+    """The interface of user-defined event sources (AEM's loadable event modules).
+
+    A user-defined source watches one file descriptor.  When epoll reports it
+    ready (``readiness``: ``aem.EPOLLIN`` by default), the engine calls
+    ``collect(events)`` in the delivering thread; every item of the iterable
+    it returns becomes one :class:`aem.CustomEvent` whose ``value`` is the
+    item (return ``None`` or nothing for no occurrence).  ``collect`` must not
+    block: read what is there and return.
+
+    Example — an eventfd counter as a source::
+
+        class Counter(aem.Source):
+            def __init__(self):
+                self.fd = os.eventfd(0, os.EFD_NONBLOCK)
+            def fileno(self):
+                return self.fd
+            def collect(self, events):
+                return [os.eventfd_read(self.fd)]
+
+        aem.register(Counter(), lambda ev: print("count", ev.value))
+    """
+
+    __slots__ = ()
+
+    #: epoll events the engine waits for on ``fileno()``.
+    readiness: int = _core.EPOLLIN
+
+    @abstractmethod
+    def fileno(self) -> int:
+        """The file descriptor the engine watches."""
+
+    @abstractmethod
+    def collect(self, events: int) -> Iterable[Any] | None:
+        """Turn readiness (an epoll mask) into occurrences: one event per item."""
+
+    def _attach(self, engine: Engine, handler: Any, flags: int, priority: int, obj: Any) -> int:
+        return engine._add(_core.K_CUSTOM, self, self.readiness, handler, flags, priority, obj)
+
+
+class Timer(EventSource):
+    """Fires ``after`` seconds from registration, then every ``interval`` seconds.
+
+    The event's ``count`` is the number of expirations since the last
+    delivery (more than 1 when the handler ran late).  A timer without
+    ``interval`` fires once and is then unregistered.  Timers cost no file
+    descriptor: they live in the engine's heap (64 bytes each), so millions
+    of them are fine.  Resolution is the kernel's (nanoseconds).
+
+    >>> aem.register(aem.Timer(0.5, interval=1.0), tick)   # doctest: +SKIP
+    """
+
+    __slots__ = ("_after_ns", "_interval_ns")
+
+    def __init__(self, after: float, interval: float | None = None) -> None:
+        # The common case (a float or int of seconds, no interval) stays cheap:
+        # registering millions of timers is a use case.
+        if type(after) is float or type(after) is int:
+            if not 0 <= after <= 9e9:
+                raise ValueError(f"after must be a finite number of seconds >= 0 (got {after!r})")
+            self._after_ns = int(after * 1e9 + 0.5)
+        else:
+            self._after_ns = _seconds_ns(after, "after", allow_zero=True)
+        self._interval_ns = 0 if interval is None else _seconds_ns(interval, "interval", allow_zero=False)
+
+    @property
+    def after(self) -> float:
+        """Seconds before the first expiry."""
+        return self._after_ns / 1e9
+
+    @property
+    def interval(self) -> float | None:
+        """Seconds between later expiries, or None for a one-shot timer."""
+        return self._interval_ns / 1e9 if self._interval_ns else None
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, Timer) and other._after_ns == self._after_ns
+                and other._interval_ns == self._interval_ns)
+
+    def __hash__(self) -> int:
+        return hash((self._after_ns, self._interval_ns))
+
+    def __repr__(self) -> str:
+        extra = f", interval={self.interval!r}" if self._interval_ns else ""
+        return f"aem.Timer({self.after!r}{extra})"
+
+
+def _seconds_ns(value: float, name: str, allow_zero: bool) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if not (value >= 0) or value > 9e9 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a finite number of seconds {'>=' if allow_zero else '>'} 0 "
+                         f"(got {value!r})")
+    return int(value * 1e9 + 0.5)
+
+
+class _FdSource(EventSource):
+    """A source on one file descriptor (kept alive while registered)."""
+
+    __slots__ = ("target",)
+    _kind = 0
+    _events = 0
+
+    def __init__(self, target: FdLike) -> None:
+        _fd_of(target)  # validate now
+        #: The object (or fd) given: kept alive while registered.
+        self.target = target
+
+    @property
+    def fd(self) -> int:
+        """The watched file descriptor."""
+        return _fd_of(self.target)
+
+    def fileno(self) -> int:
+        """The watched file descriptor."""
+        return _fd_of(self.target)
+
+    def _attach(self, engine: Engine, handler: Any, flags: int, priority: int, obj: Any) -> int:
+        return engine._add(self._kind, _fd_of(self.target), self._events, handler, flags, priority, obj)
+
+    def __repr__(self) -> str:
+        return f"aem.{type(self).__name__}({self.target!r})"
+
+
+class Readable(_FdSource):
+    """Fires while ``fd`` is readable (level-triggered); the event carries ``fd``.
+
+    The handler reads; if it leaves data unread, the event fires again.
+    """
+
+    __slots__ = ()
+    _kind = _core.K_READABLE
+    _events = _core.EPOLLIN
+
+
+class Writable(_FdSource):
+    """Fires while ``fd`` is writable (level-triggered); the event carries ``fd``."""
+
+    __slots__ = ()
+    _kind = _core.K_WRITABLE
+    _events = _core.EPOLLOUT
+
+
+def _need_socket(sock: object, what: str) -> socket.socket:
+    if not isinstance(sock, socket.socket):
+        raise TypeError(f"{what} needs a socket.socket, not {type(sock).__name__}")
+    if sock.fileno() < 0:
+        raise ValueError(f"{what}: the socket is closed")
+    return sock
+
+
+class Accept(_FdSource):
+    """A connection arrives on the listening socket: the engine accepts it.
+
+    The event carries ``conn`` (a non-blocking ``socket.socket``) and
+    ``addr``; one event per connection.  The listening socket is made
+    non-blocking.
+    """
+
+    __slots__ = ("_sockargs",)
+    _kind = _core.K_ACCEPT
+    _events = _core.EPOLLIN
+
+    def __init__(self, listen_sock: socket.socket) -> None:
+        sock = _need_socket(listen_sock, "Accept")
+        super().__init__(sock)
+        self._sockargs = (sock.family, sock.type | socket.SOCK_NONBLOCK, sock.proto)
+
+    def _attach(self, engine: Engine, handler: Any, flags: int, priority: int, obj: Any) -> int:
+        sock = self.target
+        assert isinstance(sock, socket.socket)
+        sock.setblocking(False)
+        return super()._attach(engine, handler, flags, priority, obj)
+
+
+class Read(_FdSource):
+    """Data arrives on a socket: the engine reads it (at most ``max_size`` bytes).
+
+    The event carries ``data`` (a buffer in the process's vmtable, or bytes),
+    ``eof`` (True once, when the peer closed its side; data is then empty and
+    no more Read events follow) and ``fd``.  The data's memory goes back to
+    the vmtable after the handler unless it calls ``event.keep()``.
+    """
+
+    __slots__ = ("max_size",)
+    _kind = _core.K_READ
+    _events = _core.EPOLLIN
+
+    def __init__(self, sock: FdLike, max_size: int = 65536) -> None:
+        super().__init__(sock)
+        if isinstance(max_size, bool) or not isinstance(max_size, int):
+            raise TypeError("max_size must be an int")
+        if not 1 <= max_size <= 1 << 30:
+            raise ValueError("max_size must be between 1 byte and 1 GiB")
+        self.max_size = max_size
+
+    def _attach(self, engine: Engine, handler: Any, flags: int, priority: int, obj: Any) -> int:
+        return engine._add(self._kind, _fd_of(self.target), self._events, handler, flags, priority, obj,
+                           self.max_size)
+
+
+class Close(_FdSource):
+    """The peer hung up, or the socket failed: fires once, then is unregistered.
+
+    The event carries ``fd`` and ``error`` (the socket's pending errno, 0 for
+    a plain hang-up).
+    """
+
+    __slots__ = ()
+    _kind = _core.K_CLOSE
+    _events = _core.EPOLLRDHUP
+
+
+class Signal(EventSource):
+    """The signal ``signum`` is delivered to the process.
+
+    While registered, the signal's disposition belongs to aem (as with
+    asyncio's ``add_signal_handler``); the previous one comes back when the
+    last registration of that signal goes.  The event carries ``signum`` and
+    ``info`` (sender pid and uid when the kernel knows them).  Registering
+    ``SIGINT`` means Ctrl-C no longer ends ``aem.run()``: your handler decides.
+    """
+
+    __slots__ = ("signum",)
+
+    def __init__(self, signum: int) -> None:
+        if isinstance(signum, bool) or not isinstance(signum, int):
+            raise TypeError(f"signum must be an int (signal.SIGUSR1 ...), not {type(signum).__name__}")
+        if not 0 < signum < _signal.NSIG:
+            raise ValueError(f"{signum} is not a signal number (1..{_signal.NSIG - 1})")
+        if signum in (_signal.SIGKILL, _signal.SIGSTOP):
+            raise ValueError("SIGKILL and SIGSTOP cannot be caught")
+        self.signum = int(signum)
+
+    def _attach(self, engine: Engine, handler: Any, flags: int, priority: int, obj: Any) -> int:
+        return engine._add(_core.K_SIGNAL, self.signum, 0, handler, flags, priority, obj)
+
+    def __repr__(self) -> str:
+        try:
+            name = _signal.Signals(self.signum).name
+        except ValueError:
+            name = str(self.signum)
+        return f"aem.Signal({name})"
+
+
+class ChildExit(EventSource):
+    """A child process ends: ``ChildExit(pid)`` or ``ChildExit(job=eid)``.
+
+    With ``pid``, the engine watches that process through a pidfd and, when
+    it ends, reaps it (``reap=False`` leaves it for ``os.waitpid`` or
+    ``subprocess`` to reap) and fires once.  With ``job``, it fires for
+    every process created by registration ``eid`` (``EVF_FORK`` /
+    ``EVF_CAPSULE`` handlers) that ends, with the handler's exception as text
+    in ``error`` when it raised.  The event carries ``pid``, ``returncode``
+    (negative: killed by that signal; None when the status is not ours to
+    read), ``job`` and ``error``.
+    """
+
+    __slots__ = ("pid", "job", "reap")
+
+    def __init__(self, pid: int | None = None, *, job: int | None = None, reap: bool = True) -> None:
+        if (pid is None) == (job is None):
+            raise TypeError("ChildExit needs exactly one of pid or job=")
+        for name, v in (("pid", pid), ("job", job)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise ValueError(f"{name} must be a positive int (got {v!r})")
+        self.pid = pid
+        self.job = job
+        self.reap = bool(reap)
+
+    def _attach(self, engine: Engine, handler: Any, flags: int, priority: int, obj: Any) -> int:
+        if self.job is not None:
+            eid = engine._add(_core.K_JOB, None, 0, handler, flags, priority, obj)
+            engine._jobs.setdefault(self.job, set()).add(eid)
+            return eid
+        assert self.pid is not None
+        pidfd = os.pidfd_open(self.pid)
+        try:
+            return engine._add(_core.K_CHILD, pidfd, _core.EPOLLIN, handler, flags, priority, obj,
+                               self.pid | ((0 if self.reap else 1) << 32))
+        except BaseException:
+            os.close(pidfd)
+            raise
+
+    def __repr__(self) -> str:
+        return f"aem.ChildExit({self.pid})" if self.pid is not None else f"aem.ChildExit(job={self.job})"
+
+
+class FileChange(EventSource):
+    """inotify reports a change of ``path`` (a file, or entries of a directory).
+
+    ``mask`` selects the changes (``aem.IN_MODIFY | aem.IN_CREATE`` ...;
+    default: modifications, attributes, creation, deletion, moves).  The event
+    carries ``path``, ``name`` (the entry in a watched directory, or None) and
+    ``mask``.
+    """
+
+    __slots__ = ("path", "mask")
+
+    def __init__(self, path: str | os.PathLike[str], mask: int = _IN_DEFAULT) -> None:
+        self.path = os.fspath(path)
+        if isinstance(mask, bool) or not isinstance(mask, int) or mask <= 0 or mask & ~0xFFFFFFFF:
+            raise ValueError("mask must be a non-empty combination of the aem.IN_* constants")
+        self.mask = mask
+
+    def _attach(self, engine: Engine, handler: Any, flags: int, priority: int, obj: Any) -> int:
+        return engine._add(_core.K_FILE, self.path, self.mask, handler, flags, priority, obj)
+
+    def __repr__(self) -> str:
+        return f"aem.FileChange({self.path!r}, mask={self.mask:#x})"
+
+
+class UserEvent(EventSource):
+    """An event of the application's own, fired with :meth:`fire`.
+
+    ``fire(payload)`` may be called from any thread, or from a process forked
+    from the registering one (the payload then travels pickled through the
+    engine's datagram channel).  The event carries ``payload``.
+    """
+
+    __slots__ = ("_targets", "_lock", "__weakref__")
+
+    def __init__(self) -> None:
+        # (engine, eid, owner pid, channel write socket)
+        self._targets: list[tuple[weakref.ref[Engine], int, int, socket.socket]] = []
+        self._lock = threading.Lock()
+
+    def _attach(self, engine: Engine, handler: Any, flags: int, priority: int, obj: Any) -> int:
+        channel = engine._user_channel()
+        eid = engine._add(_core.K_USER, None, 0, handler, flags, priority, obj)
+        with self._lock:
+            self._targets.append((weakref.ref(engine), eid, os.getpid(), channel))
+        return eid
+
+    def fire(self, payload: Any = None) -> None:
+        """Deliver one occurrence carrying ``payload`` to every registration of this event.
+
+        Raises :class:`aem.UnknownEventError` if the event is not (or no longer)
+        registered, and ``ValueError`` if a payload fired from another process
+        cannot be pickled or is too large for one datagram.
+        """
+        pid = os.getpid()
+        fired = False
+        with self._lock:
+            targets = list(self._targets)
+        for ref, eid, owner, channel in targets:
+            if pid != owner:
+                try:
+                    data = pickle.dumps((eid, payload))
+                except Exception as e:
+                    raise ValueError(f"payload fired from another process must pickle: {e}") from e
+                try:
+                    channel.send(data)
+                except OSError as e:
+                    if e.errno == 90:  # EMSGSIZE
+                        raise ValueError(f"payload too large to fire across processes "
+                                         f"({len(data)} bytes pickled)") from e
+                    raise
+                fired = True
+                continue
+            engine = ref()
+            if engine is None or engine.closed:
+                self._forget(eid)
+                continue
+            try:
+                engine.fire(eid, payload)
+                fired = True
+            except UnknownEventError:
+                self._forget(eid)
+        if not fired:
+            raise UnknownEventError("fire() on a UserEvent that is not registered")
+
+    def _forget(self, eid: int) -> None:
+        with self._lock:
+            self._targets = [t for t in self._targets if t[1] != eid]
+
+    def __repr__(self) -> str:
+        return f"aem.UserEvent(registrations={len(self._targets)})"
+
+
+class MemoryPressure(EventSource):
+    """The kernel's PSI trigger fires: memory stalls exceeded ``stall_us`` in a ``window_us`` window.
+
+    ``kind`` is ``"some"`` (some tasks stalled) or ``"full"`` (all did).  The
+    trigger is set on ``/proc/pressure/memory`` (system-wide) or, with
+    ``path``, on a cgroup's ``memory.pressure`` file.  The kernel wants
+    ``window_us`` between 500 ms and 10 s.  The event carries ``level`` (the
+    kind).
+    """
+
+    __slots__ = ("stall_us", "window_us", "kind", "path")
+
+    def __init__(self, stall_us: int, window_us: int, kind: str = "some",
+                 path: str = "/proc/pressure/memory") -> None:
+        if kind not in ("some", "full"):
+            raise ValueError("kind must be 'some' or 'full'")
+        for name, v in (("stall_us", stall_us), ("window_us", window_us)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive int of microseconds")
+        if not 500_000 <= window_us <= 10_000_000:
+            raise ValueError("window_us must be between 500000 and 10000000 (the kernel's limits)")
+        if stall_us > window_us:
+            raise ValueError("stall_us cannot exceed window_us")
+        self.stall_us = stall_us
+        self.window_us = window_us
+        self.kind = kind
+        self.path = path
+
+    def _attach(self, engine: Engine, handler: Any, flags: int, priority: int, obj: Any) -> int:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise OSError(f"{self.path} does not exist: this kernel has no PSI "
+                          "(CONFIG_PSI, or psi=0 on its command line)") from None
+        try:
+            os.write(fd, f"{self.kind} {self.stall_us} {self.window_us}\0".encode())
+            return engine._add(_core.K_PRESSURE, fd, _core.EPOLLPRI, handler, flags, priority, obj)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def __repr__(self) -> str:
+        return f"aem.MemoryPressure({self.stall_us}, {self.window_us}, kind={self.kind!r})"
+
+
+_core._set_types(timer=Timer)
