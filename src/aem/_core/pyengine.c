@@ -655,6 +655,7 @@ static void default_destructor(EngineObject *self, EventObject *ev) {
 static int call_handler(EngineObject *self, const target_t *t, EventObject *ev) {
     PyObject *event = (PyObject *)ev, *res;
     int rc = 0;
+    int was_delivering = self->delivering;  /* synchronous deliveries (_deliver_now) nest */
     self->delivering = 1;
     if (t->ctor && t->ctor != Py_None) {
         res = PyObject_Vectorcall(t->ctor, &event, 1, NULL);
@@ -687,7 +688,7 @@ destruct:
     } else {
         default_destructor(self, ev);
     }
-    self->delivering = 0;
+    self->delivering = was_delivering;
     self->core.stats.delivered[ev->kind]++;
     return rc;
 }
@@ -1156,6 +1157,47 @@ static PyObject *engine_push(EngineObject *self, PyObject *args) {
     Py_RETURN_TRUE;
 }
 
+/* _deliver_now(eid, values_tuple) -> bool: deliver synchronously, now, in this thread
+ * (vmtable shortages: the handler may free memory before the allocation is retried).
+ * False when eid is not registered. */
+static PyObject *engine_deliver_now(EngineObject *self, PyObject *args) {
+    PyObject *eid_obj, *values;
+    if (!PyArg_ParseTuple(args, "OO!:_deliver_now", &eid_obj, &PyTuple_Type, &values)) return NULL;
+    if (check_open(self) < 0) return NULL;
+    uint64_t eid;
+    if (parse_eid(eid_obj, &eid) < 0) return NULL;
+    uint32_t slot;
+    aem_reg *r = aem_engine_lookup(&self->core, eid, &slot);
+    if (!r || r->state != AEM_S_ACTIVE) Py_RETURN_FALSE;
+    target_t t = {.handler = r->handler, .eid = eid, .flags = r->flags};
+    PyObject *obj = r->obj;
+    if (t.flags & AEM_F_EXTRAS) {
+        t.source = PyTuple_GET_ITEM(obj, 0);
+        t.ctor = PyTuple_GET_ITEM(obj, 1);
+        t.dtor = PyTuple_GET_ITEM(obj, 2);
+        t.pool = PyTuple_GET_ITEM(obj, 3);
+        if (t.source == Py_None) t.source = NULL;
+    } else {
+        t.source = obj;
+    }
+    t.flags &= (uint16_t)~(AEM_F_FORK | AEM_F_CAPSULE);  /* synchronous means here */
+    EventObject *ev = aem_event_new(r->kind, eid, aem_now_ns(), t.source);
+    if (!ev) return NULL;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(values) && i < 4; i++)
+        ev->o[i] = Py_NewRef(PyTuple_GET_ITEM(values, i));
+    Py_INCREF(t.handler);
+    Py_XINCREF(obj);
+    int oneshot = t.flags & AEM_F_ONESHOT;
+    if (oneshot) unregister_slot(self, slot);
+    self->core.stats.occurrences++;
+    int rc = call_handler(self, &t, ev);
+    Py_DECREF(ev);
+    Py_DECREF(t.handler);
+    Py_XDECREF(obj);
+    if (rc < 0) return NULL;
+    Py_RETURN_TRUE;
+}
+
 /* ---- introspection ------------------------------------------------------------------------------ */
 
 static PyObject *engine_stats(EngineObject *self, PyObject *noargs) {
@@ -1260,6 +1302,7 @@ static PyMethodDef engine_methods[] = {
     {"_drain", (PyCFunction)engine_drain, METH_NOARGS, "Deliver what is ready now."},
     {"fire", (PyCFunction)engine_fire, METH_VARARGS, "fire(eid, payload=None)\n--\n\nFire a user event."},
     {"_push", (PyCFunction)engine_push, METH_VARARGS, "Queue an occurrence made by Python code."},
+    {"_deliver_now", (PyCFunction)engine_deliver_now, METH_VARARGS, "Deliver synchronously (vmtable shortage)."},
     {"stats", (PyCFunction)engine_stats, METH_NOARGS, "stats()\n--\n\nCounters of the engine."},
     {"describe", (PyCFunction)engine_describe, METH_O,
      "describe(eid)\n--\n\nWhat the engine knows of one registration (kind, state, priority ...)."},
