@@ -86,5 +86,11 @@ from .sources import Source as Source
 from .sources import Timer as Timer
 from .sources import UserEvent as UserEvent
 from .sources import Writable as Writable
+from .vmtable import TBL_UZONE as TBL_UZONE
+from .vmtable import TBL_VZONE as TBL_VZONE
+from .vmtable import Block as Block
+from .vmtable import VMTable as VMTable
+from .vmtable import VMTableError as VMTableError
+from .vmtable import vmtable as vmtable
 
 __version__ = "0.1.0"

@@ -770,6 +770,14 @@ int aem_vmt_find(aem_vmt *t, uint64_t off, uint64_t n, aem_vmt_block *out) {
     return -EINVAL;
 }
 
+int aem_vmt_valid(const aem_vmt *t, uint64_t off, uint32_t gen) {
+    if (off >= aem_vmt_size(t) || (off & ((1ull << t->shift) - 1))) return 0;
+    uint32_t u = (uint32_t)(off >> t->shift);
+    uint8_t tag = __atomic_load_n(&t->tags[u], __ATOMIC_RELAXED);
+    if (TAG_STATE(tag) != T_USED || TAG_ORDER(tag) > t->max_order) return 0;
+    return __atomic_load_n(&desc_of(t, TAG_ORDER(tag), u)->gen, __ATOMIC_RELAXED) == gen;
+}
+
 int aem_vmt_get_stats(aem_vmt *t, aem_vmt_stats *st) {
     int rc = vmt_lock(t);
     if (rc < 0) return rc;

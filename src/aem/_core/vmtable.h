@@ -113,6 +113,9 @@ int aem_vmt_lookup(aem_vmt *t, uint64_t off, aem_vmt_block *out);
 /* The allocated block containing [off, off + n): -EINVAL when the range is
  * not inside one allocated block.  Reads without the lock (a hint in a VZONE). */
 int aem_vmt_find(aem_vmt *t, uint64_t off, uint64_t n, aem_vmt_block *out);
+/* 1 if the allocated block starting at off has generation gen, else 0.
+ * Reads without the lock: a cheap check before handing out the block's memory. */
+int aem_vmt_valid(const aem_vmt *t, uint64_t off, uint32_t gen);
 /* Give every cached block back to the buddy lists (coalescing).  Returns how many. */
 long aem_vmt_drain(aem_vmt *t);
 
