@@ -478,7 +478,8 @@ class MemoryPressure(EventSource):
     ``kind`` is ``"some"`` (some tasks stalled) or ``"full"`` (all did).  The
     trigger is set on ``/proc/pressure/memory`` (system-wide) or, with
     ``path``, on a cgroup's ``memory.pressure`` file.  The kernel wants
-    ``window_us`` between 500 ms and 10 s.  The event carries ``level`` (the
+    ``window_us`` between 500 ms and 10 s, and a multiple of 2 s for a
+    process without ``CAP_SYS_RESOURCE``.  The event carries ``level`` (the
     kind).
     """
 
@@ -507,7 +508,15 @@ class MemoryPressure(EventSource):
             raise OSError(f"{self.path} does not exist: this kernel has no PSI "
                           "(CONFIG_PSI, or psi=0 on its command line)") from None
         try:
-            os.write(fd, f"{self.kind} {self.stall_us} {self.window_us}\0".encode())
+            try:
+                # The kernel replaces the last byte written with NUL: send one.
+                os.write(fd, f"{self.kind} {self.stall_us} {self.window_us}\0".encode())
+            except OSError as e:
+                if e.errno == 22 and self.window_us % 2_000_000:
+                    raise ValueError(
+                        "the kernel refused the PSI trigger: without CAP_SYS_RESOURCE the window "
+                        "must be a multiple of 2 s (window_us=2000000, 4000000, ...)") from e
+                raise
             return engine._add(_core.K_PRESSURE, fd, _core.EPOLLPRI, handler, flags, priority, obj)
         except BaseException:
             os.close(fd)

@@ -115,9 +115,12 @@ static void unregister_slot(EngineObject *self, uint32_t slot) {
     if (internal) self->internal--;
     if (self->unregister_hook && self->unregister_hook != Py_None && !internal &&
         kind != AEM_K_TIMER) {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);  /* may run on an error path */
         PyObject *res = PyObject_CallFunction(self->unregister_hook, "K", (unsigned long long)eid);
         if (!res) PyErr_WriteUnraisable(self->unregister_hook);
         Py_XDECREF(res);
+        PyErr_Restore(type, value, tb);
     }
     Py_XDECREF(handler);
     Py_XDECREF(obj);
