@@ -323,7 +323,7 @@ def control(eid: int, op: int, arg: Any = None) -> None:
     * ``EVTBLINIT``: configure the process's vmtable (``eid`` 0, ``arg`` a dict).
     """
     if op == _core.EVTBLINIT:
-        from . import vmtable as _vmt
+        from . import vmtable as _vmt  # type: ignore[attr-defined]
 
         _vmt.configure_process_vmtable(arg)
         return

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _core
-from ._core import AemError, UnknownEventError
+from ._core import UnknownEventError
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -350,7 +350,7 @@ class ChildExit(EventSource):
     read), ``job`` and ``error``.
     """
 
-    __slots__ = ("pid", "job", "reap")
+    __slots__ = ("job", "pid", "reap")
 
     def __init__(self, pid: int | None = None, *, job: int | None = None, reap: bool = True) -> None:
         if (pid is None) == (job is None):
@@ -389,7 +389,7 @@ class FileChange(EventSource):
     ``mask``.
     """
 
-    __slots__ = ("path", "mask")
+    __slots__ = ("mask", "path")
 
     def __init__(self, path: str | os.PathLike[str], mask: int = _IN_DEFAULT) -> None:
         self.path = os.fspath(path)
@@ -412,7 +412,7 @@ class UserEvent(EventSource):
     engine's datagram channel).  The event carries ``payload``.
     """
 
-    __slots__ = ("_targets", "_lock", "__weakref__")
+    __slots__ = ("__weakref__", "_lock", "_targets")
 
     def __init__(self) -> None:
         # (engine, eid, owner pid, channel write socket)
@@ -483,7 +483,7 @@ class MemoryPressure(EventSource):
     kind).
     """
 
-    __slots__ = ("stall_us", "window_us", "kind", "path")
+    __slots__ = ("kind", "path", "stall_us", "window_us")
 
     def __init__(self, stall_us: int, window_us: int, kind: str = "some",
                  path: str = "/proc/pressure/memory") -> None:

@@ -1037,6 +1037,7 @@ static PyObject *engine_run(EngineObject *self, PyObject *args, PyObject *kwds) 
     if (self->async_on) aem_doorbell_pause(&self->doorbell, 1);
     const char *reason = NULL;
     PyObject *result = NULL;
+    int stepped = 0;
     for (;;) {
         if (self->stop_requested) { reason = "stopped"; break; }
         if (self->closed) { reason = "closed"; break; }
@@ -1044,10 +1045,11 @@ static PyObject *engine_run(EngineObject *self, PyObject *args, PyObject *kwds) 
         int timeout_ms = -1;
         if (deadline >= 0) {
             int64_t left = deadline - aem_now_ns();
-            if (left <= 0) { reason = "timeout"; break; }
-            timeout_ms = (int)((left + 999999) / 1000000);
+            if (left <= 0 && stepped) { reason = "timeout"; break; }
+            timeout_ms = left <= 0 ? 0 : (int)((left + 999999) / 1000000);  /* run(0): one poll */
         }
         if (engine_step(self, timeout_ms) < 0) break;
+        stepped = 1;
     }
     self->running = 0;
     self->stop_requested = 0;
