@@ -1207,6 +1207,11 @@ static PyObject *engine_deliver_now(EngineObject *self, PyObject *args) {
 
 static PyObject *engine_stats(EngineObject *self, PyObject *noargs) {
     aem_engine *e = &self->core;
+    uint32_t queued = 0;  /* occurrences of unregistered events leave the queue lazily: skip them */
+    for (uint32_t i = 0; i < e->pqlen; i++) {
+        aem_reg *r = aem_slot(e, e->pq[i].slot);
+        queued += r->state != AEM_S_FREE && r->gen == e->pq[i].gen;
+    }
     PyObject *per = PyDict_New();
     if (!per) return NULL;
     uint64_t delivered = 0;
@@ -1228,7 +1233,7 @@ static PyObject *engine_stats(EngineObject *self, PyObject *noargs) {
         "internal", self->internal,
         "total_registered", (unsigned long long)e->stats.total_registered,
         "delivered", (unsigned long long)delivered,
-        "queued", e->pqlen,
+        "queued", queued,
         "held", e->nheld,
         "occurrences", (unsigned long long)e->stats.occurrences,
         "errors", (unsigned long long)e->stats.errors,
