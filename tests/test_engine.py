@@ -76,6 +76,15 @@ def test_periodic_timer_counts_missed_expirations(engine: aem.Engine) -> None:
     assert engine.stats()["timers"] == 1
 
 
+@pytest.mark.parametrize("timer", [aem.Timer(0.01, interval=0.02), aem.Timer(0.02, interval=0.02),
+                                   aem.Timer(0.015)])
+def test_timer_event_source_equals_the_registered_timer(engine: aem.Engine, timer: aem.Timer) -> None:
+    sources: list[Any] = []
+    engine.register(timer, lambda ev: (sources.append(ev.source), engine.stop()))
+    engine.run(timeout=2)
+    assert sources == [timer]
+
+
 def test_timers_fire_in_deadline_then_registration_order(engine: aem.Engine) -> None:
     order: list[int] = []
     for i, after in enumerate([0.03, 0.01, 0.02, 0.01, 0.0]):

@@ -132,7 +132,7 @@ class Source(EventSource, ABC):
         return engine._add(_core.K_CUSTOM, self, self.readiness, handler, flags, priority, obj)
 
 
-class Timer(EventSource):
+class Timer(_core.TimerBase, EventSource):
     """Fires ``after`` seconds from registration, then every ``interval`` seconds.
 
     The event's ``count`` is the number of expirations since the last
@@ -141,31 +141,15 @@ class Timer(EventSource):
     descriptor: they live in the engine's heap (64 bytes each), so millions
     of them are fine.  Resolution is the kernel's (nanoseconds).
 
+    Raises ``TypeError`` for a non-number and ``ValueError`` for a negative,
+    infinite or NaN time (or an interval of 0).
+
     >>> aem.register(aem.Timer(0.5, interval=1.0), tick)   # doctest: +SKIP
     """
 
-    __slots__ = ("_after_ns", "_interval_ns")
+    __slots__ = ()
 
-    def __init__(self, after: float, interval: float | None = None) -> None:
-        # The common case (a float or int of seconds, no interval) stays cheap:
-        # registering millions of timers is a use case.
-        if type(after) is float or type(after) is int:
-            if not 0 <= after <= 9e9:
-                raise ValueError(f"after must be a finite number of seconds >= 0 (got {after!r})")
-            self._after_ns = int(after * 1e9 + 0.5)
-        else:
-            self._after_ns = _seconds_ns(after, "after", allow_zero=True)
-        self._interval_ns = 0 if interval is None else _seconds_ns(interval, "interval", allow_zero=False)
-
-    @property
-    def after(self) -> float:
-        """Seconds before the first expiry."""
-        return self._after_ns / 1e9
-
-    @property
-    def interval(self) -> float | None:
-        """Seconds between later expiries, or None for a one-shot timer."""
-        return self._interval_ns / 1e9 if self._interval_ns else None
+    # __new__, after, interval: in C (aem._core.TimerBase), so that creating one is cheap.
 
     def __eq__(self, other: object) -> bool:
         return (isinstance(other, Timer) and other._after_ns == self._after_ns
@@ -177,15 +161,6 @@ class Timer(EventSource):
     def __repr__(self) -> str:
         extra = f", interval={self.interval!r}" if self._interval_ns else ""
         return f"aem.Timer({self.after!r}{extra})"
-
-
-def _seconds_ns(value: float, name: str, allow_zero: bool) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    if not (value >= 0) or value > 9e9 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a finite number of seconds {'>=' if allow_zero else '>'} 0 "
-                         f"(got {value!r})")
-    return int(value * 1e9 + 0.5)
 
 
 class _FdSource(EventSource):

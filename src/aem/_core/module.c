@@ -15,8 +15,7 @@ PyObject *AemError;
 PyObject *AemUnknownEvent;
 PyObject *aem_socket_type;
 PyObject *aem_timer_type;
-PyObject *aem_str_attach, *aem_str_after_ns, *aem_str_interval_ns, *aem_str_max_size, *aem_str_sockargs,
-    *aem_str_path;
+PyObject *aem_str_attach, *aem_str_sockargs, *aem_str_path;
 
 PyObject *aem_kick(PyObject *module, PyObject *args);
 int aem_vmtable_module_init(PyObject *module);
@@ -70,14 +69,12 @@ PyMODINIT_FUNC PyInit__core(void) {
 
 #define INTERN(var, s) if (!(var = PyUnicode_InternFromString(s))) goto fail
     INTERN(aem_str_attach, "_attach");
-    INTERN(aem_str_after_ns, "_after_ns");
-    INTERN(aem_str_interval_ns, "_interval_ns");
-    INTERN(aem_str_max_size, "max_size");
     INTERN(aem_str_sockargs, "_sockargs");
     INTERN(aem_str_path, "path");
 
     if (aem_event_init_types(m) < 0) goto fail;
     if (aem_engine_init_type(m) < 0) goto fail;
+    if (aem_sources_init_types(m) < 0) goto fail;
     if (aem_vmtable_module_init(m) < 0) goto fail;
 
     ADD_INT("K_TIMER", AEM_K_TIMER);

@@ -325,33 +325,26 @@ static PyObject *new_eid_result(EngineObject *self, uint32_t slot) {
 
 static PyObject *register_timer(EngineObject *self, PyObject *source, PyObject *handler,
                                 uint16_t flags, int32_t prio, PyObject *obj) {
-    PyObject *after_o = PyObject_GetAttr(source, aem_str_after_ns);
-    if (!after_o) return NULL;
-    PyObject *interval_o = PyObject_GetAttr(source, aem_str_interval_ns);
-    if (!interval_o) {
-        Py_DECREF(after_o);
-        return NULL;
+    int64_t after = ((AemTimerObject *)source)->after_ns;
+    int64_t interval = ((AemTimerObject *)source)->interval_ns;
+    /* The timer source object itself is not kept (event.source rebuilds it from
+     * `after` and the interval): a timer costs its slot and its heap entry only.
+     * A periodic timer whose first expiry differs from its interval keeps it. */
+    int64_t arg = after;
+    if (interval > 0) {
+        flags |= AEM_F_PERIODIC;
+        arg = interval;
+        if (after == interval && !(flags & AEM_F_EXTRAS)) Py_CLEAR(obj);
+    } else if (!(flags & AEM_F_EXTRAS)) {
+        Py_CLEAR(obj);
     }
-    long long after = PyLong_AsLongLong(after_o), interval = PyLong_AsLongLong(interval_o);
-    Py_DECREF(after_o);
-    Py_DECREF(interval_o);
-    if (PyErr_Occurred()) return NULL;
-    if (after < 0 || interval < 0) {
-        PyErr_SetString(PyExc_ValueError, "timer times must be >= 0");
-        return NULL;
-    }
-    /* The timer source object itself is not kept (it is rebuilt for event.source):
-     * a registered timer costs its slot and its heap entry only. */
-    if (!(flags & AEM_F_EXTRAS)) Py_CLEAR(obj);
     int64_t slot = aem_engine_new_reg(&self->core, AEM_K_TIMER, flags, prio, handler, obj);
     if (slot < 0) {
         Py_XDECREF(obj);
         return PyErr_NoMemory();
     }
-    aem_reg *r = aem_slot(&self->core, (uint32_t)slot);
-    r->aux = after;
     Py_INCREF(handler);
-    int rc = aem_engine_arm_timer(&self->core, (uint32_t)slot, aem_now_ns() + after, interval);
+    int rc = aem_engine_arm_timer(&self->core, (uint32_t)slot, aem_now_ns() + after, arg);
     if (rc < 0) {
         unregister_slot(self, (uint32_t)slot);
         return PyErr_NoMemory();
@@ -416,7 +409,7 @@ static PyObject *engine_register(EngineObject *self, PyObject *const *args, Py_s
     PyObject *obj;
     if (prepare(self, handler, flags, prio_obj, vals[4], vals[5], vals[6], source, &prio, &obj, &f) < 0)
         return NULL;
-    if (aem_timer_type && PyObject_TypeCheck(source, (PyTypeObject *)aem_timer_type))
+    if (PyObject_TypeCheck(source, AemTimerBase_Type))
         return register_timer(self, source, handler, f, prio, obj);
     PyObject *attach = PyObject_GetAttr(source, aem_str_attach);
     if (!attach) {
@@ -437,7 +430,8 @@ static PyObject *engine_register(EngineObject *self, PyObject *const *args, Py_s
     return res;
 }
 
-/* _add(kind, target, events, handler, flags, priority, obj, aux=0, internal=False) -> eid
+/* _add(kind, target, events, handler, flags, priority, obj, data=0, internal=False) -> eid
+ * data: kind data kept in the high 32 bits of arg (Read: max size; ChildExit: pid).
  * The low-level registration used by the sources' _attach (arguments already checked). */
 static PyObject *engine_add(EngineObject *self, PyObject *args) {
     int kind, internal = 0;
@@ -456,12 +450,13 @@ static PyObject *engine_add(EngineObject *self, PyObject *args) {
     }
     if (obj == Py_None) obj = NULL;
     if (internal) flags |= AEM_F_INTERNAL;
+    if (kind == AEM_K_CHILD && (aux >> 32)) flags |= AEM_F_NOREAP;  /* data: pid | no_reap << 32 */
     int64_t slot = aem_engine_new_reg(&self->core, (uint8_t)kind, flags, prio, handler, obj);
     if (slot < 0) return PyErr_NoMemory();
     Py_INCREF(handler);
     Py_XINCREF(obj);
     if (internal) self->internal++;
-    aem_slot(&self->core, (uint32_t)slot)->aux = aux;
+    aem_slot(&self->core, (uint32_t)slot)->arg = (int64_t)((uint64_t)(uint32_t)aux << 32);
     int rc = 0;
     const char *what = "register";
     switch (kind) {
@@ -799,7 +794,7 @@ static int deliver_accept(EngineObject *self, const target_t *t, const aem_occ *
 
 static int deliver_read(EngineObject *self, const target_t *t, const aem_occ *o, aem_reg *r, uint32_t slot) {
     int fd = r->fd;
-    size_t max = r->aux > 0 ? (size_t)r->aux : 65536;
+    size_t max = (r->arg >> 32) > 0 ? (size_t)(r->arg >> 32) : 65536;
     if (ensure_scratch(self, max) < 0) return -1;
     ssize_t n;
     do {
@@ -836,9 +831,8 @@ static int deliver_read(EngineObject *self, const target_t *t, const aem_occ *o,
 static int fill_child(EngineObject *self, EventObject *ev, aem_reg *r) {
     siginfo_t info;
     memset(&info, 0, sizeof info);
-    int reap = !(r->aux >> 32);  /* aux: pid | no_reap << 32 */
-    int options = WEXITED | WNOHANG | (reap ? 0 : WNOWAIT);
-    ev->o[0] = PyLong_FromLongLong(r->aux & 0xffffffffLL);
+    int options = WEXITED | WNOHANG | ((r->flags & AEM_F_NOREAP) ? WNOWAIT : 0);
+    ev->o[0] = PyLong_FromLongLong(r->arg >> 32);
     if (waitid(P_PIDFD, (id_t)r->fd, &info, options) == 0 && info.si_pid != 0) {
         int code = info.si_code == CLD_EXITED ? info.si_status : -info.si_status;
         ev->o[1] = PyLong_FromLong(code);
@@ -894,7 +888,7 @@ static int deliver_one(EngineObject *self, aem_occ *o) {
     }
     uint8_t kind = r->kind;
     int finished = kind == AEM_K_CLOSE || kind == AEM_K_CHILD || (t.flags & AEM_F_ONESHOT) ||
-                   (kind == AEM_K_TIMER && r->arg == 0);
+                   (kind == AEM_K_TIMER && !(t.flags & AEM_F_PERIODIC));
     /* Our own references: the handler may unregister itself. */
     Py_INCREF(t.handler);
     Py_XINCREF(obj);
@@ -928,8 +922,12 @@ static int deliver_one(EngineObject *self, aem_occ *o) {
     ev->b = o->b;
     switch (kind) {
     case AEM_K_TIMER:
-        ev->t_after = r->aux;
-        ev->t_interval = r->arg;
+        if (r->flags & AEM_F_PERIODIC) {
+            ev->t_interval = r->arg;
+            ev->t_after = r->arg;  /* when it differed, the source object was kept */
+        } else {
+            ev->t_after = r->arg;
+        }
         break;
     case AEM_K_READABLE: case AEM_K_WRITABLE:
         ev->b = (uint64_t)r->fd;
@@ -978,10 +976,11 @@ static int engine_step(EngineObject *self, int timeout_ms) {
     aem_engine *e = &self->core;
     self->deliver_thread = PyThread_get_thread_ident();
     if (e->pqlen) timeout_ms = 0;
-    int n;
-    if (timeout_ms == 0) {
-        n = aem_engine_wait(e->epfd, e->evbuf, AEM_MAXEVENTS, 0);
-    } else {
+    int n = 0;
+    /* Busy (the last turn delivered something): more is likely ready; look without
+     * giving the GIL away, which costs more than the look itself. */
+    if (timeout_ms == 0 || self->busy) n = aem_engine_wait(e->epfd, e->evbuf, AEM_MAXEVENTS, 0);
+    if (n == 0 && timeout_ms != 0) {
         Py_BEGIN_ALLOW_THREADS
         n = aem_engine_wait(e->epfd, e->evbuf, AEM_MAXEVENTS, timeout_ms);
         Py_END_ALLOW_THREADS
@@ -1002,6 +1001,7 @@ static int engine_step(EngineObject *self, int timeout_ms) {
         if (deliver_one(self, &o) < 0) return -1;
         if (self->stop_requested) break;
     }
+    self->busy = delivered > 0;
     return delivered;
 }
 
@@ -1298,7 +1298,7 @@ static PyObject *engine_get_delivering(EngineObject *self, void *c) {
 static PyMethodDef engine_methods[] = {
     {"register", (PyCFunction)(void (*)(void))engine_register, METH_FASTCALL | METH_KEYWORDS,
      "register(source, handler, flags=0, priority=0, constructor=None, destructor=None, pool=None)\n--\n\n"
-     "Register handler for the occurrences of source; returns the event id."},
+     "Register handler for the occurrences of source; returns the event id (see aem.register)."},
     {"_add", (PyCFunction)engine_add, METH_VARARGS, "Low-level registration used by sources."},
     {"unregister", (PyCFunction)(void (*)(void))engine_unregister, METH_VARARGS | METH_KEYWORDS,
      "unregister(eid, missing_ok=False)\n--\n\nRemove a registration; True if it existed."},
