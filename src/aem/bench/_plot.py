@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ def bars(path: Path, title: str, labels: Sequence[str], values: Sequence[float],
     plt.close(fig)
 
 
-def cdf(path: Path, title: str, series: dict[str, Sequence[float]], unit: str, log: bool = True) -> None:
+def cdf(path: Path, title: str, series: Mapping[str, Sequence[float]], unit: str, log: bool = True) -> None:
     """Cumulative distributions of several sample sets."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -55,7 +55,7 @@ def cdf(path: Path, title: str, series: dict[str, Sequence[float]], unit: str, l
     plt.close(fig)
 
 
-def lines(path: Path, title: str, xs: Sequence[float], series: dict[str, Sequence[float | None]],
+def lines(path: Path, title: str, xs: Sequence[float], series: Mapping[str, Sequence[float | None]],
           xlabel: str, ylabel: str, logy: bool = False) -> None:
     """One line per series over shared x values (None: no point)."""
     plt = _plt()

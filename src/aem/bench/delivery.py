@@ -18,6 +18,7 @@ either *busy* (a pure-Python loop that never polls) or *blocked* (in
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import select
 import signal
@@ -163,7 +164,7 @@ def _measure_mode(ctx: Context, mode: str, n: int, rounds: int) -> None:
         per_variant[name].extend(samples)
         return distribution(samples)["p50"] if samples else float("nan")
 
-    interleave({name: (lambda name=name: one(name)) for name in VARIANTS}, rounds=rounds, warmup=0)
+    interleave({name: functools.partial(one, name) for name in VARIANTS}, rounds=rounds, warmup=0)
     case = f"{mode} main thread"
     for name, samples in per_variant.items():
         if not samples:

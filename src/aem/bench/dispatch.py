@@ -16,6 +16,7 @@ Figures: µs per round trip (median of interleaved rounds) and callbacks/s.
 from __future__ import annotations
 
 import asyncio
+import functools
 import select
 import socket
 import time
@@ -199,7 +200,7 @@ def run(ctx: Context) -> None:
     n = 2_000 if ctx.quick else 50_000
     rounds = 1 if ctx.quick else 7
     vs = variants()
-    results = interleave({name: (lambda fn=fn: fn(n)) for name, fn in vs.items()}, rounds=rounds,
+    results = interleave({name: functools.partial(fn, n) for name, fn in vs.items()}, rounds=rounds,
                          warmup=1)
     medians = {}
     for name, samples in results.items():
