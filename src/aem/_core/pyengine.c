@@ -639,6 +639,7 @@ typedef struct {
     PyObject *handler, *source, *ctor, *dtor, *pool;
     uint64_t eid;
     uint16_t flags;
+    int32_t priority;
 } target_t;
 
 static void default_destructor(EngineObject *self, EventObject *ev) {
@@ -664,8 +665,9 @@ static int call_handler(EngineObject *self, const target_t *t, EventObject *ev) 
         Py_DECREF(res);
     }
     if (t->flags & (AEM_F_FORK | AEM_F_CAPSULE)) {
-        res = PyObject_CallFunction(self->spawn_hook, "KOOHO", (unsigned long long)t->eid, t->handler,
-                                    event, t->flags, t->pool ? t->pool : Py_None);
+        res = PyObject_CallFunction(self->spawn_hook, "KOOHOi", (unsigned long long)t->eid, t->handler,
+                                    event, (unsigned short)(t->flags & AEM_F__PUBLIC),
+                                    t->pool ? t->pool : Py_None, (int)t->priority);
     } else {
         res = PyObject_Vectorcall(t->handler, &event, 1, NULL);
     }
@@ -875,7 +877,8 @@ static int deliver_custom(EngineObject *self, const target_t *t, const aem_occ *
 static int deliver_one(EngineObject *self, aem_occ *o) {
     aem_engine *e = &self->core;
     aem_reg *r = aem_slot(e, o->slot);
-    target_t t = {.handler = r->handler, .eid = aem_eid_of(o->slot, o->gen), .flags = r->flags};
+    target_t t = {.handler = r->handler, .eid = aem_eid_of(o->slot, o->gen), .flags = r->flags,
+                  .priority = o->priority};
     PyObject *obj = r->obj;
     if (t.flags & AEM_F_EXTRAS) {
         t.source = PyTuple_GET_ITEM(obj, 0);
@@ -1174,7 +1177,7 @@ static PyObject *engine_deliver_now(EngineObject *self, PyObject *args) {
     uint32_t slot;
     aem_reg *r = aem_engine_lookup(&self->core, eid, &slot);
     if (!r || r->state != AEM_S_ACTIVE) Py_RETURN_FALSE;
-    target_t t = {.handler = r->handler, .eid = eid, .flags = r->flags};
+    target_t t = {.handler = r->handler, .eid = eid, .flags = r->flags, .priority = r->priority};
     PyObject *obj = r->obj;
     if (t.flags & AEM_F_EXTRAS) {
         t.source = PyTuple_GET_ITEM(obj, 0);
@@ -1264,6 +1267,29 @@ static PyObject *engine_describe(EngineObject *self, PyObject *eid_obj) {
                          (long long)(r->kind == AEM_K_TIMER ? aem_timers_deadline(&self->core, slot) : -1));
 }
 
+/* _handlers(flag_mask) -> [(eid, handler, flags)] of the registrations with any of those flags. */
+static PyObject *engine_handlers(EngineObject *self, PyObject *arg) {
+    unsigned long mask = PyLong_AsUnsignedLong(arg);
+    if (mask == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    if (check_open(self) < 0) return NULL;
+    PyObject *out = PyList_New(0);
+    if (!out) return NULL;
+    aem_engine *e = &self->core;
+    for (uint32_t s = 0; s < e->nslots; s++) {
+        aem_reg *r = aem_slot(e, s);
+        if (r->state == AEM_S_FREE || is_internal(r) || !(r->flags & mask)) continue;
+        PyObject *item = Py_BuildValue("(KOI)", (unsigned long long)aem_eid_of(s, r->gen),
+                                       (PyObject *)r->handler, (unsigned)(r->flags & AEM_F__PUBLIC));
+        if (!item || PyList_Append(out, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    return out;
+}
+
 static PyObject *engine_set_error_handler(EngineObject *self, PyObject *fn) {
     if (fn != Py_None && !PyCallable_Check(fn)) {
         PyErr_SetString(PyExc_TypeError, "the error handler must be callable (fn(exc, event)) or None");
@@ -1318,6 +1344,7 @@ static PyMethodDef engine_methods[] = {
      "describe(eid)\n--\n\nWhat the engine knows of one registration (kind, state, priority ...)."},
     {"set_error_handler", (PyCFunction)engine_set_error_handler, METH_O,
      "set_error_handler(fn)\n--\n\nfn(exc, event) receives handler exceptions; returns the previous one."},
+    {"_handlers", (PyCFunction)engine_handlers, METH_O, "Registrations with any of these flags."},
     {"_set_hooks", (PyCFunction)(void (*)(void))engine_set_hooks, METH_VARARGS | METH_KEYWORDS, NULL},
     {"close", (PyCFunction)engine_close, METH_NOARGS, "close()\n--\n\nRelease every registration and fd."},
     {"_abandon", (PyCFunction)engine_abandon, METH_NOARGS, "Forget the engine in a forked child."},
