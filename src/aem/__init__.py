@@ -18,6 +18,10 @@ Every public name is re-exported here, explicitly.
 
 from __future__ import annotations
 
+from ._core import EPOLLIN as EPOLLIN
+from ._core import EPOLLOUT as EPOLLOUT
+from ._core import EPOLLPRI as EPOLLPRI
+from ._core import EPOLLRDHUP as EPOLLRDHUP
 from ._core import EVF_CAPSULE as EVF_CAPSULE
 from ._core import EVF_FORK as EVF_FORK
 from ._core import EVF_KEEPALIVE as EVF_KEEPALIVE
@@ -29,10 +33,6 @@ from ._core import EVJOBSTART as EVJOBSTART
 from ._core import EVJOBSTOP as EVJOBSTOP
 from ._core import EVTBLINIT as EVTBLINIT
 from ._core import HELD_MAX as HELD_MAX
-from ._core import EPOLLIN as EPOLLIN
-from ._core import EPOLLOUT as EPOLLOUT
-from ._core import EPOLLPRI as EPOLLPRI
-from ._core import EPOLLRDHUP as EPOLLRDHUP
 from ._core import AcceptEvent as AcceptEvent
 from ._core import AemError as AemError
 from ._core import ChildExitEvent as ChildExitEvent

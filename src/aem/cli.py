@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aem", description="aem: an asynchronous event mechanism for Linux")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="show events (timer, socket, signal, user event) interrupting a busy main thread")
+    p = sub.add_parser("demo", help="show events (timer, socket, signal, user event) "
+                                    "interrupting a busy main thread")
     p.add_argument("--duration", type=float, default=None,
                    help="stop after this many seconds (default: until Ctrl-C or SIGTERM)")
     p.set_defaults(fn=_cmd_demo)

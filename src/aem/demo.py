@@ -96,5 +96,6 @@ def main(duration: float | None = None) -> int:
             pass
         aem.run(timeout=2.0)  # collects the writer's exit, then nothing is left
         ours.close()
-    print(f"done: {state['primes']} primes, engine stats: delivered={aem.stats()['delivered']}", file=sys.stderr)
+    delivered = aem.stats()["delivered"]
+    print(f"done: {state['primes']} primes, engine stats: delivered={delivered}", file=sys.stderr)
     return 0

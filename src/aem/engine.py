@@ -80,22 +80,8 @@ class Engine(_core.Engine):
 
     # -- registration ----------------------------------------------------------------
 
-    def register(self, source: EventSource, handler: Handler, flags: int = 0, priority: int = 0,
-                 constructor: Handler | None = None, destructor: Handler | None = None,
-                 pool: Any = None) -> int:
-        """Register ``handler`` for the occurrences of ``source``; return the event id.
-
-        ``flags``: ``EVF_ONESHOT`` (unregister after the first delivery),
-        ``EVF_FORK`` / ``EVF_CAPSULE`` (run the handler in another process),
-        ``EVF_NOCLDWAIT``, ``EVF_KEEPALIVE``.  ``priority``: higher is
-        delivered first among pending events (then order of arrival).
-        ``constructor(event)`` runs right before the handler,
-        ``destructor(event)`` right after (even if the handler raised).
-
-        Raises ``TypeError`` for a non-source or a non-callable handler,
-        ``ValueError`` for unknown flags, a closed fd or a bad priority.
-        """
-        return super().register(source, handler, flags, priority, constructor, destructor, pool)
+    # register(source, handler, flags=0, priority=0, constructor=None, destructor=None, pool=None)
+    # is the C method itself (no Python layer on the hot path): see aem.register for its contract.
 
     def _on_unregister(self, eid: int) -> None:
         listeners = self._jobs.pop(eid, None)  # noqa: F841 - the job's listeners stay registered
@@ -294,7 +280,17 @@ def register(source: EventSource, handler: Handler, flags: int = 0, priority: in
              pool: Any = None) -> int:
     """Register ``handler`` for the occurrences of ``source`` on the process's engine.
 
-    Returns the event id (a positive int).  See :meth:`Engine.register`.
+    Returns the event id (a positive int, unique in the process).
+
+    ``flags``: ``EVF_ONESHOT`` (unregister after the first delivery),
+    ``EVF_FORK`` / ``EVF_CAPSULE`` (run the handler in another process),
+    ``EVF_NOCLDWAIT``, ``EVF_KEEPALIVE``.  ``priority``: among pending
+    events, higher is delivered first (then order of arrival).
+    ``constructor(event)`` runs right before the handler,
+    ``destructor(event)`` right after (even if the handler raised).
+
+    Raises ``TypeError`` for a non-source or a non-callable handler,
+    ``ValueError`` for unknown flags, a closed fd or a bad priority.
 
     >>> eid = aem.register(aem.Timer(1.0), lambda ev: print("tick", ev.count))  # doctest: +SKIP
     """
@@ -323,7 +319,7 @@ def control(eid: int, op: int, arg: Any = None) -> None:
     * ``EVTBLINIT``: configure the process's vmtable (``eid`` 0, ``arg`` a dict).
     """
     if op == _core.EVTBLINIT:
-        from . import vmtable as _vmt
+        from . import vmtable as _vmt  # type: ignore[attr-defined]
 
         _vmt.configure_process_vmtable(arg)
         return

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _core
-from ._core import AemError, UnknownEventError
+from ._core import UnknownEventError
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -132,7 +132,7 @@ class Source(EventSource, ABC):
         return engine._add(_core.K_CUSTOM, self, self.readiness, handler, flags, priority, obj)
 
 
-class Timer(EventSource):
+class Timer(_core.TimerBase, EventSource):
     """Fires ``after`` seconds from registration, then every ``interval`` seconds.
 
     The event's ``count`` is the number of expirations since the last
@@ -141,31 +141,15 @@ class Timer(EventSource):
     descriptor: they live in the engine's heap (64 bytes each), so millions
     of them are fine.  Resolution is the kernel's (nanoseconds).
 
+    Raises ``TypeError`` for a non-number and ``ValueError`` for a negative,
+    infinite or NaN time (or an interval of 0).
+
     >>> aem.register(aem.Timer(0.5, interval=1.0), tick)   # doctest: +SKIP
     """
 
-    __slots__ = ("_after_ns", "_interval_ns")
+    __slots__ = ()
 
-    def __init__(self, after: float, interval: float | None = None) -> None:
-        # The common case (a float or int of seconds, no interval) stays cheap:
-        # registering millions of timers is a use case.
-        if type(after) is float or type(after) is int:
-            if not 0 <= after <= 9e9:
-                raise ValueError(f"after must be a finite number of seconds >= 0 (got {after!r})")
-            self._after_ns = int(after * 1e9 + 0.5)
-        else:
-            self._after_ns = _seconds_ns(after, "after", allow_zero=True)
-        self._interval_ns = 0 if interval is None else _seconds_ns(interval, "interval", allow_zero=False)
-
-    @property
-    def after(self) -> float:
-        """Seconds before the first expiry."""
-        return self._after_ns / 1e9
-
-    @property
-    def interval(self) -> float | None:
-        """Seconds between later expiries, or None for a one-shot timer."""
-        return self._interval_ns / 1e9 if self._interval_ns else None
+    # __new__, after, interval: in C (aem._core.TimerBase), so that creating one is cheap.
 
     def __eq__(self, other: object) -> bool:
         return (isinstance(other, Timer) and other._after_ns == self._after_ns
@@ -177,15 +161,6 @@ class Timer(EventSource):
     def __repr__(self) -> str:
         extra = f", interval={self.interval!r}" if self._interval_ns else ""
         return f"aem.Timer({self.after!r}{extra})"
-
-
-def _seconds_ns(value: float, name: str, allow_zero: bool) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    if not (value >= 0) or value > 9e9 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a finite number of seconds {'>=' if allow_zero else '>'} 0 "
-                         f"(got {value!r})")
-    return int(value * 1e9 + 0.5)
 
 
 class _FdSource(EventSource):
@@ -350,7 +325,7 @@ class ChildExit(EventSource):
     read), ``job`` and ``error``.
     """
 
-    __slots__ = ("pid", "job", "reap")
+    __slots__ = ("job", "pid", "reap")
 
     def __init__(self, pid: int | None = None, *, job: int | None = None, reap: bool = True) -> None:
         if (pid is None) == (job is None):
@@ -389,7 +364,7 @@ class FileChange(EventSource):
     ``mask``.
     """
 
-    __slots__ = ("path", "mask")
+    __slots__ = ("mask", "path")
 
     def __init__(self, path: str | os.PathLike[str], mask: int = _IN_DEFAULT) -> None:
         self.path = os.fspath(path)
@@ -412,7 +387,7 @@ class UserEvent(EventSource):
     engine's datagram channel).  The event carries ``payload``.
     """
 
-    __slots__ = ("_targets", "_lock", "__weakref__")
+    __slots__ = ("__weakref__", "_lock", "_targets")
 
     def __init__(self) -> None:
         # (engine, eid, owner pid, channel write socket)
@@ -478,11 +453,12 @@ class MemoryPressure(EventSource):
     ``kind`` is ``"some"`` (some tasks stalled) or ``"full"`` (all did).  The
     trigger is set on ``/proc/pressure/memory`` (system-wide) or, with
     ``path``, on a cgroup's ``memory.pressure`` file.  The kernel wants
-    ``window_us`` between 500 ms and 10 s.  The event carries ``level`` (the
+    ``window_us`` between 500 ms and 10 s, and a multiple of 2 s for a
+    process without ``CAP_SYS_RESOURCE``.  The event carries ``level`` (the
     kind).
     """
 
-    __slots__ = ("stall_us", "window_us", "kind", "path")
+    __slots__ = ("kind", "path", "stall_us", "window_us")
 
     def __init__(self, stall_us: int, window_us: int, kind: str = "some",
                  path: str = "/proc/pressure/memory") -> None:
@@ -507,7 +483,15 @@ class MemoryPressure(EventSource):
             raise OSError(f"{self.path} does not exist: this kernel has no PSI "
                           "(CONFIG_PSI, or psi=0 on its command line)") from None
         try:
-            os.write(fd, f"{self.kind} {self.stall_us} {self.window_us}\0".encode())
+            try:
+                # The kernel replaces the last byte written with NUL: send one.
+                os.write(fd, f"{self.kind} {self.stall_us} {self.window_us}\0".encode())
+            except OSError as e:
+                if e.errno == 22 and self.window_us % 2_000_000:
+                    raise ValueError(
+                        "the kernel refused the PSI trigger: without CAP_SYS_RESOURCE the window "
+                        "must be a multiple of 2 s (window_us=2000000, 4000000, ...)") from e
+                raise
             return engine._add(_core.K_PRESSURE, fd, _core.EPOLLPRI, handler, flags, priority, obj)
         except BaseException:
             os.close(fd)

@@ -177,7 +177,7 @@ static int fd_reserve(aem_engine *e, int fd) {
 /* Interest a registration adds to its fd. */
 static uint32_t reg_interest(const aem_reg *r) {
     if (r->state != AEM_S_ACTIVE) return 0;
-    return (uint32_t)r->arg;
+    return (uint32_t)r->arg;  /* low 32 bits: the epoll mask */
 }
 
 /* Bring epoll in line with the fd's registrations. */
@@ -209,7 +209,7 @@ int aem_engine_arm_fd(aem_engine *e, uint32_t slot, int fd, uint32_t epoll_event
     if (rc < 0) return rc;
     aem_reg *r = aem_slot(e, slot);
     r->fd = fd;
-    r->arg = epoll_events;
+    r->arg = (r->arg & ~(int64_t)0xffffffff) | epoll_events;  /* high bits: kind data */
     r->link = e->fds[fd].head;
     e->fds[fd].head = slot + 1;
     rc = fd_sync(e, fd);
@@ -243,7 +243,7 @@ int aem_engine_arm_owned_fd(aem_engine *e, uint32_t slot, int fd, uint32_t epoll
     int rc = epoll_add(e->epfd, fd, epoll_events, reg_tag(slot, r->gen));
     if (rc < 0) return rc;
     r->fd = fd;
-    r->arg = epoll_events;
+    r->arg = (r->arg & ~(int64_t)0xffffffff) | epoll_events;
     return 0;
 }
 
@@ -334,9 +334,9 @@ int aem_engine_arm_hosted(aem_engine *e, uint32_t slot) {
     return 0;
 }
 
-int aem_engine_arm_timer(aem_engine *e, uint32_t slot, int64_t deadline, int64_t interval) {
+int aem_engine_arm_timer(aem_engine *e, uint32_t slot, int64_t deadline, int64_t arg) {
     aem_reg *r = aem_slot(e, slot);
-    r->arg = interval;
+    r->arg = arg;
     int rc = aem_timers_insert(e, slot, deadline);
     if (rc < 0) return rc;
     aem_timers_rearm(e, 0);

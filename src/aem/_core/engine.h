@@ -61,6 +61,8 @@ enum aem_kind {
 #define AEM_F_KEEPALIVE 0x10u
 #define AEM_F__PUBLIC   0x1fu
 #define AEM_F_EXTRAS    0x100u  /* internal: obj holds the host's extras record */
+#define AEM_F_PERIODIC  0x400u  /* internal: a timer with an interval (arg is the interval) */
+#define AEM_F_NOREAP    0x800u  /* internal: ChildExit(reap=False) */
 
 /* Job operations (aem_evctl numbering of the original). */
 #define AEM_EVJOBPRIO  1
@@ -85,8 +87,9 @@ typedef struct aem_reg {
     uint32_t link;       /* fd list: next slot+1; timer: heap index; free list: next slot+1 */
     int32_t fd;          /* fd, signum, inotify wd, pidfd, ... (-1: none) */
     uint32_t held;       /* occurrences held while stopped */
-    int64_t arg;         /* timer: interval ns (0 = one shot); fd kinds: epoll mask; inotify: mask */
-    int64_t aux;         /* timer: `after` ns as given; read: max size; child: pid */
+    int64_t arg;         /* one-shot timer: `after` ns; periodic timer: interval ns;
+                          * fd and owned-fd kinds: epoll mask (low 32 bits) | kind data << 32
+                          * (Read: max size; ChildExit: pid); inotify: mask */
     void *handler;       /* owned by the host */
     void *obj;           /* owned by the host (source object or extras), may be NULL */
 } aem_reg;
@@ -191,7 +194,7 @@ aem_reg *aem_engine_lookup(const aem_engine *e, uint64_t eid, uint32_t *slot_out
 int64_t aem_engine_new_reg(aem_engine *e, uint8_t kind, uint16_t flags, int32_t priority,
                            void *handler, void *obj);
 /* Arm a new registration by kind (call once, after aem_engine_new_reg). */
-int aem_engine_arm_timer(aem_engine *e, uint32_t slot, int64_t deadline, int64_t interval);
+int aem_engine_arm_timer(aem_engine *e, uint32_t slot, int64_t deadline, int64_t arg);
 int aem_engine_arm_fd(aem_engine *e, uint32_t slot, int fd, uint32_t epoll_events);
 int aem_engine_arm_signal(aem_engine *e, uint32_t slot, int signum);
 int aem_engine_arm_owned_fd(aem_engine *e, uint32_t slot, int fd, uint32_t epoll_events);

@@ -15,10 +15,12 @@ PyObject *AemError;
 PyObject *AemUnknownEvent;
 PyObject *aem_socket_type;
 PyObject *aem_timer_type;
-PyObject *aem_str_attach, *aem_str_after_ns, *aem_str_interval_ns, *aem_str_max_size, *aem_str_sockargs,
-    *aem_str_path;
+PyObject *aem_str_attach, *aem_str_sockargs, *aem_str_path;
 
 PyObject *aem_kick(PyObject *module, PyObject *args);
+PyObject *aem_deny_process_creation(PyObject *module, PyObject *arg);
+PyObject *aem_set_child_subreaper(PyObject *module, PyObject *arg);
+PyObject *aem_set_parent_death_signal(PyObject *module, PyObject *arg);
 int aem_vmtable_module_init(PyObject *module);
 
 static PyObject *set_types(PyObject *module, PyObject *args, PyObject *kwds) {
@@ -40,6 +42,12 @@ static PyObject *monotonic_ns(PyObject *module, PyObject *noargs) { return PyLon
 static PyMethodDef module_methods[] = {
     {"_kick", (PyCFunction)aem_kick, METH_VARARGS, "Handler of the kick signal: deliver what is ready."},
     {"_set_types", (PyCFunction)(void (*)(void))set_types, METH_VARARGS | METH_KEYWORDS, NULL},
+    {"_deny_process_creation", aem_deny_process_creation, METH_O,
+     "Fault injection for tests: the kernel refuses to create processes from now on (seccomp)."},
+    {"set_child_subreaper", aem_set_child_subreaper, METH_O,
+     "prctl(PR_SET_CHILD_SUBREAPER): orphaned descendants are re-parented to this process."},
+    {"set_parent_death_signal", aem_set_parent_death_signal, METH_O,
+     "prctl(PR_SET_PDEATHSIG): this signal arrives when the parent (thread) dies."},
     {"signal_routed", signal_routed, METH_O, "True while an aem engine routes this signal."},
     {"monotonic_ns", monotonic_ns, METH_NOARGS, "CLOCK_MONOTONIC in ns, the clock of Event.time_ns."},
     {NULL},
@@ -70,14 +78,12 @@ PyMODINIT_FUNC PyInit__core(void) {
 
 #define INTERN(var, s) if (!(var = PyUnicode_InternFromString(s))) goto fail
     INTERN(aem_str_attach, "_attach");
-    INTERN(aem_str_after_ns, "_after_ns");
-    INTERN(aem_str_interval_ns, "_interval_ns");
-    INTERN(aem_str_max_size, "max_size");
     INTERN(aem_str_sockargs, "_sockargs");
     INTERN(aem_str_path, "path");
 
     if (aem_event_init_types(m) < 0) goto fail;
     if (aem_engine_init_type(m) < 0) goto fail;
+    if (aem_sources_init_types(m) < 0) goto fail;
     if (aem_vmtable_module_init(m) < 0) goto fail;
 
     ADD_INT("K_TIMER", AEM_K_TIMER);

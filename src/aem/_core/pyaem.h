@@ -31,6 +31,17 @@ extern PyTypeObject *AemEvent_Type;
 int aem_event_init_types(PyObject *module);
 EventObject *aem_event_new(uint8_t kind, uint64_t eid, int64_t time_ns, PyObject *source);
 
+/* ---- the C base of aem.Timer (pysources.c) ------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    int64_t after_ns;
+    int64_t interval_ns;  /* 0: one shot */
+} AemTimerObject;
+
+extern PyTypeObject *AemTimerBase_Type;
+int aem_sources_init_types(PyObject *module);
+
 /* ---- the engine object (pyengine.c) -------------------------------------------- */
 
 typedef struct EngineObject {
@@ -43,6 +54,7 @@ typedef struct EngineObject {
     unsigned long run_thread;
     unsigned long deliver_thread;
     int stop_requested;
+    int busy;               /* the last turn delivered something */
     uint32_t internal;      /* internal registrations (not counted for idleness) */
     PyObject *error_handler;
     PyObject *spawn_hook;   /* runs handlers of EVF_FORK/EVF_CAPSULE registrations */
@@ -67,6 +79,6 @@ extern PyObject *AemUnknownEvent;    /* aem.UnknownEventError */
 extern PyObject *aem_socket_type;    /* socket.socket */
 extern PyObject *aem_timer_type;     /* aem.sources.Timer (fast path) */
 extern PyObject *aem_str_attach;     /* "_attach" */
-extern PyObject *aem_str_after_ns, *aem_str_interval_ns, *aem_str_max_size, *aem_str_sockargs, *aem_str_path;
+extern PyObject *aem_str_sockargs, *aem_str_path;
 
 #endif

@@ -115,9 +115,12 @@ static void unregister_slot(EngineObject *self, uint32_t slot) {
     if (internal) self->internal--;
     if (self->unregister_hook && self->unregister_hook != Py_None && !internal &&
         kind != AEM_K_TIMER) {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);  /* may run on an error path */
         PyObject *res = PyObject_CallFunction(self->unregister_hook, "K", (unsigned long long)eid);
         if (!res) PyErr_WriteUnraisable(self->unregister_hook);
         Py_XDECREF(res);
+        PyErr_Restore(type, value, tb);
     }
     Py_XDECREF(handler);
     Py_XDECREF(obj);
@@ -322,33 +325,26 @@ static PyObject *new_eid_result(EngineObject *self, uint32_t slot) {
 
 static PyObject *register_timer(EngineObject *self, PyObject *source, PyObject *handler,
                                 uint16_t flags, int32_t prio, PyObject *obj) {
-    PyObject *after_o = PyObject_GetAttr(source, aem_str_after_ns);
-    if (!after_o) return NULL;
-    PyObject *interval_o = PyObject_GetAttr(source, aem_str_interval_ns);
-    if (!interval_o) {
-        Py_DECREF(after_o);
-        return NULL;
+    int64_t after = ((AemTimerObject *)source)->after_ns;
+    int64_t interval = ((AemTimerObject *)source)->interval_ns;
+    /* The timer source object itself is not kept (event.source rebuilds it from
+     * `after` and the interval): a timer costs its slot and its heap entry only.
+     * A periodic timer whose first expiry differs from its interval keeps it. */
+    int64_t arg = after;
+    if (interval > 0) {
+        flags |= AEM_F_PERIODIC;
+        arg = interval;
+        if (after == interval && !(flags & AEM_F_EXTRAS)) Py_CLEAR(obj);
+    } else if (!(flags & AEM_F_EXTRAS)) {
+        Py_CLEAR(obj);
     }
-    long long after = PyLong_AsLongLong(after_o), interval = PyLong_AsLongLong(interval_o);
-    Py_DECREF(after_o);
-    Py_DECREF(interval_o);
-    if (PyErr_Occurred()) return NULL;
-    if (after < 0 || interval < 0) {
-        PyErr_SetString(PyExc_ValueError, "timer times must be >= 0");
-        return NULL;
-    }
-    /* The timer source object itself is not kept (it is rebuilt for event.source):
-     * a registered timer costs its slot and its heap entry only. */
-    if (!(flags & AEM_F_EXTRAS)) Py_CLEAR(obj);
     int64_t slot = aem_engine_new_reg(&self->core, AEM_K_TIMER, flags, prio, handler, obj);
     if (slot < 0) {
         Py_XDECREF(obj);
         return PyErr_NoMemory();
     }
-    aem_reg *r = aem_slot(&self->core, (uint32_t)slot);
-    r->aux = after;
     Py_INCREF(handler);
-    int rc = aem_engine_arm_timer(&self->core, (uint32_t)slot, aem_now_ns() + after, interval);
+    int rc = aem_engine_arm_timer(&self->core, (uint32_t)slot, aem_now_ns() + after, arg);
     if (rc < 0) {
         unregister_slot(self, (uint32_t)slot);
         return PyErr_NoMemory();
@@ -413,7 +409,7 @@ static PyObject *engine_register(EngineObject *self, PyObject *const *args, Py_s
     PyObject *obj;
     if (prepare(self, handler, flags, prio_obj, vals[4], vals[5], vals[6], source, &prio, &obj, &f) < 0)
         return NULL;
-    if (aem_timer_type && PyObject_TypeCheck(source, (PyTypeObject *)aem_timer_type))
+    if (PyObject_TypeCheck(source, AemTimerBase_Type))
         return register_timer(self, source, handler, f, prio, obj);
     PyObject *attach = PyObject_GetAttr(source, aem_str_attach);
     if (!attach) {
@@ -434,7 +430,8 @@ static PyObject *engine_register(EngineObject *self, PyObject *const *args, Py_s
     return res;
 }
 
-/* _add(kind, target, events, handler, flags, priority, obj, aux=0, internal=False) -> eid
+/* _add(kind, target, events, handler, flags, priority, obj, data=0, internal=False) -> eid
+ * data: kind data kept in the high 32 bits of arg (Read: max size; ChildExit: pid).
  * The low-level registration used by the sources' _attach (arguments already checked). */
 static PyObject *engine_add(EngineObject *self, PyObject *args) {
     int kind, internal = 0;
@@ -453,12 +450,13 @@ static PyObject *engine_add(EngineObject *self, PyObject *args) {
     }
     if (obj == Py_None) obj = NULL;
     if (internal) flags |= AEM_F_INTERNAL;
+    if (kind == AEM_K_CHILD && (aux >> 32)) flags |= AEM_F_NOREAP;  /* data: pid | no_reap << 32 */
     int64_t slot = aem_engine_new_reg(&self->core, (uint8_t)kind, flags, prio, handler, obj);
     if (slot < 0) return PyErr_NoMemory();
     Py_INCREF(handler);
     Py_XINCREF(obj);
     if (internal) self->internal++;
-    aem_slot(&self->core, (uint32_t)slot)->aux = aux;
+    aem_slot(&self->core, (uint32_t)slot)->arg = (int64_t)((uint64_t)(uint32_t)aux << 32);
     int rc = 0;
     const char *what = "register";
     switch (kind) {
@@ -641,6 +639,7 @@ typedef struct {
     PyObject *handler, *source, *ctor, *dtor, *pool;
     uint64_t eid;
     uint16_t flags;
+    int32_t priority;
 } target_t;
 
 static void default_destructor(EngineObject *self, EventObject *ev) {
@@ -666,8 +665,9 @@ static int call_handler(EngineObject *self, const target_t *t, EventObject *ev) 
         Py_DECREF(res);
     }
     if (t->flags & (AEM_F_FORK | AEM_F_CAPSULE)) {
-        res = PyObject_CallFunction(self->spawn_hook, "KOOHO", (unsigned long long)t->eid, t->handler,
-                                    event, t->flags, t->pool ? t->pool : Py_None);
+        res = PyObject_CallFunction(self->spawn_hook, "KOOHOi", (unsigned long long)t->eid, t->handler,
+                                    event, (unsigned short)(t->flags & AEM_F__PUBLIC),
+                                    t->pool ? t->pool : Py_None, (int)t->priority);
     } else {
         res = PyObject_Vectorcall(t->handler, &event, 1, NULL);
     }
@@ -796,7 +796,7 @@ static int deliver_accept(EngineObject *self, const target_t *t, const aem_occ *
 
 static int deliver_read(EngineObject *self, const target_t *t, const aem_occ *o, aem_reg *r, uint32_t slot) {
     int fd = r->fd;
-    size_t max = r->aux > 0 ? (size_t)r->aux : 65536;
+    size_t max = (r->arg >> 32) > 0 ? (size_t)(r->arg >> 32) : 65536;
     if (ensure_scratch(self, max) < 0) return -1;
     ssize_t n;
     do {
@@ -833,9 +833,8 @@ static int deliver_read(EngineObject *self, const target_t *t, const aem_occ *o,
 static int fill_child(EngineObject *self, EventObject *ev, aem_reg *r) {
     siginfo_t info;
     memset(&info, 0, sizeof info);
-    int reap = !(r->aux >> 32);  /* aux: pid | no_reap << 32 */
-    int options = WEXITED | WNOHANG | (reap ? 0 : WNOWAIT);
-    ev->o[0] = PyLong_FromLongLong(r->aux & 0xffffffffLL);
+    int options = WEXITED | WNOHANG | ((r->flags & AEM_F_NOREAP) ? WNOWAIT : 0);
+    ev->o[0] = PyLong_FromLongLong(r->arg >> 32);
     if (waitid(P_PIDFD, (id_t)r->fd, &info, options) == 0 && info.si_pid != 0) {
         int code = info.si_code == CLD_EXITED ? info.si_status : -info.si_status;
         ev->o[1] = PyLong_FromLong(code);
@@ -878,7 +877,8 @@ static int deliver_custom(EngineObject *self, const target_t *t, const aem_occ *
 static int deliver_one(EngineObject *self, aem_occ *o) {
     aem_engine *e = &self->core;
     aem_reg *r = aem_slot(e, o->slot);
-    target_t t = {.handler = r->handler, .eid = aem_eid_of(o->slot, o->gen), .flags = r->flags};
+    target_t t = {.handler = r->handler, .eid = aem_eid_of(o->slot, o->gen), .flags = r->flags,
+                  .priority = o->priority};
     PyObject *obj = r->obj;
     if (t.flags & AEM_F_EXTRAS) {
         t.source = PyTuple_GET_ITEM(obj, 0);
@@ -891,7 +891,7 @@ static int deliver_one(EngineObject *self, aem_occ *o) {
     }
     uint8_t kind = r->kind;
     int finished = kind == AEM_K_CLOSE || kind == AEM_K_CHILD || (t.flags & AEM_F_ONESHOT) ||
-                   (kind == AEM_K_TIMER && r->arg == 0);
+                   (kind == AEM_K_TIMER && !(t.flags & AEM_F_PERIODIC));
     /* Our own references: the handler may unregister itself. */
     Py_INCREF(t.handler);
     Py_XINCREF(obj);
@@ -925,8 +925,12 @@ static int deliver_one(EngineObject *self, aem_occ *o) {
     ev->b = o->b;
     switch (kind) {
     case AEM_K_TIMER:
-        ev->t_after = r->aux;
-        ev->t_interval = r->arg;
+        if (r->flags & AEM_F_PERIODIC) {
+            ev->t_interval = r->arg;
+            ev->t_after = r->arg;  /* when it differed, the source object was kept */
+        } else {
+            ev->t_after = r->arg;
+        }
         break;
     case AEM_K_READABLE: case AEM_K_WRITABLE:
         ev->b = (uint64_t)r->fd;
@@ -975,10 +979,11 @@ static int engine_step(EngineObject *self, int timeout_ms) {
     aem_engine *e = &self->core;
     self->deliver_thread = PyThread_get_thread_ident();
     if (e->pqlen) timeout_ms = 0;
-    int n;
-    if (timeout_ms == 0) {
-        n = aem_engine_wait(e->epfd, e->evbuf, AEM_MAXEVENTS, 0);
-    } else {
+    int n = 0;
+    /* Busy (the last turn delivered something): more is likely ready; look without
+     * giving the GIL away, which costs more than the look itself. */
+    if (timeout_ms == 0 || self->busy) n = aem_engine_wait(e->epfd, e->evbuf, AEM_MAXEVENTS, 0);
+    if (n == 0 && timeout_ms != 0) {
         Py_BEGIN_ALLOW_THREADS
         n = aem_engine_wait(e->epfd, e->evbuf, AEM_MAXEVENTS, timeout_ms);
         Py_END_ALLOW_THREADS
@@ -999,6 +1004,7 @@ static int engine_step(EngineObject *self, int timeout_ms) {
         if (deliver_one(self, &o) < 0) return -1;
         if (self->stop_requested) break;
     }
+    self->busy = delivered > 0;
     return delivered;
 }
 
@@ -1034,6 +1040,7 @@ static PyObject *engine_run(EngineObject *self, PyObject *args, PyObject *kwds) 
     if (self->async_on) aem_doorbell_pause(&self->doorbell, 1);
     const char *reason = NULL;
     PyObject *result = NULL;
+    int stepped = 0;
     for (;;) {
         if (self->stop_requested) { reason = "stopped"; break; }
         if (self->closed) { reason = "closed"; break; }
@@ -1041,10 +1048,11 @@ static PyObject *engine_run(EngineObject *self, PyObject *args, PyObject *kwds) 
         int timeout_ms = -1;
         if (deadline >= 0) {
             int64_t left = deadline - aem_now_ns();
-            if (left <= 0) { reason = "timeout"; break; }
-            timeout_ms = (int)((left + 999999) / 1000000);
+            if (left <= 0 && stepped) { reason = "timeout"; break; }
+            timeout_ms = left <= 0 ? 0 : (int)((left + 999999) / 1000000);  /* run(0): one poll */
         }
         if (engine_step(self, timeout_ms) < 0) break;
+        stepped = 1;
     }
     self->running = 0;
     self->stop_requested = 0;
@@ -1169,7 +1177,7 @@ static PyObject *engine_deliver_now(EngineObject *self, PyObject *args) {
     uint32_t slot;
     aem_reg *r = aem_engine_lookup(&self->core, eid, &slot);
     if (!r || r->state != AEM_S_ACTIVE) Py_RETURN_FALSE;
-    target_t t = {.handler = r->handler, .eid = eid, .flags = r->flags};
+    target_t t = {.handler = r->handler, .eid = eid, .flags = r->flags, .priority = r->priority};
     PyObject *obj = r->obj;
     if (t.flags & AEM_F_EXTRAS) {
         t.source = PyTuple_GET_ITEM(obj, 0);
@@ -1202,6 +1210,11 @@ static PyObject *engine_deliver_now(EngineObject *self, PyObject *args) {
 
 static PyObject *engine_stats(EngineObject *self, PyObject *noargs) {
     aem_engine *e = &self->core;
+    uint32_t queued = 0;  /* occurrences of unregistered events leave the queue lazily: skip them */
+    for (uint32_t i = 0; i < e->pqlen; i++) {
+        aem_reg *r = aem_slot(e, e->pq[i].slot);
+        queued += r->state != AEM_S_FREE && r->gen == e->pq[i].gen;
+    }
     PyObject *per = PyDict_New();
     if (!per) return NULL;
     uint64_t delivered = 0;
@@ -1223,7 +1236,7 @@ static PyObject *engine_stats(EngineObject *self, PyObject *noargs) {
         "internal", self->internal,
         "total_registered", (unsigned long long)e->stats.total_registered,
         "delivered", (unsigned long long)delivered,
-        "queued", e->pqlen,
+        "queued", queued,
         "held", e->nheld,
         "occurrences", (unsigned long long)e->stats.occurrences,
         "errors", (unsigned long long)e->stats.errors,
@@ -1252,6 +1265,29 @@ static PyObject *engine_describe(EngineObject *self, PyObject *eid_obj) {
                          states[r->state], "handler", (PyObject *)r->handler, "source",
                          source ? source : Py_None, "held", r->held, "deadline_ns",
                          (long long)(r->kind == AEM_K_TIMER ? aem_timers_deadline(&self->core, slot) : -1));
+}
+
+/* _handlers(flag_mask) -> [(eid, handler, flags)] of the registrations with any of those flags. */
+static PyObject *engine_handlers(EngineObject *self, PyObject *arg) {
+    unsigned long mask = PyLong_AsUnsignedLong(arg);
+    if (mask == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    if (check_open(self) < 0) return NULL;
+    PyObject *out = PyList_New(0);
+    if (!out) return NULL;
+    aem_engine *e = &self->core;
+    for (uint32_t s = 0; s < e->nslots; s++) {
+        aem_reg *r = aem_slot(e, s);
+        if (r->state == AEM_S_FREE || is_internal(r) || !(r->flags & mask)) continue;
+        PyObject *item = Py_BuildValue("(KOI)", (unsigned long long)aem_eid_of(s, r->gen),
+                                       (PyObject *)r->handler, (unsigned)(r->flags & AEM_F__PUBLIC));
+        if (!item || PyList_Append(out, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    return out;
 }
 
 static PyObject *engine_set_error_handler(EngineObject *self, PyObject *fn) {
@@ -1288,7 +1324,7 @@ static PyObject *engine_get_delivering(EngineObject *self, void *c) {
 static PyMethodDef engine_methods[] = {
     {"register", (PyCFunction)(void (*)(void))engine_register, METH_FASTCALL | METH_KEYWORDS,
      "register(source, handler, flags=0, priority=0, constructor=None, destructor=None, pool=None)\n--\n\n"
-     "Register handler for the occurrences of source; returns the event id."},
+     "Register handler for the occurrences of source; returns the event id (see aem.register)."},
     {"_add", (PyCFunction)engine_add, METH_VARARGS, "Low-level registration used by sources."},
     {"unregister", (PyCFunction)(void (*)(void))engine_unregister, METH_VARARGS | METH_KEYWORDS,
      "unregister(eid, missing_ok=False)\n--\n\nRemove a registration; True if it existed."},
@@ -1308,6 +1344,7 @@ static PyMethodDef engine_methods[] = {
      "describe(eid)\n--\n\nWhat the engine knows of one registration (kind, state, priority ...)."},
     {"set_error_handler", (PyCFunction)engine_set_error_handler, METH_O,
      "set_error_handler(fn)\n--\n\nfn(exc, event) receives handler exceptions; returns the previous one."},
+    {"_handlers", (PyCFunction)engine_handlers, METH_O, "Registrations with any of these flags."},
     {"_set_hooks", (PyCFunction)(void (*)(void))engine_set_hooks, METH_VARARGS | METH_KEYWORDS, NULL},
     {"close", (PyCFunction)engine_close, METH_NOARGS, "close()\n--\n\nRelease every registration and fd."},
     {"_abandon", (PyCFunction)engine_abandon, METH_NOARGS, "Forget the engine in a forked child."},

@@ -84,7 +84,7 @@ void aem_timers_collect(aem_engine *e, int64_t now) {
     while (e->tlen && e->theap[0].deadline <= now) {
         aem_tentry top = e->theap[0];
         aem_reg *r = aem_slot(e, top.slot);
-        int64_t interval = r->arg;
+        int64_t interval = (r->flags & AEM_F_PERIODIC) ? r->arg : 0;
         uint64_t count = 1;
         if (interval > 0) {
             uint64_t late = (uint64_t)(now - top.deadline);

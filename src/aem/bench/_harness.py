@@ -180,6 +180,26 @@ def ratios(rows: Sequence[Row]) -> list[tuple[Row, Row, float]]:
     return out
 
 
+def primary_aem(rows: Sequence[Row]) -> dict[tuple[str, str], Row]:
+    """The first aem row recorded for each (case, metric): the one ratios are shown for."""
+    out: dict[tuple[str, str], Row] = {}
+    for r in rows:
+        if r.is_aem:
+            out.setdefault((r.case, r.metric), r)
+    return out
+
+
+def secondary_ratios(rows: Sequence[Row]) -> list[str]:
+    """Sentences giving the ratios of the other aem variants to each anchor."""
+    primary = primary_aem(rows)
+    out = []
+    for a, b, q in ratios(rows):
+        if primary.get((a.case, a.metric)) is a:
+            continue
+        out.append(f"{a.variant} ÷ {b.variant} ({a.case}, {a.metric}): {q:.2f}×")
+    return out
+
+
 def _fmt(v: float) -> str:
     if v == 0:
         return "0"
@@ -194,7 +214,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
     """The rows as a markdown table, with ratios of aem to each anchor."""
     lines = ["| case | variant | metric | value | unit | aem ÷ this |",
              "|---|---|---|---:|---|---:|"]
-    aem_by_key = {(r.case, r.metric): r for r in rows if r.is_aem}
+    aem_by_key = primary_aem(rows)
     for r in rows:
         ratio = ""
         a = aem_by_key.get((r.case, r.metric))
@@ -206,7 +226,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
 
 def print_table(suite: str, rows: Sequence[Row], notes: Sequence[str]) -> None:
     """Print the suite's rows (rich table when rich is installed)."""
-    aem_by_key = {(r.case, r.metric): r for r in rows if r.is_aem}
+    aem_by_key = primary_aem(rows)
     try:
         from rich.console import Console
         from rich.table import Table
@@ -228,9 +248,9 @@ def print_table(suite: str, rows: Sequence[Row], notes: Sequence[str]) -> None:
             ratio = f"[{'green' if good else 'red'}]{q:.2f}×[/]"
         style = "bold" if r.is_aem else ""
         table.add_row(r.case, r.variant, r.metric, _fmt(r.value), r.unit, ratio, style=style)
-    console = Console()
+    console = Console(width=120)
     console.print(table)
-    for n in notes:
+    for n in [*notes, *secondary_ratios(rows)]:
         console.print("  " + n)
 
 
@@ -252,6 +272,7 @@ def write_report(out_dir: Path, contexts: Sequence[Context]) -> None:
         }
         md += [f"## {ctx.suite}", "", markdown_table(ctx.rows), ""]
         md += [f"- {n}" for n in ctx.notes]
+        md += [f"- {n}" for n in secondary_ratios(ctx.rows)]
         md += [f"![{p.stem}]({p.name})" for p in ctx.plots]
         md.append("")
     (out_dir / "results.json").write_text(json.dumps(payload, indent=1))

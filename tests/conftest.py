@@ -1,0 +1,80 @@
+"""Shared fixtures: a private engine per test, the process engine reset after each
+test, and a check that no child process is left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+
+import pytest
+
+import aem
+import aem.engine
+
+
+@pytest.fixture
+def engine() -> Iterator[aem.Engine]:
+    """A private engine, closed after the test."""
+    eng = aem.Engine()
+    try:
+        yield eng
+    finally:
+        eng.close()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_process_engine() -> Iterator[None]:
+    """Every test starts and ends without the process engine (no state leaks between tests)."""
+    yield
+    eng = aem.engine._current
+    if eng is not None:
+        eng.close()
+        aem.engine._current = None
+
+
+def children_of(ppid: int) -> set[int]:
+    """Pids whose parent is ``ppid`` (scans /proc; running and zombie alike)."""
+    pids: set[int] = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[1]) == ppid:
+            pids.add(int(name))
+    return pids
+
+
+def _children() -> set[int]:
+    return children_of(os.getpid())
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_children() -> Iterator[None]:
+    """Fail a test that leaves a child process (running or zombie) behind; clean it up."""
+    before = _children()
+    yield
+    left = _children() - before
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+    assert not left, f"child processes left behind: {sorted(left)}"
+
+
+def run_script(code: str, timeout: float = 30, **kw: object) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh Python with aem importable; return the completed process."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(aem.__file__))  # the aem under test
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=timeout, env=env, **kw)  # type: ignore[call-overload]

@@ -1,0 +1,32 @@
+"""The benchmark suites run (--quick): they produce their table, results.json and plots.
+
+These tests check that the benchmarks work, never how fast anything is.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from aem import bench
+
+
+@pytest.mark.parametrize("suite", ["dispatch", "delivery", "timers"])
+def test_suite_runs_quick(suite: str, tmp_path: Path) -> None:
+    bench.run([suite], quick=True, out_dir=tmp_path)
+    data = json.loads((tmp_path / "results.json").read_text())
+    rows = data["suites"][suite]["rows"]
+    assert any(r["variant"].startswith("aem") for r in rows)
+    assert any(not r["variant"].startswith("aem") for r in rows), "anchors measured side by side"
+    assert all(r["value"] == r["value"] and r["value"] >= 0 for r in rows)  # no NaN
+    for plot in data["suites"][suite]["plots"]:
+        assert (tmp_path / plot).stat().st_size > 1000
+    assert data["machine"]["cpu"]
+    assert "|" in (tmp_path / "results.md").read_text()
+
+
+def test_unknown_suite_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        bench.run(["nosuch"], quick=True, out_dir=tmp_path)
