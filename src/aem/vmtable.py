@@ -53,10 +53,7 @@ if TYPE_CHECKING:
 
     from .engine import Engine
 
-__all__ = [
-    "TBL_UZONE", "TBL_VZONE", "Block", "Shortage", "VMTable", "VMTableError",
-    "configure_process_vmtable", "process_vmtable", "vmtable",
-]
+__all__ = ["TBL_UZONE", "TBL_VZONE", "Block", "VMTable", "VMTableError", "vmtable"]
 
 #: Private memory, populated up front (SPEC §3).
 TBL_UZONE: Final = 0
@@ -160,7 +157,7 @@ if TYPE_CHECKING:
         def close(self) -> None: ...
         def granted(self, size: int) -> int: ...
         def _on_shortage(self, size: int) -> None: ...
-        def _debug_hang(self, size: int, writes: int, notify_fd: int) -> None: ...
+        def _debug_hang(self, op: str, arg: int, writes: int, notify_fd: int) -> None: ...
 else:
     VMTableError = _core.VMTableError
     Block = _core.Block

@@ -972,17 +972,30 @@ long aem_vmt_check(aem_vmt *t, unsigned flags, aem_vmt_report_fn report, void *a
  * Testing
  * ===================================================================================== */
 
-int aem_vmt_debug_hang(aem_vmt *t, uint64_t n, unsigned writes, int notify_fd) {
-    if (!t->journaled || n == 0 || n > t->max_block) return -EINVAL;
+int aem_vmt_debug_hang(aem_vmt *t, int free_op, uint64_t arg, unsigned writes, int notify_fd) {
+    if (!t->journaled) return -EINVAL;
+    if (free_op ? arg >= aem_vmt_size(t) || (arg & ((1ull << t->shift) - 1)) : arg == 0 || arg > t->max_block)
+        return -EINVAL;
     int rc = vmt_lock(t);
     if (rc < 0) return rc;
     t->hang_fd = notify_fd;
     if (writes == 0) hang_now(t);
     t->hang_at = writes;
     t->hang_armed = 1;
-    uint64_t off;
-    uint32_t gen;
-    alloc_locked(t, 1, order_of(t, n), n, &off, &gen);
+    if (free_op) {
+        vmt_release rel = {0, 0};
+        rc = free_locked(t, 1, (uint32_t)(arg >> t->shift), AEM_VMT_ANY_GEN, &rel);
+    } else {
+        uint64_t off;
+        uint32_t gen;
+        rc = alloc_locked(t, 1, order_of(t, arg), arg, &off, &gen);
+    }
+    if (rc < 0) {  /* nothing was written: give the lock back */
+        t->hang_armed = 0;
+        commit(t);
+        vmt_unlock(t);
+        return rc;
+    }
     hang_now(t);  /* the operation had fewer writes than asked: hang before commit */
     return 0;
 }

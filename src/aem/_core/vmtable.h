@@ -163,9 +163,10 @@ void aem_vmt_set_wait_hooks(aem_vmt *t, void *(*before)(void), void (*after)(voi
 
 /* ---- testing ------------------------------------------------------------------------------ */
 
-/* Start allocating n bytes, and after `writes` journaled metadata writes (0:
- * right after taking the lock) write one byte to notify_fd and sleep forever,
- * holding the lock: a test kills the process there.  VZONE only. */
-int aem_vmt_debug_hang(aem_vmt *t, uint64_t n, unsigned writes, int notify_fd);
+/* Start an operation — allocating arg bytes, or (free_op) freeing the block at
+ * offset arg — and after `writes` journaled metadata writes (0: right after
+ * taking the lock) write one byte to notify_fd and sleep forever, holding the
+ * lock: a test kills the process there.  VZONE only; returns only on error. */
+int aem_vmt_debug_hang(aem_vmt *t, int free_op, uint64_t arg, unsigned writes, int notify_fd);
 
 #endif

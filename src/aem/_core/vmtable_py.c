@@ -858,17 +858,25 @@ static PyObject *vmt_granted(VMTableObject *self, PyObject *arg) {
     return PyLong_FromUnsignedLongLong(aem_vmt_granted(self->core, n));
 }
 
-/* _debug_hang(size, writes, notify_fd): take the lock, begin allocating, and after
- * `writes` journaled writes notify and sleep forever, holding the lock (tests kill
- * the process there).  Never returns in a VZONE. */
+/* _debug_hang(op, arg, writes, notify_fd): take the lock, begin `op` ("alloc" arg
+ * bytes, or "free" the block at offset arg) and after `writes` journaled writes
+ * notify and sleep forever, holding the lock (tests kill the process there).
+ * Returns only on error. */
 static PyObject *vmt_debug_hang(VMTableObject *self, PyObject *args) {
-    unsigned long long n;
+    const char *op;
+    unsigned long long arg;
     unsigned int writes;
     int fd;
-    if (!PyArg_ParseTuple(args, "KIi:_debug_hang", &n, &writes, &fd) || check_open(self) < 0) return NULL;
+    if (!PyArg_ParseTuple(args, "sKIi:_debug_hang", &op, &arg, &writes, &fd) || check_open(self) < 0)
+        return NULL;
+    int free_op = !strcmp(op, "free");
+    if (!free_op && strcmp(op, "alloc")) {
+        PyErr_Format(PyExc_ValueError, "op must be 'alloc' or 'free', not %s", op);
+        return NULL;
+    }
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = aem_vmt_debug_hang(self->core, n, writes, fd);
+    rc = aem_vmt_debug_hang(self->core, free_op, arg, writes, fd);
     Py_END_ALLOW_THREADS
     errno = -rc;
     return PyErr_SetFromErrno(PyExc_OSError);
@@ -1351,7 +1359,24 @@ static PyObject *py_vmt_frag(PyObject *module, PyObject *args, PyObject *kwds) {
                          (double)st.requested / (double)st.size, "failed_size", failed_size, "steps", steps);
 }
 
+/* Test hooks for the C API of vmtable_py.h. */
+static PyObject *py_vmt_copy_in(PyObject *module, PyObject *args) {
+    PyObject *vmt;
+    Py_buffer data;
+    if (!PyArg_ParseTuple(args, "Oy*:_vmt_copy_in", &vmt, &data)) return NULL;
+    PyObject *res = aem_vmtable_copy_in(vmt, data.buf, (size_t)data.len);
+    PyBuffer_Release(&data);
+    return res;
+}
+
+static PyObject *py_block_release(PyObject *module, PyObject *block) {
+    if (aem_block_release(block) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_functions[] = {
+    {"_vmt_copy_in", py_vmt_copy_in, METH_VARARGS, "Test hook: aem_vmtable_copy_in(vmt, data)."},
+    {"_block_release", py_block_release, METH_O, "Test hook: aem_block_release(block)."},
     {"_vmt_bench", (PyCFunction)(void (*)(void))py_vmt_bench, METH_VARARGS | METH_KEYWORDS,
      "Benchmark loop: ns per alloc+free pair of the vmtable core or glibc malloc."},
     {"_vmt_latency", (PyCFunction)(void (*)(void))py_vmt_latency, METH_VARARGS | METH_KEYWORDS,
