@@ -269,7 +269,7 @@ def test_double_free(vmt: aem.VMTable) -> None:
         vmt.free(blk)
     off = vmt.alloc_offset(100)
     vmt.free_offset(off)
-    with pytest.raises(aem.VMTableError, match="double free|not the start"):
+    with pytest.raises(aem.VMTableError, match=r"double free|not the start"):
         vmt.free_offset(off)
     vmt.check()
     assert vmt.stats()["used"] == 0

@@ -7,6 +7,8 @@ block stays there until it is freed, and at the end that all memory comes back.
 
 from __future__ import annotations
 
+import itertools
+
 import hypothesis.strategies as st
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
@@ -133,7 +135,7 @@ class VMTableMachine(RuleBasedStateMachine):
     def consistent(self) -> None:
         self.vmt.check()
         items = sorted(self._live(), key=lambda v: v.offset)
-        for a, b in zip(items, items[1:], strict=False):
+        for a, b in itertools.pairwise(items):
             assert a.offset + a.granted <= b.offset, "two live blocks overlap"
         st_ = self.vmt.stats(drain=False)
         assert st_["blocks"] == len(items)

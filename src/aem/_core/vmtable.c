@@ -282,6 +282,10 @@ static INLINE int vmt_lock(aem_vmt *t) {
         undo(t);
         t->h->recoveries++;
         rc = pthread_mutex_consistent(m);
+        if (rc != 0) {
+            pthread_mutex_unlock(m);
+            return -rc;
+        }
     }
     t->writes = 0;
     t->jn = 0;

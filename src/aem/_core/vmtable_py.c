@@ -176,6 +176,13 @@ static int core_free(VMTableObject *self, uint64_t off, uint32_t gen) {
     return rc;
 }
 
+/* Count a shortage or a fallback (may wait for the lock of a VZONE). */
+static void note(VMTableObject *self, int shortage, int fallback) {
+    self->busy++;
+    aem_vmt_note(self->core, shortage, fallback);
+    self->busy--;
+}
+
 static int check_request(VMTableObject *self, uint64_t n) {
     if (check_open(self) < 0) return -1;
     if (n == 0) {
@@ -201,7 +208,9 @@ static void set_shortage_error(VMTableObject *self, uint64_t n, const char *why)
     aem_vmt_stats st;
     char d[160], lf[32], fr[32], gr[32];
     describe(self, d, sizeof d);
+    self->busy++;
     if (aem_vmt_get_stats(self->core, &st) < 0) memset(&st, 0, sizeof st);
+    self->busy--;
     human(lf, sizeof lf, st.largest_free);
     human(fr, sizeof fr, st.free);
     human(gr, sizeof gr, aem_vmt_granted(self->core, n));
@@ -220,7 +229,7 @@ static int pool_alloc(VMTableObject *self, uint64_t n, uint64_t *off, uint32_t *
         core_error(self, rc, "allocation");
         return -1;
     }
-    aem_vmt_note(self->core, 1, 0);
+    note(self, 1, 0);
     if (self->in_shortage) return 1;  /* a shortage handler allocating: no nested delivery */
     self->in_shortage = 1;
     PyObject *size = PyLong_FromUnsignedLongLong(n);
@@ -307,7 +316,7 @@ static BlockObject *alloc_block(VMTableObject *self, uint64_t n) {
     b->fallback = 1;
     self->fallback_live++;
     self->fallback_bytes += n;
-    aem_vmt_note(self->core, 0, 1);
+    note(self, 0, 1);
     return b;
 }
 
@@ -1213,11 +1222,12 @@ static double fill_pool(aem_vmt *t, double fill, uint64_t *s, uint64_t lo, uint6
     return (double)st.used / (double)size;
 }
 
-/* _vmt_latency(pool_size, fill, count, seed=1, zone=TBL_UZONE) -> (samples_ns, fill_reached)
- * A pool (not populated) filled to `fill` with random sizes 64 B .. 64 KiB; then
- * `count` allocations of random sizes 64 B .. 4 KiB, each timed alone with the
- * CPU's counter (timer overhead subtracted), each followed (untimed) by freeing
- * a random block of a ring of 64, so the fill stays where it is. */
+/* _vmt_latency(pool_size, fill, count, seed=1, zone=TBL_UZONE) -> (samples_ns, fill_reached, failures)
+ * A pool (not populated) holding a ring of 16 blocks, then filled to `fill`
+ * with random sizes 64 B .. 64 KiB; then `count` times: free a random block of
+ * the ring (untimed) and allocate a random size 64 B .. 4 KiB in its place,
+ * timed alone with the CPU's counter (the counter's own cost subtracted).
+ * Allocations that find no block (a full pool's rare misses) are counted, not timed. */
 static PyObject *py_vmt_latency(PyObject *module, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"pool_size", "fill", "count", "seed", "zone", NULL};
     unsigned long long pool;
@@ -1239,7 +1249,7 @@ static PyObject *py_vmt_latency(PyObject *module, PyObject *args, PyObject *kwds
         errno = -rc;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    enum { RING = 64 };
+    enum { RING = 16 };
     uint64_t ring_off[RING], s = seed | 1;
     uint32_t ring_gen[RING];
     double *samples = malloc((size_t)count * sizeof *samples);
@@ -1248,11 +1258,13 @@ static PyObject *py_vmt_latency(PyObject *module, PyObject *args, PyObject *kwds
         return PyErr_NoMemory();
     }
     double reached = 0, tick_ns = 1;
+    Py_ssize_t kept = 0;
     long failures = 0;
     Py_BEGIN_ALLOW_THREADS
     tick_ns = ns_per_tick();
+    for (int i = 0; i < RING; i++)
+        if (aem_vmt_alloc(t, rng_size(&s, 64, 4096), &ring_off[i], &ring_gen[i]) < 0) ring_off[i] = UINT64_MAX;
     reached = fill_pool(t, fill, &s, 64, 65536);
-    for (int i = 0; i < RING; i++) aem_vmt_alloc(t, rng_size(&s, 64, 4096), &ring_off[i], &ring_gen[i]);
     /* The cost of reading the counter twice, to subtract. */
     uint64_t overhead = UINT64_MAX;
     for (int i = 0; i < 1000; i++) {
@@ -1260,34 +1272,30 @@ static PyObject *py_vmt_latency(PyObject *module, PyObject *args, PyObject *kwds
         if (b - a < overhead) overhead = b - a;
     }
     for (Py_ssize_t i = 0; i < count; i++) {
-        uint64_t n = rng_size(&s, 64, 4096), off;
-        uint32_t gen;
+        uint64_t n = rng_size(&s, 64, 4096), off = UINT64_MAX;
+        uint32_t gen = 0;
         int slot = (int)(rng_next(&s) % RING);
-        aem_vmt_free(t, ring_off[slot], ring_gen[slot]);
+        if (ring_off[slot] != UINT64_MAX) aem_vmt_free(t, ring_off[slot], ring_gen[slot]);
         uint64_t a = ticks();
         int r = aem_vmt_alloc(t, n, &off, &gen);
         uint64_t b = ticks();
+        ring_off[slot] = r < 0 ? UINT64_MAX : off;
+        ring_gen[slot] = gen;
         if (r < 0) {
             failures++;
-            off = UINT64_MAX;
+            continue;
         }
-        ring_off[slot] = off;
-        ring_gen[slot] = gen;
         uint64_t d = b - a > overhead ? b - a - overhead : 0;
-        samples[i] = (double)d * tick_ns;
+        samples[kept++] = (double)d * tick_ns;
     }
     Py_END_ALLOW_THREADS
     aem_vmt_destroy(t, 0);
-    if (failures) {
-        free(samples);
-        return PyErr_Format(PyExc_RuntimeError, "%ld allocations failed (pool too full)", failures);
-    }
-    PyObject *list = PyList_New(count);
+    PyObject *list = PyList_New(kept);
     if (!list) {
         free(samples);
         return NULL;
     }
-    for (Py_ssize_t i = 0; i < count; i++) {
+    for (Py_ssize_t i = 0; i < kept; i++) {
         PyObject *f = PyFloat_FromDouble(samples[i]);
         if (!f) {
             free(samples);
@@ -1297,7 +1305,7 @@ static PyObject *py_vmt_latency(PyObject *module, PyObject *args, PyObject *kwds
         PyList_SET_ITEM(list, i, f);
     }
     free(samples);
-    return Py_BuildValue("(Nd)", list, reached);
+    return Py_BuildValue("(Ndl)", list, reached, failures);
 }
 
 /* _vmt_frag(pool_size, seed=1, free_ratio=0.4, min_block=64) -> dict
