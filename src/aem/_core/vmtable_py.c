@@ -912,23 +912,54 @@ static int vmt_set_fallback(VMTableObject *self, PyObject *v, void *c) {
 }
 
 static PyMethodDef vmt_methods[] = {
-    {"alloc", (PyCFunction)vmt_alloc, METH_O, "alloc(size)\n--\n\nA new aem.Block of size bytes."},
-    {"free", (PyCFunction)vmt_free, METH_O, "free(block)\n--\n\nFree a block of this vmtable."},
+    {"alloc", (PyCFunction)vmt_alloc, METH_O,
+     "alloc(size)\n--\n\n"
+     "A new aem.Block of at least size bytes (len(block) == size; block.size is what was "
+     "granted, a power of two times min_block).\n\n"
+     "When no free block fits, the vmtable's shortage handlers run first and the request is "
+     "retried once; then the block comes from the heap if fallback is on (block.fallback), "
+     "else MemoryError naming the vmtable and the size.  Raises aem.VMTableError for a size "
+     "of 0, a negative size, or one beyond the largest block.\n\n"
+     ">>> with vmt.alloc(4096) as blk:\n...     n = sock.recv_into(blk)"},
+    {"free", (PyCFunction)vmt_free, METH_O,
+     "free(block)\n--\n\nFree a block of this vmtable (same as block.free()).\n\n"
+     "Raises aem.VMTableError for a block of another vmtable, a second free, a block whose "
+     "memoryviews are alive, or one freed meanwhile through its offset or by another process; "
+     "TypeError for anything but an aem.Block."},
     {"alloc_offset", (PyCFunction)vmt_alloc_offset, METH_O,
-     "alloc_offset(size)\n--\n\nAllocate size bytes and return the block's offset (no object)."},
+     "alloc_offset(size)\n--\n\nAllocate at least size bytes and return the block's offset "
+     "in the pool: the fast path, no object is made.\n\n"
+     "The block stays allocated until free_offset(offset) (in any process sharing the pool). "
+     "Shortage handlers run as for alloc(), but there is no heap fallback: MemoryError when "
+     "still short.  aem.VMTableError for sizes as for alloc().\n\n"
+     ">>> off = vmt.alloc_offset(100); vmt.view(off, 5)[:] = b'hello'; vmt.free_offset(off)"},
     {"free_offset", (PyCFunction)vmt_free_offset, METH_O,
-     "free_offset(offset)\n--\n\nFree the block starting at offset."},
+     "free_offset(offset)\n--\n\nFree the allocated block that starts at offset (as "
+     "returned by alloc_offset, Block.offset or Block.detach()).\n\n"
+     "Raises aem.VMTableError if no allocated block starts there (a double free, an offset "
+     "inside a block, beyond the pool).  An offset carries no identity: freeing an offset "
+     "that another owner reallocated frees that owner's block; Blocks are checked."},
     {"view", (PyCFunction)(void (*)(void))vmt_view, METH_FASTCALL,
-     "view(offset, size)\n--\n\nA writable memoryview of size bytes at offset, inside one allocated block."},
+     "view(offset, size)\n--\n\nA writable memoryview of size bytes at offset.\n\n"
+     "Raises aem.VMTableError unless [offset, offset + size) lies inside one allocated block "
+     "(checked when the view is made; the view does not follow the block's later life, so "
+     "keep the block allocated while you use it).  close() refuses while views are alive."},
     {"block_at", (PyCFunction)vmt_block_at, METH_O,
-     "block_at(offset)\n--\n\nA Block owning the allocated block that starts at offset."},
+     "block_at(offset)\n--\n\nA Block owning the allocated block that starts at offset, "
+     "e.g. one allocated by another process (len() is the size it was requested with).\n\n"
+     "Raises aem.VMTableError if no allocated block starts there."},
     {"stats", (PyCFunction)(void (*)(void))vmt_stats, METH_VARARGS | METH_KEYWORDS,
-     "stats(drain=True)\n--\n\nSizes and counters of the pool (a dict)."},
+     "stats(drain=True)\n--\n\nSizes and counters of the pool, as a dict (see aem.VMTable.stats)."},
     {"check", (PyCFunction)(void (*)(void))vmt_check, METH_VARARGS | METH_KEYWORDS,
-     "check(full=True)\n--\n\nVerify every invariant; raise aem.VMTableError listing violations."},
-    {"close", (PyCFunction)vmt_close, METH_NOARGS, "close()\n--\n\nUnmap the pool."},
+     "check(full=True)\n--\n\nVerify every invariant of the allocator; raise "
+     "aem.VMTableError listing the violations."},
+    {"close", (PyCFunction)vmt_close, METH_NOARGS,
+     "close()\n--\n\nUnmap the pool (idempotent).  The creator of a named VZONE also removes "
+     "the name; other processes keep their mapping.  Blocks of a closed vmtable are dead.\n\n"
+     "Raises aem.VMTableError while memoryviews of its blocks or views are alive, or while "
+     "another thread waits for its lock."},
     {"granted", (PyCFunction)vmt_granted, METH_O,
-     "granted(size)\n--\n\nBytes a request of size bytes is granted (0: it cannot be)."},
+     "granted(size)\n--\n\nThe bytes a request of size bytes is granted (0: it never can be)."},
     {"_on_shortage", (PyCFunction)vmt_on_shortage, METH_O, "Deliver the shortage event (subclasses)."},
     {"_debug_hang", (PyCFunction)vmt_debug_hang, METH_VARARGS, "Test only: die holding the lock."},
     {NULL},
