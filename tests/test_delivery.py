@@ -15,9 +15,9 @@ import time
 from typing import Any
 
 import pytest
-from conftest import run_script
 
 import aem
+from conftest import run_script
 
 
 def test_async_delivery_interrupts_a_busy_loop() -> None:

@@ -439,12 +439,42 @@ class UserEvent(EventSource):
         if not fired:
             raise UnknownEventError("fire() on a UserEvent that is not registered")
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """A UserEvent travels (pickled) to processes aem creates — capsules and EVF_FORK
+        children keep the engine's channel — so their handlers can fire it back."""
+        with self._lock:
+            targets = tuple((eid, owner, channel.fileno()) for _ref, eid, owner, channel in self._targets)
+        return (_remote_user_event, (targets,))
+
     def _forget(self, eid: int) -> None:
         with self._lock:
             self._targets = [t for t in self._targets if t[1] != eid]
 
     def __repr__(self) -> str:
         return f"aem.UserEvent(registrations={len(self._targets)})"
+
+
+def _remote_user_event(targets: tuple[tuple[int, int, int], ...]) -> UserEvent:
+    """Rebuild a pickled UserEvent: fire() goes through the inherited channel fds."""
+    from . import engine as _engine
+
+    ue = UserEvent()
+    for eid, owner, fd in targets:
+        if owner == os.getpid():
+            eng = _engine.current()
+            ue._targets.append((weakref.ref(eng), eid, owner, eng._user_channel()))
+            continue
+        try:
+            channel = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue  # not a process that inherited the channel: fire() will say so
+        ue._targets.append((_dead_ref, eid, owner, channel))  # type: ignore[arg-type]
+    return ue
+
+
+def _dead_ref() -> Engine | None:
+    """Stands for the engine of another process (fire() goes through the channel)."""
+    return None
 
 
 class MemoryPressure(EventSource):

@@ -104,20 +104,23 @@ static inline int is_internal(const aem_reg *r) { return r->flags & AEM_F_INTERN
 
 static inline uint32_t user_live(EngineObject *self) { return self->core.live - self->internal; }
 
-/* Release a registration's references and slot. */
-static void unregister_slot(EngineObject *self, uint32_t slot) {
+/* Release a registration's references and slot.  The unregister hook hears of
+ * registrations that own processes (EVF_FORK/EVF_CAPSULE) or listen to jobs:
+ * hook(eid, is_job_listener, shutdown). */
+static void unregister_slot_ex(EngineObject *self, uint32_t slot, int shutdown) {
     aem_reg *r = aem_slot(&self->core, slot);
     PyObject *handler = r->handler, *obj = r->obj;
     uint64_t eid = aem_eid_of(slot, r->gen);
     int internal = is_internal(r);
-    uint8_t kind = r->kind;
+    int tell = !internal && ((r->flags & (AEM_F_FORK | AEM_F_CAPSULE)) || r->kind == AEM_K_JOB);
+    int job_listener = r->kind == AEM_K_JOB;
     aem_engine_free_reg(&self->core, slot);
     if (internal) self->internal--;
-    if (self->unregister_hook && self->unregister_hook != Py_None && !internal &&
-        kind != AEM_K_TIMER) {
+    if (tell && self->unregister_hook && self->unregister_hook != Py_None) {
         PyObject *type, *value, *tb;
         PyErr_Fetch(&type, &value, &tb);  /* may run on an error path */
-        PyObject *res = PyObject_CallFunction(self->unregister_hook, "K", (unsigned long long)eid);
+        PyObject *res = PyObject_CallFunction(self->unregister_hook, "Kii", (unsigned long long)eid,
+                                              job_listener, shutdown);
         if (!res) PyErr_WriteUnraisable(self->unregister_hook);
         Py_XDECREF(res);
         PyErr_Restore(type, value, tb);
@@ -125,6 +128,8 @@ static void unregister_slot(EngineObject *self, uint32_t slot) {
     Py_XDECREF(handler);
     Py_XDECREF(obj);
 }
+
+static void unregister_slot(EngineObject *self, uint32_t slot) { unregister_slot_ex(self, slot, 0); }
 
 /* ---- Engine lifetime --------------------------------------------------------------- */
 
@@ -589,7 +594,7 @@ static PyObject *engine_control(EngineObject *self, PyObject *args) {
         if (rc == 0 && self->core.pqlen) aem_engine_wake(&self->core);
         break;
     case AEM_EVJOBSHTDN:
-        unregister_slot(self, slot);  /* the unregister hook ends the job's processes */
+        unregister_slot_ex(self, slot, 1);  /* the unregister hook ends the job's processes */
         break;
     }
     if (rc == -EINVAL) {
