@@ -13,7 +13,7 @@ import pytest
 from aem import bench
 
 
-@pytest.mark.parametrize("suite", ["dispatch", "delivery", "timers"])
+@pytest.mark.parametrize("suite", ["dispatch", "delivery", "timers", "capsules"])
 def test_suite_runs_quick(suite: str, tmp_path: Path) -> None:
     bench.run([suite], quick=True, out_dir=tmp_path)
     data = json.loads((tmp_path / "results.json").read_text())

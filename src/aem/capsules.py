@@ -51,6 +51,7 @@ through a pidfd.  Processes created by aem end when the application ends.
 
 from __future__ import annotations
 
+import array
 import atexit
 import contextlib
 import errno
@@ -163,14 +164,27 @@ def event_state(event: Any) -> tuple[str, dict[str, Any], list[socket.socket]]:
         extra = getattr(event, "__dict__", None)
         if extra:
             attrs.update({k: _plain(v) for k, v in extra.items()})
-    try:
-        source = event.source
-        pickle.dumps(source)
-        attrs["source"] = source
-    except Exception:
-        attrs["source"] = None
+    source = event.source
+    attrs["source"] = source if _picklable_source(source) else None
     kind = event.kind if isinstance(event, ProcessEvent) else type(event).__name__
     return kind, attrs, socks
+
+
+_PICKLABLE: dict[type, bool] = {}
+
+
+def _picklable_source(source: Any) -> bool:
+    """Whether sources of this type travel to other processes (tried once per type)."""
+    tp = type(source)
+    ok = _PICKLABLE.get(tp)
+    if ok is None:
+        try:
+            pickle.dumps(source)
+            ok = True
+        except Exception:
+            ok = False
+        _PICKLABLE[tp] = ok
+    return ok
 
 
 def _rebuild(kind: str, attrs: dict[str, Any], fds: list[int]) -> ProcessEvent:
@@ -194,24 +208,22 @@ def _send(sock: socket.socket, obj: Any, fds: list[int] = ()) -> None:  # type: 
         fds.append(memfd)
     else:
         data = b"P" + data
+    if not fds:
+        sock.send(data)
+        return
     try:
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(memoryview(_fd_array(fds))))] if fds else []
-        sock.sendmsg([data], anc)
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_array(fds).tobytes())])
     finally:
         if memfd >= 0:
             os.close(memfd)
 
 
-def _fd_array(fds: list[int]) -> Any:
-    import array
-
+def _fd_array(fds: list[int]) -> array.array[int]:
     return array.array("i", fds)
 
 
 def _recv(sock: socket.socket) -> tuple[Any, list[int]] | None:
     """One message and the fds that came with it; None at end of stream."""
-    import array
-
     data, anc, _flags, _addr = sock.recvmsg(_MAX_INLINE + 16, socket.CMSG_SPACE(_FDS_MAX * 4))
     if not data:
         return None
@@ -630,9 +642,13 @@ class CapsulePool:
                 cap = self._attached[eid]
                 self._send_to(cap, act, attach=True)
                 return
-            if not self._dispatch(act):
-                self._pending.append(act)
-        self._wake()
+            if self._dispatch(act):
+                # No wake-up of the manager here: the capsule's exit, reported by the
+                # template, is what makes it refill (a wake-up would make the manager
+                # thread contend for the GIL right on the activation's path).
+                return
+            self._pending.append(act)
+        self._wake()  # no capsule was free: the manager makes more
 
     def _dispatch(self, act: _Activation) -> bool:
         """With the lock: give ``act`` to an idle capsule if one may take it."""
