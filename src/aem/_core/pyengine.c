@@ -104,6 +104,8 @@ static inline int is_internal(const aem_reg *r) { return r->flags & AEM_F_INTERN
 
 static inline uint32_t user_live(EngineObject *self) { return self->core.live - self->internal; }
 
+static void direct_kick(EngineObject *self, int fd, int on);
+
 /* Release a registration's references and slot.  The unregister hook hears of
  * registrations that own processes (EVF_FORK/EVF_CAPSULE) or listen to jobs:
  * hook(eid, is_job_listener, shutdown). */
@@ -114,7 +116,10 @@ static void unregister_slot_ex(EngineObject *self, uint32_t slot, int shutdown) 
     int internal = is_internal(r);
     int tell = !internal && ((r->flags & (AEM_F_FORK | AEM_F_CAPSULE)) || r->kind == AEM_K_JOB);
     int job_listener = r->kind == AEM_K_JOB;
+    int fd = (r->kind >= AEM_K_READABLE && r->kind <= AEM_K_CLOSE) || r->kind == AEM_K_CUSTOM ? r->fd : -1;
     aem_engine_free_reg(&self->core, slot);
+    if (self->async_on && fd >= 0 && (uint32_t)fd < self->core.fdcap && !self->core.fds[fd].events)
+        direct_kick(self, fd, 0);
     if (internal) self->internal--;
     if (tell && self->unregister_hook && self->unregister_hook != Py_None) {
         PyObject *type, *value, *tb;
@@ -161,9 +166,32 @@ static void release_all(EngineObject *self) {
     }
 }
 
+/* Asynchronous mode, fast path for fds: the kernel itself signals the main thread
+ * (O_ASYNC, F_SETOWN_EX to its tid, F_SETSIG to the kick signal) when data arrives
+ * on a socket, pipe or tty, saving the hop through the doorbell thread — one
+ * wake-up instead of two for a main thread blocked in a system call.  Files
+ * without fasync support ignore it; the doorbell covers every source anyway. */
+static void direct_kick(EngineObject *self, int fd, int on) {
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0) return;
+    if (on) {
+        struct f_owner_ex owner = {.type = F_OWNER_TID, .pid = self->main_tid};
+        if (fcntl(fd, F_SETOWN_EX, &owner) < 0 || fcntl(fd, F_SETSIG, kick_signum) < 0) return;
+        fcntl(fd, F_SETFL, fl | O_ASYNC);
+    } else if (fl & O_ASYNC) {
+        fcntl(fd, F_SETFL, fl & ~O_ASYNC);
+    }
+}
+
+static void direct_kick_all(EngineObject *self, int on) {
+    for (uint32_t fd = 0; fd < self->core.fdcap; fd++)
+        if (self->core.fds[fd].events) direct_kick(self, (int)fd, on);
+}
+
 static void stop_async(EngineObject *self, int in_child) {
     if (!self->async_on) return;
     self->async_on = 0;
+    if (!in_child) direct_kick_all(self, 0);
     if (!in_child) {
         Py_BEGIN_ALLOW_THREADS
         aem_doorbell_stop(&self->doorbell);
@@ -479,6 +507,7 @@ static PyObject *engine_add(EngineObject *self, PyObject *args) {
             PyErr_Format(PyExc_ValueError, "fd %d is not an open file descriptor", fd);
             goto fail;
         }
+        if (rc == 0 && self->async_on) direct_kick(self, fd, 1);
         what = "epoll_ctl";
         break;
     }
@@ -1118,10 +1147,12 @@ static PyObject *engine_start(EngineObject *self, PyObject *args) {
         return NULL;
     }
     self->main_thread = pthread_self();
+    self->main_tid = (pid_t)syscall(SYS_gettid);
     kick_signum = signum;
     int rc = aem_doorbell_start(&self->doorbell, self->core.epfd, ring, self);
     if (rc < 0) return set_errno_error(rc, "pthread_create");
     self->async_on = 1;
+    direct_kick_all(self, 1);
     async_engine = self;
     Py_INCREF(self);
     Py_RETURN_NONE;
