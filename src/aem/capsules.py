@@ -521,6 +521,7 @@ class CapsulePool:
         self._by_pid: dict[int, _Capsule] = {}
         self._idle: deque[_Capsule] = deque()
         self._attached: dict[int, _Capsule] = {}       # keepalive: eid -> capsule
+        self._blobs: dict[int, tuple[Any, bytes]] = {}  # eid -> (handler, its pickle)
         self._pending: deque[_Activation] = deque()
         self._templates: list[_Template] = []
         self._spawn_errors: deque[tuple[float, str]] = deque(maxlen=8)
@@ -673,10 +674,15 @@ class CapsulePool:
     def _send_to(self, cap: _Capsule, act: _Activation, attach: bool) -> None:
         blob = None
         if act.eid not in cap.template.table:
-            try:
-                blob = pickle.dumps(act.handler, protocol=5)
-            except Exception:
-                blob = None
+            cached = self._blobs.get(act.eid)
+            if cached is not None and cached[0] is act.handler:
+                blob = cached[1]
+            else:
+                try:
+                    blob = pickle.dumps(act.handler, protocol=5)
+                    self._blobs[act.eid] = (act.handler, blob)
+                except Exception:
+                    blob = None
         if blob is None and act.eid not in cap.template.table:
             # A handler the template does not know and pickle cannot name: refresh, retry.
             cap.state = "idle"
@@ -991,6 +997,7 @@ class CapsulePool:
             if self._closed:
                 return
             self._pending = deque(a for a in self._pending if a.eid != eid)
+            self._blobs.pop(eid, None)
             cap = self._attached.pop(eid, None)
             if cap is not None and not kill:
                 cap.state = "busy"  # it finishes what it has, then exits; its exit is still reported
