@@ -100,6 +100,18 @@ class Engine(_core.Engine):
         if capsules is not None:
             capsules.end_job(self, eid, kill=shutdown)
 
+    def _accept_backoff(self, eid: int, pause: float = 0.1) -> None:
+        """accept() failed for want of descriptors or memory: pause this Accept, resume later."""
+        self.control(eid, _core.EVJOBSTOP)
+
+        def resume(ev: Event) -> None:
+            try:
+                self.control(eid, _core.EVJOBSTART)
+            except UnknownEventError:
+                pass  # unregistered meanwhile
+
+        self._add_timer(pause, resume)
+
     def _job_exit(self, job: int, pid: int, returncode: int | None, error: str | None) -> int:
         """Deliver the end of a process of ``job`` to its ChildExit(job=...) listeners."""
         n = 0

@@ -463,6 +463,25 @@ static PyObject *engine_register(EngineObject *self, PyObject *const *args, Py_s
     return res;
 }
 
+/* _add_timer(after_seconds, handler) -> eid: an internal one-shot timer (not counted as a
+ * registration of the application, e.g. the resumption of a paused Accept). */
+static PyObject *engine_add_timer(EngineObject *self, PyObject *args) {
+    PyObject *after_obj, *handler;
+    if (!PyArg_ParseTuple(args, "OO:_add_timer", &after_obj, &handler)) return NULL;
+    if (check_open(self) < 0) return NULL;
+    int64_t after = seconds_to_ns(after_obj, "after", 1);
+    if (after < 0) return NULL;
+    int64_t slot = aem_engine_new_reg(&self->core, AEM_K_TIMER, AEM_F_INTERNAL, 0, handler, NULL);
+    if (slot < 0) return PyErr_NoMemory();
+    Py_INCREF(handler);
+    self->internal++;
+    if (aem_engine_arm_timer(&self->core, (uint32_t)slot, aem_now_ns() + after, after) < 0) {
+        unregister_slot(self, (uint32_t)slot);
+        return PyErr_NoMemory();
+    }
+    return new_eid_result(self, (uint32_t)slot);
+}
+
 /* _add(kind, target, events, handler, flags, priority, obj, data=0, internal=False) -> eid
  * data: kind data kept in the high 32 bits of arg (Read: max size; ChildExit: pid).
  * The low-level registration used by the sources' _attach (arguments already checked). */
@@ -789,9 +808,18 @@ static int deliver_accept(EngineObject *self, const target_t *t, const aem_occ *
         if (conn < 0) {
             if (errno == EINTR || errno == ECONNABORTED) continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK) break;
-            /* EMFILE, ENFILE, ENOBUFS...: report, leave the connection in the backlog. */
+            /* EMFILE, ENFILE, ENOBUFS...: the connection stays in the backlog and the
+             * socket stays readable; report, and pause this Accept for a moment rather
+             * than spin (the engine's _accept_backoff resumes it). */
+            int err = errno;
             PyErr_SetFromErrno(PyExc_OSError);
             rc = report(self, NULL);
+            if (rc == 0 && (err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM)) {
+                PyObject *res = PyObject_CallMethod((PyObject *)self, "_accept_backoff", "K",
+                                                    (unsigned long long)t->eid);
+                if (!res) rc = report(self, NULL);
+                Py_XDECREF(res);
+            }
             break;
         }
         EventObject *ev = aem_event_new(AEM_K_ACCEPT, t->eid, o->time_ns, t->source);
@@ -1362,6 +1390,7 @@ static PyMethodDef engine_methods[] = {
      "register(source, handler, flags=0, priority=0, constructor=None, destructor=None, pool=None)\n--\n\n"
      "Register handler for the occurrences of source; returns the event id (see aem.register)."},
     {"_add", (PyCFunction)engine_add, METH_VARARGS, "Low-level registration used by sources."},
+    {"_add_timer", (PyCFunction)engine_add_timer, METH_VARARGS, "An internal one-shot timer."},
     {"unregister", (PyCFunction)(void (*)(void))engine_unregister, METH_VARARGS | METH_KEYWORDS,
      "unregister(eid, missing_ok=False)\n--\n\nRemove a registration; True if it existed."},
     {"control", (PyCFunction)engine_control, METH_VARARGS,
