@@ -294,9 +294,8 @@ static int prepare(EngineObject *self, PyObject *handler, unsigned long flags, P
         return -1;
     }
     if ((flags & (AEM_F_FORK | AEM_F_CAPSULE)) && (!self->spawn_hook || self->spawn_hook == Py_None)) {
-        PyErr_SetString(PyExc_NotImplementedError,
-                        "EVF_FORK/EVF_CAPSULE need aem's process support (aem.capsules), "
-                        "which is not available in this build");
+        PyErr_SetString(AemError, "EVF_FORK/EVF_CAPSULE need an aem.Engine (this bare core engine "
+                        "has no process support)");
         return -1;
     }
     if (!PyLong_Check(prio_obj)) {
