@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import run_script
 
 from aem.cli import build_parser, main
+from conftest import run_script
 
 
 def test_stats_prints_json(capsys: pytest.CaptureFixture[str]) -> None:

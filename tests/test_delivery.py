@@ -15,9 +15,9 @@ import time
 from typing import Any
 
 import pytest
-from conftest import run_script
 
 import aem
+from conftest import run_script
 
 
 def test_async_delivery_interrupts_a_busy_loop() -> None:
@@ -317,3 +317,24 @@ def test_fork_resets_signal_routes_in_the_child() -> None:
     os.kill(os.getpid(), signal.SIGUSR2)
     aem.run(timeout=0.2)
     assert got == [os.getpid()]
+
+
+def test_async_mode_leaves_the_fds_as_it_found_them() -> None:
+    import fcntl
+
+    a, b = socket.socketpair()
+    try:
+        eid = aem.register(aem.Readable(a), lambda ev: a.recv(10))
+        aem.start()
+        assert fcntl.fcntl(a, fcntl.F_GETFL) & os.O_ASYNC, "data on a signals the main thread directly"
+        b.send(b"x")
+        time.sleep(0.05)
+        aem.stop()
+        assert not fcntl.fcntl(a, fcntl.F_GETFL) & os.O_ASYNC
+        aem.start()
+        aem.unregister(eid)
+        assert not fcntl.fcntl(a, fcntl.F_GETFL) & os.O_ASYNC
+        aem.stop()
+    finally:
+        a.close()
+        b.close()

@@ -734,3 +734,28 @@ def test_poll_based_fd_sources_accept_objects_with_fileno(engine: aem.Engine) ->
         assert got == [b"abc"]
     os.close(w)
     assert select.EPOLLIN == aem.EPOLLIN
+
+
+def test_accept_out_of_descriptors_pauses_instead_of_spinning(engine: aem.Engine) -> None:
+    import resource
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    errors: list[BaseException] = []
+    accepted: list[socket.socket] = []
+    engine.set_error_handler(lambda exc, ev: errors.append(exc))
+    engine.register(aem.Accept(srv), lambda ev: accepted.append(ev.conn))
+    clients = [socket.create_connection(srv.getsockname()) for _ in range(3)]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    used = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (used, hard))  # no descriptor left for accept()
+    try:
+        wakeups = engine.stats()["wakeups"]
+        engine.run(timeout=0.05)
+        assert errors and all(isinstance(e, OSError) and e.errno == errno.EMFILE for e in errors)
+        assert engine.stats()["wakeups"] - wakeups < 10, "paused, not spinning"
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    engine.run(timeout=0.3)  # resumed after the pause: the connections are accepted
+    assert len(accepted) == 3
+    for s in accepted + clients + [srv]:
+        s.close()

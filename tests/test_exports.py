@@ -8,7 +8,7 @@ import pytest
 
 import aem
 
-MODULES = ["aem.engine", "aem.sources"]
+MODULES = ["aem.engine", "aem.sources", "aem.capsules"]
 
 
 @pytest.mark.parametrize("name", MODULES)

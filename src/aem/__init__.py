@@ -10,6 +10,7 @@ General layout:
 * ``aem._core``      the C core (engine, timers, signals, doorbell, vmtable)
 * ``aem.engine``     registration and delivery: register, run, start, ...
 * ``aem.sources``    the event sources: Timer, Readable, Read, Signal, ...
+* ``aem.capsules``   handlers in other processes: EVF_FORK, CapsulePool
 * ``aem.cli``        the ``aem`` command
 * ``aem.bench``      ``aem bench``: aem measured beside its alternatives
 
@@ -49,6 +50,10 @@ from ._core import SignalEvent as SignalEvent
 from ._core import TimerEvent as TimerEvent
 from ._core import UnknownEventError as UnknownEventError
 from ._core import monotonic_ns as monotonic_ns
+from .capsules import RESERVE_PRIORITY as RESERVE_PRIORITY
+from .capsules import CapsulePool as CapsulePool
+from .capsules import ProcessEvent as ProcessEvent
+from .capsules import default_pool as default_pool
 from .engine import DEFAULT_KICK_SIGNAL as DEFAULT_KICK_SIGNAL
 from .engine import Engine as Engine
 from .engine import control as control

@@ -74,8 +74,7 @@ class Engine(_core.Engine):
         self._channel: tuple[socket.socket, socket.socket] | None = None
         #: job eid -> eids of the ChildExit(job=...) registrations listening to it
         self._jobs: dict[int, set[int]] = {}
-        self._unregister_listeners: list[Callable[[int], object]] = []
-        self._set_hooks(unregister=self._on_unregister)
+        self._set_hooks(spawn=self._spawn, unregister=self._on_unregister)
         _engines.add(self)
 
     # -- registration ----------------------------------------------------------------
@@ -83,15 +82,35 @@ class Engine(_core.Engine):
     # register(source, handler, flags=0, priority=0, constructor=None, destructor=None, pool=None)
     # is the C method itself (no Python layer on the hot path): see aem.register for its contract.
 
-    def _on_unregister(self, eid: int) -> None:
-        listeners = self._jobs.pop(eid, None)  # noqa: F841 - the job's listeners stay registered
-        for job, eids in list(self._jobs.items()):
-            if eid in eids:
+    def _spawn(self, eid: int, handler: Handler, event: Event, flags: int, pool: Any,
+               priority: int) -> None:
+        """Run an EVF_FORK / EVF_CAPSULE handler in another process (see aem.capsules)."""
+        from . import capsules
+
+        capsules.spawn(self, eid, handler, event, flags, pool, priority)
+
+    def _on_unregister(self, eid: int, job_listener: bool, shutdown: bool) -> None:
+        if job_listener:
+            for job, eids in list(self._jobs.items()):
                 eids.discard(eid)
                 if not eids:
                     del self._jobs[job]
-        for fn in self._unregister_listeners:
-            fn(eid)
+            return
+        capsules = sys.modules.get("aem.capsules")
+        if capsules is not None:
+            capsules.end_job(self, eid, kill=shutdown)
+
+    def _accept_backoff(self, eid: int, pause: float = 0.1) -> None:
+        """accept() failed for want of descriptors or memory: pause this Accept, resume later."""
+        self.control(eid, _core.EVJOBSTOP)
+
+        def resume(ev: Event) -> None:
+            try:
+                self.control(eid, _core.EVJOBSTART)
+            except UnknownEventError:
+                pass  # unregistered meanwhile
+
+        self._add_timer(pause, resume)
 
     def _job_exit(self, job: int, pid: int, returncode: int | None, error: str | None) -> int:
         """Deliver the end of a process of ``job`` to its ChildExit(job=...) listeners."""
@@ -350,8 +369,13 @@ def keepalive() -> str:
 
 
 def stats() -> dict[str, Any]:
-    """Counters of the process's engine (registered, delivered, queued, errors, per source ...)."""
-    return current().stats()
+    """Counters of the process's engine (registered, delivered, queued, errors, per source ...),
+    with those of its capsule pools under ``"capsules"``."""
+    out = current().stats()
+    capsules = sys.modules.get("aem.capsules")
+    if capsules is not None:
+        out["capsules"] = capsules.pool_stats()
+    return out
 
 
 def set_error_handler(fn: ErrorHandler | None) -> ErrorHandler | None:

@@ -398,7 +398,7 @@ class UserEvent(EventSource):
         channel = engine._user_channel()
         eid = engine._add(_core.K_USER, None, 0, handler, flags, priority, obj)
         with self._lock:
-            self._targets.append((weakref.ref(engine), eid, os.getpid(), channel))
+            self._targets = [*self._targets, (weakref.ref(engine), eid, os.getpid(), channel)]
         return eid
 
     def fire(self, payload: Any = None) -> None:
@@ -408,10 +408,17 @@ class UserEvent(EventSource):
         registered, and ``ValueError`` if a payload fired from another process
         cannot be pickled or is too large for one datagram.
         """
-        pid = os.getpid()
+        pid = _pid[0]
+        targets = self._targets  # replaced, never mutated in place: safe to iterate
+        if len(targets) == 1 and targets[0][2] == pid:  # the common case: one registration, here
+            engine = targets[0][0]()
+            if engine is not None and not engine.closed:
+                try:
+                    engine.fire(targets[0][1], payload)
+                    return
+                except UnknownEventError:
+                    pass
         fired = False
-        with self._lock:
-            targets = list(self._targets)
         for ref, eid, owner, channel in targets:
             if pid != owner:
                 try:
@@ -439,12 +446,49 @@ class UserEvent(EventSource):
         if not fired:
             raise UnknownEventError("fire() on a UserEvent that is not registered")
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """A UserEvent travels (pickled) to processes aem creates — capsules and EVF_FORK
+        children keep the engine's channel — so their handlers can fire it back."""
+        with self._lock:
+            targets = tuple((eid, owner, channel.fileno()) for _ref, eid, owner, channel in self._targets)
+        return (_remote_user_event, (targets,))
+
     def _forget(self, eid: int) -> None:
         with self._lock:
             self._targets = [t for t in self._targets if t[1] != eid]
 
     def __repr__(self) -> str:
         return f"aem.UserEvent(registrations={len(self._targets)})"
+
+
+# os.getpid() is a system call: UserEvent.fire() reads this instead (kept right across fork).
+_pid = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
+
+
+def _remote_user_event(targets: tuple[tuple[int, int, int], ...]) -> UserEvent:
+    """Rebuild a pickled UserEvent: fire() goes through the inherited channel fds."""
+    from . import engine as _engine
+
+    ue = UserEvent()
+    rebuilt: list[Any] = []
+    for eid, owner, fd in targets:
+        if owner == os.getpid():
+            eng = _engine.current()
+            rebuilt.append((weakref.ref(eng), eid, owner, eng._user_channel()))
+            continue
+        try:
+            channel = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue  # not a process that inherited the channel: fire() will say so
+        rebuilt.append((_dead_ref, eid, owner, channel))
+    ue._targets = rebuilt
+    return ue
+
+
+def _dead_ref() -> Engine | None:
+    """Stands for the engine of another process (fire() goes through the channel)."""
+    return None
 
 
 class MemoryPressure(EventSource):

@@ -32,7 +32,8 @@
 
 PyObject *aem_deny_process_creation(PyObject *module, PyObject *arg) {
 #ifndef AEM_AUDIT_ARCH
-    PyErr_SetString(PyExc_NotImplementedError, "seccomp fault injection: unsupported architecture");
+    errno = ENOSYS;
+    PyErr_SetFromErrnoWithFilename(PyExc_OSError, "seccomp fault injection on this architecture");
     return NULL;
 #else
     long err = PyLong_AsLong(arg);

@@ -63,6 +63,7 @@ typedef struct EngineObject {
     aem_doorbell doorbell;
     int async_on;
     pthread_t main_thread;
+    pid_t main_tid;         /* async mode: fds signal this thread directly (O_ASYNC) */
     char *scratch;
     size_t scratch_cap;
     uint64_t drains, nested;

@@ -104,20 +104,28 @@ static inline int is_internal(const aem_reg *r) { return r->flags & AEM_F_INTERN
 
 static inline uint32_t user_live(EngineObject *self) { return self->core.live - self->internal; }
 
-/* Release a registration's references and slot. */
-static void unregister_slot(EngineObject *self, uint32_t slot) {
+static void direct_kick(EngineObject *self, int fd, int on);
+
+/* Release a registration's references and slot.  The unregister hook hears of
+ * registrations that own processes (EVF_FORK/EVF_CAPSULE) or listen to jobs:
+ * hook(eid, is_job_listener, shutdown). */
+static void unregister_slot_ex(EngineObject *self, uint32_t slot, int shutdown) {
     aem_reg *r = aem_slot(&self->core, slot);
     PyObject *handler = r->handler, *obj = r->obj;
     uint64_t eid = aem_eid_of(slot, r->gen);
     int internal = is_internal(r);
-    uint8_t kind = r->kind;
+    int tell = !internal && ((r->flags & (AEM_F_FORK | AEM_F_CAPSULE)) || r->kind == AEM_K_JOB);
+    int job_listener = r->kind == AEM_K_JOB;
+    int fd = (r->kind >= AEM_K_READABLE && r->kind <= AEM_K_CLOSE) || r->kind == AEM_K_CUSTOM ? r->fd : -1;
     aem_engine_free_reg(&self->core, slot);
+    if (self->async_on && fd >= 0 && (uint32_t)fd < self->core.fdcap && !self->core.fds[fd].events)
+        direct_kick(self, fd, 0);
     if (internal) self->internal--;
-    if (self->unregister_hook && self->unregister_hook != Py_None && !internal &&
-        kind != AEM_K_TIMER) {
+    if (tell && self->unregister_hook && self->unregister_hook != Py_None) {
         PyObject *type, *value, *tb;
         PyErr_Fetch(&type, &value, &tb);  /* may run on an error path */
-        PyObject *res = PyObject_CallFunction(self->unregister_hook, "K", (unsigned long long)eid);
+        PyObject *res = PyObject_CallFunction(self->unregister_hook, "Kii", (unsigned long long)eid,
+                                              job_listener, shutdown);
         if (!res) PyErr_WriteUnraisable(self->unregister_hook);
         Py_XDECREF(res);
         PyErr_Restore(type, value, tb);
@@ -125,6 +133,8 @@ static void unregister_slot(EngineObject *self, uint32_t slot) {
     Py_XDECREF(handler);
     Py_XDECREF(obj);
 }
+
+static void unregister_slot(EngineObject *self, uint32_t slot) { unregister_slot_ex(self, slot, 0); }
 
 /* ---- Engine lifetime --------------------------------------------------------------- */
 
@@ -156,9 +166,32 @@ static void release_all(EngineObject *self) {
     }
 }
 
+/* Asynchronous mode, fast path for fds: the kernel itself signals the main thread
+ * (O_ASYNC, F_SETOWN_EX to its tid, F_SETSIG to the kick signal) when data arrives
+ * on a socket, pipe or tty, saving the hop through the doorbell thread — one
+ * wake-up instead of two for a main thread blocked in a system call.  Files
+ * without fasync support ignore it; the doorbell covers every source anyway. */
+static void direct_kick(EngineObject *self, int fd, int on) {
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0) return;
+    if (on) {
+        struct f_owner_ex owner = {.type = F_OWNER_TID, .pid = self->main_tid};
+        if (fcntl(fd, F_SETOWN_EX, &owner) < 0 || fcntl(fd, F_SETSIG, kick_signum) < 0) return;
+        fcntl(fd, F_SETFL, fl | O_ASYNC);
+    } else if (fl & O_ASYNC) {
+        fcntl(fd, F_SETFL, fl & ~O_ASYNC);
+    }
+}
+
+static void direct_kick_all(EngineObject *self, int on) {
+    for (uint32_t fd = 0; fd < self->core.fdcap; fd++)
+        if (self->core.fds[fd].events) direct_kick(self, (int)fd, on);
+}
+
 static void stop_async(EngineObject *self, int in_child) {
     if (!self->async_on) return;
     self->async_on = 0;
+    if (!in_child) direct_kick_all(self, 0);
     if (!in_child) {
         Py_BEGIN_ALLOW_THREADS
         aem_doorbell_stop(&self->doorbell);
@@ -261,9 +294,8 @@ static int prepare(EngineObject *self, PyObject *handler, unsigned long flags, P
         return -1;
     }
     if ((flags & (AEM_F_FORK | AEM_F_CAPSULE)) && (!self->spawn_hook || self->spawn_hook == Py_None)) {
-        PyErr_SetString(PyExc_NotImplementedError,
-                        "EVF_FORK/EVF_CAPSULE need aem's process support (aem.capsules), "
-                        "which is not available in this build");
+        PyErr_SetString(AemError, "EVF_FORK/EVF_CAPSULE need an aem.Engine (this bare core engine "
+                        "has no process support)");
         return -1;
     }
     if (!PyLong_Check(prio_obj)) {
@@ -430,6 +462,25 @@ static PyObject *engine_register(EngineObject *self, PyObject *const *args, Py_s
     return res;
 }
 
+/* _add_timer(after_seconds, handler) -> eid: an internal one-shot timer (not counted as a
+ * registration of the application, e.g. the resumption of a paused Accept). */
+static PyObject *engine_add_timer(EngineObject *self, PyObject *args) {
+    PyObject *after_obj, *handler;
+    if (!PyArg_ParseTuple(args, "OO:_add_timer", &after_obj, &handler)) return NULL;
+    if (check_open(self) < 0) return NULL;
+    int64_t after = seconds_to_ns(after_obj, "after", 1);
+    if (after < 0) return NULL;
+    int64_t slot = aem_engine_new_reg(&self->core, AEM_K_TIMER, AEM_F_INTERNAL, 0, handler, NULL);
+    if (slot < 0) return PyErr_NoMemory();
+    Py_INCREF(handler);
+    self->internal++;
+    if (aem_engine_arm_timer(&self->core, (uint32_t)slot, aem_now_ns() + after, after) < 0) {
+        unregister_slot(self, (uint32_t)slot);
+        return PyErr_NoMemory();
+    }
+    return new_eid_result(self, (uint32_t)slot);
+}
+
 /* _add(kind, target, events, handler, flags, priority, obj, data=0, internal=False) -> eid
  * data: kind data kept in the high 32 bits of arg (Read: max size; ChildExit: pid).
  * The low-level registration used by the sources' _attach (arguments already checked). */
@@ -474,6 +525,7 @@ static PyObject *engine_add(EngineObject *self, PyObject *args) {
             PyErr_Format(PyExc_ValueError, "fd %d is not an open file descriptor", fd);
             goto fail;
         }
+        if (rc == 0 && self->async_on) direct_kick(self, fd, 1);
         what = "epoll_ctl";
         break;
     }
@@ -589,7 +641,7 @@ static PyObject *engine_control(EngineObject *self, PyObject *args) {
         if (rc == 0 && self->core.pqlen) aem_engine_wake(&self->core);
         break;
     case AEM_EVJOBSHTDN:
-        unregister_slot(self, slot);  /* the unregister hook ends the job's processes */
+        unregister_slot_ex(self, slot, 1);  /* the unregister hook ends the job's processes */
         break;
     }
     if (rc == -EINVAL) {
@@ -755,9 +807,18 @@ static int deliver_accept(EngineObject *self, const target_t *t, const aem_occ *
         if (conn < 0) {
             if (errno == EINTR || errno == ECONNABORTED) continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK) break;
-            /* EMFILE, ENFILE, ENOBUFS...: report, leave the connection in the backlog. */
+            /* EMFILE, ENFILE, ENOBUFS...: the connection stays in the backlog and the
+             * socket stays readable; report, and pause this Accept for a moment rather
+             * than spin (the engine's _accept_backoff resumes it). */
+            int err = errno;
             PyErr_SetFromErrno(PyExc_OSError);
             rc = report(self, NULL);
+            if (rc == 0 && (err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM)) {
+                PyObject *res = PyObject_CallMethod((PyObject *)self, "_accept_backoff", "K",
+                                                    (unsigned long long)t->eid);
+                if (!res) rc = report(self, NULL);
+                Py_XDECREF(res);
+            }
             break;
         }
         EventObject *ev = aem_event_new(AEM_K_ACCEPT, t->eid, o->time_ns, t->source);
@@ -1113,10 +1174,12 @@ static PyObject *engine_start(EngineObject *self, PyObject *args) {
         return NULL;
     }
     self->main_thread = pthread_self();
+    self->main_tid = (pid_t)syscall(SYS_gettid);
     kick_signum = signum;
     int rc = aem_doorbell_start(&self->doorbell, self->core.epfd, ring, self);
     if (rc < 0) return set_errno_error(rc, "pthread_create");
     self->async_on = 1;
+    direct_kick_all(self, 1);
     async_engine = self;
     Py_INCREF(self);
     Py_RETURN_NONE;
@@ -1326,6 +1389,7 @@ static PyMethodDef engine_methods[] = {
      "register(source, handler, flags=0, priority=0, constructor=None, destructor=None, pool=None)\n--\n\n"
      "Register handler for the occurrences of source; returns the event id (see aem.register)."},
     {"_add", (PyCFunction)engine_add, METH_VARARGS, "Low-level registration used by sources."},
+    {"_add_timer", (PyCFunction)engine_add_timer, METH_VARARGS, "An internal one-shot timer."},
     {"unregister", (PyCFunction)(void (*)(void))engine_unregister, METH_VARARGS | METH_KEYWORDS,
      "unregister(eid, missing_ok=False)\n--\n\nRemove a registration; True if it existed."},
     {"control", (PyCFunction)engine_control, METH_VARARGS,
