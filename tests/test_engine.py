@@ -759,3 +759,30 @@ def test_accept_out_of_descriptors_pauses_instead_of_spinning(engine: aem.Engine
     assert len(accepted) == 3
     for s in accepted + clients + [srv]:
         s.close()
+
+
+def test_read_payloads_live_in_the_process_vmtable(engine: aem.Engine) -> None:
+    a, b = socket.socketpair()
+    vmt = aem.vmtable()
+    used0 = vmt.stats()["used"]
+    kept: list[Any] = []
+    seen: list[tuple[str, bytes, int]] = []
+
+    def on_read(ev: aem.ReadEvent) -> None:
+        seen.append((type(ev.data).__name__, bytes(ev.data), vmt.stats()["used"] - used0))
+        if bytes(ev.data) == b"keep":
+            ev.keep()
+            kept.append(ev.data)
+
+    engine.register(aem.Read(a), on_read)
+    b.send(b"drop")
+    engine.run(timeout=0.1)
+    b.send(b"keep")
+    engine.run(timeout=0.1)
+    assert [s[:2] for s in seen] == [("Block", b"drop"), ("Block", b"keep")]
+    assert seen[0][2] > 0, "the data occupied vmtable memory while the handler ran"
+    assert vmt.stats()["used"] - used0 == kept[0].size, "freed after the handler unless kept"
+    kept[0].free()
+    assert vmt.stats()["used"] == used0
+    a.close()
+    b.close()

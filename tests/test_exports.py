@@ -8,7 +8,7 @@ import pytest
 
 import aem
 
-MODULES = ["aem.engine", "aem.sources", "aem.capsules"]
+MODULES = ["aem.engine", "aem.sources", "aem.capsules", "aem.vmtable"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -100,6 +100,14 @@ class Engine(_core.Engine):
         if capsules is not None:
             capsules.end_job(self, eid, kill=shutdown)
 
+    def _use_process_vmtable(self) -> None:
+        """Read payloads go into the process vmtable (made on first use, or by EVTBLINIT)."""
+        if not self.__dict__.get("_payloads_in_vmtable"):
+            from .vmtable import process_vmtable
+
+            self._set_hooks(payload=process_vmtable())
+            self._payloads_in_vmtable = True
+
     def _accept_backoff(self, eid: int, pause: float = 0.1) -> None:
         """accept() failed for want of descriptors or memory: pause this Accept, resume later."""
         self.control(eid, _core.EVJOBSTOP)
@@ -338,9 +346,9 @@ def control(eid: int, op: int, arg: Any = None) -> None:
     * ``EVTBLINIT``: configure the process's vmtable (``eid`` 0, ``arg`` a dict).
     """
     if op == _core.EVTBLINIT:
-        from . import vmtable as _vmt  # type: ignore[attr-defined]
+        from .vmtable import configure_process_vmtable
 
-        _vmt.configure_process_vmtable(arg)
+        configure_process_vmtable(arg)
         return
     (_current or current()).control(eid, op, arg)
 

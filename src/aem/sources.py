@@ -264,6 +264,7 @@ class Read(_FdSource):
         self.max_size = max_size
 
     def _attach(self, engine: Engine, handler: Any, flags: int, priority: int, obj: Any) -> int:
+        engine._use_process_vmtable()
         return engine._add(self._kind, _fd_of(self.target), self._events, handler, flags, priority, obj,
                            self.max_size)
 

@@ -21,6 +21,7 @@
  */
 #define _GNU_SOURCE
 #include "pyaem.h"
+#include "vmtable_py.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -695,11 +696,11 @@ typedef struct {
 } target_t;
 
 static void default_destructor(EngineObject *self, EventObject *ev) {
-    /* Payloads in vmtable blocks go back unless the handler kept them. */
+    /* Payloads in vmtable blocks go back unless the handler kept them (event.keep()).
+     * A block the handler freed or detached itself is left alone; one still viewed
+     * by a memoryview is freed when the last view goes. */
     if (ev->kept || ev->kind != AEM_K_READ || !ev->o[0] || PyBytes_CheckExact(ev->o[0])) return;
-    PyObject *res = PyObject_CallMethod(ev->o[0], "free", NULL);
-    if (!res) PyErr_Clear();  /* already freed by the handler: fine */
-    Py_XDECREF(res);
+    if (aem_block_release(ev->o[0]) < 0) PyErr_WriteUnraisable(ev->o[0]);
 }
 
 /* Run constructor, handler (or spawn hook), destructor.  -1: a BaseException propagates. */
@@ -757,17 +758,12 @@ static int ensure_scratch(EngineObject *self, size_t n) {
     return 0;
 }
 
+/* The payload of a Read: a block of the engine's payload vmtable (the process
+ * vmtable, set when the first Read is registered) holding a copy of the bytes
+ * read, or bytes when there is none. */
 static PyObject *make_payload(EngineObject *self, const char *data, Py_ssize_t n) {
-    if (self->payload_hook && self->payload_hook != Py_None && n > 0) {
-        PyObject *mv = PyMemoryView_FromMemory((char *)data, n, PyBUF_READ);
-        if (!mv) return NULL;
-        PyObject *res = PyObject_CallOneArg(self->payload_hook, mv);
-        /* The view must not outlive the scratch buffer. */
-        PyObject *r2 = PyObject_CallMethod(mv, "release", NULL);
-        Py_XDECREF(r2);
-        Py_DECREF(mv);
-        return res;
-    }
+    if (n > 0 && self->payload_hook && aem_vmtable_check_type(self->payload_hook))
+        return aem_vmtable_copy_in(self->payload_hook, data, (size_t)n);
     return PyBytes_FromStringAndSize(data, n);
 }
 
