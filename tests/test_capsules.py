@@ -468,3 +468,34 @@ def _alive(pid: int) -> bool:
             return f.read().split(") ")[1][0] != "Z"
     except OSError:
         return False
+
+
+def test_vzone_payload_reaches_a_capsule_by_reference() -> None:
+    code = """
+        import aem, os, socket, time
+        aem.control(0, aem.EVTBLINIT, {"size": 1 << 20, "zone": aem.TBL_VZONE})
+        vmt = aem.vmtable()
+        results = aem.UserEvent()
+        got = []
+        aem.register(results, lambda ev: got.append(ev.payload))
+        def handler(ev):
+            # the data is a view of the shared block: same offset, no copy
+            results.fire((bytes(ev.data), type(ev.data).__name__, vmt.stats()["used"]))
+        def remember(ev):
+            ev.offset_seen = ev.data.offset
+        a, b = socket.socketpair()
+        pool = aem.CapsulePool(size=1)
+        aem.register(aem.Read(a), handler, flags=aem.EVF_CAPSULE, pool=pool, constructor=remember)
+        pool.refresh()
+        assert pool.wait_ready(10)
+        b.send(b"shared bytes")
+        deadline = time.monotonic() + 10
+        while not got and time.monotonic() < deadline:
+            aem.run(timeout=0.05)
+        time.sleep(0.2)
+        print(got[0][0].decode(), got[0][1], got[0][2] > 0, vmt.stats()["used"])
+        pool.close()
+    """
+    p = run_script(code, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["shared", "bytes", "memoryview", "True", "0"]

@@ -75,6 +75,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import _core
 from ._core import AemError
+from .vmtable import TBL_VZONE, Block, by_id
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -105,7 +106,9 @@ class ProcessEvent:
         self.__dict__.update(attrs)
 
     def keep(self) -> None:
-        """Nothing to keep: the data is this process's own copy."""
+        """Keep data handed over in a shared (VZONE) block (a memoryview of it) after the
+        handler returns; other data is this process's own copy anyway."""
+        self.__dict__["_kept"] = True
 
     def __getattr__(self, name: str) -> Any:
         raise AttributeError(f"{self.kind} has no attribute {name!r}")
@@ -138,9 +141,23 @@ def _fields(tp: type) -> tuple[str, ...]:
     return names
 
 
+@dataclass(frozen=True)
+class _SharedBlockRef:
+    """A block of a VZONE vmtable, handed over by offset: no copy."""
+
+    vmtable_id: int
+    offset: int
+    length: int
+
+
 def _plain(value: Any) -> Any:
     if value is None or isinstance(value, bool | int | float | str | bytes):
         return value
+    if isinstance(value, Block) and not value.freed and not value.fallback:
+        vmt = value.vmtable
+        if vmt.zone == TBL_VZONE:  # shared memory: the other process maps it too
+            length = len(value)
+            return _SharedBlockRef(vmt.id, value.detach(), length)
     try:
         return bytes(memoryview(value))  # buffers (vmtable blocks, bytearray, ...) by value
     except TypeError:
@@ -191,6 +208,15 @@ def _rebuild(kind: str, attrs: dict[str, Any], fds: list[int]) -> ProcessEvent:
     for name, value in list(attrs.items()):
         if isinstance(value, _SocketRef):
             attrs[name] = socket.socket(value.family, value.type, value.proto, fileno=fds[value.index])
+        elif isinstance(value, _SharedBlockRef):
+            vmt = by_id(value.vmtable_id)
+            if vmt is None:
+                raise AemError(f"event {attrs.get('eid')}: its data is in a shared vmtable this process "
+                               "does not map (create the vmtable before the capsule pool)")
+            block = vmt.block_at(value.offset)
+            view = memoryview(block)[: value.length]
+            attrs[name] = view
+            attrs.setdefault("_shared", []).append((block, view))
     return ProcessEvent(kind, attrs)
 
 
@@ -252,6 +278,17 @@ def _child_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _release_shared(event: ProcessEvent) -> None:
+    """The default destructor in a capsule: shared blocks go back unless kept."""
+    if event.__dict__.get("_kept"):
+        return
+    for block, view in event.__dict__.get("_shared", ()):
+        view.release()
+        if not block.freed:
+            with contextlib.suppress(Exception):
+                block.free()
+
+
 def _error_text(exc: BaseException) -> str:
     return "".join(traceback.format_exception(exc)).rstrip()
 
@@ -285,7 +322,9 @@ def _capsule_main(chan: socket.socket, table: dict[int, Callable[[Any], object]]
                 err = f"capsule: no handler for event {eid}"
             else:
                 table[eid] = handler
-                err = _run_handler(handler, _rebuild(kind, attrs, fds))
+                event = _rebuild(kind, attrs, fds)
+                err = _run_handler(handler, event)
+                _release_shared(event)
             if op == "run":
                 if err is not None:
                     _send(chan, ("error", err))

@@ -215,6 +215,16 @@ class Shortage(EventSource):
         return f"<aem shortage of {self._vmt()!r}, {len(self._targets)} registration(s)>"
 
 
+#: The vmtables of this process by id (a forked process, or a capsule, inherits
+#: them: a VZONE block is handed to one by offset, without a copy).
+_live: weakref.WeakValueDictionary[int, VMTable] = weakref.WeakValueDictionary()
+
+
+def by_id(vmt_id: int) -> VMTable | None:
+    """The live vmtable of this process with this id (inherited ones included), or None."""
+    return _live.get(vmt_id)
+
+
 class VMTable(_CoreVMTable):
     """A pool of memory for events, managed by a constant-time buddy allocator.
 
@@ -260,6 +270,7 @@ class VMTable(_CoreVMTable):
                  fallback: bool = True, name: str | None = None) -> None:
         super().__init__(size, zone, min_block, fallback, name)
         self._shortage = Shortage(self)
+        _live[self.id] = self
 
     @classmethod
     def attach(cls, name: str, fallback: bool = True) -> VMTable:
@@ -274,6 +285,7 @@ class VMTable(_CoreVMTable):
         self = cls.__new__(cls)
         _CoreVMTable.__init__(self, 0, TBL_VZONE, 64, fallback, name, _attach=True)
         self._shortage = Shortage(self)
+        _live[self.id] = self
         return self
 
     @property
