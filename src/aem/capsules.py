@@ -278,6 +278,19 @@ def _child_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _discard(attrs: dict[str, Any], socks: list[socket.socket]) -> None:
+    """An event that will reach no process: close its sockets, free its shared blocks."""
+    for s in socks:
+        with contextlib.suppress(OSError):
+            s.close()
+    for value in attrs.values():
+        if isinstance(value, _SharedBlockRef):
+            vmt = by_id(value.vmtable_id)
+            if vmt is not None:
+                with contextlib.suppress(Exception):
+                    vmt.free_offset(value.offset)
+
+
 def _release_shared(event: ProcessEvent) -> None:
     """The default destructor in a capsule: shared blocks go back unless kept."""
     if event.__dict__.get("_kept"):
@@ -633,7 +646,7 @@ class CapsulePool:
                 return
             self._closed = True
             for act in self._pending:
-                self._close_socks(act.socks)
+                _discard(act.attrs, act.socks)
             self._pending.clear()
         self._wake()
         if self._pid == os.getpid():
@@ -940,8 +953,8 @@ class CapsulePool:
         errors = cap.errors + self._drain_errors(cap)
         with contextlib.suppress(OSError):
             cap.chan.close()
-        for _msg, _fds, socks in cap.backlog:
-            self._close_socks(socks)
+        for msg, _fds, socks in cap.backlog:
+            _discard(msg[4], socks)
         if cap.state in ("busy", "attached"):
             error = errors[-1] if errors else None
             if code < 0 and error is None:
@@ -1005,7 +1018,7 @@ class CapsulePool:
 
     def _fail(self, act: _Activation, error: str) -> None:
         self._counters["failed"] += 1
-        self._close_socks(act.socks)
+        _discard(act.attrs, act.socks)
         if not act.flags & _core.EVF_NOCLDWAIT:
             self._engine_push(act.eid, 0, None, error)
         else:
