@@ -58,18 +58,24 @@ class Response:
     def __init__(self, body: bytes | str = b"", status: int = 200,
                  headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
                  content_type: str | None = "text/plain; charset=utf-8") -> None:
-        if type(body) is str:
-            body = body.encode("utf-8")
-        elif not isinstance(body, bytes):
-            raise TypeError(f"a Response body is bytes or str, not {type(body).__name__}")
-        if not 100 <= status <= 599:
+        if type(body) is not bytes:
+            if isinstance(body, str):
+                body = body.encode("utf-8")
+            elif isinstance(body, bytes):
+                body = bytes(body)
+            else:
+                raise TypeError(f"a Response body is bytes or str, not {type(body).__name__}")
+        if status != 200 and not 100 <= status <= 599:
             raise ValueError(f"status {status} is not an HTTP status code")
         self.body: bytes = body
         self.status = status
-        fields: list[tuple[str, str]]
         if headers is None:
-            fields = []
-        elif isinstance(headers, Mapping):
+            #: The header fields, ``(name, value)`` pairs in order (a list the app may extend).
+            self.headers: list[tuple[str, str]] = (
+                [("Content-Type", content_type)] if content_type is not None else [])
+            return
+        fields: list[tuple[str, str]]
+        if isinstance(headers, Mapping):
             fields = [(str(k), str(v)) for k, v in headers.items()]
         else:
             fields = [(str(k), str(v)) for k, v in headers]
@@ -80,7 +86,10 @@ class Response:
     @classmethod
     def json(cls, data: Any, status: int = 200,
              headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None) -> Response:
-        """A JSON response (``application/json``) of ``data``; raises ``TypeError`` if it does not serialize."""
+        """A JSON response (``application/json``) of ``data``.
+
+        Raises ``TypeError`` if ``data`` does not serialize.
+        """
         return cls(json.dumps(data, separators=(",", ":")).encode(), status, headers,
                    "application/json")
 

@@ -149,24 +149,37 @@ class Request:
 
     ``method`` (``"GET"`` ...), ``target`` (the request target as sent,
     ``str``, e.g. ``"/a%20b?x=1"``), ``version`` (``"1.1"`` or ``"1.0"``),
-    ``headers`` (:class:`Headers`), ``body`` (``bytes``, chunked encoding
+    ``headers`` (:class:`Headers`; ``raw_headers`` the byte pairs as sent),
+    ``body`` (``bytes``, chunked encoding
     removed) and ``keep_alive`` (whether the client lets the connection stay
     open after the response, from the version and ``Connection``).
     :attr:`path` and :attr:`query` split the target; ``client`` is the
     peer's address when the server knows it.
     """
 
-    __slots__ = ("body", "client", "headers", "keep_alive", "method", "target", "version")
+    __slots__ = ("_headers", "body", "client", "keep_alive", "method", "raw_headers", "target",
+                 "version")
 
-    def __init__(self, method: str, target: str, version: str, headers: Headers, body: bytes,
-                 keep_alive: bool, client: object = None) -> None:
+    def __init__(self, method: str, target: str, version: str,
+                 raw_headers: list[tuple[bytes, bytes]], body: bytes = b"",
+                 keep_alive: bool = True, client: object = None) -> None:
         self.method = method
         self.target = target
         self.version = version
-        self.headers = headers
+        #: The header fields as sent: ``(name, value)`` byte pairs, in order.
+        self.raw_headers = raw_headers
         self.body = body
         self.keep_alive = keep_alive
         self.client = client
+        self._headers: Headers | None = None
+
+    @property
+    def headers(self) -> Headers:
+        """The header fields as a case-insensitive mapping (:class:`Headers`)."""
+        h = self._headers
+        if h is None:
+            h = self._headers = Headers(self.raw_headers)
+        return h
 
     @property
     def path(self) -> str:
@@ -235,6 +248,9 @@ class _Reject(Exception):
         self.detail = detail
 
 
+_DEFAULT_LIMITS = Limits()
+_SPECIAL_LENGTHS = frozenset({6, 14})  # len(b"expect"), len(b"content-length")
+
 # Parser phases (RequestParser.phase).
 IDLE: Final = 0   # between requests
 HEAD: Final = 1   # request line and headers arriving
@@ -253,12 +269,16 @@ class RequestParser:
 
     __slots__ = (
         "_begins", "_body", "_body_len", "_events", "_head_raw", "_head_size", "_headers",
-        "_keep_alive", "_limits", "_method", "_parser", "_partial", "_partial_len", "_url",
-        "_version", "dead", "new_head", "phase",
+        "_keep_alive", "_limits", "_max_body", "_max_head", "_max_headers", "_max_url", "_method",
+        "_parser", "_partial", "_partial_len", "_url", "_version", "dead", "new_head", "phase",
     )
 
     def __init__(self, limits: Limits | None = None) -> None:
-        self._limits = limits or Limits()
+        lim = self._limits = limits or _DEFAULT_LIMITS
+        self._max_url = lim.max_request_line
+        self._max_head = lim.max_header_size
+        self._max_headers = lim.max_headers
+        self._max_body = lim.max_body
         self._parser = httptools.HttpRequestParser(self)
         self._events: list[Event] = []
         self.phase = IDLE
@@ -280,7 +300,7 @@ class RequestParser:
         self._partial: list[bytes] = []
         self._partial_len = 0
 
-    # -- the llhttp callbacks ------------------------------------------------------------
+    # -- the llhttp callbacks (hot: one request calls each at least once) ----------------
 
     def on_message_begin(self) -> None:
         self.phase = HEAD
@@ -289,61 +309,67 @@ class RequestParser:
         self._url = b""
         self._headers = []
         self._head_size = 0
-        self._head_raw = 0
-        self._body = None
-        self._body_len = 0
 
     def on_url(self, url: bytes) -> None:
-        self._url += url
-        if len(self._url) > self._limits.max_request_line:
-            raise _Reject(414, f"request target longer than {self._limits.max_request_line} bytes")
+        if self._url:
+            url = self._url + url
+        self._url = url
+        if len(url) > self._max_url:
+            raise _Reject(414, f"request target longer than {self._max_url} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         headers = self._headers
         headers.append((name, value))
-        self._head_size += len(name) + len(value) + 4
-        lim = self._limits
-        if self._head_size > lim.max_header_size:
-            raise _Reject(431, f"header fields larger than {lim.max_header_size} bytes")
-        if len(headers) > lim.max_headers:
-            raise _Reject(431, f"more than {lim.max_headers} header fields")
+        size = self._head_size + len(name) + len(value) + 4
+        self._head_size = size
+        if size > self._max_head or len(headers) > self._max_headers:
+            if size > self._max_head:
+                raise _Reject(431, f"header fields larger than {self._max_head} bytes")
+            raise _Reject(431, f"more than {self._max_headers} header fields")
 
     def on_headers_complete(self) -> None:
         p = self._parser
         self.phase = BODY
+        self._head_raw = 0
+        method = _METHOD_STR.get(p.get_method())
         version = p.get_http_version()
         if version != "1.1" and version != "1.0":
             raise _Reject(505, f"HTTP/{version} is not supported (HTTP/1.1 and 1.0 are)")
-        raw = p.get_method()
-        method = _METHOD_STR.get(raw)
         if method is None:
-            raise _Reject(501, f"method {raw.decode('latin-1')} is not implemented")
+            raise _Reject(501, f"method {p.get_method().decode('latin-1')} is not implemented")
         self._method = method
         self._version = version
         self._keep_alive = p.should_keep_alive()
-        expect = False
         for name, value in self._headers:
-            if len(name) == 14 and name.lower() == b"content-length":
-                if int(value) > self._limits.max_body:
-                    raise _Reject(413, f"body larger than {self._limits.max_body} bytes")
-                expect = expect or int(value) > 0
-            elif len(name) == 6 and name.lower() == b"expect":
-                if value.lower() != b"100-continue":
-                    raise _Reject(417, "only 'Expect: 100-continue' is understood")
-                if version == "1.1":
-                    self._body = []
-            elif len(name) == 17 and name.lower() == b"transfer-encoding":
-                expect = True
-        if self._body is not None:  # Expect: 100-continue
-            if expect:
-                self._events.append(CONTINUE)
-            else:
-                self._body = None
+            if len(name) in _SPECIAL_LENGTHS:
+                self._special_header(name.lower(), value)
+        if self._body is not None:  # Expect: 100-continue was asked
+            self._body = None
+            self._events.append(CONTINUE)
+
+    def _special_header(self, name: bytes, value: bytes) -> None:
+        """Content-Length over the limit, Expect, Transfer-Encoding (rare: out of line)."""
+        if name == b"content-length":
+            if int(value) > self._max_body:
+                raise _Reject(413, f"body larger than {self._max_body} bytes")
+        elif name == b"expect":
+            if value.lower() != b"100-continue":
+                raise _Reject(417, "only 'Expect: 100-continue' is understood")
+            if self._version == "1.1" and self._expects_body():
+                self._body = []
+
+    def _expects_body(self) -> bool:
+        for name, value in self._headers:
+            n = name.lower()
+            if n == b"transfer-encoding" or (n == b"content-length" and int(value) > 0):
+                return True
+        return False
 
     def on_body(self, body: bytes) -> None:
-        self._body_len += len(body)
-        if self._body_len > self._limits.max_body:
-            raise _Reject(413, f"body larger than {self._limits.max_body} bytes")
+        n = self._body_len + len(body)
+        self._body_len = n
+        if n > self._max_body:
+            raise _Reject(413, f"body larger than {self._max_body} bytes")
         if self._body is None:
             self._body = [body]
         else:
@@ -352,9 +378,14 @@ class RequestParser:
     def on_message_complete(self) -> None:
         self.phase = IDLE
         body = self._body
-        self._events.append(Request(
-            self._method, self._url.decode("latin-1"), self._version, Headers(self._headers),
-            b"".join(body) if body else b"", self._keep_alive))
+        if body is not None:
+            self._body = None
+            self._body_len = 0
+            data = b"".join(body)
+        else:
+            data = b""
+        self._events.append(Request(self._method, self._url.decode("latin-1"), self._version,
+                                    self._headers, data, self._keep_alive))
 
     # -- feeding ---------------------------------------------------------------------------
 
@@ -471,6 +502,21 @@ def _status_line(status: int) -> bytes:
 _STATUS_LINES: dict[int, bytes] = {s: _status_line(s) for s in REASONS}
 
 
+_LINES: dict[tuple[str, str], bytes] = {}
+
+
+def _header_line(field: tuple[str, str]) -> bytes:
+    name, value = field
+    line = f"{name}: {value}\r\n"
+    if "\n" in line[:-2] or "\r" in line[:-2] or ":" in name or not name:
+        raise ValueError(f"bad response header field {name!r}: {value!r}")
+    data = line.encode("latin-1")
+    if len(_LINES) >= 4096:
+        _LINES.clear()
+    _LINES[field] = data
+    return data
+
+
 def render_head(status: int, headers: list[tuple[str, str]], content_length: int | None,
                 keep_alive: bool, version: str, date_line: bytes, server_line: bytes) -> bytes:
     """The status line and header block of a response, ending with the empty line.
@@ -479,22 +525,26 @@ def render_head(status: int, headers: list[tuple[str, str]], content_length: int
     ``Date`` and ``Server`` come as ready lines; ``Content-Length`` is added
     when ``content_length`` is not None; ``Connection`` as needed: ``close``
     when not ``keep_alive``, ``keep-alive`` for an HTTP/1.0 client that keeps
-    the connection.  Raises ``ValueError`` for a header containing CR or LF
-    (response splitting).
+    the connection.  Raises ``ValueError`` for a field containing CR or LF
+    (response splitting) or a bad name, ``UnicodeEncodeError`` for one that
+    is not latin-1.
     """
     parts = [_STATUS_LINES.get(status) or _status_line(status), server_line, date_line]
-    for name, value in headers:
-        line = f"{name}: {value}\r\n"
-        if "\n" in line[:-2] or "\r" in line[:-2]:
-            raise ValueError(f"header {name!r} contains CR or LF")
-        parts.append(line.encode("latin-1"))
+    lines = _LINES
+    for field in headers:
+        line = lines.get(field)
+        parts.append(line if line is not None else _header_line(field))
     if content_length is not None:
-        parts.append(b"Content-Length: %d\r\n" % content_length)
+        parts.append(b"Content-Length: %d\r\n\r\n" % content_length if keep_alive
+                     and version == "1.1" else b"Content-Length: %d\r\n" % content_length)
+        if keep_alive and version == "1.1":
+            return b"".join(parts)
     if not keep_alive:
-        parts.append(b"Connection: close\r\n")
+        parts.append(b"Connection: close\r\n\r\n")
     elif version == "1.0":
-        parts.append(b"Connection: keep-alive\r\n")
-    parts.append(b"\r\n")
+        parts.append(b"Connection: keep-alive\r\n\r\n")
+    else:
+        parts.append(b"\r\n")
     return b"".join(parts)
 
 

@@ -72,7 +72,7 @@ from .protocol import (
 )
 from .static import StaticFiles
 
-__all__ = ["HTTPServer", "Timeouts", "raise_nofile_limit"]
+__all__ = ["HTTPServer", "Timeouts", "raise_nofile_limit", "serve_workers"]
 
 _HIGH_WATER = 64 * 1024      # flush the output of a batch of pipelined requests past this
 _MAX_FILES = 16              # open files queued on one connection before a flush
@@ -80,6 +80,7 @@ _ACCEPT_PAUSE = 0.25         # seconds without accepting after EMFILE/ENFILE
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)
 _EV_STOP = aem.EVJOBSTOP
 _EV_START = aem.EVJOBSTART
+_IMPLEMENTED = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,7 +233,7 @@ class _Conn:
         srv = self.server
         while out:
             item = out[0]
-            if type(item) is _FileSpan:
+            if isinstance(item, _FileSpan):
                 try:
                     n = os.sendfile(self.fd, item.fd, item.offset, min(item.remaining, 1 << 30))
                 except BlockingIOError:
@@ -668,7 +669,7 @@ class HTTPServer:
 
     def _error(self, conn: _Conn, err: HttpError) -> None:
         conn.closing = True
-        extra = [("Allow", "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS")] if err.status == 501 else None
+        extra = [("Allow", _IMPLEMENTED)] if err.status == 501 else None
         conn.out.append(error_response(err.status, err.detail, False, "1.1", self._date,
                                        self._server_line, extra=extra))
         self._by_class[err.status // 100] += 1
@@ -733,3 +734,60 @@ class HTTPServer:
                 self.access_log.flush()
             except (OSError, ValueError):
                 pass
+
+
+def serve_workers(root: str | os.PathLike[str], host: str, port: int, workers: int,
+                  quiet: bool = False) -> int:
+    """``aem serve --workers N``: N servers in ``EVF_CAPSULE | EVF_KEEPALIVE`` capsules.
+
+    Each worker is one single-threaded engine in its own capsule, with its own
+    listening socket on the same port (``SO_REUSEPORT``: the kernel spreads
+    the connections).  Worker ``i`` is the job of its own user event, fired
+    once; when a worker dies, its job's ``ChildExit`` fires the event again
+    and a fresh capsule takes its place.  SIGINT/SIGTERM end the parent's
+    ``run()``; the jobs are then shut down (``EVJOBSHTDN`` ends their
+    processes).  Needs ``aem.CapsulePool``; raises ``RuntimeError`` without it.
+    """
+    if not hasattr(aem, "CapsulePool"):
+        raise RuntimeError("--workers > 1 needs aem capsules (aem.CapsulePool)")
+    # Fail early, in the parent, if the address cannot be had.
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        probe.bind((host, port))
+    pool = aem.CapsulePool(size=workers, reserve=0)
+    flags = aem.EVF_CAPSULE | aem.EVF_KEEPALIVE
+
+    def worker(ev: Any) -> None:
+        server = HTTPServer(root=root, host=host, port=port, reuse_port=True, pool=None,
+                            access_log=None if quiet else sys.stdout)
+        try:
+            server.run()
+        finally:
+            server.close()
+
+    jobs: list[tuple[Any, int]] = []
+    for _ in range(workers):
+        start = aem.UserEvent()
+        eid = aem.register(start, worker, flags=flags, pool=pool)
+
+        def replace(ev: Any, start: Any = start) -> None:
+            print(f"aem serve: worker {ev.pid} ended ({ev.returncode}); starting another",
+                  file=sys.stderr, flush=True)
+            start.fire()
+
+        aem.register(aem.ChildExit(job=eid), replace)
+        jobs.append((start, eid))
+    for start, _ in jobs:
+        start.fire()
+    print(f"aem serve: http://{host}:{port}/ with {workers} workers (pid {os.getpid()})",
+          file=sys.stderr, flush=True)
+    try:
+        reason = aem.current().keepalive()
+    finally:
+        for _, eid in jobs:
+            try:
+                aem.control(eid, aem.EVJOBSHTDN)
+            except aem.AemError:
+                pass
+    print(f"aem serve: stopped ({reason})", file=sys.stderr)
+    return 0

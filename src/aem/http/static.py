@@ -50,7 +50,8 @@ def content_type(name: str) -> str:
         guessed, encoding = mimetypes.guess_type("x" + ext, strict=False)
         if encoding is not None or guessed is None:
             ct = "application/octet-stream"
-        elif guessed.startswith("text/") or guessed in ("application/javascript", "application/json"):
+        elif guessed.startswith("text/") or guessed in ("application/javascript",
+                                                          "application/json"):
             ct = guessed + "; charset=utf-8"
         else:
             ct = guessed
@@ -58,7 +59,7 @@ def content_type(name: str) -> str:
     return ct
 
 
-def parse_range(value: str, size: int) -> tuple[int, int] | None | bool:
+def parse_range(value: str, size: int) -> tuple[int, int] | bool | None:
     """Interpret a ``Range`` header for a representation of ``size`` bytes.
 
     Returns ``(start, end)`` (inclusive) for one satisfiable byte range,
@@ -249,7 +250,8 @@ class StaticFiles:
                 span = parse_range(rng, size)
                 if span is False:
                     os.close(fd)
-                    return _text(416, "range not satisfiable", [("Content-Range", f"bytes */{size}")])
+                    return _text(416, "range not satisfiable",
+                                 [("Content-Range", f"bytes */{size}")])
                 if span is not None:
                     assert not isinstance(span, bool)
                     start, end = span
@@ -268,8 +270,9 @@ class StaticFiles:
             slash = "/" if e.is_dir() else ""
             href = urllib.parse.quote(os.fsencode(e.name)) + slash
             rows.append(f'<li><a href="{href}">{html.escape(e.name)}{slash}</a></li>')
-        page = (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>Index of {title}</title>"
-                f"</head><body><h1>Index of {title}</h1><ul>{''.join(rows)}</ul></body></html>\n")
+        page = ("<!doctype html><html><head><meta charset=\"utf-8\">"
+                f"<title>Index of {title}</title></head><body><h1>Index of {title}</h1>"
+                f"<ul>{''.join(rows)}</ul></body></html>\n")
         body = page.encode("utf-8", "surrogateescape")
         return StaticResponse(200, [("Content-Type", "text/html; charset=utf-8")], body,
                               length=len(body))

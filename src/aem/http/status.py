@@ -61,7 +61,7 @@ def _stats_of(obj: Any) -> dict[str, Any] | None:
 
 
 def collect(server: Mapping[str, Any] | None = None, pool: object = None) -> dict[str, Any]:
-    """The status data: ``engine``, ``server``, ``capsules`` and ``vmtable`` sections (when present).
+    """The status data: ``engine``, ``server``, ``capsules``, ``vmtable`` sections (when present).
 
     ``server`` is the HTTP server's own counters; ``pool`` a capsule pool
     whose ``stats()`` to show.  Never raises for a missing optional part.
@@ -119,15 +119,18 @@ function rows(prefix, v, out) {
 }
 async function refresh() {
   try {
-    const r = await fetch(location.pathname, {headers: {"Accept": "application/json"}, cache: "no-store"});
+    const r = await fetch(location.pathname,
+                          {headers: {"Accept": "application/json"}, cache: "no-store"});
     const data = await r.json();
     let html = "";
     for (const s of SECTIONS) {
       if (!(s in data)) continue;
       const out = []; rows("", data[s], out);
-      const esc = t => t.replace(/[&<>"]/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}[c]));
+      const esc = t => t.replace(/[&<>"]/g,
+        c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}[c]));
       html += `<section id="${s}"><h2>${s}</h2><table><tbody>` +
-        out.map(([k, v]) => `<tr><th scope="row">${esc(k)}</th><td data-key="${esc(k)}">${esc(v)}</td></tr>`).join("") +
+        out.map(([k, v]) => `<tr><th scope="row">${esc(k)}</th>` +
+                            `<td data-key="${esc(k)}">${esc(v)}</td></tr>`).join("") +
         "</tbody></table></section>";
     }
     document.getElementById("stats").innerHTML = html;
@@ -146,7 +149,8 @@ _STYLE = """
 body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}
 h1{font-size:1.3em} h2{font-size:1.05em;margin:1em 0 .3em}
 table{border-collapse:collapse;min-width:24em} th{text-align:left;font-weight:normal;color:#555}
-th,td{padding:2px 10px;border-bottom:1px solid #eee} td{font-variant-numeric:tabular-nums;text-align:right}
+th,td{padding:2px 10px;border-bottom:1px solid #eee}
+td{font-variant-numeric:tabular-nums;text-align:right}
 #updated{color:#777}
 """
 
