@@ -438,6 +438,9 @@ class RequestParser:
 
     def _fail(self, status: int, detail: str) -> list[Event]:
         self.dead = True
+        last = self._events[-1] if self._events else None
+        if type(last) is Request and not last.keep_alive:
+            return self._events  # bytes after a closing request are not answered
         self._events.append(HttpError(status, detail))
         return self._events
 

@@ -85,7 +85,7 @@ def parse_range(value: str, size: int) -> tuple[int, int] | bool | None:
         return (max(0, size - n), size - 1)
     start = int(first)
     end = size - 1 if last == "" else int(last)
-    if end < start:
+    if last != "" and end < start:
         return None
     if start >= size:
         return False
