@@ -417,7 +417,10 @@ class RequestParser:
         except httptools.HttpParserInvalidMethodError:
             return self._fail(self._unknown_method_status(data, phase0), "unknown method")
         except httptools.HttpParserError as e:
-            return self._fail(400, str(e) or "malformed request")
+            detail = str(e) or "malformed request"
+            if detail == "Invalid HTTP version":  # well-formed HTTP/d.d, but not 1.0/1.1
+                return self._fail(505, "only HTTP/1.1 and HTTP/1.0 are supported")
+            return self._fail(400, detail)
         if self.phase == HEAD:
             if self._begins == 0:  # every byte of this feed belongs to the same head
                 self._head_raw += len(data)
