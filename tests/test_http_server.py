@@ -179,10 +179,12 @@ class Conn:
         self.sock.close()
 
 
-def get(port: int, path: str, headers: str = "", method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+def get(port: int, path: str, headers: str = "",
+        method: str = "GET") -> tuple[int, dict[str, str], bytes]:
     c = Conn(port)
     try:
-        c.send(f"{method} {path} HTTP/1.1\r\nHost: t\r\n{headers}Connection: close\r\n\r\n".encode())
+        c.send(f"{method} {path} HTTP/1.1\r\nHost: t\r\n{headers}"
+               "Connection: close\r\n\r\n".encode())
         return c.response(head_only=method == "HEAD")
     finally:
         c.close()
@@ -210,7 +212,8 @@ def test_pipelined_responses_in_order(server: Server) -> None:
             expect.append((200, b"Hello, world!"))
         elif kind == 1:
             body = f"body-{i}".encode()
-            reqs.append(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            reqs.append(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s"
+                        % (len(body), body))
             expect.append((200, body))
         elif kind == 2:
             reqs.append(b"GET /a.txt HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -303,8 +306,9 @@ def test_access_log(server: Server) -> None:
     deadline = time.monotonic() + 3
     while "/hello?from=log-test" not in server.stdout() and time.monotonic() < deadline:
         time.sleep(0.1)
-    line = [ln for ln in server.stdout().splitlines() if "/hello?from=log-test" in ln][0]
-    assert re.match(r'127\.0\.0\.1 - - \[[^\]]+\] "GET /hello\?from=log-test HTTP/1\.1" 200 13$', line)
+    line = next(ln for ln in server.stdout().splitlines() if "/hello?from=log-test" in ln)
+    assert re.match(r'127\.0\.0\.1 - - \[[^\]]+\] "GET /hello\?from=log-test HTTP/1\.1" 200 13$',
+                    line)
 
 
 # -- static files --------------------------------------------------------------------------------
@@ -325,7 +329,8 @@ def test_static_range_and_conditional(server: Server) -> None:
 def test_large_file_by_sendfile(server: Server) -> None:
     status, _, body = get(server.port, "/large.bin")
     assert status == 200
-    assert hashlib.sha256(body).digest() == hashlib.sha256((server.root / "large.bin").read_bytes()).digest()
+    expected = (server.root / "large.bin").read_bytes()
+    assert hashlib.sha256(body).digest() == hashlib.sha256(expected).digest()
     status, _, body = get(server.port, "/large.bin", "Range: bytes=1000000-1000099\r\n")
     assert status == 206 and body == (server.root / "large.bin").read_bytes()[1000000:1000100]
 
@@ -489,7 +494,7 @@ def test_two_thousand_concurrent_connections(server: Server) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-# -- the status page ---------------------------------------------------------------------------------
+# -- the status page ---------------------------------------------------------------------------
 
 def test_status_json(server: Server) -> None:
     status, h, body = get(server.port, "/_aem/status", "Accept: application/json\r\n")
@@ -523,7 +528,7 @@ def test_status_page_in_a_real_browser(server: Server, tmp_path: Path) -> None:
     assert shot.exists() and shot.stat().st_size > 1000
 
 
-# -- the command line ----------------------------------------------------------------------------------
+# -- the command line --------------------------------------------------------------------------
 
 def _aem(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -34,7 +34,8 @@ def tree(tmp_path: Path) -> tuple[Path, StaticFiles]:
 
 
 def H(**kw: str) -> Headers:
-    return Headers([(b"Host", b"x")] + [(k.replace("_", "-").encode(), v.encode()) for k, v in kw.items()])
+    fields = [(k.replace("_", "-").encode(), v.encode()) for k, v in kw.items()]
+    return Headers([(b"Host", b"x"), *fields])
 
 
 def body_of(r: StaticResponse) -> bytes:
@@ -106,7 +107,7 @@ def test_methods(tree: tuple[Path, StaticFiles]) -> None:
 
 
 def test_conditional_get(tree: tuple[Path, StaticFiles]) -> None:
-    root, sf = tree
+    _, sf = tree
     first = sf.respond("GET", "/a.txt", H())
     first.close()
     f = dict(first.headers)
@@ -120,7 +121,8 @@ def test_conditional_get(tree: tuple[Path, StaticFiles]) -> None:
     assert r.status == 200
     r.close()
     # If-None-Match wins over If-Modified-Since
-    r = sf.respond("GET", "/a.txt", H(if_none_match='"other"', if_modified_since=f["Last-Modified"]))
+    r = sf.respond("GET", "/a.txt",
+                   H(if_none_match='"other"', if_modified_since=f["Last-Modified"]))
     assert r.status == 200
     r.close()
 
