@@ -572,3 +572,50 @@ def test_cli_serve_errors(tmp_path: Path) -> None:
     if not hasattr(aem, "CapsulePool"):
         r = _aem("serve", "--root", str(tmp_path), "--workers", "2")
         assert r.returncode == 2 and "--workers > 1 needs aem capsules" in r.stderr
+
+
+FD_LIMIT_SCRIPT = textwrap.dedent("""
+    import resource, sys
+    resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+    from aem.http import HTTPServer, Response
+    server = HTTPServer(lambda req: Response("ok"), port=0, error_log=sys.stderr)
+    server.start()
+    with open(sys.argv[1], "w") as f:
+        f.write(str(server.port))
+    server.run()
+""")
+
+
+def test_out_of_descriptors_the_server_pauses_accepting(tmp_path: Path) -> None:
+    """More clients than descriptors: no spin, no crash; served again once some leave."""
+    proc, port = _start(tmp_path, FD_LIMIT_SCRIPT, [])
+    clients = []
+    try:
+        for _ in range(80):
+            clients.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        time.sleep(0.5)
+        cpu = sum(int(x) for x in Path(f"/proc/{proc.pid}/stat").read_text()
+                  .rsplit(")", 1)[1].split()[11:13])
+        time.sleep(1.0)
+        cpu2 = sum(int(x) for x in Path(f"/proc/{proc.pid}/stat").read_text()
+                   .rsplit(")", 1)[1].split()[11:13])
+        assert cpu2 - cpu < 50, "the server spins while it cannot accept"  # < 0.5 s of 1 s
+        assert "pausing accepts" in (tmp_path / "stderr.log").read_text()
+        for c in clients:
+            c.close()
+        clients.clear()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert get(port, "/")[2] == b"ok"
+                break
+            except (OSError, ConnectionError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        assert proc.poll() is None
+    finally:
+        for c in clients:
+            c.close()
+        proc.kill()
+        proc.wait()
