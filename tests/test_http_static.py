@@ -171,3 +171,26 @@ def test_not_modified_and_types() -> None:
 def test_root_must_be_a_directory(tmp_path: Path) -> None:
     with pytest.raises(NotADirectoryError):
         StaticFiles(tmp_path / "nope")
+
+
+def test_small_file_cache(tmp_path: Path) -> None:
+    (tmp_path / "f.txt").write_bytes(b"one")
+    sf = StaticFiles(tmp_path, cache_ttl=0.2)
+    t0 = 1000.0
+    assert body_of(sf.respond("GET", "/f.txt", H(), now=t0)) == b"one"
+    (tmp_path / "f.txt").write_bytes(b"two")
+    hit = sf.respond("GET", "/f.txt", H(), now=t0 + 0.1)
+    assert hit.body == b"one" and hit.fd < 0  # served from memory within the TTL
+    assert sf.respond("GET", "/f.txt", H(range="bytes=0-0"), now=t0 + 0.1).status == 206
+    assert body_of(sf.respond("GET", "/f.txt", H(), now=t0 + 0.3)) == b"two"
+    (tmp_path / "f.txt").unlink()
+    assert sf.respond("GET", "/f.txt", H(), now=t0 + 0.6).status == 404
+    nocache = StaticFiles(tmp_path, cache_ttl=0)
+    (tmp_path / "g.txt").write_bytes(b"g")
+    r = nocache.respond("GET", "/g.txt", H())
+    assert r.fd >= 0 and body_of(r) == b"g"
+    big = StaticFiles(tmp_path, cache_max_file=4)
+    (tmp_path / "h.txt").write_bytes(b"larger than four")
+    r = big.respond("GET", "/h.txt", H())
+    assert r.fd >= 0  # too big for the cache: sendfile from the descriptor
+    r.close()

@@ -78,6 +78,7 @@ _HIGH_WATER = 64 * 1024      # flush the output of a batch of pipelined requests
 _MAX_FILES = 16              # open files queued on one connection before a flush
 _ACCEPT_PAUSE = 0.25         # seconds without accepting after EMFILE/ENFILE
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)
+_time = time.time
 _EV_STOP = aem.EVJOBSTOP
 _EV_START = aem.EVJOBSTART
 _IMPLEMENTED = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"
@@ -229,8 +230,26 @@ class _Conn:
         (the client reset) closes the connection and returns False.
         """
         out = self.out
-        sock = self.sock
         srv = self.server
+        if len(out) == 1 and type(out[0]) is bytes and not self.weid:
+            # the common case: one batch of responses, all in memory
+            data = out[0]
+            try:
+                n = self.sock.send(data)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                srv.resets += 1
+                self.close()
+                return False
+            srv.bytes_out += n
+            if n == len(data):
+                out.clear()
+                self.out_len = 0
+                return True
+            out[0] = memoryview(data)[n:]
+            return self._block()
+        sock = self.sock
         while out:
             item = out[0]
             if isinstance(item, _FileSpan):
@@ -257,13 +276,14 @@ class _Conn:
             if len(out) > 1:
                 while n_items < len(out) and type(out[n_items]) is not _FileSpan:
                     n_items += 1
+            chunk: bytes | memoryview
             if n_items == 1:
-                data = item
+                chunk = item
             else:
-                data = b"".join(out[:n_items])  # type: ignore[arg-type]
+                chunk = b"".join(out[:n_items])  # type: ignore[arg-type]
             flags = _MSG_MORE if n_items < len(out) else 0
             try:
-                n = sock.send(data, flags)
+                n = sock.send(chunk, flags)
             except BlockingIOError:
                 n = 0
             except OSError:
@@ -271,9 +291,9 @@ class _Conn:
                 self.close()
                 return False
             srv.bytes_out += n
-            if n < len(data):
+            if n < len(chunk):
                 del out[:n_items]
-                out.insert(0, memoryview(data)[n:])
+                out.insert(0, memoryview(chunk)[n:])
                 return self._block()
             del out[:n_items]
         self.out_len = 0
@@ -396,6 +416,9 @@ class HTTPServer:
         self._tick = min(1.0, min(t.idle, t.header, t.body, t.send, t.linger) / 4)
         self._clock = DateClock()
         self._date = self._clock.line()
+        self._date_next = 0
+        #: ``time.time()`` when the batch of requests being answered arrived.
+        self.now = _time()
         self._log_sec = -1
         self._log_time = ""
         self._conns: set[_Conn] = set()
@@ -557,7 +580,11 @@ class HTTPServer:
 
     def _dispatch(self, conn: _Conn, events: list[Any]) -> None:
         """Answer ``events`` in order; flush; queue the rest if the client stops reading."""
-        self._date = self._clock.line()
+        now = _time()
+        if now >= self._date_next:
+            self._date = self._clock.line(now)
+            self._date_next = int(now) + 1
+        self.now = now
         out = conn.out
         for i, ev in enumerate(events):
             if type(ev) is Request:
@@ -575,6 +602,8 @@ class HTTPServer:
                     return
         if conn.closed:
             return
+        if len(out) > 1 and not conn.files:
+            out[:] = [b"".join(out)]  # type: ignore[arg-type]
         if conn.flush():
             if conn.closing:
                 conn.finish()
@@ -612,7 +641,7 @@ class HTTPServer:
                 self._send(conn, req, result.status, result.headers, result.body, keep)
                 return
         if self.static is not None:
-            sr = self.static.respond(req.method, req.path, req.headers, req.query)
+            sr = self.static.respond(req.method, req.path, req.headers, req.query, self.now)
             st = sr.status
             length = None if st == 204 or st == 304 else sr.length
             head = render_head(st, sr.headers, length, keep, req.version, self._date,
@@ -646,14 +675,14 @@ class HTTPServer:
             status, body = 500, b"500 Internal Server Error\n"
             head = render_head(500, [("Content-Type", "text/plain; charset=utf-8")], len(body),
                                keep, req.version, self._date, self._server_line)
-        if req.method == "HEAD" or status == 204 or status == 304:
-            conn.out.append(head)
-        elif len(body) < 16384:
-            conn.out.append(head + body)
+        n = len(body)
+        if n < 16384:
+            conn.out.append(head + body if n and req.method != "HEAD" and status != 304 else head)
         else:
             conn.out.append(head)
-            conn.out.append(body)
-        conn.out_len += len(head) + len(body)
+            if req.method != "HEAD":
+                conn.out.append(body)
+        conn.out_len += len(head) + n
         self._by_class[status // 100] += 1
         if self.access_log is not None:
             self._log_access(conn, req, status, len(body))

@@ -19,6 +19,13 @@ Safety, in order:
    answer is 404.  Checking the opened file, not a path, leaves no window
    for a symlink swapped between a check and the open;
 4. anything but a regular file or a directory is a 403.
+
+Small files (up to ``cache_max_file``, 64 KiB) are kept in memory for
+``cache_ttl`` (1 s) after they were read, keyed by the request path, and
+served from there to requests without conditional or range headers: a file
+changed on disk is seen at most that late.  The cache holds only bytes read
+through the checks above, so it never serves anything from outside root.
+Larger files go out with ``sendfile`` from the open descriptor.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import html
 import mimetypes
 import os
 import stat
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 from email.utils import formatdate, parsedate_to_datetime
@@ -139,6 +147,15 @@ class StaticResponse:
             self.fd = -1
 
 
+def _conditional(raw: list[tuple[bytes, bytes]]) -> bool:
+    """True if the request has conditional (``If-*``) or ``Range`` header fields."""
+    for name, _ in raw:
+        n = name.lower()
+        if n.startswith(b"if-") or n == b"range":
+            return True
+    return False
+
+
 def _text(status: int, message: str, extra: list[tuple[str, str]] | None = None) -> StaticResponse:
     body = (message + "\n").encode()
     headers = [("Content-Type", "text/plain; charset=utf-8")]
@@ -159,7 +176,8 @@ class StaticFiles:
     """
 
     def __init__(self, root: str | os.PathLike[str], index: str = "index.html",
-                 listing: bool = True) -> None:
+                 listing: bool = True, cache_ttl: float = 1.0,
+                 cache_max_file: int = 64 * 1024, cache_max_bytes: int = 16 << 20) -> None:
         real = os.path.realpath(os.fspath(root))
         if not os.path.isdir(real):
             raise NotADirectoryError(f"static root {os.fspath(root)!r} is not a directory")
@@ -167,14 +185,40 @@ class StaticFiles:
         self._prefix = real.rstrip("/") + "/"
         self.index = index
         self.listing = listing
+        self.cache_ttl = cache_ttl
+        self.cache_max_file = cache_max_file
+        self.cache_max_bytes = cache_max_bytes
+        self._cache: dict[str, tuple[float, StaticResponse]] = {}
+        self._cache_bytes = 0
         self._lm: dict[int, str] = {}
 
-    def respond(self, method: str, path: str, headers: Headers, query: str = "") -> StaticResponse:
-        """The answer to ``method`` on the (percent-encoded) ``path``; see the class doc."""
-        if method != "GET" and method != "HEAD":
-            if method == "OPTIONS":
-                return StaticResponse(204, [("Allow", ALLOW)])
-            return _text(405, f"{method} is not allowed here", [("Allow", ALLOW)])
+    def respond(self, method: str, path: str, headers: Headers, query: str = "",
+                now: float | None = None) -> StaticResponse:
+        """The answer to ``method`` on the (percent-encoded) ``path``; see the class doc.
+
+        ``now`` (``time.time()``) dates the small-file cache; the response
+        returned from the cache is shared: do not modify it.
+        """
+        if method == "GET" or method == "HEAD":
+            if self.cache_ttl > 0 and not _conditional(headers.raw):
+                hit = self._cache.get(path)
+                if hit is not None:
+                    if hit[0] > (time.time() if now is None else now):
+                        return hit[1]
+                    self._uncache(path)
+                return self._respond(method, path, headers, query, path, now)
+            return self._respond(method, path, headers, query, None, now)
+        if method == "OPTIONS":
+            return StaticResponse(204, [("Allow", ALLOW)])
+        return _text(405, f"{method} is not allowed here", [("Allow", ALLOW)])
+
+    def _uncache(self, key: str) -> None:
+        entry = self._cache.pop(key, None)
+        if entry is not None:
+            self._cache_bytes -= len(entry[1].body)
+
+    def _respond(self, method: str, path: str, headers: Headers, query: str,
+                 cache_key: str | None, now: float | None) -> StaticResponse:
         raw = urllib.parse.unquote_to_bytes(path)
         if b"\x00" in raw:
             return _text(400, "bad path")
@@ -195,13 +239,13 @@ class StaticFiles:
                 return _text(301, "moved", [("Location", loc)])
             ifd, ist = self._open(os.path.join(target, self.index))
             if ifd >= 0 and stat.S_ISREG(ist.st_mode):
-                return self._file(ifd, ist, self.index, headers)
+                return self._file(ifd, ist, self.index, headers, cache_key, now)
             if ifd >= 0:
                 os.close(ifd)
             if not self.listing:
                 return _text(403, "directory listing is disabled")
             return self._listing(target, path)
-        return self._file(fd, st, segs[-1] if segs else "", headers)
+        return self._file(fd, st, segs[-1] if segs else "", headers, cache_key, now)
 
     def _open(self, target: str) -> tuple[int, os.stat_result]:
         """(fd, stat) of the file at ``target`` if it lies under root, else (-status, ...)."""
@@ -230,7 +274,8 @@ class StaticFiles:
             return -403, _NO_STAT
         return fd, st
 
-    def _file(self, fd: int, st: os.stat_result, name: str, headers: Headers) -> StaticResponse:
+    def _file(self, fd: int, st: os.stat_result, name: str, headers: Headers,
+              cache_key: str | None = None, now: float | None = None) -> StaticResponse:
         size = st.st_size
         mtime = int(st.st_mtime)
         lm = self._lm.get(mtime)
@@ -257,6 +302,20 @@ class StaticFiles:
                     start, end = span
                     fields.append(("Content-Range", f"bytes {start}-{end}/{size}"))
                     return StaticResponse(206, fields, fd=fd, offset=start, length=end - start + 1)
+        if cache_key is not None and size <= self.cache_max_file:
+            try:
+                data = os.pread(fd, size, 0)
+            finally:
+                os.close(fd)
+            if len(data) != size:  # changed while we read: do not keep it
+                return StaticResponse(200, fields, data, length=len(data))
+            resp = StaticResponse(200, fields, data, length=size)
+            if self._cache_bytes + size > self.cache_max_bytes:
+                self._cache.clear()
+                self._cache_bytes = 0
+            self._cache[cache_key] = ((time.time() if now is None else now) + self.cache_ttl, resp)
+            self._cache_bytes += size
+            return resp
         return StaticResponse(200, fields, fd=fd, offset=0, length=size)
 
     def _listing(self, directory: str, path: str) -> StaticResponse:
