@@ -85,6 +85,17 @@ def test_keep_alive_rules() -> None:
         assert req.keep_alive is keep
 
 
+def test_version_without_connection_field_is_inferred() -> None:
+    """See the module doc: a 2.0/0.9 line without Connection is answered, then closed."""
+    for line in (b"GET / HTTP/2.0\r\n\r\n", b"GET / HTTP/0.9\r\n\r\n"):
+        [req] = feed_all(line)
+        assert req.version == "1.0" and not req.keep_alive
+    [req] = feed_all(b"GET / HTTP/1.0\r\n\r\n")
+    assert req.version == "1.0" and not req.keep_alive
+    [req] = feed_all(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert req.version == "1.1" and not req.keep_alive
+
+
 def test_nothing_after_a_closing_request() -> None:
     p = RequestParser()
     events = p.feed(b"GET /1 HTTP/1.1\r\nConnection: close\r\n\r\nGET /2 HTTP/1.1\r\n\r\n")
@@ -191,7 +202,9 @@ def test_body_limit_is_413() -> None:
     (b"CONNECT example:443 HTTP/1.1\r\n\r\n", 501),
     (b"TRACE / HTTP/1.1\r\n\r\n", 501),
     (b"get / HTTP/1.1\r\n\r\n", 501),
-    (b"GET / HTTP/2.0\r\n\r\n", 505),
+    (b"GET / HTTP/3.0\r\n\r\n", 505),
+    (b"GET / HTTP/2.0\r\nConnection: keep-alive\r\n\r\n", 505),
+    (b"GET / HTTP/0.9\r\nConnection: close\r\n\r\n", 505),
     (b"GET / HTTP/1.1\r\nExpect: something\r\n\r\n", 417),
 ])
 def test_method_version_expect(data: bytes, status: int) -> None:

@@ -29,6 +29,14 @@ method known to llhttp but not implemented    501
 body over ``max_body``                        413
 HTTP version other than 1.0 / 1.1             505
 ============================================  ======
+
+llhttp also accepts ``HTTP/0.9`` and ``HTTP/2.0`` request lines (and
+``RTSP/1.0``).  They get 505 when the request has a ``Connection`` field;
+without one, the version is inferred from llhttp's keep-alive verdict
+(``1.1`` if it keeps the connection, else ``1.0``) and the request is
+answered as such — reading the exact version from llhttp costs more than the
+rest of the head's processing, and RFC 9112 lets a server answer a
+request of another minor version as its own.
 """
 
 from __future__ import annotations
@@ -249,7 +257,8 @@ class _Reject(Exception):
 
 
 _DEFAULT_LIMITS = Limits()
-_SPECIAL_LENGTHS = frozenset({6, 14})  # len(b"expect"), len(b"content-length")
+# len(b"expect"), len(b"connection"), len(b"content-length")
+_SPECIAL_LENGTHS = frozenset({6, 10, 14})
 
 # Parser phases (RequestParser.phase).
 IDLE: Final = 0   # between requests
@@ -332,31 +341,38 @@ class RequestParser:
         self.phase = BODY
         self._head_raw = 0
         method = _METHOD_STR.get(p.get_method())
-        version = p.get_http_version()
-        if version != "1.1" and version != "1.0":
-            raise _Reject(505, f"HTTP/{version} is not supported (HTTP/1.1 and 1.0 are)")
+        keep = p.should_keep_alive()
+        expect: bytes | None = None
+        exact = False
+        for name, value in self._headers:
+            if len(name) in _SPECIAL_LENGTHS:
+                lname = name.lower()
+                if lname == b"content-length":
+                    if int(value) > self._max_body:
+                        raise _Reject(413, f"body larger than {self._max_body} bytes")
+                elif lname == b"expect":
+                    expect = value
+                elif lname == b"connection":
+                    exact = True
+        if exact:
+            # Connection was given: only the version tells 1.0 keep-alive from 1.1
+            version = p.get_http_version()
+            if version != "1.1" and version != "1.0":
+                raise _Reject(505, f"HTTP/{version} is not supported (HTTP/1.1 and 1.0 are)")
+        else:
+            # without Connection, llhttp keeps 1.1 alive and closes 1.0 (asking the
+            # parser for the version string costs more than the rest of this callback)
+            version = "1.1" if keep else "1.0"
         if method is None:
             raise _Reject(501, f"method {p.get_method().decode('latin-1')} is not implemented")
         self._method = method
         self._version = version
-        self._keep_alive = p.should_keep_alive()
-        for name, value in self._headers:
-            if len(name) in _SPECIAL_LENGTHS:
-                self._special_header(name.lower(), value)
-        if self._body is not None:  # Expect: 100-continue was asked
-            self._body = None
-            self._events.append(CONTINUE)
-
-    def _special_header(self, name: bytes, value: bytes) -> None:
-        """Content-Length over the limit, Expect, Transfer-Encoding (rare: out of line)."""
-        if name == b"content-length":
-            if int(value) > self._max_body:
-                raise _Reject(413, f"body larger than {self._max_body} bytes")
-        elif name == b"expect":
-            if value.lower() != b"100-continue":
+        self._keep_alive = keep
+        if expect is not None:
+            if expect.lower() != b"100-continue":
                 raise _Reject(417, "only 'Expect: 100-continue' is understood")
-            if self._version == "1.1" and self._expects_body():
-                self._body = []
+            if version == "1.1" and self._expects_body():
+                self._events.append(CONTINUE)
 
     def _expects_body(self) -> bool:
         for name, value in self._headers:
