@@ -667,8 +667,9 @@ class HTTPServer:
     def _send(self, conn: _Conn, req: Request, status: int, headers: list[tuple[str, str]],
               body: bytes, keep: bool) -> None:
         try:
-            head = render_head(status, headers, len(body), keep, req.version, self._date,
-                               self._server_line)
+            head = render_head(status, headers,
+                               len(body) if status != 204 and status != 304 else None,
+                               keep, req.version, self._date, self._server_line)
         except (ValueError, UnicodeEncodeError) as e:
             self.app_errors += 1
             self._log_error(f"aem.http: bad response header for {req.method} {req.target}: {e}")
@@ -677,7 +678,8 @@ class HTTPServer:
                                keep, req.version, self._date, self._server_line)
         n = len(body)
         if n < 16384:
-            conn.out.append(head + body if n and req.method != "HEAD" and status != 304 else head)
+            conn.out.append(head + body if n and req.method != "HEAD" and status not in (204, 304)
+                            else head)
         else:
             conn.out.append(head)
             if req.method != "HEAD":
