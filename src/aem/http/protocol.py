@@ -444,8 +444,9 @@ class RequestParser:
                 if self._head_raw > lim.max_request_line + lim.max_header_size:
                     return self._fail(431, "request head too large")
         if self.phase == IDLE:
-            self._partial.clear()
-            self._partial_len = 0
+            if self._partial_len:
+                self._partial.clear()
+                self._partial_len = 0
         elif self._partial_len < 16384:
             self._partial.append(bytes(data))
             self._partial_len += len(data)

@@ -209,7 +209,12 @@ class _Conn:
             if self.read_stopped and not self.eof:
                 self.read_stopped = False
                 srv.engine.control(self.eid, _EV_START)
-            self.deadline = time.monotonic_ns() + srv._idle_ns
+            phase = self.parser.phase
+            dl = time.monotonic_ns() + (srv._idle_ns if phase == IDLE else
+                                        srv._header_ns if phase == 1 else srv._body_ns)
+            self.deadline = dl
+            if dl < self.check:
+                srv._schedule(self, dl)
         except Exception as e:
             self.server._internal_error(self, e)
 
