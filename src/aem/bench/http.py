@@ -405,10 +405,21 @@ _UNITS = {"us": 1.0, "ms": 1000.0, "s": 1e6}
 
 
 def _lat_us(text: str) -> float:
+    """A wrk latency (``"642.00us"``, ``"1.53ms"``) in µs; NaN when absent or 0.
+
+    wrk sometimes prints ``0.00us`` percentiles for pipelined runs (its
+    histogram loses the requests of a batch): such a figure is no measurement.
+    """
     m = re.fullmatch(r"([\d.]+)(us|ms|s)", text.strip())
-    if not m:
+    if not m or float(m.group(1)) == 0:
         return float("nan")
     return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def finite_median(values: Sequence[float]) -> float | None:
+    """The median of the values that are numbers (not NaN), or None."""
+    ok = [v for v in values if v == v]
+    return statistics.median(ok) if ok else None
 
 
 def wrk_pipeline_script(tmp: Path, path: str, depth: int = PIPELINE) -> Path:
@@ -541,7 +552,10 @@ def _measure(ctx: Context, tmp: Path, servers: list[Server], cases: Sequence[_Ca
             ctx.record(case.name, variant, "server CPU/req", statistics.median(cpu_us), "µs",
                        "lower", cpu_us)
             for metric, vals in (("p50 latency", p50), ("p99 latency", p99)):
-                ctx.record(case.name, variant, metric, statistics.median(vals), "µs", "lower", vals)
+                med = finite_median(vals)
+                if med is not None:
+                    ctx.record(case.name, variant, metric, med, "µs", "lower",
+                               [v for v in vals if v == v])
 
 
 def _plot(ctx: Context) -> None:

@@ -43,6 +43,7 @@ from .http import (
     HELLO_PATH,
     Server,
     _pythonpath,
+    finite_median,
     have_wrk,
     make_root,
     make_servers,
@@ -372,10 +373,11 @@ def _measure(ctx: Context, servers: list[Server], levels: Sequence[int], seconds
                     rps.append(res.rps)
                     errors += res.errors
                 note = f"{errors} errors" if errors else ""
-                ctx.record(case, variant, "p50 latency", statistics.median(p50), "µs", "lower",
-                           p50, note)
-                ctx.record(case, variant, "p99 latency", statistics.median(p99), "µs", "lower",
-                           p99, note)
+                for metric, vals in (("p50 latency", p50), ("p99 latency", p99)):
+                    med = finite_median(vals)
+                    if med is not None:
+                        ctx.record(case, variant, metric, med, "µs", "lower",
+                                   [v for v in vals if v == v], note)
                 ctx.record(case, variant, "req/s", statistics.median(rps), "req/s", "higher", rps)
                 if s.proc is not None and s.proc.poll() is not None:
                     ctx.note(f"{s.name} exited at {level} idle connections")
