@@ -59,6 +59,7 @@ import aem
 from . import status as _status
 from .app import App, Response
 from .protocol import (
+    _LINES,
     CONTINUE,
     CONTINUE_RESPONSE,
     IDLE,
@@ -82,6 +83,7 @@ _time = time.time
 _EV_STOP = aem.EVJOBSTOP
 _EV_START = aem.EVJOBSTART
 _IMPLEMENTED = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"
+_STATUS_PATH = _status.PATH
 
 
 @dataclass(frozen=True, slots=True)
@@ -407,6 +409,7 @@ class HTTPServer:
         self.status_page = status_page
         self.read_size = read_size
         self._server_line = f"Server: {server_name}\r\n".encode("latin-1")
+        self._ok_prefix = b"HTTP/1.1 200 OK\r\n" + self._server_line
         self._sock = sock
         self._own_sock = sock is None
         self._bind = (host, port)
@@ -622,7 +625,7 @@ class HTTPServer:
         if not keep:
             conn.closing = True
         target = req.target
-        if self.status_page and target.startswith(_status.PATH) and req.path == _status.PATH:
+        if target.startswith(_STATUS_PATH) and self.status_page and req.path == _STATUS_PATH:
             self._status_response(conn, req, keep)
             return
         if self.app is not None:
@@ -671,9 +674,21 @@ class HTTPServer:
 
     def _send(self, conn: _Conn, req: Request, status: int, headers: list[tuple[str, str]],
               body: bytes, keep: bool) -> None:
+        n = len(body)
         try:
-            head = render_head(status, headers,
-                               len(body) if status != 204 and status != 304 else None,
+            if (status == 200 and keep and len(headers) == 1 and n < 16384
+                    and req.version == "1.1" and req.method != "HEAD"):
+                # the usual answer: one field (its Content-Type), kept alive, a small body
+                line = _LINES.get(headers[0])
+                if line is not None:
+                    conn.out.append(b"%s%s%sContent-Length: %d\r\n\r\n%s" % (
+                        self._ok_prefix, self._date, line, n, body))
+                    conn.out_len += n + 128
+                    self._by_class[2] += 1
+                    if self.access_log is not None:
+                        self._log_access(conn, req, 200, n)
+                    return
+            head = render_head(status, headers, n if status != 204 and status != 304 else None,
                                keep, req.version, self._date, self._server_line)
         except (ValueError, UnicodeEncodeError) as e:
             self.app_errors += 1
