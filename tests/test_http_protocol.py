@@ -318,3 +318,11 @@ def test_error_response_and_date() -> None:
     assert resp.startswith(b"HTTP/1.1 413 Content Too Large\r\n")
     assert b"Connection: close" in resp and resp.endswith(b"413 Content Too Large\ntoo big\n")
     assert error_response(400, "", False, "1.1", line, b"", head_only=True).endswith(b"\r\n\r\n")
+
+
+def test_public_names_are_exported() -> None:
+    import aem.http
+
+    for name in aem.http.__all__:
+        assert getattr(aem.http, name) is not None
+    assert aem.http.Request is Request and aem.http.Limits is Limits
