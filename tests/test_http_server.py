@@ -309,6 +309,11 @@ def test_access_log(server: Server) -> None:
     line = next(ln for ln in server.stdout().splitlines() if "/hello?from=log-test" in ln)
     assert re.match(r'127\.0\.0\.1 - - \[[^\]]+\] "GET /hello\?from=log-test HTTP/1\.1" 200 13$',
                     line)
+    get(server.port, '/hello?q="quoted"')  # a quote cannot break the log's format
+    deadline = time.monotonic() + 3
+    while "q=\\x22quoted" not in server.stdout() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert '"GET /hello?q=\\x22quoted\\x22 HTTP/1.1" 200' in server.stdout()
 
 
 # -- static files --------------------------------------------------------------------------------

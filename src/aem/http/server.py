@@ -759,7 +759,11 @@ class HTTPServer:
     # -- logging ---------------------------------------------------------------------------
 
     def _log_access(self, conn: _Conn, req: Request, status: int, length: int) -> None:
-        self._log_line(conn, f'"{req.method} {req.target} HTTP/{req.version}"', status, length)
+        target = req.target
+        if not target.isprintable() or '"' in target:  # no control bytes into the log
+            target = "".join(c if " " <= c <= "~" and c != '"' else f"\\x{ord(c):02x}"
+                             for c in target)
+        self._log_line(conn, f'"{req.method} {target} HTTP/{req.version}"', status, length)
 
     def _log_line(self, conn: _Conn, request_line: str, status: int, length: int) -> None:
         log = self.access_log
