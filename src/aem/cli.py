@@ -1,4 +1,4 @@
-"""The ``aem`` command: ``aem demo``, ``aem stats``, ``aem bench``."""
+"""The ``aem`` command: ``aem demo``, ``aem stats``, ``aem bench``, ``aem serve``."""
 
 from __future__ import annotations
 
@@ -33,6 +33,36 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    import aem
+    import aem.http
+
+    if not os.path.isdir(args.root):
+        print(f"aem serve: --root {args.root!r} is not a directory", file=sys.stderr)
+        return 2
+    if args.workers < 1:
+        print("aem serve: --workers must be >= 1", file=sys.stderr)
+        return 2
+    if args.workers > 1:
+        if not hasattr(aem, "CapsulePool"):
+            print("aem serve: --workers > 1 needs aem capsules (aem.CapsulePool), "
+                  "which this build does not have; run with --workers 1", file=sys.stderr)
+            return 2
+        from aem.http.server import serve_workers
+
+        return serve_workers(args.root, args.host, args.port, args.workers, quiet=args.quiet)
+    try:
+        reason = aem.http.serve(args.root, host=args.host, port=args.port, quiet=args.quiet)
+    except OSError as e:
+        print(f"aem serve: cannot listen on {args.host}:{args.port}: {e.strerror or e}",
+              file=sys.stderr)
+        return 1
+    print(f"aem serve: stopped ({reason})", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``aem`` command."""
     parser = argparse.ArgumentParser(prog="aem", description="aem: an asynchronous event mechanism for Linux")
@@ -52,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small sizes, few rounds: checks that suites run")
     p.add_argument("--out", default="bench-results", help="directory for results.json, results.md and plots")
     p.set_defaults(fn=_cmd_bench)
+
+    p = sub.add_parser("serve", help="AEMhttpd: serve the files of a directory over HTTP/1.1")
+    p.add_argument("--root", default=".", help="directory to serve (default: the current one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="single-threaded engines sharing the port (>1 needs aem capsules)")
+    p.add_argument("--quiet", action="store_true", help="no access log")
+    p.set_defaults(fn=_cmd_serve)
     return parser
 
 

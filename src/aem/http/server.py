@@ -1,0 +1,848 @@
+"""AEMhttpd: an HTTP/1.1 server in one thread, driven by aem events.
+
+Where a request travels::
+
+    aem.Accept(listen)  ──► _on_accept: TCP_NODELAY, a _Conn, aem.Read(conn) registered
+    aem.Read(conn)      ──► _Conn.on_read: RequestParser.feed(bytes) ─► events, in order
+                             Request  ─► status page | app(request) | static files | 404
+                             CONTINUE ─► "100 Continue"
+                             HttpError ─► the error response, then close
+                         ──► responses appended to the connection's output, flushed
+                             once per read (pipelined responses leave in one send())
+    aem.Writable(conn)  ──► registered only while the client does not take what is sent
+                             (EAGAIN); meanwhile the connection's Read is stopped
+                             (EVJOBSTOP) and parsed-but-unanswered requests wait:
+                             output is bounded, and so is the work done for a client
+                             that does not read
+    aem.Timer(tick)     ──► _sweep: the connections whose deadline passed are closed
+
+Protocol decisions live in :mod:`.protocol` (what the bytes mean, what to
+answer) and :mod:`.static` (which file, which span); this module moves bytes.
+
+Timeouts (:class:`Timeouts`; a connection's deadline follows its state):
+
+* ``idle`` (15 s): no request in progress — a keep-alive connection between
+  requests, or a new one that has sent nothing yet;
+* ``header`` (10 s): from the first byte of a request to the end of its
+  headers, however the bytes trickle in (slowloris) — answered 408;
+* ``body`` (30 s): the longest pause while a request body arrives — 408;
+* ``send`` (30 s): the longest time the client takes none of a pending
+  response;
+* ``linger`` (2 s): after the last response of a connection the server
+  closes, how long it waits for the client to close its side (reading and
+  dropping what comes), so that the response is not destroyed by a reset.
+
+Deadlines are checked by one periodic timer (every ``min(1 s, shortest
+timeout / 4)``) against a heap of (check time, connection); a request only
+stores its connection's new deadline (one attribute), and the sweep touches
+a connection only when its check time comes, so ten thousand idle
+connections cost the sweep nothing.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import itertools
+import os
+import resource
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import aem
+
+from . import status as _status
+from .app import App, Response
+from .protocol import (
+    _LINES,
+    CONTINUE,
+    CONTINUE_RESPONSE,
+    IDLE,
+    DateClock,
+    HttpError,
+    Limits,
+    Request,
+    RequestParser,
+    error_response,
+    render_head,
+)
+from .static import StaticFiles
+
+__all__ = ["HTTPServer", "Timeouts", "raise_nofile_limit", "serve_workers"]
+
+_HIGH_WATER = 64 * 1024      # flush the output of a batch of pipelined requests past this
+_MAX_FILES = 16              # open files queued on one connection before a flush
+_ACCEPT_PAUSE = 0.25         # seconds without accepting after EMFILE/ENFILE
+_MSG_MORE = getattr(socket, "MSG_MORE", 0)
+_time = time.time
+_EV_STOP = aem.EVJOBSTOP
+_EV_START = aem.EVJOBSTART
+_IMPLEMENTED = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"
+_STATUS_PATH = _status.PATH
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds before a connection is closed, by state (see the module doc)."""
+
+    idle: float = 15.0
+    header: float = 10.0
+    body: float = 30.0
+    send: float = 30.0
+    linger: float = 2.0
+
+    def __post_init__(self) -> None:
+        for name in ("idle", "header", "body", "send", "linger"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"timeout {name} must be > 0 seconds")
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; return the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+class _FileSpan:
+    """``remaining`` bytes of open file ``fd`` from ``offset``, to go out with sendfile."""
+
+    __slots__ = ("fd", "offset", "remaining")
+
+    def __init__(self, fd: int, offset: int, remaining: int) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.remaining = remaining
+
+
+class _Conn:
+    """One client connection: its parser, its pending output, its deadline."""
+
+    __slots__ = (
+        "addr", "backlog", "check", "closed", "closing", "deadline", "eid", "eof", "fd", "files",
+        "lingering", "out", "out_len", "parser", "read_stopped", "server", "sock", "weid",
+    )
+
+    def __init__(self, server: HTTPServer, sock: socket.socket, addr: Any) -> None:
+        self.server = server
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.addr = addr
+        self.parser = RequestParser(server.limits)
+        self.eid = 0
+        self.weid = 0              # the Writable registration while output is blocked
+        self.out: list[bytes | memoryview | _FileSpan] = []
+        self.out_len = 0
+        self.files = 0
+        self.backlog: list[Any] | None = None   # parsed events waiting for output room
+        self.deadline = 0
+        self.check = 0
+        self.closed = False
+        self.closing = False       # the last response is queued: close once it is out
+        self.lingering = False     # our side is shut: waiting for the client's FIN
+        self.eof = False           # the client closed its side (or reset)
+        self.read_stopped = False
+
+    # -- events ----------------------------------------------------------------------------
+
+    def on_read(self, ev: Any) -> None:
+        """aem.Read handler: parse what came, answer it, re-arm the deadline."""
+        if ev.eof:
+            self._on_eof()
+            return
+        if self.lingering:
+            return
+        srv = self.server
+        try:
+            events = self.parser.feed(ev.data)
+            if events:
+                srv._dispatch(self, events)
+                if self.closed:
+                    return
+        except Exception as e:
+            srv._internal_error(self, e)
+            return
+        p = self.parser
+        if self.weid or self.lingering:
+            return
+        if p.phase == IDLE:
+            dl = ev.time_ns + srv._idle_ns
+        elif p.phase == 1:  # HEAD: the deadline runs from the head's first byte
+            if not p.new_head:
+                return
+            p.new_head = False
+            dl = ev.time_ns + srv._header_ns
+        else:
+            dl = ev.time_ns + srv._body_ns
+        self.deadline = dl
+        if dl < self.check:
+            srv._schedule(self, dl)
+
+    def on_writable(self, ev: Any) -> None:
+        """aem.Writable handler: the client took some output; send more, resume when drained."""
+        try:
+            if not self.flush():
+                return
+            srv = self.server
+            backlog = self.backlog
+            if backlog is not None:
+                self.backlog = None
+                srv._dispatch(self, backlog)
+                if self.closed or self.weid or self.lingering:
+                    return
+            elif self.closing:
+                self.finish()
+                return
+            elif self.eof:
+                self.close()
+                return
+            if self.read_stopped and not self.eof:
+                self.read_stopped = False
+                srv.engine.control(self.eid, _EV_START)
+            phase = self.parser.phase
+            dl = time.monotonic_ns() + (srv._idle_ns if phase == IDLE else
+                                        srv._header_ns if phase == 1 else srv._body_ns)
+            self.deadline = dl
+            if dl < self.check:
+                srv._schedule(self, dl)
+        except Exception as e:
+            self.server._internal_error(self, e)
+
+    def _on_eof(self) -> None:
+        """The client closed its side, or the connection failed."""
+        self.eof = True
+        self.parser.feed_eof()
+        if self.lingering or (not self.out and self.backlog is None):
+            self.close()
+        # else: responses are still going out; on_writable closes when they are done
+
+    # -- output ----------------------------------------------------------------------------
+
+    def flush(self) -> bool:
+        """Send what can be sent now.  True when everything went out.
+
+        On EAGAIN, waits for aem.Writable (and stops reading); on a send error
+        (the client reset) closes the connection and returns False.
+        """
+        out = self.out
+        srv = self.server
+        if len(out) == 1 and type(out[0]) is bytes and not self.weid:
+            # the common case: one batch of responses, all in memory
+            data = out[0]
+            try:
+                n = self.sock.send(data)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                srv.resets += 1
+                self.close()
+                return False
+            srv.bytes_out += n
+            if n == len(data):
+                out.clear()
+                self.out_len = 0
+                return True
+            out[0] = memoryview(data)[n:]
+            return self._block()
+        sock = self.sock
+        while out:
+            item = out[0]
+            if isinstance(item, _FileSpan):
+                try:
+                    n = os.sendfile(self.fd, item.fd, item.offset, min(item.remaining, 1 << 30))
+                except BlockingIOError:
+                    return self._block()
+                except OSError:
+                    srv.resets += 1
+                    self.close()
+                    return False
+                if n == 0:  # the file shrank under us: the promised length cannot be kept
+                    self.close()
+                    return False
+                srv.bytes_out += n
+                item.offset += n
+                item.remaining -= n
+                if item.remaining == 0:
+                    os.close(item.fd)
+                    self.files -= 1
+                    del out[0]
+                continue
+            n_items = 1
+            if len(out) > 1:
+                while n_items < len(out) and type(out[n_items]) is not _FileSpan:
+                    n_items += 1
+            chunk: bytes | memoryview
+            if n_items == 1:
+                chunk = item
+            else:
+                chunk = b"".join(out[:n_items])  # type: ignore[arg-type]
+            flags = _MSG_MORE if n_items < len(out) else 0
+            try:
+                n = sock.send(chunk, flags)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                srv.resets += 1
+                self.close()
+                return False
+            srv.bytes_out += n
+            if n < len(chunk):
+                del out[:n_items]
+                out.insert(0, memoryview(chunk)[n:])
+                return self._block()
+            del out[:n_items]
+        self.out_len = 0
+        if self.weid:
+            srv.engine.unregister(self.weid, True)
+            self.weid = 0
+        return True
+
+    def _block(self) -> bool:
+        """Output is stuck: wait for Writable, stop reading, arm the send deadline."""
+        srv = self.server
+        if not self.weid:
+            self.weid = srv.engine.register(aem.Writable(self.sock), self.on_writable)
+            if not self.read_stopped and not self.eof and not self.lingering:
+                self.read_stopped = True
+                srv.engine.control(self.eid, _EV_STOP)
+        dl = time.monotonic_ns() + srv._send_ns
+        self.deadline = dl
+        if dl < self.check:
+            srv._schedule(self, dl)
+        return False
+
+    def finish(self) -> None:
+        """Every response is out and the connection ends: shut our side, linger for the FIN."""
+        if self.eof:
+            self.close()
+            return
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close()
+            return
+        self.lingering = True
+        srv = self.server
+        if self.read_stopped:
+            self.read_stopped = False
+            srv.engine.control(self.eid, _EV_START)
+        dl = time.monotonic_ns() + srv._linger_ns
+        self.deadline = dl
+        if dl < self.check:
+            srv._schedule(self, dl)
+
+    def close(self) -> None:
+        """Release everything: registrations, queued files, the socket."""
+        if self.closed:
+            return
+        self.closed = True
+        eng = self.server.engine
+        if not eng.closed:
+            if self.eid:
+                eng.unregister(self.eid, True)
+            if self.weid:
+                eng.unregister(self.weid, True)
+        self.weid = 0
+        for item in self.out:
+            if type(item) is _FileSpan:
+                os.close(item.fd)
+        self.out.clear()
+        self.backlog = None
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.server._conns.discard(self)
+
+
+class HTTPServer:
+    """An HTTP/1.1 server on aem events: static files under ``root``, an ``app``, or both.
+
+    ``app(request)`` (see :mod:`aem.http.app`) is asked first; when it
+    returns None, or there is no app, the static files under ``root``
+    answer; without a root, 404.  ``/_aem/status`` shows the process's
+    statistics unless ``status_page=False``.
+
+    ``host``/``port`` (port 0: any free port; see :attr:`port`) or a ready
+    listening ``sock``.  ``access_log``: a text stream for one line per
+    request (Common Log Format), or None.  ``error_log``: where errors go
+    (default stderr).  ``engine``: the aem engine to run on (default: the
+    process's).  ``reuse_port`` sets ``SO_REUSEPORT`` (several processes on
+    one port).  ``pool``: a capsule pool whose statistics the status page
+    shows.
+
+    Raises ``OSError`` when the address cannot be bound and
+    ``NotADirectoryError`` for a root that is not a directory.
+
+    >>> server = HTTPServer(root="public", port=8080)   # doctest: +SKIP
+    >>> server.start(); server.run()                     # doctest: +SKIP
+    """
+
+    def __init__(self, app: App | None = None, root: str | os.PathLike[str] | None = None,
+                 host: str = "127.0.0.1", port: int = 8080, *, sock: socket.socket | None = None,
+                 limits: Limits | None = None, timeouts: Timeouts | None = None,
+                 access_log: TextIO | None = None, error_log: TextIO | None = None,
+                 server_name: str = "aem", backlog: int = 4096, reuse_port: bool = False,
+                 engine: aem.Engine | None = None, pool: object = None, status_page: bool = True,
+                 read_size: int = 65536) -> None:
+        self.app = app
+        self.static = StaticFiles(root) if root is not None else None
+        self.host = host
+        self.limits = limits or Limits()
+        self.timeouts = timeouts or Timeouts()
+        self.access_log = access_log
+        self.error_log = error_log if error_log is not None else sys.stderr
+        self.engine: aem.Engine = engine if engine is not None else aem.current()
+        self.pool = pool
+        self.status_page = status_page
+        self.read_size = read_size
+        self._server_line = f"Server: {server_name}\r\n".encode("latin-1")
+        self._ok_prefix = b"HTTP/1.1 200 OK\r\n" + self._server_line
+        self._sock = sock
+        self._own_sock = sock is None
+        self._bind = (host, port)
+        self._backlog = backlog
+        self._reuse_port = reuse_port
+        t = self.timeouts
+        self._idle_ns = int(t.idle * 1e9)
+        self._header_ns = int(t.header * 1e9)
+        self._body_ns = int(t.body * 1e9)
+        self._send_ns = int(t.send * 1e9)
+        self._linger_ns = int(t.linger * 1e9)
+        self._tick = min(1.0, min(t.idle, t.header, t.body, t.send, t.linger) / 4)
+        self._clock = DateClock()
+        self._date = self._clock.line()
+        self._date_next = 0
+        #: ``time.time()`` when the batch of requests being answered arrived.
+        self.now = _time()
+        self._log_sec = -1
+        self._log_time = ""
+        self._conns: set[_Conn] = set()
+        self._heap: list[tuple[int, int, _Conn]] = []
+        self._seq = itertools.count()
+        self._accept_eid = 0
+        self._timer_eid = 0
+        self._resume_eid = 0
+        self._prev_error_handler: Any = None
+        self._started = False
+        # counters (see stats())
+        self.accepted = 0
+        self.requests = 0
+        self.bytes_out = 0
+        self.resets = 0
+        self.timeouts_fired = 0
+        self.app_errors = 0
+        self.accept_pauses = 0
+        self._by_class = [0] * 6
+        self.started_at = time.time()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The port the server listens on (useful after binding port 0)."""
+        if self._sock is None:
+            return self._bind[1]
+        return int(self._sock.getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        """``http://host:port/``."""
+        return f"http://{self.host}:{self.port}/"
+
+    def start(self) -> None:
+        """Bind and listen (unless given a socket), raise ``RLIMIT_NOFILE``, register the events."""
+        if self._started:
+            return
+        raise_nofile_limit()
+        if self._sock is None:
+            host, port = self._bind
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            s = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if self._reuse_port:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                s.bind((host, port))
+                s.listen(self._backlog)
+            except BaseException:
+                s.close()
+                raise
+            self._sock = s
+        eng = self.engine
+        self._accept_eid = eng.register(aem.Accept(self._sock), self._on_accept)
+        self._timer_eid = eng.register(aem.Timer(self._tick, interval=self._tick), self._sweep)
+        self._prev_error_handler = eng.set_error_handler(self._on_engine_error)
+        self._started = True
+
+    def run(self, timeout: float | None = None) -> str:
+        """Start if needed and deliver events until stopped; returns why ``aem.run`` ended."""
+        self.start()
+        try:
+            return str(self.engine.run(timeout))
+        finally:
+            self._flush_log()
+
+    def close(self) -> None:
+        """Stop listening, close every connection, unregister the server's events."""
+        eng = self.engine
+        for conn in list(self._conns):
+            conn.close()
+        if not eng.closed:
+            for eid in (self._accept_eid, self._timer_eid, self._resume_eid):
+                if eid:
+                    eng.unregister(eid, True)
+            if self._started:
+                eng.set_error_handler(self._prev_error_handler)
+        self._accept_eid = self._timer_eid = self._resume_eid = 0
+        if self._sock is not None and self._own_sock:
+            self._sock.close()
+        self._heap.clear()
+        self._started = False
+        self._flush_log()
+
+    def __enter__(self) -> HTTPServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def stats(self) -> dict[str, Any]:
+        """The server's counters: connections, requests, responses by class, bytes, timeouts ..."""
+        return {
+            "connections": len(self._conns),
+            "accepted": self.accepted,
+            "requests": self.requests,
+            "responses": {f"{i}xx": n for i, n in enumerate(self._by_class) if i and n},
+            "bytes_out": self.bytes_out,
+            "client_resets": self.resets,
+            "timeouts": self.timeouts_fired,
+            "app_errors": self.app_errors,
+            "accept_pauses": self.accept_pauses,
+            "uptime_s": round(time.time() - self.started_at, 1),
+        }
+
+    # -- connections -----------------------------------------------------------------------
+
+    def _on_accept(self, ev: Any) -> None:
+        sock: socket.socket = ev.conn
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = _Conn(self, sock, ev.addr)
+        try:
+            conn.eid = self.engine.register(aem.Read(sock, self.read_size), conn.on_read)
+        except Exception:
+            sock.close()
+            raise
+        self.accepted += 1
+        self._conns.add(conn)
+        dl = ev.time_ns + self._idle_ns
+        conn.deadline = dl
+        conn.check = dl
+        heapq.heappush(self._heap, (dl, next(self._seq), conn))
+
+    def _schedule(self, conn: _Conn, when: int) -> None:
+        conn.check = when
+        heapq.heappush(self._heap, (when, next(self._seq), conn))
+
+    def _sweep(self, ev: Any) -> None:
+        """The periodic timer: close the connections whose deadline passed."""
+        now = time.monotonic_ns()
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            t, _, conn = heapq.heappop(heap)
+            if conn.closed or t != conn.check:
+                continue
+            if conn.deadline <= now:
+                self._expire(conn)
+            else:
+                conn.check = conn.deadline
+                heapq.heappush(heap, (conn.deadline, next(self._seq), conn))
+        self._flush_log()
+
+    def _expire(self, conn: _Conn) -> None:
+        self.timeouts_fired += 1
+        if not conn.lingering and not conn.weid and conn.parser.phase != IDLE and not conn.out:
+            # a request was arriving too slowly: say so (best effort), then close
+            try:
+                conn.sock.send(error_response(408, "request not received in time", False, "1.1",
+                                              self._clock.line(), self._server_line))
+            except OSError:
+                pass
+        conn.close()
+
+    # -- requests --------------------------------------------------------------------------
+
+    def _dispatch(self, conn: _Conn, events: list[Any]) -> None:
+        """Answer ``events`` in order; flush; queue the rest if the client stops reading."""
+        now = _time()
+        if now >= self._date_next:
+            self._date = self._clock.line(now)
+            self._date_next = int(now) + 1
+        self.now = now
+        out = conn.out
+        for i, ev in enumerate(events):
+            if type(ev) is Request:
+                self._respond(conn, ev)
+            elif ev is CONTINUE:
+                out.append(CONTINUE_RESPONSE)
+            elif type(ev) is HttpError:
+                self._error(conn, ev)
+            if conn.closing or conn.closed:
+                break
+            if conn.out_len > _HIGH_WATER or conn.files >= _MAX_FILES:
+                if not conn.flush():
+                    if not conn.closed and i + 1 < len(events):
+                        conn.backlog = events[i + 1:]
+                    return
+        if conn.closed:
+            return
+        if len(out) > 1 and not conn.files:
+            out[:] = [b"".join(out)]  # type: ignore[arg-type]
+        if conn.flush():
+            if conn.closing:
+                conn.finish()
+            elif conn.eof:
+                conn.close()
+
+    def _respond(self, conn: _Conn, req: Request) -> None:
+        req.client = conn.addr
+        self.requests += 1
+        keep = req.keep_alive
+        if not keep:
+            conn.closing = True
+        target = req.target
+        if target.startswith(_STATUS_PATH) and self.status_page and req.path == _STATUS_PATH:
+            self._status_response(conn, req, keep)
+            return
+        if self.app is not None:
+            try:
+                result = self.app(req)
+            except Exception:
+                self.app_errors += 1
+                self._log_error(f"aem.http: exception in the app for {req.method} {target}:\n"
+                                + traceback.format_exc())
+                result = Response(b"500 Internal Server Error\n", 500)
+            if result is not None:
+                if type(result) is not Response:
+                    if isinstance(result, (bytes, str)):
+                        result = Response(result)
+                    else:
+                        self.app_errors += 1
+                        self._log_error(f"aem.http: the app returned {type(result).__name__} for "
+                                        f"{req.method} {target}: expected a Response")
+                        result = Response(b"500 Internal Server Error\n", 500)
+                assert isinstance(result, Response)
+                self._send(conn, req, result.status, result.headers, result.body, keep)
+                return
+        if self.static is not None:
+            sr = self.static.respond(req.method, req.path, req.headers, req.query, self.now)
+            st = sr.status
+            length = None if st == 204 or st == 304 else sr.length
+            head = render_head(st, sr.headers, length, keep, req.version, self._date,
+                               self._server_line)
+            if sr.fd >= 0:
+                if req.method == "HEAD" or sr.length == 0:
+                    sr.close()
+                    conn.out.append(head)
+                else:
+                    conn.out.append(head)
+                    conn.out.append(_FileSpan(sr.fd, sr.offset, sr.length))
+                    conn.files += 1
+            else:
+                conn.out.append(head if req.method == "HEAD" else head + sr.body)
+            conn.out_len += len(head) + len(sr.body)
+            self._by_class[st // 100] += 1
+            if self.access_log is not None:
+                self._log_access(conn, req, st, sr.length)
+            return
+        self._send(conn, req, 404, [("Content-Type", "text/plain; charset=utf-8")],
+                   b"404 Not Found\n", keep)
+
+    def _send(self, conn: _Conn, req: Request, status: int, headers: list[tuple[str, str]],
+              body: bytes, keep: bool) -> None:
+        n = len(body)
+        try:
+            if (status == 200 and keep and len(headers) == 1 and n < 16384
+                    and req.version == "1.1" and req.method != "HEAD"):
+                # the usual answer: one field (its Content-Type), kept alive, a small body
+                line = _LINES.get(headers[0])
+                if line is not None:
+                    conn.out.append(b"%s%s%sContent-Length: %d\r\n\r\n%s" % (
+                        self._ok_prefix, self._date, line, n, body))
+                    conn.out_len += n + 128
+                    self._by_class[2] += 1
+                    if self.access_log is not None:
+                        self._log_access(conn, req, 200, n)
+                    return
+            head = render_head(status, headers, n if status != 204 and status != 304 else None,
+                               keep, req.version, self._date, self._server_line)
+        except (ValueError, UnicodeEncodeError) as e:
+            self.app_errors += 1
+            self._log_error(f"aem.http: bad response header for {req.method} {req.target}: {e}")
+            status, body = 500, b"500 Internal Server Error\n"
+            head = render_head(500, [("Content-Type", "text/plain; charset=utf-8")], len(body),
+                               keep, req.version, self._date, self._server_line)
+        n = len(body)
+        if n < 16384:
+            conn.out.append(head + body if n and req.method != "HEAD" and status not in (204, 304)
+                            else head)
+        else:
+            conn.out.append(head)
+            if req.method != "HEAD":
+                conn.out.append(body)
+        conn.out_len += len(head) + n
+        self._by_class[status // 100] += 1
+        if self.access_log is not None:
+            self._log_access(conn, req, status, len(body))
+
+    def _status_response(self, conn: _Conn, req: Request, keep: bool) -> None:
+        data = _status.collect(self.stats(), self.pool)
+        if _status.wants_json(req.headers.get("accept")):
+            body, ctype = _status.render_json(data), "application/json"
+        else:
+            body, ctype = _status.render_html(data), "text/html; charset=utf-8"
+        self._send(conn, req, 200, [("Content-Type", ctype), ("Cache-Control", "no-store")],
+                   body, keep)
+
+    def _error(self, conn: _Conn, err: HttpError) -> None:
+        conn.closing = True
+        extra = [("Allow", _IMPLEMENTED)] if err.status == 501 else None
+        conn.out.append(error_response(err.status, err.detail, False, "1.1", self._date,
+                                       self._server_line, extra=extra))
+        self._by_class[err.status // 100] += 1
+        if self.access_log is not None:
+            self._log_line(conn, f"- {err.status} -", err.status, 0)
+
+    def _internal_error(self, conn: _Conn, exc: BaseException) -> None:
+        self._log_error("aem.http: internal error on a connection (closed):\n"
+                        + "".join(traceback.format_exception(exc)))
+        conn.close()
+
+    # -- engine errors: a full fd table must not spin the accept loop ----------------------
+
+    def _on_engine_error(self, exc: BaseException, event: Any) -> None:
+        if (event is None and isinstance(exc, OSError)
+                and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)):
+            self._pause_accepting(exc)
+            return
+        prev: Callable[[BaseException, Any], object] | None = self._prev_error_handler
+        (prev or aem.default_error_handler)(exc, event)
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        if self._resume_eid or not self._accept_eid:
+            return
+        self.accept_pauses += 1
+        self._log_error(f"aem.http: cannot accept ({exc.strerror}); pausing accepts for "
+                        f"{_ACCEPT_PAUSE} s with {len(self._conns)} connections open")
+        self.engine.control(self._accept_eid, _EV_STOP)
+        self._resume_eid = self.engine.register(aem.Timer(_ACCEPT_PAUSE), self._resume_accepting)
+
+    def _resume_accepting(self, ev: Any) -> None:
+        self._resume_eid = 0
+        if self._accept_eid:
+            self.engine.control(self._accept_eid, _EV_START)
+
+    # -- logging ---------------------------------------------------------------------------
+
+    def _log_access(self, conn: _Conn, req: Request, status: int, length: int) -> None:
+        target = req.target
+        if not target.isprintable() or '"' in target:  # no control bytes into the log
+            target = "".join(c if " " <= c <= "~" and c != '"' else f"\\x{ord(c):02x}"
+                             for c in target)
+        self._log_line(conn, f'"{req.method} {target} HTTP/{req.version}"', status, length)
+
+    def _log_line(self, conn: _Conn, request_line: str, status: int, length: int) -> None:
+        log = self.access_log
+        if log is None:
+            return
+        now = int(time.time())
+        if now != self._log_sec:
+            self._log_sec = now
+            self._log_time = time.strftime("[%d/%b/%Y:%H:%M:%S +0000]", time.gmtime(now))
+        addr = conn.addr[0] if isinstance(conn.addr, tuple) else "-"
+        log.write(f"{addr} - - {self._log_time} {request_line} {status} {length}\n")
+
+    def _log_error(self, text: str) -> None:
+        try:
+            self.error_log.write(text if text.endswith("\n") else text + "\n")
+            self.error_log.flush()
+        except (OSError, ValueError):
+            pass
+
+    def _flush_log(self) -> None:
+        if self.access_log is not None:
+            try:
+                self.access_log.flush()
+            except (OSError, ValueError):
+                pass
+
+
+def serve_workers(root: str | os.PathLike[str], host: str, port: int, workers: int,
+                  quiet: bool = False) -> int:
+    """``aem serve --workers N``: N servers in ``EVF_CAPSULE | EVF_KEEPALIVE`` capsules.
+
+    Each worker is one single-threaded engine in its own capsule, with its own
+    listening socket on the same port (``SO_REUSEPORT``: the kernel spreads
+    the connections).  Worker ``i`` is the job of its own user event, fired
+    once; when a worker dies, its job's ``ChildExit`` fires the event again
+    and a fresh capsule takes its place.  SIGINT/SIGTERM end the parent's
+    ``run()``; the jobs are then shut down (``EVJOBSHTDN`` ends their
+    processes).  Needs ``aem.CapsulePool``; raises ``RuntimeError`` without it.
+    """
+    if not hasattr(aem, "CapsulePool"):
+        raise RuntimeError("--workers > 1 needs aem capsules (aem.CapsulePool)")
+    # Fail early, in the parent, if the address cannot be had.
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        probe.bind((host, port))
+    pool = aem.CapsulePool(size=workers, reserve=0)
+    flags = aem.EVF_CAPSULE | aem.EVF_KEEPALIVE
+
+    def worker(ev: Any) -> None:
+        server = HTTPServer(root=root, host=host, port=port, reuse_port=True, pool=None,
+                            access_log=None if quiet else sys.stdout)
+        try:
+            server.run()
+        finally:
+            server.close()
+
+    jobs: list[tuple[Any, int]] = []
+    for _ in range(workers):
+        start = aem.UserEvent()
+        eid = aem.register(start, worker, flags=flags, pool=pool)
+
+        def replace(ev: Any, start: Any = start) -> None:
+            print(f"aem serve: worker {ev.pid} ended ({ev.returncode}); starting another",
+                  file=sys.stderr, flush=True)
+            start.fire()
+
+        aem.register(aem.ChildExit(job=eid), replace)
+        jobs.append((start, eid))
+    for start, _ in jobs:
+        start.fire()
+    print(f"aem serve: http://{host}:{port}/ with {workers} workers (pid {os.getpid()})",
+          file=sys.stderr, flush=True)
+    try:
+        reason = aem.current().keepalive()
+    finally:
+        for _, eid in jobs:
+            try:
+                aem.control(eid, aem.EVJOBSHTDN)
+            except aem.AemError:
+                pass
+    print(f"aem serve: stopped ({reason})", file=sys.stderr)
+    return 0
