@@ -1,8 +1,4 @@
-"""Engine behaviour AEMhttpd had to work around (the server does; the engine should).
-
-Marked ``xfail(strict=True)``: the tests fail today and document the issue; once
-the engine is fixed they pass, strict mode flags the XPASS, and the marker goes.
-"""
+"""Engine behaviour AEMhttpd relies on: accept() out of descriptors must not spin."""
 
 from __future__ import annotations
 
@@ -11,8 +7,6 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-
-import pytest
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 
@@ -42,9 +36,6 @@ EMFILE_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=True, reason="engine: accept4() failing with EMFILE is reported to the "
-                   "error handler on every epoll_wait (level-triggered, the connection stays in "
-                   "the backlog): the loop spins at 100% CPU")
 def test_accept_emfile_does_not_spin() -> None:
     """With the fd table full, an Accept registration must not turn the loop into a busy spin.
 

@@ -467,7 +467,7 @@ class RequestParser:
     def _unknown_method_status(self, data: bytes | bytearray | memoryview, phase0: int) -> int:
         """501 if the offending request starts with a method-like token, else 400."""
         if phase0 == IDLE and self._begins <= 1:
-            start = bytes(data[:200]).lstrip(b"\r\n")  # the bad request is the first of this feed
+            start = bytes(memoryview(data)[:200]).lstrip(b"\r\n")  # the bad request opens this feed
         elif self._partial_len >= 16384:
             return 400
         else:

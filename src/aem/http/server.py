@@ -77,7 +77,6 @@ __all__ = ["HTTPServer", "Timeouts", "raise_nofile_limit", "serve_workers"]
 
 _HIGH_WATER = 64 * 1024      # flush the output of a batch of pipelined requests past this
 _MAX_FILES = 16              # open files queued on one connection before a flush
-_ACCEPT_PAUSE = 0.25         # seconds without accepting after EMFILE/ENFILE
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)
 _time = time.time
 _EV_STOP = aem.EVJOBSTOP
@@ -434,7 +433,7 @@ class HTTPServer:
         self._seq = itertools.count()
         self._accept_eid = 0
         self._timer_eid = 0
-        self._resume_eid = 0
+        self._last_pause_log = 0.0
         self._prev_error_handler: Any = None
         self._started = False
         # counters (see stats())
@@ -501,12 +500,12 @@ class HTTPServer:
         for conn in list(self._conns):
             conn.close()
         if not eng.closed:
-            for eid in (self._accept_eid, self._timer_eid, self._resume_eid):
+            for eid in (self._accept_eid, self._timer_eid):
                 if eid:
                     eng.unregister(eid, True)
             if self._started:
                 eng.set_error_handler(self._prev_error_handler)
-        self._accept_eid = self._timer_eid = self._resume_eid = 0
+        self._accept_eid = self._timer_eid = 0
         if self._sock is not None and self._own_sock:
             self._sock.close()
         self._heap.clear()
@@ -732,29 +731,21 @@ class HTTPServer:
                         + "".join(traceback.format_exception(exc)))
         conn.close()
 
-    # -- engine errors: a full fd table must not spin the accept loop ----------------------
+    # -- engine errors: out of descriptors -------------------------------------------------------
 
     def _on_engine_error(self, exc: BaseException, event: Any) -> None:
         if (event is None and isinstance(exc, OSError)
                 and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)):
-            self._pause_accepting(exc)
+            # The engine pauses the Accept for a moment by itself (no spinning); say so, once a second.
+            self.accept_pauses += 1
+            now = time.monotonic()
+            if now - self._last_pause_log >= 1.0:
+                self._last_pause_log = now
+                self._log_error(f"aem.http: cannot accept ({exc.strerror}); accepting pauses briefly "
+                                f"with {len(self._conns)} connections open")
             return
         prev: Callable[[BaseException, Any], object] | None = self._prev_error_handler
         (prev or aem.default_error_handler)(exc, event)
-
-    def _pause_accepting(self, exc: OSError) -> None:
-        if self._resume_eid or not self._accept_eid:
-            return
-        self.accept_pauses += 1
-        self._log_error(f"aem.http: cannot accept ({exc.strerror}); pausing accepts for "
-                        f"{_ACCEPT_PAUSE} s with {len(self._conns)} connections open")
-        self.engine.control(self._accept_eid, _EV_STOP)
-        self._resume_eid = self.engine.register(aem.Timer(_ACCEPT_PAUSE), self._resume_accepting)
-
-    def _resume_accepting(self, ev: Any) -> None:
-        self._resume_eid = 0
-        if self._accept_eid:
-            self.engine.control(self._accept_eid, _EV_START)
 
     # -- logging ---------------------------------------------------------------------------
 
