@@ -36,7 +36,8 @@ test: install lint typecheck
 	cd tests && ../$(VENV)/bin/python -m pytest -q -p no:cacheprovider
 
 run: install
-	$(VENV)/bin/aem demo
+	@echo "AEMhttpd: open http://127.0.0.1:8080/ (status page: http://127.0.0.1:8080/_aem/status); Ctrl-C stops it"
+	$(VENV)/bin/aem serve --root demo-site --host 127.0.0.1 --port 8080
 
 bench: install
 	$(VENV)/bin/aem bench

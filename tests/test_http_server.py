@@ -572,11 +572,8 @@ def test_cli_serve_runs_and_stops_on_sigterm(tmp_path: Path) -> None:
 def test_cli_serve_errors(tmp_path: Path) -> None:
     r = _aem("serve", "--root", str(tmp_path / "missing"))
     assert r.returncode == 2 and "not a directory" in r.stderr
-    import aem
-
-    if not hasattr(aem, "CapsulePool"):
-        r = _aem("serve", "--root", str(tmp_path), "--workers", "2")
-        assert r.returncode == 2 and "--workers > 1 needs aem capsules" in r.stderr
+    r = _aem("serve", "--root", str(tmp_path), "--workers", "0")
+    assert r.returncode == 2 and "--workers must be >= 1" in r.stderr
 
 
 FD_LIMIT_SCRIPT = textwrap.dedent("""
@@ -624,3 +621,49 @@ def test_out_of_descriptors_the_server_pauses_accepting(tmp_path: Path) -> None:
             c.close()
         proc.kill()
         proc.wait()
+
+
+def test_workers_share_the_port_and_a_dead_one_is_replaced(tmp_path: Path) -> None:
+    from conftest import children_of
+
+    (tmp_path / "index.html").write_text("ok")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "aem.cli", "serve", "--root", str(tmp_path), "--port",
+                             str(port), "--workers", "2", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert get(port, "/")[2] == b"ok"
+                break
+            except (OSError, ConnectionError):
+                assert time.monotonic() < deadline, "the workers never answered"
+                time.sleep(0.2)
+
+        def workers() -> set[int]:
+            found: set[int] = set()
+            for template in children_of(proc.pid):
+                found |= children_of(template)
+            return found
+
+        first = workers()
+        assert len(first) >= 2
+        victim = sorted(first)[0]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while victim in workers() or len(workers()) < 2:
+            assert time.monotonic() < deadline, "the dead worker was not replaced"
+            time.sleep(0.1)
+        for _ in range(10):
+            assert get(port, "/")[2] == b"ok"
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err
+        assert "starting another" in err and "stopped (terminated)" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

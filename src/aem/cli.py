@@ -46,10 +46,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print("aem serve: --workers must be >= 1", file=sys.stderr)
         return 2
     if args.workers > 1:
-        if not hasattr(aem, "CapsulePool"):
-            print("aem serve: --workers > 1 needs aem capsules (aem.CapsulePool), "
-                  "which this build does not have; run with --workers 1", file=sys.stderr)
-            return 2
         from aem.http.server import serve_workers
 
         return serve_workers(args.root, args.host, args.port, args.workers, quiet=args.quiet)
@@ -88,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     p.add_argument("--workers", type=int, default=1,
-                   help="single-threaded engines sharing the port (>1 needs aem capsules)")
+                   help="single-threaded engines in capsules sharing the port (SO_REUSEPORT)")
     p.add_argument("--quiet", action="store_true", help="no access log")
     p.set_defaults(fn=_cmd_serve)
     return parser

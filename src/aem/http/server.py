@@ -792,10 +792,8 @@ def serve_workers(root: str | os.PathLike[str], host: str, port: int, workers: i
     once; when a worker dies, its job's ``ChildExit`` fires the event again
     and a fresh capsule takes its place.  SIGINT/SIGTERM end the parent's
     ``run()``; the jobs are then shut down (``EVJOBSHTDN`` ends their
-    processes).  Needs ``aem.CapsulePool``; raises ``RuntimeError`` without it.
+    processes).
     """
-    if not hasattr(aem, "CapsulePool"):
-        raise RuntimeError("--workers > 1 needs aem capsules (aem.CapsulePool)")
     # Fail early, in the parent, if the address cannot be had.
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -833,7 +831,7 @@ def serve_workers(root: str | os.PathLike[str], host: str, port: int, workers: i
         for _, eid in jobs:
             try:
                 aem.control(eid, aem.EVJOBSHTDN)
-            except aem.AemError:
+            except (aem.AemError, aem.UnknownEventError):
                 pass
     print(f"aem serve: stopped ({reason})", file=sys.stderr)
     return 0
