@@ -37,3 +37,16 @@ def test_suite_runs_quick(suite: str, tmp_path: Path) -> None:
 def test_unknown_suite_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         bench.run(["nosuch"], quick=True, out_dir=tmp_path)
+
+
+def test_soak_runs_quick(tmp_path: Path) -> None:
+    import shutil
+
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed")
+    p = run_script(f"from aem.cli import main; raise SystemExit(main(['bench', 'soak', '--quick', "
+                   f"'--out', {str(tmp_path)!r}]))", timeout=240)
+    assert p.returncode == 0, p.stderr
+    rows = json.loads((tmp_path / "results.json").read_text())["suites"]["soak"]["rows"]
+    metrics = {r["metric"]: r["value"] for r in rows}
+    assert metrics["requests/s (median run)"] > 0 and metrics["socket errors + non-2xx/3xx"] == 0
