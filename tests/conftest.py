@@ -72,9 +72,14 @@ def _no_leftover_children() -> Iterator[None]:
     assert not left, f"child processes left behind: {sorted(left)}"
 
 
+#: Where the aem under test is imported from (the installed package under `make test`,
+#: src/ in a development checkout): child Pythons must import the same one.
+AEM_PATH = os.path.dirname(os.path.dirname(aem.__file__))
+
+
 def run_script(code: str, timeout: float = 30, **kw: object) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh Python with aem importable; return the completed process."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(aem.__file__))  # the aem under test
+    env["PYTHONPATH"] = AEM_PATH
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
                           text=True, timeout=timeout, env=env, **kw)  # type: ignore[call-overload]

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from aem.cli import build_parser, main
-from conftest import run_script
+from conftest import AEM_PATH, run_script
 
 
 def test_stats_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
@@ -29,9 +29,8 @@ def test_demo_stops_on_sigterm() -> None:
     import time
 
     env = dict(os.environ)
-    import aem
 
-    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(aem.__file__))
+    env["PYTHONPATH"] = AEM_PATH
     p = subprocess.Popen([sys.executable, "-c", "from aem.cli import main; raise SystemExit(main(['demo']))"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 import aem
-from conftest import run_script
+from conftest import AEM_PATH, run_script
 
 
 def test_async_delivery_interrupts_a_busy_loop() -> None:
@@ -172,7 +172,7 @@ def test_async_input_is_interrupted_and_resumes() -> None:
     import sys as _sys
     import textwrap
 
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(aem.__file__)))
+    env = dict(os.environ, PYTHONPATH=AEM_PATH)
     p = subprocess.Popen([_sys.executable, "-c", textwrap.dedent(code)], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:

@@ -6,9 +6,8 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
-SRC = str(Path(__file__).resolve().parent.parent / "src")
+from conftest import AEM_PATH
 
 EMFILE_SCRIPT = textwrap.dedent("""
     import os, resource, socket
@@ -47,7 +46,7 @@ def test_accept_emfile_does_not_spin() -> None:
     or libuv's spare-descriptor trick that accepts and closes the connection).
     AEMhttpd pauses its Accept registration itself for 0.25 s on such an error.
     """
-    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=AEM_PATH)
     out = subprocess.run([sys.executable, "-c", EMFILE_SCRIPT], capture_output=True, text=True,
                          timeout=30, env=env)
     assert out.returncode == 0, out.stderr

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-SRC = str(Path(__file__).resolve().parent.parent / "src")
+from conftest import AEM_PATH
+
 SECRET = b"SECRET-OUTSIDE-THE-ROOT"
 
 SERVER_SCRIPT = textwrap.dedent("""
@@ -82,7 +83,7 @@ class Server:
 def _start(tmp: Path, script: str, args: list[str]) -> tuple[subprocess.Popen[bytes], int]:
     (tmp / "server.py").write_text(script)
     portfile = tmp / "port"
-    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=AEM_PATH)
     with open(tmp / "stdout.log", "wb") as out, open(tmp / "stderr.log", "wb") as err:
         proc = subprocess.Popen([sys.executable, str(tmp / "server.py"), *args, str(portfile)],
                                 stdout=out, stderr=err, env=env)
@@ -536,7 +537,7 @@ def test_status_page_in_a_real_browser(server: Server, tmp_path: Path) -> None:
 # -- the command line --------------------------------------------------------------------------
 
 def _aem(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=AEM_PATH)
     return subprocess.run([sys.executable, "-m", "aem.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
@@ -546,7 +547,7 @@ def test_cli_serve_runs_and_stops_on_sigterm(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=AEM_PATH)
     proc = subprocess.Popen([sys.executable, "-m", "aem.cli", "serve", "--root", str(tmp_path),
                              "--port", str(port), "--quiet"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

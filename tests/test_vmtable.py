@@ -27,6 +27,7 @@ import pytest
 import aem
 from aem import _core
 from aem.vmtable import Shortage
+from conftest import AEM_PATH
 
 PAGE = os.sysconf("SC_PAGESIZE")
 
@@ -64,7 +65,7 @@ def address(buf: Any) -> int:
 def run_python(code: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh interpreter with this aem importable."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(aem.__file__))
+    env["PYTHONPATH"] = AEM_PATH
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
                           text=True, timeout=timeout, env=env)
 

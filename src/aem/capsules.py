@@ -223,7 +223,8 @@ def _rebuild(kind: str, attrs: dict[str, Any], fds: list[int]) -> ProcessEvent:
 # ---- messages on SOCK_SEQPACKET sockets ----------------------------------------------------------
 
 
-def _send(sock: socket.socket, obj: Any, fds: list[int] = ()) -> None:  # type: ignore[assignment]
+def _send(sock: socket.socket, obj: Any, fds: list[int] = (),  # type: ignore[assignment]
+          flags: int = 0) -> None:
     data = pickle.dumps(obj, protocol=5)
     fds = list(fds)
     memfd = -1
@@ -235,10 +236,10 @@ def _send(sock: socket.socket, obj: Any, fds: list[int] = ()) -> None:  # type: 
     else:
         data = b"P" + data
     if not fds:
-        sock.send(data)
+        sock.send(data, flags)
         return
     try:
-        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_array(fds).tobytes())])
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_array(fds).tobytes())], flags)
     finally:
         if memfd >= 0:
             os.close(memfd)
@@ -248,9 +249,9 @@ def _fd_array(fds: list[int]) -> array.array[int]:
     return array.array("i", fds)
 
 
-def _recv(sock: socket.socket) -> tuple[Any, list[int]] | None:
+def _recv(sock: socket.socket, flags: int = 0) -> tuple[Any, list[int]] | None:
     """One message and the fds that came with it; None at end of stream."""
-    data, anc, _flags, _addr = sock.recvmsg(_MAX_INLINE + 16, socket.CMSG_SPACE(_FDS_MAX * 4))
+    data, anc, _flags, _addr = sock.recvmsg(_MAX_INLINE + 16, socket.CMSG_SPACE(_FDS_MAX * 4), flags)
     if not data:
         return None
     fds: list[int] = []
@@ -268,6 +269,20 @@ def _recv(sock: socket.socket) -> tuple[Any, list[int]] | None:
             os.close(memfd)
         return pickle.loads(data), fds
     return pickle.loads(data[1:]), fds
+
+
+def _flush_stdio() -> None:
+    """Before fork(): what the application printed must not come out once per child."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
+def _report_error(chan: socket.socket, err: str) -> None:
+    """Tell the parent a handler raised, without ever blocking on it (the parent reads
+    these when the process ends; beyond what the socket holds they are dropped)."""
+    with contextlib.suppress(OSError):
+        _send(chan, ("error", err), flags=socket.MSG_DONTWAIT)
 
 
 def _child_signals() -> None:
@@ -340,17 +355,15 @@ def _capsule_main(chan: socket.socket, table: dict[int, Callable[[Any], object]]
                 _release_shared(event)
             if op == "run":
                 if err is not None:
-                    _send(chan, ("error", err))
+                    _report_error(chan, err)
                 code = 0 if err is None else 1
                 break
             if err is not None:  # attached: report, go on
                 print(f"aem capsule {os.getpid()}: handler of event {eid} raised:\n{err}", file=sys.stderr)
-                with contextlib.suppress(OSError):
-                    _send(chan, ("error", err))
+                _report_error(chan, err)
                 code = 1
-    except BaseException as e:
-        with contextlib.suppress(Exception):
-            _send(chan, ("error", _error_text(e)))
+    except BaseException as e:  # a capsule never lets an exception escape
+        _report_error(chan, _error_text(e))
         code = 1
     finally:
         with contextlib.suppress(Exception):
@@ -389,7 +402,7 @@ def _template_main(ctl: socket.socket, table: dict[int, Callable[[Any], object]]
         eng = _engine_mod.current()
         template_pid = os.getpid()
         children: set[int] = set()
-        state = {"exit": False}
+        state = {"exit": False, "retiring": False}
 
         def reap(ev: object = None) -> None:
             while True:
@@ -403,10 +416,13 @@ def _template_main(ctl: socket.socket, table: dict[int, Callable[[Any], object]]
                     children.discard(pid)
                     with contextlib.suppress(OSError):
                         _send(ctl, ("exited", pid, os.waitstatus_to_exitcode(status)))
+                    if state["retiring"] and not children:
+                        state["exit"] = True
+                        eng.stop()
 
         def command(ev: object) -> None:
             try:
-                msg = _recv(ctl)
+                msg = _recv(ctl, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return
             if msg is None:
@@ -416,6 +432,12 @@ def _template_main(ctl: socket.socket, table: dict[int, Callable[[Any], object]]
             (op, *args), fds = msg
             if op == "spawn":
                 (token,) = args
+                if state["retiring"]:
+                    for fd in fds:
+                        os.close(fd)
+                    _send(ctl, ("spawn_failed", token, 0, "template retired"))
+                    return
+                _flush_stdio()
                 try:
                     pid = os.fork()
                 except OSError as e:
@@ -443,11 +465,16 @@ def _template_main(ctl: socket.socket, table: dict[int, Callable[[Any], object]]
             elif op == "deny_fork":
                 _core._deny_process_creation(args[0])
                 _send(ctl, ("denied",))
+            elif op == "retire":  # no new capsules; end once the running ones have
+                state["retiring"] = True
+                if not children:
+                    state["exit"] = True
+                    eng.stop()
             elif op == "exit":
                 state["exit"] = True
                 eng.stop()
 
-        ctl.setblocking(False)
+        ctl.setblocking(True)  # reports to the parent always go out; reads use MSG_DONTWAIT
         eng.register(_engine_mod_signal(signal.SIGCHLD), reap)
         eng.register(_engine_mod_readable(ctl), command)
         gc.freeze()  # pages shared with the capsules stay shared
@@ -627,16 +654,7 @@ class CapsulePool:
         """Make a new template from the application as it is now (with its current handlers)."""
         with self._lock:
             self._check_open()
-            self._counters["refreshes"] += 1
-            for t in self._templates:
-                if not t.retired:
-                    t.retired = True
-                    with contextlib.suppress(OSError):
-                        _send(t.ctl, ("exit",))
-            for cap in list(self._idle):
-                self._release(cap)
-            self._idle.clear()
-            self._start_template()
+            self._refresh_locked()
         self._wake()
 
     def close(self, timeout: float = 2.0) -> None:
@@ -691,11 +709,8 @@ class CapsulePool:
         act = _Activation(eid, handler, kind, attrs, socks, flags, priority)
         with self._lock:
             self._counters["activations"] += 1
-            if flags & _core.EVF_KEEPALIVE and eid in self._attached:
-                cap = self._attached[eid]
-                self._send_to(cap, act, attach=True)
-                return
-            if self._dispatch(act):
+            # An occurrence never overtakes an earlier one of the same event still waiting.
+            if not any(a.eid == eid for a in self._pending) and self._dispatch(act):
                 # No wake-up of the manager here: the capsule's exit, reported by the
                 # template, is what makes it refill (a wake-up would make the manager
                 # thread contend for the GIL right on the activation's path).
@@ -704,11 +719,17 @@ class CapsulePool:
         self._wake()  # no capsule was free: the manager makes more
 
     def _dispatch(self, act: _Activation) -> bool:
-        """With the lock: give ``act`` to an idle capsule if one may take it."""
+        """With the lock: give ``act`` to a capsule if one may take it (False: it waits)."""
+        keep = bool(act.flags & _core.EVF_KEEPALIVE)
+        if keep and act.eid in self._attached:
+            self._send_to(self._attached[act.eid], act, attach=True)
+            return True
+        if not self._reachable(act):
+            self._refresh_for(act)  # a template that knows the handler; act waits for it
+            return False
         cap = self._take_idle(act.priority)
         if cap is None:
             return False
-        keep = bool(act.flags & _core.EVF_KEEPALIVE)
         cap.job, cap.flags = act.eid, act.flags
         cap.state = "attached" if keep else "busy"
         if keep:
@@ -723,27 +744,30 @@ class CapsulePool:
             return None
         return self._idle.popleft()
 
+    def _live_template(self) -> _Template | None:
+        live = [t for t in self._templates if t.alive and not t.retired]
+        return live[-1] if live else None
+
+    def _reachable(self, act: _Activation) -> bool:
+        """Can a capsule of the live template get this handler (by id, or pickled)?"""
+        t = self._live_template()
+        if t is not None and act.eid in t.table:
+            return True
+        return self._blob(act) is not None
+
+    def _blob(self, act: _Activation) -> bytes | None:
+        cached = self._blobs.get(act.eid)
+        if cached is not None and cached[0] is act.handler:
+            return cached[1]
+        try:
+            blob = pickle.dumps(act.handler, protocol=5)
+        except Exception:
+            return None
+        self._blobs[act.eid] = (act.handler, blob)
+        return blob
+
     def _send_to(self, cap: _Capsule, act: _Activation, attach: bool) -> None:
-        blob = None
-        if act.eid not in cap.template.table:
-            cached = self._blobs.get(act.eid)
-            if cached is not None and cached[0] is act.handler:
-                blob = cached[1]
-            else:
-                try:
-                    blob = pickle.dumps(act.handler, protocol=5)
-                    self._blobs[act.eid] = (act.handler, blob)
-                except Exception:
-                    blob = None
-        if blob is None and act.eid not in cap.template.table:
-            # A handler the template does not know and pickle cannot name: refresh, retry.
-            cap.state = "idle"
-            if attach:
-                self._attached.pop(act.eid, None)
-            self._idle.appendleft(cap)
-            self._pending.appendleft(act)
-            self._refresh_locked()
-            return
+        blob = None if act.eid in cap.template.table else self._blob(act)
         msg = ("keep" if attach else "run", act.eid, blob, act.kind, act.attrs)
         fds = [s.fileno() for s in act.socks]
         if cap.backlog:
@@ -754,37 +778,44 @@ class CapsulePool:
         except BlockingIOError:
             cap.backlog.append((msg, fds, act.socks))
             return
-        except OSError as e:  # the capsule died: its exit will be reported; this event failed
+        except OSError as e:  # the capsule died before taking it: this event failed (once)
+            cap.state, cap.job = "dead", 0
+            if self._attached.get(act.eid) is cap:
+                del self._attached[act.eid]
             self._fail(act, f"capsule {cap.pid} could not take the event: {e}")
             return
         self._close_socks(act.socks)
 
-    def _refresh_locked(self) -> None:
-        if any(not t.retired and t.table == self._current_table() for t in self._templates):
-            return
+    def _refresh_for(self, act: _Activation) -> None:
+        """Start a template that knows ``act``'s handler, unless the newest one does."""
+        newest = self._templates[-1] if self._templates else None
+        if newest is not None and newest.alive and act.eid in newest.table:
+            return  # already on its way
+        self._refresh_locked({act.eid: act.handler})
+
+    def _refresh_locked(self, extra: dict[int, Callable[[Any], object]] | None = None) -> None:
+        """Retire the templates (they end once their busy capsules have), start a new one."""
         self._counters["refreshes"] += 1
         for t in self._templates:
             if not t.retired:
                 t.retired = True
                 with contextlib.suppress(OSError):
-                    _send(t.ctl, ("exit",))
+                    _send(t.ctl, ("retire",))
         for cap in list(self._idle):
             self._release(cap)
         self._idle.clear()
-        self._start_template()
+        waiting = {a.eid: a.handler for a in self._pending}
+        self._start_template({**waiting, **(extra or {})})
 
     # -- the template --------------------------------------------------------------------------------
 
-    def _current_table(self) -> frozenset[int]:
-        if self._engine.closed:
-            return frozenset()
-        return frozenset(eid for eid, _h, _f in self._engine._handlers(_core.EVF_CAPSULE))
-
-    def _start_template(self) -> None:
+    def _start_template(self, extra: dict[int, Callable[[Any], object]] | None = None) -> None:
         handlers = {} if self._engine.closed else {
             eid: h for eid, h, _f in self._engine._handlers(_core.EVF_CAPSULE)}
+        handlers.update(extra or {})
         keep_fds = () if self._engine.closed else (self._engine._user_channel().fileno(),)
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        _flush_stdio()
         try:
             pid = os.fork()
         except OSError:
@@ -859,7 +890,7 @@ class CapsulePool:
                 break
             self._pending.popleft()
         live = [t for t in self._templates if t.alive and not t.retired]
-        if not live:
+        if not live and not self._templates_starting():
             try:
                 self._start_template()
             except OSError as e:
@@ -882,6 +913,9 @@ class CapsulePool:
                 act = self._pending.popleft()
                 self._fail(act, "no capsule available: the kernel refused to create a process "
                                 f"({self._spawn_errors[-1][1]})")
+
+    def _templates_starting(self) -> bool:
+        return False
 
     def _spawn(self, t: _Template) -> None:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -940,7 +974,7 @@ class CapsulePool:
             elif op == "denied":
                 t.denied.set()
 
-    def _exited(self, pid: int, code: int) -> None:
+    def _exited(self, pid: int, code: int, note: str = "") -> None:
         cap = self._by_pid.pop(pid, None)
         if cap is None:
             return
@@ -959,6 +993,8 @@ class CapsulePool:
             error = errors[-1] if errors else None
             if code < 0 and error is None:
                 error = f"capsule {pid} was killed by {signal.Signals(-code).name}"
+                if note:
+                    error += f" ({note})"
             if code != 0:
                 self._counters["failed"] += 1
             if not cap.flags & _core.EVF_NOCLDWAIT:
@@ -987,12 +1023,14 @@ class CapsulePool:
             t.ctl.close()
         with contextlib.suppress(ChildProcessError):
             os.waitpid(t.pid, os.WNOHANG)
-        # capsules of a dead template: their exits will never be reported; they end on their own
+        # Capsules of a dead template die with it (parent-death signal); their exits will
+        # never be reported by it: report the busy ones here, forget the others.
         for cap in [c for c in self._capsules.values() if c.template is t]:
-            if cap.state == "starting":
-                self._capsules.pop(cap.token, None)
-                cap.chan.close()
-            elif cap.state == "idle":
+            if cap in self._idle:
+                self._idle.remove(cap)
+            if cap.state in ("busy", "attached"):
+                self._exited(cap.pid, -signal.SIGKILL, note=f"its template {t.pid} died")
+            else:
                 self._release(cap)
 
     def _flush(self, cap: _Capsule) -> None:
@@ -1095,6 +1133,7 @@ def fork_handler(engine: Engine, eid: int, handler: Callable[[Any], object], eve
         return
     parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     parent = os.getpid()
+    _flush_stdio()
     pid = os.fork()
     if pid == 0:
         code = 1
@@ -1111,8 +1150,7 @@ def fork_handler(engine: Engine, eid: int, handler: Callable[[Any], object], eve
                     print(f"aem: EVF_FORK handler of event {eid} raised:\n{err}", file=sys.stderr)
                 _capsule_main(child_end, {eid: handler})
             if err is not None:
-                with contextlib.suppress(Exception):
-                    _send(child_end, ("error", err))
+                _report_error(child_end, err)
             code = 0 if err is None else 1
         finally:
             with contextlib.suppress(Exception):

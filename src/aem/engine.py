@@ -19,6 +19,7 @@ Two ways to deliver, same registrations:
 
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
 import signal
@@ -215,7 +216,9 @@ class Engine(_core.Engine):
                              "(SIGURG, SIGUSR2, a real-time signal ...)")
         if not _core_signal_free(sig):
             raise AemError(f"signal {sig} is registered as an aem.Signal; choose another kick signal")
-        old = signal.signal(sig, _core._kick)
+        prev = signal.signal(sig, _core._kick)
+        # A stop() from another thread could not restore the disposition: it is still ours.
+        old = self._kick[1] if self._kick is not None and self._kick[0] == sig else prev
         try:
             self._start_async(sig)
         except BaseException:
@@ -224,7 +227,10 @@ class Engine(_core.Engine):
         self._kick = (sig, old)
 
     def stop(self) -> None:
-        """End :meth:`run` (after the handler in progress) and asynchronous delivery."""
+        """End :meth:`run` (after the handler in progress) and asynchronous delivery.
+
+        From another thread, the kick signal's disposition stays aem's (harmless) until
+        the next ``start()`` or a ``stop()`` in the main thread restores it."""
         super().stop()
         if self._kick is not None and threading.current_thread() is threading.main_thread():
             sig, old = self._kick
@@ -298,6 +304,14 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@atexit.register
+def _stop_at_exit() -> None:
+    """The doorbell thread must not outlive the interpreter's finalisation."""
+    for eng in list(_engines):
+        if eng.async_delivery and eng.pid == os.getpid():
+            eng.stop()
 
 
 # -- the module-level API: the process's engine -------------------------------------------

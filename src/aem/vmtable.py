@@ -202,10 +202,11 @@ class Shortage(EventSource):
             if engine is None or engine.closed or deliver is None:
                 self._forget(eid)
                 continue
-            if deliver(eid, (size, vmt, None)):
+            delivered = deliver(eid, (size, vmt, None))
+            if delivered:
                 ran += 1
-            else:
-                self._forget(eid)  # unregistered
+            elif delivered is False:
+                self._forget(eid)  # unregistered (None: stopped, still registered)
         return ran
 
     def _forget(self, eid: int) -> None:

@@ -180,12 +180,14 @@ static uint32_t reg_interest(const aem_reg *r) {
     return (uint32_t)r->arg;  /* low 32 bits: the epoll mask */
 }
 
-/* Bring epoll in line with the fd's registrations. */
-static int fd_sync(aem_engine *e, int fd) {
+/* Bring epoll in line with the fd's registrations.  `force`: tell epoll even when
+ * nothing seems to change (a new registration: the fd number may be a new file whose
+ * predecessor, closed without unregistering, epoll has already forgotten). */
+static int fd_sync_ex(aem_engine *e, int fd, int force) {
     aem_fdent *ent = &e->fds[fd];
     uint32_t want = 0;
     for (uint32_t s = ent->head; s; s = aem_slot(e, s - 1)->link) want |= reg_interest(aem_slot(e, s - 1));
-    if (want == ent->events) return 0;
+    if (want == ent->events && !(force && want)) return 0;
     struct epoll_event ev = {.events = want, .data.u64 = (TAG_FD << TAG_SHIFT) | (uint64_t)fd};
     int rc = 0;
     if (want == 0) {
@@ -203,6 +205,8 @@ static int fd_sync(aem_engine *e, int fd) {
     return rc;
 }
 
+static int fd_sync(aem_engine *e, int fd) { return fd_sync_ex(e, fd, 0); }
+
 int aem_engine_arm_fd(aem_engine *e, uint32_t slot, int fd, uint32_t epoll_events) {
     if (fd < 0 || fcntl(fd, F_GETFD) < 0) return -EBADF;
     int rc = fd_reserve(e, fd);
@@ -212,7 +216,7 @@ int aem_engine_arm_fd(aem_engine *e, uint32_t slot, int fd, uint32_t epoll_event
     r->arg = (r->arg & ~(int64_t)0xffffffff) | epoll_events;  /* high bits: kind data */
     r->link = e->fds[fd].head;
     e->fds[fd].head = slot + 1;
-    rc = fd_sync(e, fd);
+    rc = fd_sync_ex(e, fd, 1);
     if (rc < 0) {  /* unlink again */
         e->fds[fd].head = r->link;
         r->fd = -1;
@@ -608,7 +612,7 @@ static void collect_signals(aem_engine *e, int64_t now) {
                 if (r->state == AEM_S_DONE) continue;
                 uint64_t b = ((uint64_t)(uint32_t)recs[i].pid << 32) | recs[i].uid;
                 enqueue(e, slot, r, now, (uint64_t)sig | ((uint64_t)(uint32_t)recs[i].code << 32), b, NULL);
-                if (r->flags & AEM_F_ONESHOT) r->state = AEM_S_DONE;
+                if ((r->flags & AEM_F_ONESHOT) && r->state == AEM_S_ACTIVE) r->state = AEM_S_DONE;
             }
         }
         if ((size_t)n < sizeof recs) break;
@@ -634,7 +638,7 @@ static void collect_inotify(aem_engine *e, int64_t now) {
                 void *name = NULL;
                 if (ev->len && e->host.make_name) name = e->host.make_name(ev->name, strnlen(ev->name, ev->len));
                 enqueue(e, slot, r, now, ev->mask, ev->cookie, name);
-                if (r->flags & AEM_F_ONESHOT) r->state = AEM_S_DONE;
+                if ((r->flags & AEM_F_ONESHOT) && r->state == AEM_S_ACTIVE) r->state = AEM_S_DONE;
             }
         }
     }

@@ -55,6 +55,8 @@ typedef struct EngineObject {
     unsigned long deliver_thread;
     int stop_requested;
     int busy;               /* the last turn delivered something */
+    int in_step;            /* a turn (collect + deliver) is in progress */
+    int ring_owed;          /* a drain was declined: acknowledge the doorbell later */
     uint32_t internal;      /* internal registrations (not counted for idleness) */
     PyObject *error_handler;
     PyObject *spawn_hook;   /* runs handlers of EVF_FORK/EVF_CAPSULE registrations */

@@ -700,7 +700,10 @@ static void default_destructor(EngineObject *self, EventObject *ev) {
      * A block the handler freed or detached itself is left alone; one still viewed
      * by a memoryview is freed when the last view goes. */
     if (ev->kept || ev->kind != AEM_K_READ || !ev->o[0] || PyBytes_CheckExact(ev->o[0])) return;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);  /* a KeyboardInterrupt of the handler must survive */
     if (aem_block_release(ev->o[0]) < 0) PyErr_WriteUnraisable(ev->o[0]);
+    PyErr_Restore(type, value, tb);
 }
 
 /* Run constructor, handler (or spawn hook), destructor.  -1: a BaseException propagates. */
@@ -817,28 +820,24 @@ static int deliver_accept(EngineObject *self, const target_t *t, const aem_occ *
             }
             break;
         }
-        EventObject *ev = aem_event_new(AEM_K_ACCEPT, t->eid, o->time_ns, t->source);
-        if (!ev) {
-            close(conn);
-            return -1;
+        /* The connection becomes a socket.socket (which then owns the fd). */
+        PyObject *family = PyTuple_GET_ITEM(sockargs, 0), *type = PyTuple_GET_ITEM(sockargs, 1);
+        PyObject *proto = PyTuple_GET_ITEM(sockargs, 2);
+        PyObject *fdobj = PyLong_FromLong(conn);
+        PyObject *sock = fdobj ? PyObject_CallFunctionObjArgs(aem_socket_type, family, type, proto, fdobj,
+                                                              NULL) : NULL;
+        Py_XDECREF(fdobj);
+        EventObject *ev = sock ? aem_event_new(AEM_K_ACCEPT, t->eid, o->time_ns, t->source) : NULL;
+        PyObject *addr = ev ? sockaddr_to_py(&ss, len) : NULL;
+        if (!addr) {
+            if (!sock) close(conn);
+            Py_XDECREF(sock);  /* closes conn */
+            Py_XDECREF(ev);
+            rc = report(self, NULL);  /* an Exception goes to the error handler; the loop goes on */
+            break;
         }
-        PyObject *sargs = PyTuple_New(4);
-        if (!sargs) {
-            close(conn);
-            Py_DECREF(ev);
-            return -1;
-        }
-        for (int k = 0; k < 3; k++) PyTuple_SET_ITEM(sargs, k, Py_NewRef(PyTuple_GET_ITEM(sockargs, k)));
-        PyTuple_SET_ITEM(sargs, 3, PyLong_FromLong(conn));
-        ev->o[0] = PyObject_Call(aem_socket_type, sargs, NULL);
-        Py_DECREF(sargs);
-        if (!ev->o[0]) {
-            close(conn);
-            Py_DECREF(ev);
-            Py_DECREF(sockargs);
-            return -1;
-        }
-        ev->o[1] = sockaddr_to_py(&ss, len);
+        ev->o[0] = sock;
+        ev->o[1] = addr;
         ev->b = (uint64_t)conn;
         rc = call_handler(self, t, ev);
         Py_DECREF(ev);
@@ -851,9 +850,9 @@ static int deliver_accept(EngineObject *self, const target_t *t, const aem_occ *
     return rc;
 }
 
-static int deliver_read(EngineObject *self, const target_t *t, const aem_occ *o, aem_reg *r, uint32_t slot) {
-    int fd = r->fd;
-    size_t max = (r->arg >> 32) > 0 ? (size_t)(r->arg >> 32) : 65536;
+static int deliver_read(EngineObject *self, const target_t *t, const aem_occ *o, int fd, int64_t arg,
+                        int *eof) {
+    size_t max = (arg >> 32) > 0 ? (size_t)(arg >> 32) : 65536;
     if (ensure_scratch(self, max) < 0) return -1;
     ssize_t n;
     do {
@@ -866,33 +865,32 @@ static int deliver_read(EngineObject *self, const target_t *t, const aem_occ *o,
         } while (n < 0 && errno == EINTR);
         if (n < 0 && errno == EAGAIN) return 0;
     }
+    /* The bytes leave the scratch buffer before any Python code runs (a nested
+     * delivery would reuse it). */
+    PyObject *data = n > 0 ? make_payload(self, self->scratch, n) : PyBytes_FromStringAndSize(NULL, 0);
+    if (!data) return report(self, NULL);
     EventObject *ev = aem_event_new(AEM_K_READ, t->eid, o->time_ns, t->source);
-    if (!ev) return -1;
+    if (!ev) {
+        Py_DECREF(data);
+        return -1;
+    }
     ev->b = (uint64_t)fd;
-    if (n > 0) {
-        ev->o[0] = make_payload(self, self->scratch, n);
-        if (!ev->o[0]) {
-            int rc = report(self, (PyObject *)ev);
-            Py_DECREF(ev);
-            return rc;
-        }
-    } else {
-        /* End of stream (or an error: aem.Close reports it): no more reads. */
+    ev->o[0] = data;
+    if (n <= 0) {  /* end of stream (or an error: aem.Close reports it) */
         ev->a = 1;
-        ev->o[0] = PyBytes_FromStringAndSize(NULL, 0);
-        aem_engine_disarm(&self->core, slot);
+        *eof = 1;
     }
     int rc = call_handler(self, t, ev);
     Py_DECREF(ev);
     return rc;
 }
 
-static int fill_child(EngineObject *self, EventObject *ev, aem_reg *r) {
+static int fill_child(EngineObject *self, EventObject *ev, int pidfd, int64_t arg, uint16_t flags) {
     siginfo_t info;
     memset(&info, 0, sizeof info);
-    int options = WEXITED | WNOHANG | ((r->flags & AEM_F_NOREAP) ? WNOWAIT : 0);
-    ev->o[0] = PyLong_FromLongLong(r->arg >> 32);
-    if (waitid(P_PIDFD, (id_t)r->fd, &info, options) == 0 && info.si_pid != 0) {
+    int options = WEXITED | WNOHANG | ((flags & AEM_F_NOREAP) ? WNOWAIT : 0);
+    ev->o[0] = PyLong_FromLongLong(arg >> 32);
+    if (waitid(P_PIDFD, (id_t)pidfd, &info, options) == 0 && info.si_pid != 0) {
         int code = info.si_code == CLD_EXITED ? info.si_status : -info.si_status;
         ev->o[1] = PyLong_FromLong(code);
     } else {
@@ -931,6 +929,12 @@ static int deliver_custom(EngineObject *self, const target_t *t, const aem_occ *
     return rc;
 }
 
+/* Unregister the registration of t (if it still exists: Python code may have run). */
+static void finish(EngineObject *self, const target_t *t) {
+    uint32_t slot;
+    if (aem_engine_lookup(&self->core, t->eid, &slot)) unregister_slot(self, slot);
+}
+
 static int deliver_one(EngineObject *self, aem_occ *o) {
     aem_engine *e = &self->core;
     aem_reg *r = aem_slot(e, o->slot);
@@ -946,7 +950,11 @@ static int deliver_one(EngineObject *self, aem_occ *o) {
     } else {
         t.source = obj;
     }
+    /* Everything needed of the registration, read now: any Python code below (even an
+     * allocation that runs the garbage collector) may unregister it or reuse its slot. */
     uint8_t kind = r->kind;
+    int fd = r->fd;
+    int64_t arg = r->arg;
     int finished = kind == AEM_K_CLOSE || kind == AEM_K_CHILD || (t.flags & AEM_F_ONESHOT) ||
                    (kind == AEM_K_TIMER && !(t.flags & AEM_F_PERIODIC));
     /* Our own references: the handler may unregister itself. */
@@ -956,18 +964,17 @@ static int deliver_one(EngineObject *self, aem_occ *o) {
     EventObject *ev = NULL;
     switch (kind) {
     case AEM_K_ACCEPT:
-        if (finished) unregister_slot(self, o->slot);
-        rc = deliver_accept(self, &t, o, r->fd);
+        if (finished) finish(self, &t);
+        rc = deliver_accept(self, &t, o, fd);
         goto done;
-    case AEM_K_READ:
-        rc = deliver_read(self, &t, o, r, o->slot);
-        if (finished) {
-            aem_reg *again = aem_engine_lookup(e, t.eid, NULL);
-            if (again) unregister_slot(self, o->slot);
-        }
+    case AEM_K_READ: {
+        int eof = 0;
+        rc = deliver_read(self, &t, o, fd, arg, &eof);
+        if (finished || eof) finish(self, &t);  /* no Read event follows the end of the stream */
         goto done;
+    }
     case AEM_K_CUSTOM:
-        if (finished) unregister_slot(self, o->slot);
+        if (finished) finish(self, &t);
         rc = deliver_custom(self, &t, o);
         goto done;
     default:
@@ -982,26 +989,26 @@ static int deliver_one(EngineObject *self, aem_occ *o) {
     ev->b = o->b;
     switch (kind) {
     case AEM_K_TIMER:
-        if (r->flags & AEM_F_PERIODIC) {
-            ev->t_interval = r->arg;
-            ev->t_after = r->arg;  /* when it differed, the source object was kept */
+        if (t.flags & AEM_F_PERIODIC) {
+            ev->t_interval = arg;
+            ev->t_after = arg;  /* when it differed, the source object was kept */
         } else {
-            ev->t_after = r->arg;
+            ev->t_after = arg;
         }
         break;
     case AEM_K_READABLE: case AEM_K_WRITABLE:
-        ev->b = (uint64_t)r->fd;
+        ev->b = (uint64_t)fd;
         break;
     case AEM_K_CLOSE: {
         int err = 0;
         socklen_t len = sizeof err;
-        if (getsockopt(r->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) err = 0;
+        if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) err = 0;
         ev->a = (uint64_t)err;
-        ev->b = (uint64_t)r->fd;
+        ev->b = (uint64_t)fd;
         break;
     }
     case AEM_K_CHILD:
-        rc = fill_child(self, ev, r);
+        rc = fill_child(self, ev, fd, arg, t.flags);
         break;
     case AEM_K_JOB: case AEM_K_HOSTED:
         if (o->obj && PyTuple_Check(o->obj)) {
@@ -1019,7 +1026,7 @@ static int deliver_one(EngineObject *self, aem_occ *o) {
         if (!ev->o[0]) PyErr_Clear();
         break;
     }
-    if (finished) unregister_slot(self, o->slot);
+    if (finished) finish(self, &t);
     if (rc == 0) rc = call_handler(self, &t, ev);
 done:
     Py_XDECREF(o->obj);
@@ -1030,9 +1037,18 @@ done:
     return rc;
 }
 
+static int engine_step_inner(EngineObject *self, int timeout_ms);
+
 /* One turn: wait up to timeout_ms, collect, deliver what was pending.
  * Returns the number of occurrences delivered, or -1 with an exception set. */
 static int engine_step(EngineObject *self, int timeout_ms) {
+    self->in_step = 1;
+    int rc = engine_step_inner(self, timeout_ms);
+    self->in_step = 0;
+    return rc;
+}
+
+static int engine_step_inner(EngineObject *self, int timeout_ms) {
     aem_engine *e = &self->core;
     self->deliver_thread = PyThread_get_thread_ident();
     if (e->pqlen) timeout_ms = 0;
@@ -1106,7 +1122,8 @@ static PyObject *engine_run(EngineObject *self, PyObject *args, PyObject *kwds) 
         if (deadline >= 0) {
             int64_t left = deadline - aem_now_ns();
             if (left <= 0 && stepped) { reason = "timeout"; break; }
-            timeout_ms = left <= 0 ? 0 : (int)((left + 999999) / 1000000);  /* run(0): one poll */
+            int64_t ms = (left + 999999) / 1000000;
+            timeout_ms = left <= 0 ? 0 : (int)(ms > INT32_MAX ? INT32_MAX : ms);  /* run(0): one poll */
         }
         if (engine_step(self, timeout_ms) < 0) break;
         stepped = 1;
@@ -1131,8 +1148,11 @@ static PyObject *engine_stop(EngineObject *self, PyObject *noargs) {
 
 /* Deliver everything ready, in the main thread (pending call or kick signal handler). */
 static int drain(EngineObject *self) {
-    if (self->delivering || self->running || self->closed) {
+    if (self->delivering || self->in_step || self->running || self->closed) {
+        /* Not now (a handler or a turn is in progress: handlers never nest).  Whoever
+         * is delivering acknowledges the doorbell when it is done. */
         self->nested++;
+        self->ring_owed = 1;
         return 0;
     }
     self->drains++;
@@ -1145,13 +1165,30 @@ static int drain(EngineObject *self) {
         }
         if (n == 0 && self->core.pqlen == 0) break;
     }
+    /* Occurrences still queued (the budget ran out, or a BaseException stopped us):
+     * make the epoll fd readable so that the doorbell rings again. */
+    if (self->core.pqlen) aem_engine_wake(&self->core);
+    self->ring_owed = 0;
     if (self->async_on) aem_doorbell_ack(&self->doorbell);
     return rc;
 }
 
+/* After a delivery outside any drain or turn (a synchronous _deliver_now): a ring
+ * that came meanwhile was declined; acknowledge it now so the doorbell rings again. */
+static void settle_owed_ring(EngineObject *self) {
+    if (self->ring_owed && !self->delivering && !self->in_step && !self->running && self->async_on) {
+        self->ring_owed = 0;
+        aem_doorbell_ack(&self->doorbell);
+    }
+}
+
 static int pending_drain(void *unused) {
-    if (!async_engine) return 0;
-    return drain(async_engine);
+    EngineObject *self = async_engine;
+    if (!self) return 0;
+    Py_INCREF(self);  /* a handler may stop() and drop the last reference */
+    int rc = drain(self);
+    Py_DECREF(self);
+    return rc;
 }
 
 static void ring(void *arg) {
@@ -1188,7 +1225,7 @@ static PyObject *engine_drain(EngineObject *self, PyObject *noargs) {
 
 /* The Python-level handler of the kick signal: _kick(signum, frame). */
 PyObject *aem_kick(PyObject *module, PyObject *args) {
-    if (async_engine && drain(async_engine) < 0) return NULL;
+    if (pending_drain(NULL) < 0) return NULL;
     Py_RETURN_NONE;
 }
 
@@ -1224,9 +1261,9 @@ static PyObject *engine_push(EngineObject *self, PyObject *args) {
     Py_RETURN_TRUE;
 }
 
-/* _deliver_now(eid, values_tuple) -> bool: deliver synchronously, now, in this thread
- * (vmtable shortages: the handler may free memory before the allocation is retried).
- * False when eid is not registered. */
+/* _deliver_now(eid, values_tuple) -> bool | None: deliver synchronously, now, in this
+ * thread (vmtable shortages: the handler may free memory before the allocation is
+ * retried).  False when eid is not registered, None when it is stopped. */
 static PyObject *engine_deliver_now(EngineObject *self, PyObject *args) {
     PyObject *eid_obj, *values;
     if (!PyArg_ParseTuple(args, "OO!:_deliver_now", &eid_obj, &PyTuple_Type, &values)) return NULL;
@@ -1235,7 +1272,8 @@ static PyObject *engine_deliver_now(EngineObject *self, PyObject *args) {
     if (parse_eid(eid_obj, &eid) < 0) return NULL;
     uint32_t slot;
     aem_reg *r = aem_engine_lookup(&self->core, eid, &slot);
-    if (!r || r->state != AEM_S_ACTIVE) Py_RETURN_FALSE;
+    if (!r) Py_RETURN_FALSE;
+    if (r->state != AEM_S_ACTIVE) Py_RETURN_NONE;  /* stopped (EVJOBSTOP): still registered */
     target_t t = {.handler = r->handler, .eid = eid, .flags = r->flags, .priority = r->priority};
     PyObject *obj = r->obj;
     if (t.flags & AEM_F_EXTRAS) {
@@ -1261,6 +1299,7 @@ static PyObject *engine_deliver_now(EngineObject *self, PyObject *args) {
     Py_DECREF(ev);
     Py_DECREF(t.handler);
     Py_XDECREF(obj);
+    settle_owed_ring(self);
     if (rc < 0) return NULL;
     Py_RETURN_TRUE;
 }

@@ -116,6 +116,15 @@ def machine() -> dict[str, str]:
     }
 
 
+def aem_pythonpath() -> str:
+    """PYTHONPATH for child processes of a suite: the aem being measured, then the rest."""
+    import aem
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(aem.__file__)))
+    old = os.environ.get("PYTHONPATH", "")
+    return here + (os.pathsep + old if old else "")
+
+
 def pin_to_cpu(cpu: int) -> None:
     """Pin the calling process to one CPU (ignored where the CPU does not exist)."""
     try:

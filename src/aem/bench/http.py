@@ -48,7 +48,7 @@ from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
-from ._harness import Context, pin_to_cpu
+from ._harness import Context, aem_pythonpath, pin_to_cpu
 
 HELLO = b"Hello, world!"
 HELLO_PATH = "/hello"
@@ -383,11 +383,7 @@ def _importable(name: str) -> bool:
 
 
 def _pythonpath() -> str:
-    import aem
-
-    src = str(Path(aem.__file__).resolve().parent.parent)
-    old = os.environ.get("PYTHONPATH", "")
-    return src + (os.pathsep + old if old else "")
+    return aem_pythonpath()
 
 
 @dataclass

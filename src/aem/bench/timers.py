@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import aem
 
-from ._harness import Context, distribution, interleave
+from ._harness import Context, aem_pythonpath, distribution, interleave
 from ._plot import bars, cdf
 
 
@@ -96,7 +96,7 @@ def child_main(variant: str, n: int) -> None:
 
 def _measure_in_child(variant: str, n: int) -> dict[str, float]:
     code = f"from aem.bench.timers import child_main; child_main({variant!r}, {n})"
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(aem.__file__)))
+    env = dict(os.environ, PYTHONPATH=aem_pythonpath())
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=env, timeout=600)
     data: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import aem
 
-from ._harness import Context, distribution, interleave, percentile
+from ._harness import Context, aem_pythonpath, distribution, interleave, percentile
 from ._plot import bars, cdf
 
 if TYPE_CHECKING:
@@ -297,7 +297,7 @@ def rss_child(variant: str, in_use: int, pool: int) -> None:
 
 def _rss_in_child(variant: str, in_use: int, pool: int) -> dict[str, float]:
     code = f"from aem.bench.vmtable import rss_child; rss_child({variant!r}, {in_use}, {pool})"
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(aem.__file__)))
+    env = dict(os.environ, PYTHONPATH=aem_pythonpath())
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=env, timeout=300)
     data: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
