@@ -338,3 +338,29 @@ def test_async_mode_leaves_the_fds_as_it_found_them() -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_psi_trigger_events_reach_an_asynchronous_main_thread() -> None:
+    """A PSI trigger reports each event once, to whoever polls first: in async mode the
+    doorbell thread's wait sees it and must hand it over (the CPU pressure file is used:
+    three busy processes on this machine make CPU stalls, a real kernel trigger)."""
+    if not os.path.exists("/proc/pressure/cpu"):
+        pytest.skip("no PSI on this kernel")
+    code = """
+        import aem, subprocess, sys, time
+        n = []
+        aem.register(aem.MemoryPressure(1000, 2_000_000, path="/proc/pressure/cpu"),
+                     lambda ev: n.append(ev.level))
+        hogs = [subprocess.Popen([sys.executable, "-c", "import time\\nt=time.time()\\n"
+                                  "while time.time()-t < 4: pass"]) for _ in range(3)]
+        aem.start()
+        deadline = time.monotonic() + 8
+        while not n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        aem.stop()
+        for h in hogs:
+            h.kill(); h.wait()
+        print(len(n) > 0, n[:1])
+    """
+    p = run_script(code, timeout=60)
+    assert p.stdout.split() == ["True", "['some']"], p.stderr

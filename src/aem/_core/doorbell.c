@@ -3,27 +3,30 @@
 #include "doorbell.h"
 
 #include <errno.h>
-#include <poll.h>
 #include <signal.h>
 #include <string.h>
-#include <sys/eventfd.h>
 #include <unistd.h>
 
 static void *doorbell_main(void *arg) {
     aem_doorbell *d = arg;
-    struct pollfd pfd[2] = {{.fd = d->epfd, .events = POLLIN}, {.fd = d->stopfd, .events = POLLIN}};
+    struct epoll_event evs[AEM_DOORBELL_HANDOVER];
     for (;;) {
         pthread_mutex_lock(&d->lock);
         while ((d->rung || d->paused) && !d->stopping) pthread_cond_wait(&d->cond, &d->lock);
         int stopping = d->stopping;
         pthread_mutex_unlock(&d->lock);
         if (stopping) break;
-        int n = poll(pfd, 2, -1);
+        int n = epoll_wait(d->epfd, evs, AEM_DOORBELL_HANDOVER, -1);
         if (n < 0 && errno != EINTR) break;
-        if (pfd[1].revents) break;
-        if (n <= 0 || !pfd[0].revents) continue;
         pthread_mutex_lock(&d->lock);
-        int ring = !d->paused && !d->stopping && !d->rung;
+        if (d->stopping) {
+            pthread_mutex_unlock(&d->lock);
+            break;
+        }
+        for (int i = 0; i < n; i++)
+            if (d->fragile(evs[i].data.u64) && d->nhandover < AEM_DOORBELL_HANDOVER)
+                d->handover[d->nhandover++] = evs[i];
+        int ring = n > 0 && !d->paused && !d->rung;
         if (ring) {
             d->rung = 1;
             d->rings++;
@@ -34,13 +37,14 @@ static void *doorbell_main(void *arg) {
     return NULL;
 }
 
-int aem_doorbell_start(aem_doorbell *d, int epfd, void (*ring)(void *), void *arg) {
+int aem_doorbell_start(aem_doorbell *d, int epfd, int wakefd, void (*ring)(void *),
+                       int (*fragile)(uint64_t), void *arg) {
     memset(d, 0, sizeof *d);
     d->epfd = epfd;
+    d->wakefd = wakefd;
     d->ring = ring;
+    d->fragile = fragile;
     d->arg = arg;
-    d->stopfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (d->stopfd < 0) return -errno;
     pthread_mutex_init(&d->lock, NULL);
     pthread_cond_init(&d->cond, NULL);
     /* The thread must not take the process's signals (the kick signal in particular). */
@@ -50,8 +54,8 @@ int aem_doorbell_start(aem_doorbell *d, int epfd, void (*ring)(void *), void *ar
     int rc = pthread_create(&d->thread, NULL, doorbell_main, d);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (rc != 0) {
-        close(d->stopfd);
-        d->stopfd = -1;
+        pthread_mutex_destroy(&d->lock);
+        pthread_cond_destroy(&d->cond);
         return -rc;
     }
     return 0;
@@ -62,12 +66,10 @@ void aem_doorbell_stop(aem_doorbell *d) {
     d->stopping = 1;
     pthread_cond_broadcast(&d->cond);
     pthread_mutex_unlock(&d->lock);
-    uint64_t one = 1;
-    ssize_t rc = write(d->stopfd, &one, sizeof one);
+    uint64_t one = 1;  /* out of epoll_wait (the engine reads this wake-up later) */
+    ssize_t rc = write(d->wakefd, &one, sizeof one);
     (void)rc;
     pthread_join(d->thread, NULL);
-    close(d->stopfd);
-    d->stopfd = -1;
     pthread_mutex_destroy(&d->lock);
     pthread_cond_destroy(&d->cond);
 }
@@ -85,4 +87,14 @@ void aem_doorbell_pause(aem_doorbell *d, int paused) {
     if (!paused) d->rung = 0;
     pthread_cond_signal(&d->cond);
     pthread_mutex_unlock(&d->lock);
+}
+
+int aem_doorbell_take(aem_doorbell *d, struct epoll_event *out, int max) {
+    pthread_mutex_lock(&d->lock);
+    int n = d->nhandover < max ? d->nhandover : max;
+    memcpy(out, d->handover, sizeof(*out) * (size_t)n);
+    memmove(d->handover, d->handover + n, sizeof(*out) * (size_t)(d->nhandover - n));
+    d->nhandover -= n;
+    pthread_mutex_unlock(&d->lock);
+    return n;
 }

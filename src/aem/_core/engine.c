@@ -563,6 +563,8 @@ int aem_engine_push(aem_engine *e, uint64_t eid, uint64_t a, uint64_t b, void *o
     return 0;
 }
 
+int aem_engine_event_is_fragile(uint64_t data) { return (data >> TAG_SHIFT) == TAG_REG; }
+
 void aem_engine_wake(aem_engine *e) {
     if (e->wake_pending) return;
     e->wake_pending = 1;

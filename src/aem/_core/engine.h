@@ -227,6 +227,9 @@ int aem_engine_push(aem_engine *e, uint64_t eid, uint64_t a, uint64_t b, void *o
 int aem_engine_pop(aem_engine *e, aem_occ *out);
 /* Wake a wait in progress (from any thread). */
 void aem_engine_wake(aem_engine *e);
+/* An epoll event that polling consumes (a PSI trigger): it must not be lost when
+ * another thread's wait sees it first (the async doorbell). */
+int aem_engine_event_is_fragile(uint64_t data);
 
 int64_t aem_now_ns(void);
 

@@ -1051,6 +1051,11 @@ static int engine_step(EngineObject *self, int timeout_ms) {
 static int engine_step_inner(EngineObject *self, int timeout_ms) {
     aem_engine *e = &self->core;
     self->deliver_thread = PyThread_get_thread_ident();
+    if (self->async_on) {  /* events the doorbell's wait consumed (PSI triggers) */
+        struct epoll_event handed[AEM_DOORBELL_HANDOVER];
+        int k = aem_doorbell_take(&self->doorbell, handed, AEM_DOORBELL_HANDOVER);
+        if (k > 0) aem_engine_collect(e, handed, k);
+    }
     if (e->pqlen) timeout_ms = 0;
     int n = 0;
     /* Busy (the last turn delivered something): more is likely ready; look without
@@ -1209,7 +1214,8 @@ static PyObject *engine_start(EngineObject *self, PyObject *args) {
     self->main_thread = pthread_self();
     self->main_tid = (pid_t)syscall(SYS_gettid);
     kick_signum = signum;
-    int rc = aem_doorbell_start(&self->doorbell, self->core.epfd, ring, self);
+    int rc = aem_doorbell_start(&self->doorbell, self->core.epfd, self->core.wakefd, ring,
+                                aem_engine_event_is_fragile, self);
     if (rc < 0) return set_errno_error(rc, "pthread_create");
     self->async_on = 1;
     direct_kick_all(self, 1);
