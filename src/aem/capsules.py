@@ -475,6 +475,15 @@ def _template_main(ctl: socket.socket, table: dict[int, Callable[[Any], object]]
                 eng.stop()
 
         ctl.setblocking(True)  # reports to the parent always go out; reads use MSG_DONTWAIT
+
+        def fatal(exc: BaseException, ev: object) -> None:
+            # The template cannot go on after a failed command (its socket would stay
+            # readable and spin it): say why and end; the pool starts another.
+            traceback.print_exception(exc)
+            state["exit"] = True
+            eng.stop()
+
+        eng.set_error_handler(fatal)
         eng.register(_engine_mod_signal(signal.SIGCHLD), reap)
         eng.register(_engine_mod_readable(ctl), command)
         gc.freeze()  # pages shared with the capsules stay shared
