@@ -388,12 +388,13 @@ class UserEvent(EventSource):
     engine's datagram channel).  The event carries ``payload``.
     """
 
-    __slots__ = ("__weakref__", "_lock", "_targets")
+    __slots__ = ("__weakref__", "_lock", "_pid", "_targets")
 
     def __init__(self) -> None:
         # (engine, eid, owner pid, channel write socket)
         self._targets: list[tuple[weakref.ref[Engine], int, int, socket.socket]] = []
         self._lock = threading.Lock()
+        self._pid = 0  # the process that rebuilt it from a pickle (0: made here)
 
     def _attach(self, engine: Engine, handler: Any, flags: int, priority: int, obj: Any) -> int:
         channel = engine._user_channel()
@@ -467,11 +468,20 @@ _pid = [os.getpid()]
 os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
 
 
+# Pickled UserEvents already rebuilt in this process (a capsule receives the same one
+# with every event: rebuilding costs a dup() and a socket object each time).
+_rebuilt: dict[tuple[tuple[int, int, int], ...], UserEvent] = {}
+
+
 def _remote_user_event(targets: tuple[tuple[int, int, int], ...]) -> UserEvent:
     """Rebuild a pickled UserEvent: fire() goes through the inherited channel fds."""
     from . import engine as _engine
 
+    known = _rebuilt.get(targets)
+    if known is not None and known._pid == _pid[0]:
+        return known
     ue = UserEvent()
+    ue._pid = _pid[0]
     rebuilt: list[Any] = []
     for eid, owner, fd in targets:
         if owner == os.getpid():
@@ -484,6 +494,8 @@ def _remote_user_event(targets: tuple[tuple[int, int, int], ...]) -> UserEvent:
             continue  # not a process that inherited the channel: fire() will say so
         rebuilt.append((_dead_ref, eid, owner, channel))
     ue._targets = rebuilt
+    if len(_rebuilt) < 1024:
+        _rebuilt[targets] = ue
     return ue
 
 
