@@ -786,3 +786,18 @@ def test_read_payloads_live_in_the_process_vmtable(engine: aem.Engine) -> None:
     assert vmt.stats()["used"] == used0
     a.close()
     b.close()
+
+
+def test_file_change_queue_overflow_is_reported(engine: aem.Engine, tmp_path: Any) -> None:
+    with open("/proc/sys/fs/inotify/max_queued_events") as f:
+        limit = int(f.read())
+    if limit > 100_000:
+        pytest.skip("inotify queue too large to overflow quickly")
+    masks: list[int] = []
+    engine.register(aem.FileChange(tmp_path, mask=aem.IN_CREATE), lambda ev: masks.append(ev.mask))
+    for i in range(limit + 100):  # more changes than the kernel queues, while nobody reads
+        os.close(os.open(tmp_path / f"f{i}", os.O_CREAT | os.O_WRONLY))
+    for _ in range(200):
+        engine.run(timeout=0)
+    IN_Q_OVERFLOW = 0x4000
+    assert IN_Q_OVERFLOW in masks, "lost changes are reported"

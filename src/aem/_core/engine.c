@@ -629,6 +629,17 @@ static void collect_inotify(aem_engine *e, int64_t now) {
         for (char *p = buf; p < buf + n;) {
             struct inotify_event *ev = (struct inotify_event *)p;
             p += sizeof *ev + ev->len;
+            if (ev->wd == -1 && (ev->mask & IN_Q_OVERFLOW)) {
+                /* The kernel's queue overflowed: changes were lost; every watch hears it. */
+                for (uint32_t w = 0; w < e->wdcap; w++)
+                    for (uint32_t s = e->wd_head[w]; s;) {
+                        aem_reg *r = aem_slot(e, s - 1);
+                        uint32_t slot = s - 1;
+                        s = r->link;
+                        if (r->state != AEM_S_DONE) enqueue(e, slot, r, now, IN_Q_OVERFLOW, 0, NULL);
+                    }
+                continue;
+            }
             if (ev->wd < 0 || (uint32_t)ev->wd >= e->wdcap) continue;
             for (uint32_t s = e->wd_head[ev->wd]; s;) {
                 aem_reg *r = aem_slot(e, s - 1);
