@@ -36,9 +36,8 @@ def _fresh_process_engine() -> Iterator[None]:
         aem.engine._current = None
 
 
-def children_of(ppid: int) -> set[int]:
-    """Pids whose parent is ``ppid`` (scans /proc; running and zombie alike)."""
-    pids: set[int] = set()
+def processes() -> Iterator[tuple[int, str, int]]:
+    """(pid, state letter, parent pid) of every process, from /proc."""
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -48,9 +47,12 @@ def children_of(ppid: int) -> set[int]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[1]) == ppid:
-            pids.add(int(name))
-    return pids
+        yield int(name), fields[0], int(fields[1])
+
+
+def children_of(ppid: int) -> set[int]:
+    """Pids whose parent is ``ppid`` (running and zombie alike)."""
+    return {pid for pid, _state, parent in processes() if parent == ppid}
 
 
 def _children() -> set[int]:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 import aem
-from conftest import children_of, run_script
+from conftest import children_of, processes, run_script
 
 # -- helpers -------------------------------------------------------------------------------------
 
@@ -43,19 +43,7 @@ def report_pid(ev: Any) -> None:
 
 def zombies_below(pids: list[int]) -> list[int]:
     """Zombie processes whose parent is one of ``pids``."""
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        rest = stat[stat.rindex(")") + 2:].split()
-        if rest[0] == "Z" and int(rest[1]) in pids:
-            out.append(int(name))
-    return out
+    return [pid for pid, state, parent in processes() if state == "Z" and parent in pids]
 
 
 # -- capsules --------------------------------------------------------------------------------------

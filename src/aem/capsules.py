@@ -293,6 +293,24 @@ def _child_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _read_errors(chan: socket.socket) -> list[str]:
+    """The errors a process that ended reported on its (non-blocking) socket."""
+    out = []
+    while True:
+        try:
+            msg = _recv(chan)
+        except OSError:
+            break
+        if msg is None:
+            break
+        (op, *args), fds = msg
+        for fd in fds:
+            os.close(fd)
+        if op == "error":
+            out.append(args[0])
+    return out
+
+
 def _discard(attrs: dict[str, Any], socks: list[socket.socket]) -> None:
     """An event that will reach no process: close its sockets, free its shared blocks."""
     for s in socks:
@@ -993,7 +1011,7 @@ class CapsulePool:
             self._idle.remove(cap)
         if self._attached.get(cap.job) is cap:
             del self._attached[cap.job]
-        errors = cap.errors + self._drain_errors(cap)
+        errors = cap.errors + _read_errors(cap.chan)
         with contextlib.suppress(OSError):
             cap.chan.close()
         for msg, _fds, socks in cap.backlog:
@@ -1009,22 +1027,6 @@ class CapsulePool:
             if not cap.flags & _core.EVF_NOCLDWAIT:
                 self._engine_push(cap.job, pid, code, error)
         self._wake()
-
-    def _drain_errors(self, cap: _Capsule) -> list[str]:
-        out = []
-        while True:
-            try:
-                msg = _recv(cap.chan)
-            except (BlockingIOError, OSError):
-                break
-            if msg is None:
-                break
-            (op, *args), fds = msg
-            for fd in fds:
-                os.close(fd)
-            if op == "error":
-                out.append(args[0])
-        return out
 
     def _template_gone(self, t: _Template) -> None:
         t.alive = False
@@ -1199,19 +1201,7 @@ def _forked_exit_handler(engine: Engine) -> Callable[[Any], None]:
         attached: dict[int, _Forked] = eng.__dict__.get("_fork_attached", {})
         if attached.get(rec.job) is rec:
             del attached[rec.job]
-        errors: list[str] = []
-        while True:
-            try:
-                msg = _recv(rec.chan)
-            except (BlockingIOError, OSError):
-                break
-            if msg is None:
-                break
-            (op, *args), fds = msg
-            for fd in fds:
-                os.close(fd)
-            if op == "error":
-                errors.append(args[0])
+        errors = _read_errors(rec.chan)
         rec.chan.close()
         code = ev.returncode
         error = errors[-1] if errors else None
