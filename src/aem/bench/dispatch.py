@@ -37,87 +37,63 @@ def _pair() -> tuple[socket.socket, socket.socket]:
     return a, b
 
 
-def aem_readable(n: int) -> float:
-    """aem: Readable on both ends, handlers recv/send, aem.run dispatches."""
-    a, b = _pair()
-    eng = aem.Engine()
+def _players(a: socket.socket, b: socket.socket, n: int, done: Callable[[], object],
+             recv: bool = True) -> tuple[Callable[..., None], Callable[..., None]]:
+    """The two handlers of the ping-pong, the same work under every loop: read the byte
+    (unless the loop already did), send it back; ``done()`` after n round trips."""
     left = [n]
     a_recv, a_send, b_recv, b_send = a.recv, a.send, b.recv, b.send
 
-    def on_a(ev: object) -> None:
-        a_recv(1)
+    def on_a(*_: object) -> None:
+        if recv:
+            a_recv(1)
         left[0] -= 1
         if left[0]:
             a_send(b"x")
         else:
-            eng.stop()
+            done()
 
-    def on_b(ev: object) -> None:
-        b_recv(1)
+    def on_b(*_: object) -> None:
+        if recv:
+            b_recv(1)
         b_send(b"x")
 
-    eng.register(aem.Readable(a), on_a)
-    eng.register(aem.Readable(b), on_b)
+    return on_a, on_b
+
+
+def _aem(n: int, source: Callable[[socket.socket], aem.EventSource], recv: bool) -> float:
+    a, b = _pair()
+    eng = aem.Engine()
+    on_a, on_b = _players(a, b, n, eng.stop, recv)
+    eng.register(source(a), on_a)
+    eng.register(source(b), on_b)
     t0 = time.perf_counter()
-    a_send(b"x")
+    a.send(b"x")
     eng.run()
     dt = time.perf_counter() - t0
     eng.close()
     a.close()
     b.close()
     return dt / n * 1e6
+
+
+def aem_readable(n: int) -> float:
+    """aem: Readable on both ends, handlers recv/send, aem.run dispatches."""
+    return _aem(n, aem.Readable, recv=True)
 
 
 def aem_read(n: int) -> float:
     """aem: Read on both ends (the engine recv()s in C), handlers only send."""
-    a, b = _pair()
-    eng = aem.Engine()
-    left = [n]
-    a_send, b_send = a.send, b.send
-
-    def on_a(ev: object) -> None:
-        left[0] -= 1
-        if left[0]:
-            a_send(b"x")
-        else:
-            eng.stop()
-
-    def on_b(ev: object) -> None:
-        b_send(b"x")
-
-    eng.register(aem.Read(a, 64), on_a)
-    eng.register(aem.Read(b, 64), on_b)
-    t0 = time.perf_counter()
-    a_send(b"x")
-    eng.run()
-    dt = time.perf_counter() - t0
-    eng.close()
-    a.close()
-    b.close()
-    return dt / n * 1e6
+    return _aem(n, lambda s: aem.Read(s, 64), recv=False)
 
 
 def _asyncio_like(loop: asyncio.AbstractEventLoop, n: int) -> float:
     a, b = _pair()
-    left = [n]
-    a_recv, a_send, b_recv, b_send = a.recv, a.send, b.recv, b.send
-
-    def on_a() -> None:
-        a_recv(1)
-        left[0] -= 1
-        if left[0]:
-            a_send(b"x")
-        else:
-            loop.stop()
-
-    def on_b() -> None:
-        b_recv(1)
-        b_send(b"x")
-
+    on_a, on_b = _players(a, b, n, loop.stop)
     loop.add_reader(a.fileno(), on_a)
     loop.add_reader(b.fileno(), on_b)
     t0 = time.perf_counter()
-    a_send(b"x")
+    a.send(b"x")
     loop.run_forever()
     dt = time.perf_counter() - t0
     loop.remove_reader(a.fileno())
@@ -144,30 +120,14 @@ def bare_epoll(n: int) -> float:
     """A bare select.epoll loop: dict fd -> callback, no framework."""
     a, b = _pair()
     ep = select.epoll()
-    callbacks: dict[int, Callable[[], None]] = {}
-    left = [n]
     running = [True]
-    a_recv, a_send, b_recv, b_send = a.recv, a.send, b.recv, b.send
-
-    def on_a() -> None:
-        a_recv(1)
-        left[0] -= 1
-        if left[0]:
-            a_send(b"x")
-        else:
-            running[0] = False
-
-    def on_b() -> None:
-        b_recv(1)
-        b_send(b"x")
-
-    callbacks[a.fileno()] = on_a
-    callbacks[b.fileno()] = on_b
+    on_a, on_b = _players(a, b, n, lambda: running.__setitem__(0, False))
+    callbacks: dict[int, Callable[[], None]] = {a.fileno(): on_a, b.fileno(): on_b}
     ep.register(a.fileno(), select.EPOLLIN)
     ep.register(b.fileno(), select.EPOLLIN)
     poll = ep.poll
     t0 = time.perf_counter()
-    a_send(b"x")
+    a.send(b"x")
     while running[0]:
         for fd, _ in poll():
             callbacks[fd]()
