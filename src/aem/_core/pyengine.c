@@ -929,6 +929,22 @@ static int deliver_custom(EngineObject *self, const target_t *t, const aem_occ *
     return rc;
 }
 
+/* What delivering to registration r needs (borrowed references). */
+static target_t target_of(const aem_reg *r, uint64_t eid, int32_t priority) {
+    target_t t = {.handler = r->handler, .eid = eid, .flags = r->flags, .priority = priority};
+    PyObject *obj = r->obj;
+    if (t.flags & AEM_F_EXTRAS) {  /* (source, constructor, destructor, pool) */
+        t.source = PyTuple_GET_ITEM(obj, 0);
+        t.ctor = PyTuple_GET_ITEM(obj, 1);
+        t.dtor = PyTuple_GET_ITEM(obj, 2);
+        t.pool = PyTuple_GET_ITEM(obj, 3);
+        if (t.source == Py_None) t.source = NULL;
+    } else {
+        t.source = obj;
+    }
+    return t;
+}
+
 /* Unregister the registration of t (if it still exists: Python code may have run). */
 static void finish(EngineObject *self, const target_t *t) {
     uint32_t slot;
@@ -938,18 +954,8 @@ static void finish(EngineObject *self, const target_t *t) {
 static int deliver_one(EngineObject *self, aem_occ *o) {
     aem_engine *e = &self->core;
     aem_reg *r = aem_slot(e, o->slot);
-    target_t t = {.handler = r->handler, .eid = aem_eid_of(o->slot, o->gen), .flags = r->flags,
-                  .priority = o->priority};
+    target_t t = target_of(r, aem_eid_of(o->slot, o->gen), o->priority);
     PyObject *obj = r->obj;
-    if (t.flags & AEM_F_EXTRAS) {
-        t.source = PyTuple_GET_ITEM(obj, 0);
-        t.ctor = PyTuple_GET_ITEM(obj, 1);
-        t.dtor = PyTuple_GET_ITEM(obj, 2);
-        t.pool = PyTuple_GET_ITEM(obj, 3);
-        if (t.source == Py_None) t.source = NULL;
-    } else {
-        t.source = obj;
-    }
     /* Everything needed of the registration, read now: any Python code below (even an
      * allocation that runs the garbage collector) may unregister it or reuse its slot. */
     uint8_t kind = r->kind;
@@ -1280,17 +1286,8 @@ static PyObject *engine_deliver_now(EngineObject *self, PyObject *args) {
     aem_reg *r = aem_engine_lookup(&self->core, eid, &slot);
     if (!r) Py_RETURN_FALSE;
     if (r->state != AEM_S_ACTIVE) Py_RETURN_NONE;  /* stopped (EVJOBSTOP): still registered */
-    target_t t = {.handler = r->handler, .eid = eid, .flags = r->flags, .priority = r->priority};
+    target_t t = target_of(r, eid, r->priority);
     PyObject *obj = r->obj;
-    if (t.flags & AEM_F_EXTRAS) {
-        t.source = PyTuple_GET_ITEM(obj, 0);
-        t.ctor = PyTuple_GET_ITEM(obj, 1);
-        t.dtor = PyTuple_GET_ITEM(obj, 2);
-        t.pool = PyTuple_GET_ITEM(obj, 3);
-        if (t.source == Py_None) t.source = NULL;
-    } else {
-        t.source = obj;
-    }
     t.flags &= (uint16_t)~(AEM_F_FORK | AEM_F_CAPSULE);  /* synchronous means here */
     EventObject *ev = aem_event_new(r->kind, eid, aem_now_ns(), t.source);
     if (!ev) return NULL;

@@ -458,6 +458,19 @@ def run_wrk(port: int, path: str, seconds: float, connections: int,
                      _lat_us(p99.group(1)) if p99 else float("nan"), n_err)
 
 
+def start_servers(ctx: Context, servers: Sequence[Server], tmp: Path) -> list[Server]:
+    """Start each server; one that cannot start is noted and left out."""
+    started = []
+    for s in servers:
+        try:
+            s.start(tmp)
+            started.append(s)
+        except (RuntimeError, OSError) as e:
+            ctx.note(f"{s.name}: could not start ({e}); left out")
+            s.stop()
+    return started
+
+
 def have_wrk() -> bool:
     """True when wrk is installed."""
     return shutil.which("wrk") is not None
@@ -503,13 +516,7 @@ def run(ctx: Context) -> None:
         servers = make_servers(tmp, root, ("aem", *ANCHORS))
         started: list[Server] = []
         try:
-            for s in servers:
-                try:
-                    s.start(tmp)
-                    started.append(s)
-                except (RuntimeError, OSError) as e:
-                    ctx.note(f"{s.name}: could not start ({e}); left out")
-                    s.stop()
+            started = start_servers(ctx, servers, tmp)
             missing = [k for k in ANCHORS if k not in {s.name for s in started}]
             if missing:
                 ctx.note("anchors not available here: " + ", ".join(missing))

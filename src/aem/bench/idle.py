@@ -48,6 +48,7 @@ from .http import (
     make_root,
     make_servers,
     run_wrk,
+    start_servers,
 )
 
 LEVELS = (0, 1000, 5000, 10000, 20000)
@@ -332,13 +333,7 @@ def run(ctx: Context) -> None:
         servers = make_servers(tmp, root, KINDS, idle_timeout=IDLE_TIMEOUT)
         started: list[Server] = []
         try:
-            for s in servers:
-                try:
-                    s.start(tmp)
-                    started.append(s)
-                except (RuntimeError, OSError) as e:
-                    ctx.note(f"{s.name}: could not start ({e}); left out")
-                    s.stop()
+            started = start_servers(ctx, servers, tmp)
             _measure(ctx, started, levels, seconds, rounds)
         finally:
             for s in servers:
