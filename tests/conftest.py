@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -77,6 +77,21 @@ def _no_leftover_children() -> Iterator[None]:
 #: Where the aem under test is imported from (the installed package under `make test`,
 #: src/ in a development checkout): child Pythons must import the same one.
 AEM_PATH = os.path.dirname(os.path.dirname(aem.__file__))
+
+
+def fork_call(fn: Callable[[], None]) -> int:
+    """Run ``fn`` in a forked child that exits 0 if it returns, 1 if it raises; its pid."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            fn()
+            code = 0
+        except BaseException as e:
+            print(f"child {os.getpid()} failed: {e!r}", file=sys.stderr, flush=True)
+        finally:
+            os._exit(code)
+    return pid
 
 
 def run_script(code: str, timeout: float = 30, **kw: object) -> subprocess.CompletedProcess[str]:

@@ -27,7 +27,7 @@ import pytest
 import aem
 from aem import _core
 from aem.vmtable import Shortage
-from conftest import AEM_PATH
+from conftest import AEM_PATH, fork_call
 
 PAGE = os.sysconf("SC_PAGESIZE")
 
@@ -72,16 +72,7 @@ def run_python(code: str, timeout: float = 30) -> subprocess.CompletedProcess[st
 
 def in_child(fn: Callable[[], None], timeout: float = 20) -> int:
     """Run ``fn`` in a forked child; return its exit status (0: fn returned)."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            fn()
-            code = 0
-        except BaseException as e:
-            print(f"child failed: {e!r}", file=sys.stderr)
-        finally:
-            os._exit(code)
+    pid = fork_call(fn)
     try:
         _, status = os.waitpid(pid, 0)
     except BaseException:

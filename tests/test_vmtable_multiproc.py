@@ -12,13 +12,13 @@ import random
 import select
 import signal
 import struct
-import sys
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
 import aem
+from conftest import fork_call
 
 POOL = 8 << 20
 OPS = 2500
@@ -43,17 +43,8 @@ def children() -> Iterator[list[int]]:
 
 
 def fork(children: list[int], fn: Callable[[], None]) -> int:
-    """Run ``fn`` in a forked child (exit 0 if it returns, 1 if it raises)."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            fn()
-            code = 0
-        except BaseException as e:
-            print(f"child {os.getpid()} failed: {e!r}", file=sys.stderr, flush=True)
-        finally:
-            os._exit(code)
+    """Run ``fn`` in a forked child (exit 0 if it returns, 1 if it raises), remembered."""
+    pid = fork_call(fn)
     children.append(pid)
     return pid
 

@@ -20,6 +20,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -123,6 +125,15 @@ def aem_pythonpath() -> str:
     here = os.path.dirname(os.path.dirname(os.path.abspath(aem.__file__)))
     old = os.environ.get("PYTHONPATH", "")
     return here + (os.pathsep + old if old else "")
+
+
+def json_from_child(code: str, timeout: float) -> dict[str, float]:
+    """Run ``code`` in a fresh Python (a clean process to measure memory in); the JSON
+    object its last line of output holds."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=aem_pythonpath()), timeout=timeout)
+    data: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return data
 
 
 def pin_to_cpu(cpu: int) -> None:

@@ -18,14 +18,12 @@ import gc
 import json
 import os
 import random
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 
 import aem
 
-from ._harness import Context, aem_pythonpath, distribution, interleave
+from ._harness import Context, distribution, interleave, json_from_child
 from ._plot import bars, cdf
 
 
@@ -95,12 +93,7 @@ def child_main(variant: str, n: int) -> None:
 
 
 def _measure_in_child(variant: str, n: int) -> dict[str, float]:
-    code = f"from aem.bench.timers import child_main; child_main({variant!r}, {n})"
-    env = dict(os.environ, PYTHONPATH=aem_pythonpath())
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env=env, timeout=600)
-    data: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
-    return data
+    return json_from_child(f"from aem.bench.timers import child_main; child_main({variant!r}, {n})", 600)
 
 
 # Timers are due from HEAD seconds after their registration on, so that registering

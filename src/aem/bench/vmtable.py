@@ -26,10 +26,7 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import random
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from itertools import repeat
@@ -38,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import aem
 
-from ._harness import Context, aem_pythonpath, distribution, interleave, percentile
+from ._harness import Context, distribution, interleave, json_from_child, percentile
 from ._plot import bars, cdf
 
 if TYPE_CHECKING:
@@ -296,12 +293,8 @@ def rss_child(variant: str, in_use: int, pool: int) -> None:
 
 
 def _rss_in_child(variant: str, in_use: int, pool: int) -> dict[str, float]:
-    code = f"from aem.bench.vmtable import rss_child; rss_child({variant!r}, {in_use}, {pool})"
-    env = dict(os.environ, PYTHONPATH=aem_pythonpath())
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env=env, timeout=300)
-    data: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
-    return data
+    return json_from_child(
+        f"from aem.bench.vmtable import rss_child; rss_child({variant!r}, {in_use}, {pool})", 300)
 
 
 def bench_memory(ctx: Context, rounds: int) -> None:
