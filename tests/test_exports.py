@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
+import types
+from pathlib import Path
 
 import pytest
 
@@ -33,3 +36,15 @@ def test_public_callables_have_docstrings() -> None:
     undocumented = [n for n in dir(aem) if not n.startswith("_") and callable(getattr(aem, n))
                     and not (getattr(aem, n).__doc__ or "").strip()]
     assert not undocumented
+
+
+def test_no_stray_public_names() -> None:
+    """Every public name of ``aem`` is one of its explicit re-exports (or a submodule, or
+    ``__version__``): no ``annotations`` from a ``__future__`` import, no helper leaking."""
+    tree = ast.parse(Path(aem.__file__).read_text())
+    reexported = {alias.asname for node in tree.body if isinstance(node, ast.ImportFrom)
+                  for alias in node.names if alias.asname}
+    public = {n for n in dir(aem) if not n.startswith("_")
+              and not isinstance(getattr(aem, n), types.ModuleType)}
+    assert "annotations" not in public
+    assert public <= reexported, f"public by accident: {sorted(public - reexported)}"

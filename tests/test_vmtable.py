@@ -26,7 +26,7 @@ import pytest
 
 import aem
 from aem import _core
-from aem.vmtable import Shortage
+from aem.sources import Shortage
 from conftest import AEM_PATH, fork_call
 
 PAGE = os.sysconf("SC_PAGESIZE")

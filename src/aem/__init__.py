@@ -17,8 +17,6 @@ General layout:
 Every public name is re-exported here, explicitly.
 """
 
-from __future__ import annotations
-
 from ._core import EPOLLIN as EPOLLIN
 from ._core import EPOLLOUT as EPOLLOUT
 from ._core import EPOLLPRI as EPOLLPRI

@@ -1,6 +1,7 @@
 """Type stubs of aem's C core (aem._core)."""
 
 from collections.abc import Callable
+from types import TracebackType
 from typing import Any, final
 
 K_TIMER: int
@@ -185,7 +186,7 @@ class Engine:
     def _drain(self) -> None: ...
     def fire(self, eid: int, payload: Any = None, /) -> None: ...
     def _push(self, eid: int, values: tuple[Any, ...], /) -> bool: ...
-    def _deliver_now(self, eid: int, values: tuple[Any, ...], /) -> bool: ...
+    def _deliver_now(self, eid: int, values: tuple[Any, ...], /) -> bool | None: ...
     def _handlers(self, flag_mask: int, /) -> list[tuple[int, Callable[[Any], object], int]]: ...
     def stats(self) -> dict[str, Any]: ...
     def describe(self, eid: int, /) -> dict[str, Any]: ...
@@ -193,3 +194,109 @@ class Engine:
     def _set_hooks(self, spawn: Any = ..., payload: Any = ..., unregister: Any = ...) -> None: ...
     def close(self) -> None: ...
     def _abandon(self) -> None: ...
+
+# -- vmtable (vmtable_py.c) -------------------------------------------------------------
+
+
+class VMTableError(ValueError):
+    """Misuse of a vmtable or of one of its blocks: double free, use after free,
+    a block of another vmtable, a size of 0 or beyond the pool."""
+
+class Block:
+    """A block of vmtable memory, made by :meth:`VMTable.alloc` (never directly).
+
+    A writable, contiguous buffer of ``len(block)`` bytes (the size
+    requested); ``size`` is what was granted.  Blocks of a page or more are
+    page-aligned.  Freed by :meth:`free`, at the end of a ``with`` block, or
+    when the Block is deallocated while still allocated.
+
+    >>> with vmt.alloc(4096) as blk:          # doctest: +SKIP
+    ...     n = sock.recv_into(blk)
+    ...     handle(memoryview(blk)[:n])
+    """
+
+    @property
+    def offset(self) -> int:
+        """Offset of the block in the pool (-1 for a fallback block, in the heap)."""
+
+    @property
+    def size(self) -> int:
+        """Bytes granted: min_block times a power of two."""
+
+    @property
+    def fallback(self) -> bool:
+        """True if the pool was short and the block came from the heap."""
+
+    @property
+    def freed(self) -> bool:
+        """True once freed or detached."""
+
+    @property
+    def vmtable(self) -> VMTable:
+        """The vmtable the block belongs to."""
+
+    @property
+    def generation(self) -> int:
+        """The allocation's generation stamp (0 for a fallback block)."""
+
+    def free(self) -> None:
+        """Return the memory to the vmtable (or the heap for a fallback block).
+
+        Raises :class:`VMTableError` on a second free, while memoryviews of
+        the block are alive, or if the block was already freed through its
+        offset or by another process.
+        """
+
+    def detach(self) -> int:
+        """Give up ownership and return the offset; the memory stays allocated.
+
+        The Block becomes unusable and will not free the memory.  Another
+        process (or this one, later) frees it with :meth:`VMTable.free_offset`
+        or adopts it with :meth:`VMTable.block_at`.  Raises
+        :class:`VMTableError` for a fallback block or a freed one.
+        """
+
+    def __len__(self) -> int: ...
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+    def __enter__(self) -> Block: ...
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> bool: ...
+
+class VMTable:
+    def __init__(self, size: int, zone: int = 0, min_block: int = 64, fallback: bool = True,
+                 name: str | None = None, *, _attach: bool = False) -> None: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def min_block(self) -> int: ...
+    @property
+    def max_block(self) -> int: ...
+    @property
+    def zone(self) -> int: ...
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def id(self) -> int: ...
+    fallback: bool
+    def alloc(self, size: int) -> Block: ...
+    def free(self, block: Block) -> None: ...
+    def alloc_offset(self, size: int) -> int: ...
+    def free_offset(self, offset: int) -> None: ...
+    def view(self, offset: int, size: int) -> memoryview: ...
+    def block_at(self, offset: int) -> Block: ...
+    def stats(self, drain: bool = True) -> dict[str, Any]: ...
+    def check(self, full: bool = True) -> None: ...
+    def close(self) -> None: ...
+    def granted(self, size: int) -> int: ...
+    def _on_shortage(self, size: int) -> None: ...
+    def _debug_hang(self, op: str, arg: int, writes: int, notify_fd: int) -> None: ...
+
+# The benchmark loops of the C core (vmtable_py.c), used by aem.bench.vmtable.
+def _vmt_bench(pattern: str, allocator: str, count: int, size: int = 4096, seed: int = 1,
+               zone: int = 0) -> float: ...
+def _vmt_latency(pool_size: int, fill: float, count: int, seed: int = 1,
+                 zone: int = 0) -> tuple[list[float], float, int]: ...
+def _vmt_frag(pool_size: int, seed: int = 1, free_ratio: float = 0.4,
+              min_block: int = 64) -> dict[str, float]: ...

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from . import _core
+from . import _core, sources
 from ._core import AemError, Event, UnknownEventError
 from .sources import EventSource
 
@@ -50,14 +50,22 @@ ErrorHandler = Callable[[BaseException, "Event | None"], object]
 DEFAULT_KICK_SIGNAL: int = signal.SIGURG
 
 
+#: Priority of the channel UserEvents fired from other processes arrive on: the highest, so a
+#: backlog of datagrams never waits behind the application's own events.
+_CHANNEL_PRIORITY = 2**31 - 1
+
+
 class _Terminated(BaseException):
     """SIGTERM arrived during run()/keepalive(): end them cleanly."""
 
 
 def default_error_handler(exc: BaseException, event: Event | None) -> None:
     """Print the handler's traceback to stderr (the default error handler)."""
-    what = f"event {event.eid} ({type(event).__name__})" if event is not None else "the engine"
-    print(f"aem: exception in the handler of {what}:", file=sys.stderr)
+    if event is None:
+        print("aem: error in the engine (not in a handler):", file=sys.stderr)
+    else:
+        print(f"aem: exception in the handler of event {event.eid} ({type(event).__name__}):",
+              file=sys.stderr)
     traceback.print_exception(exc, file=sys.stderr)
 
 
@@ -107,6 +115,23 @@ class Engine(_core.Engine):
         if capsules is not None:
             capsules.end_job(self, eid, kill=shutdown)
 
+    def _listen_to_job(self, job: int, handler: Handler, flags: int, priority: int, obj: Any) -> int:
+        """Register a ChildExit(job=...) listener (see aem.sources.SourceHost).
+
+        Refused at once when ``job`` is not a registration of this engine that creates
+        processes (EVF_FORK / EVF_CAPSULE): such a listener could never fire."""
+        try:
+            job_flags = int(self.describe(job)["flags"])
+        except UnknownEventError:
+            raise UnknownEventError(f"ChildExit(job={job}): no registration {job} in this engine "
+                                    "(register the job's handler first; its eid is the job)") from None
+        if not job_flags & (_core.EVF_FORK | _core.EVF_CAPSULE):
+            raise ValueError(f"ChildExit(job={job}): registration {job} runs its handler in this "
+                             "process (no EVF_FORK or EVF_CAPSULE), so no process of it ever exits")
+        eid = self._add(_core.K_JOB, None, 0, handler, flags, priority, obj)
+        self._jobs.setdefault(job, set()).add(eid)
+        return eid
+
     def _use_process_vmtable(self) -> None:
         """Read payloads go into the process vmtable (made on first use, or by EVTBLINIT)."""
         if not self.__dict__.get("_payloads_in_vmtable"):
@@ -115,8 +140,9 @@ class Engine(_core.Engine):
             self._set_hooks(payload=process_vmtable())
             self._payloads_in_vmtable = True
 
-    def _accept_backoff(self, eid: int, pause: float = 0.1) -> None:
-        """accept() failed for want of descriptors or memory: pause this Accept, resume later."""
+    def _backoff(self, eid: int, pause: float) -> None:
+        """The engine's own work for ``eid`` failed (accept() out of descriptors, a source's
+        collect() raised): pause the registration for ``pause`` seconds rather than spin."""
         self.control(eid, _core.EVJOBSTOP)
 
         def resume(ev: Event) -> None:
@@ -141,7 +167,7 @@ class Engine(_core.Engine):
             r, w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
             r.setblocking(False)
             self._add(_core.K_READABLE, r.fileno(), _core.EPOLLIN, self._on_channel, 0,
-                      2**31 - 1, r, 0, True)
+                      _CHANNEL_PRIORITY, r, 0, True)
             self._channel = (r, w)
         return self._channel[1]
 
@@ -166,15 +192,17 @@ class Engine(_core.Engine):
 
         Returns why it ended: ``"stopped"`` (``stop()`` was called),
         ``"idle"`` (no registration left; only with ``until_idle``),
-        ``"timeout"``, ``"interrupted"`` (SIGINT, i.e. Ctrl-C) or
-        ``"terminated"`` (SIGTERM) — the last two only when the application
-        did not register those signals itself.
+        ``"timeout"``, ``"interrupted"`` (SIGINT, i.e. Ctrl-C, while it
+        waits) or ``"terminated"`` (SIGTERM) — the last two only when the
+        application did not register those signals itself.
+
+        A ``KeyboardInterrupt`` or ``SystemExit`` raised in a handler
+        (Ctrl-C while a handler runs included) propagates out of ``run()``;
+        other exceptions of handlers go to the error handler.
         """
         with self._terminating_signals():
             try:
                 return str(super().run(timeout, until_idle))
-            except KeyboardInterrupt:
-                return "interrupted"
             except _Terminated:
                 return "terminated"
 
@@ -183,6 +211,8 @@ class Engine(_core.Engine):
 
         Returns on ``stop()``, SIGINT or SIGTERM, like :meth:`run`.
         """
+        if self.delivering:
+            raise AemError("aem.keepalive() called from a handler: handlers never nest")
         if threading.current_thread() is not threading.main_thread():
             raise AemError("keepalive() blocks the main thread: call it from the main thread")
         return self.run(None, until_idle=False)
@@ -310,6 +340,7 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+sources.set_process_host(current)
 
 
 @atexit.register

@@ -13,6 +13,7 @@ subclass :class:`Source`, give it a file descriptor the engine can watch and a
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import signal as _signal
@@ -20,14 +21,15 @@ import socket
 import threading
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _core
-from ._core import UnknownEventError
+from ._core import AemError, UnknownEventError
+from .vmtable import set_shortage_factory
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from .vmtable import VMTable
 
 __all__ = [
     "IN_ACCESS", "IN_ALL_EVENTS", "IN_ATTRIB", "IN_CLOSE_WRITE", "IN_CREATE", "IN_DELETE",
@@ -65,6 +67,47 @@ _IN_DEFAULT = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED
                | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF)
 
 
+class SourceHost(Protocol):
+    """What a source's ``_attach`` may ask of the engine it is registered with.
+
+    This is the whole interface between the sources and the engine
+    (:class:`aem.Engine` implements it): sources never touch the engine's
+    fields, and this module does not import the engine.
+    """
+
+    @property
+    def closed(self) -> bool: ...
+
+    def _add(self, kind: int, target: Any, events: int, handler: Any, flags: int, priority: int,
+             obj: Any, data: int = 0, internal: bool = False, /) -> int:
+        """Register with the C core: ``kind`` (``_core.K_*``), what to watch, the epoll mask."""
+
+    def _listen_to_job(self, job: int, handler: Any, flags: int, priority: int, obj: Any) -> int:
+        """Register a ChildExit(job=...) listener; refuses a job that makes no processes."""
+
+    def _use_process_vmtable(self) -> None:
+        """Read payloads go into the process vmtable from now on."""
+
+    def _user_channel(self) -> socket.socket:
+        """The write end of the datagram channel forked processes fire UserEvents through."""
+
+    def fire(self, eid: int, payload: Any = None, /) -> None:
+        """Deliver one occurrence of UserEvent registration ``eid``."""
+
+    def _deliver_now(self, eid: int, values: tuple[Any, ...], /) -> bool | None:
+        """Run ``eid``'s handler now, in this thread (vmtable shortages)."""
+
+
+#: The process's engine, as the sources see it (set by aem.engine: this module does not import it).
+_process_host: Callable[[], SourceHost] | None = None
+
+
+def set_process_host(get: Callable[[], SourceHost]) -> None:
+    """Tell the sources how to reach the process's engine (``aem.engine.current``)."""
+    global _process_host
+    _process_host = get
+
+
 def _fd_of(target: FdLike) -> int:
     if isinstance(target, bool):
         raise TypeError("expected a file descriptor (int) or an object with fileno(), not bool")
@@ -87,7 +130,7 @@ class EventSource:
 
     __slots__ = ()
 
-    def _attach(self, engine: Engine, handler: Any, flags: int, priority: int, obj: Any) -> int:
+    def _attach(self, engine: SourceHost, handler: Any, flags: int, priority: int, obj: Any) -> int:
         raise TypeError(f"{type(self).__name__} does not say how to register it: "
                         "subclass aem.Source and implement fileno() and collect()")
 
@@ -128,7 +171,7 @@ class Source(EventSource, ABC):
     def collect(self, events: int) -> Iterable[Any] | None:
         """Turn readiness (an epoll mask) into occurrences: one event per item."""
 
-    def _attach(self, engine: Engine, handler: Any, flags: int, priority: int, obj: Any) -> int:
+    def _attach(self, engine: SourceHost, handler: Any, flags: int, priority: int, obj: Any) -> int:
         return engine._add(_core.K_CUSTOM, self, self.readiness, handler, flags, priority, obj)
 
 
@@ -184,7 +227,7 @@ class _FdSource(EventSource):
         """The watched file descriptor."""
         return _fd_of(self.target)
 
-    def _attach(self, engine: Engine, handler: Any, flags: int, priority: int, obj: Any) -> int:
+    def _attach(self, engine: SourceHost, handler: Any, flags: int, priority: int, obj: Any) -> int:
         return engine._add(self._kind, _fd_of(self.target), self._events, handler, flags, priority, obj)
 
     def __repr__(self) -> str:
@@ -235,9 +278,16 @@ class Accept(_FdSource):
         super().__init__(sock)
         self._sockargs = (sock.family, sock.type | socket.SOCK_NONBLOCK, sock.proto)
 
-    def _attach(self, engine: Engine, handler: Any, flags: int, priority: int, obj: Any) -> int:
+    def _attach(self, engine: SourceHost, handler: Any, flags: int, priority: int, obj: Any) -> int:
         sock = self.target
         assert isinstance(sock, socket.socket)
+        try:
+            listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        except OSError as e:
+            raise ValueError(f"Accept needs a listening socket: {e}") from e
+        if not listening:
+            raise ValueError("Accept needs a listening socket: call sock.listen() before registering "
+                             "(or use aem.Read/aem.Readable on a connected socket)")
         sock.setblocking(False)
         return super()._attach(engine, handler, flags, priority, obj)
 
@@ -263,7 +313,7 @@ class Read(_FdSource):
             raise ValueError("max_size must be between 1 byte and 1 GiB")
         self.max_size = max_size
 
-    def _attach(self, engine: Engine, handler: Any, flags: int, priority: int, obj: Any) -> int:
+    def _attach(self, engine: SourceHost, handler: Any, flags: int, priority: int, obj: Any) -> int:
         engine._use_process_vmtable()
         return engine._add(self._kind, _fd_of(self.target), self._events, handler, flags, priority, obj,
                            self.max_size)
@@ -302,7 +352,7 @@ class Signal(EventSource):
             raise ValueError("SIGKILL and SIGSTOP cannot be caught")
         self.signum = int(signum)
 
-    def _attach(self, engine: Engine, handler: Any, flags: int, priority: int, obj: Any) -> int:
+    def _attach(self, engine: SourceHost, handler: Any, flags: int, priority: int, obj: Any) -> int:
         return engine._add(_core.K_SIGNAL, self.signum, 0, handler, flags, priority, obj)
 
     def __repr__(self) -> str:
@@ -334,15 +384,16 @@ class ChildExit(EventSource):
         for name, v in (("pid", pid), ("job", job)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
                 raise ValueError(f"{name} must be a positive int (got {v!r})")
+        if pid is not None and pid == os.getpid():
+            raise ValueError(f"ChildExit({pid}): that is this process, whose exit nobody here could "
+                             "handle; watch a child's pid")
         self.pid = pid
         self.job = job
         self.reap = bool(reap)
 
-    def _attach(self, engine: Engine, handler: Any, flags: int, priority: int, obj: Any) -> int:
+    def _attach(self, engine: SourceHost, handler: Any, flags: int, priority: int, obj: Any) -> int:
         if self.job is not None:
-            eid = engine._add(_core.K_JOB, None, 0, handler, flags, priority, obj)
-            engine._jobs.setdefault(self.job, set()).add(eid)
-            return eid
+            return engine._listen_to_job(self.job, handler, flags, priority, obj)
         assert self.pid is not None
         pidfd = os.pidfd_open(self.pid)
         try:
@@ -373,7 +424,7 @@ class FileChange(EventSource):
             raise ValueError("mask must be a non-empty combination of the aem.IN_* constants")
         self.mask = mask
 
-    def _attach(self, engine: Engine, handler: Any, flags: int, priority: int, obj: Any) -> int:
+    def _attach(self, engine: SourceHost, handler: Any, flags: int, priority: int, obj: Any) -> int:
         return engine._add(_core.K_FILE, self.path, self.mask, handler, flags, priority, obj)
 
     def __repr__(self) -> str:
@@ -392,11 +443,11 @@ class UserEvent(EventSource):
 
     def __init__(self) -> None:
         # (engine, eid, owner pid, channel write socket)
-        self._targets: list[tuple[weakref.ref[Engine], int, int, socket.socket]] = []
+        self._targets: list[tuple[weakref.ref[SourceHost], int, int, socket.socket]] = []
         self._lock = threading.Lock()
         self._pid = 0  # the process that rebuilt it from a pickle (0: made here)
 
-    def _attach(self, engine: Engine, handler: Any, flags: int, priority: int, obj: Any) -> int:
+    def _attach(self, engine: SourceHost, handler: Any, flags: int, priority: int, obj: Any) -> int:
         channel = engine._user_channel()
         eid = engine._add(_core.K_USER, None, 0, handler, flags, priority, obj)
         with self._lock:
@@ -430,7 +481,7 @@ class UserEvent(EventSource):
                 try:
                     channel.send(data)
                 except OSError as e:
-                    if e.errno == 90:  # EMSGSIZE
+                    if e.errno == errno.EMSGSIZE:
                         raise ValueError(f"payload too large to fire across processes "
                                          f"({len(data)} bytes pickled)") from e
                     raise
@@ -475,8 +526,6 @@ _rebuilt: dict[tuple[tuple[int, int, int], ...], UserEvent] = {}
 
 def _remote_user_event(targets: tuple[tuple[int, int, int], ...]) -> UserEvent:
     """Rebuild a pickled UserEvent: fire() goes through the inherited channel fds."""
-    from . import engine as _engine
-
     known = _rebuilt.get(targets)
     if known is not None and known._pid == _pid[0]:
         return known
@@ -485,7 +534,9 @@ def _remote_user_event(targets: tuple[tuple[int, int, int], ...]) -> UserEvent:
     rebuilt: list[Any] = []
     for eid, owner, fd in targets:
         if owner == os.getpid():
-            eng = _engine.current()
+            if _process_host is None:
+                raise AemError("aem.sources used without aem.engine: import aem")
+            eng = _process_host()
             rebuilt.append((weakref.ref(eng), eid, owner, eng._user_channel()))
             continue
         try:
@@ -499,7 +550,7 @@ def _remote_user_event(targets: tuple[tuple[int, int, int], ...]) -> UserEvent:
     return ue
 
 
-def _dead_ref() -> Engine | None:
+def _dead_ref() -> SourceHost | None:
     """Stands for the engine of another process (fire() goes through the channel)."""
     return None
 
@@ -533,7 +584,7 @@ class MemoryPressure(EventSource):
         self.kind = kind
         self.path = path
 
-    def _attach(self, engine: Engine, handler: Any, flags: int, priority: int, obj: Any) -> int:
+    def _attach(self, engine: SourceHost, handler: Any, flags: int, priority: int, obj: Any) -> int:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -544,7 +595,7 @@ class MemoryPressure(EventSource):
                 # The kernel replaces the last byte written with NUL: send one.
                 os.write(fd, f"{self.kind} {self.stall_us} {self.window_us}\0".encode())
             except OSError as e:
-                if e.errno == 22 and self.window_us % 2_000_000:
+                if e.errno == errno.EINVAL and self.window_us % 2_000_000:
                     raise ValueError(
                         "the kernel refused the PSI trigger: without CAP_SYS_RESOURCE the window "
                         "must be a multiple of 2 s (window_us=2000000, 4000000, ...)") from e
@@ -558,4 +609,56 @@ class MemoryPressure(EventSource):
         return f"aem.MemoryPressure({self.stall_us}, {self.window_us}, kind={self.kind!r})"
 
 
+class Shortage(EventSource):
+    """The shortage event of one vmtable: ``vmt.shortage``.
+
+    Register handlers with ``aem.register(vmt.shortage, handler)``.  When a
+    request finds no free block, each handler receives, synchronously and in
+    the allocating thread, an :class:`aem.ShortageEvent` with ``size`` (the
+    bytes requested) and ``vmtable``; it may free blocks, and the request is
+    then retried once.  A handler's exception goes to the engine's error
+    handler.  Allocations made by a shortage handler from the same vmtable do
+    not deliver the event again.
+
+    >>> aem.register(vmt.shortage, lambda ev: cache.evict(ev.size))  # doctest: +SKIP
+    """
+
+    __slots__ = ("__weakref__", "_targets", "_vmt")
+
+    def __init__(self, vmt: VMTable) -> None:
+        self._vmt: weakref.ref[VMTable] = weakref.ref(vmt)
+        #: (engine, eid) of each registration
+        self._targets: list[tuple[weakref.ref[SourceHost], int]] = []
+
+    def _attach(self, engine: SourceHost, handler: Any, flags: int, priority: int, obj: Any) -> int:
+        eid = int(engine._add(_core.K_HOSTED, None, 0, handler, flags, priority, obj))
+        self._targets.append((weakref.ref(engine), eid))
+        return eid
+
+    def _deliver(self, size: int) -> int:
+        """Run every live registration's handler now; return how many ran."""
+        vmt = self._vmt()
+        if vmt is None:
+            return 0
+        ran = 0
+        for ref, eid in list(self._targets):
+            engine = ref()
+            if engine is None or engine.closed:
+                self._forget(eid)
+                continue
+            delivered = engine._deliver_now(eid, (size, vmt, None))
+            if delivered:
+                ran += 1
+            elif delivered is False:
+                self._forget(eid)  # unregistered (None: stopped, still registered)
+        return ran
+
+    def _forget(self, eid: int) -> None:
+        self._targets = [t for t in self._targets if t[1] != eid]
+
+    def __repr__(self) -> str:
+        return f"<aem shortage of {self._vmt()!r}, {len(self._targets)} registration(s)>"
+
+
+set_shortage_factory(Shortage)
 _core._set_types(timer=Timer)

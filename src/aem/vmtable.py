@@ -43,15 +43,15 @@ from __future__ import annotations
 import os
 import threading
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from . import _core
-from .sources import EventSource
 
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from .engine import Engine
+    from .sources import Shortage
 
 __all__ = ["TBL_UZONE", "TBL_VZONE", "Block", "VMTable", "VMTableError", "vmtable"]
 
@@ -60,160 +60,20 @@ TBL_UZONE: Final = 0
 #: Shared memory, populated lazily, usable by several processes (SPEC §3).
 TBL_VZONE: Final = 1
 
-if TYPE_CHECKING:
-    # The types of the C core, as the type checker sees them (at run time they
-    # are aem._core.VMTableError, aem._core.Block and aem._core.VMTable).
-
-    class VMTableError(ValueError):
-        """Misuse of a vmtable or of one of its blocks: double free, use after free,
-        a block of another vmtable, a size of 0 or beyond the pool."""
-
-    class Block:
-        """A block of vmtable memory, made by :meth:`VMTable.alloc` (never directly).
-
-        A writable, contiguous buffer of ``len(block)`` bytes (the size
-        requested); ``size`` is what was granted.  Blocks of a page or more are
-        page-aligned.  Freed by :meth:`free`, at the end of a ``with`` block, or
-        when the Block is deallocated while still allocated.
-
-        >>> with vmt.alloc(4096) as blk:          # doctest: +SKIP
-        ...     n = sock.recv_into(blk)
-        ...     handle(memoryview(blk)[:n])
-        """
-
-        @property
-        def offset(self) -> int:
-            """Offset of the block in the pool (-1 for a fallback block, in the heap)."""
-
-        @property
-        def size(self) -> int:
-            """Bytes granted: min_block times a power of two."""
-
-        @property
-        def fallback(self) -> bool:
-            """True if the pool was short and the block came from the heap."""
-
-        @property
-        def freed(self) -> bool:
-            """True once freed or detached."""
-
-        @property
-        def vmtable(self) -> VMTable:
-            """The vmtable the block belongs to."""
-
-        @property
-        def generation(self) -> int:
-            """The allocation's generation stamp (0 for a fallback block)."""
-
-        def free(self) -> None:
-            """Return the memory to the vmtable (or the heap for a fallback block).
-
-            Raises :class:`VMTableError` on a second free, while memoryviews of
-            the block are alive, or if the block was already freed through its
-            offset or by another process.
-            """
-
-        def detach(self) -> int:
-            """Give up ownership and return the offset; the memory stays allocated.
-
-            The Block becomes unusable and will not free the memory.  Another
-            process (or this one, later) frees it with :meth:`VMTable.free_offset`
-            or adopts it with :meth:`VMTable.block_at`.  Raises
-            :class:`VMTableError` for a fallback block or a freed one.
-            """
-
-        def __len__(self) -> int: ...
-        def __buffer__(self, flags: int, /) -> memoryview: ...
-        def __enter__(self) -> Block: ...
-        def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                     tb: TracebackType | None) -> bool: ...
-
-    class _CoreVMTable:
-        def __init__(self, size: int, zone: int = 0, min_block: int = 64, fallback: bool = True,
-                     name: str | None = None, *, _attach: bool = False) -> None: ...
-        @property
-        def size(self) -> int: ...
-        @property
-        def min_block(self) -> int: ...
-        @property
-        def max_block(self) -> int: ...
-        @property
-        def zone(self) -> int: ...
-        @property
-        def name(self) -> str | None: ...
-        @property
-        def closed(self) -> bool: ...
-        @property
-        def id(self) -> int: ...
-        fallback: bool
-        def alloc(self, size: int) -> Block: ...
-        def free(self, block: Block) -> None: ...
-        def alloc_offset(self, size: int) -> int: ...
-        def free_offset(self, offset: int) -> None: ...
-        def view(self, offset: int, size: int) -> memoryview: ...
-        def block_at(self, offset: int) -> Block: ...
-        def stats(self, drain: bool = True) -> dict[str, Any]: ...
-        def check(self, full: bool = True) -> None: ...
-        def close(self) -> None: ...
-        def granted(self, size: int) -> int: ...
-        def _on_shortage(self, size: int) -> None: ...
-        def _debug_hang(self, op: str, arg: int, writes: int, notify_fd: int) -> None: ...
-else:
-    VMTableError = _core.VMTableError
-    Block = _core.Block
-    _CoreVMTable = _core.VMTable
+VMTableError = _core.VMTableError
+Block = _core.Block
+_CoreVMTable = _core.VMTable
 
 
-class Shortage(EventSource):
-    """The shortage event of one vmtable: ``vmt.shortage``.
+#: Makes a vmtable's shortage event source (aem.sources.Shortage, which registers itself
+#: here: this module depends on the C core alone).
+_shortage_factory: Callable[[VMTable], Shortage] | None = None
 
-    Register handlers with ``aem.register(vmt.shortage, handler)``.  When a
-    request finds no free block, each handler receives, synchronously and in
-    the allocating thread, an :class:`aem.ShortageEvent` with ``size`` (the
-    bytes requested) and ``vmtable``; it may free blocks, and the request is
-    then retried once.  A handler's exception goes to the engine's error
-    handler.  Allocations made by a shortage handler from the same vmtable do
-    not deliver the event again.
 
-    >>> aem.register(vmt.shortage, lambda ev: cache.evict(ev.size))  # doctest: +SKIP
-    """
-
-    __slots__ = ("__weakref__", "_targets", "_vmt")
-
-    def __init__(self, vmt: VMTable) -> None:
-        self._vmt: weakref.ref[VMTable] = weakref.ref(vmt)
-        #: (engine, eid) of each registration
-        self._targets: list[tuple[weakref.ref[Engine], int]] = []
-
-    def _attach(self, engine: Engine, handler: Any, flags: int, priority: int, obj: Any) -> int:
-        eid = int(engine._add(_core.K_HOSTED, None, 0, handler, flags, priority, obj))
-        self._targets.append((weakref.ref(engine), eid))
-        return eid
-
-    def _deliver(self, size: int) -> int:
-        """Run every live registration's handler now; return how many ran."""
-        vmt = self._vmt()
-        if vmt is None:
-            return 0
-        ran = 0
-        for ref, eid in list(self._targets):
-            engine = ref()
-            deliver = getattr(engine, "_deliver_now", None)
-            if engine is None or engine.closed or deliver is None:
-                self._forget(eid)
-                continue
-            delivered = deliver(eid, (size, vmt, None))
-            if delivered:
-                ran += 1
-            elif delivered is False:
-                self._forget(eid)  # unregistered (None: stopped, still registered)
-        return ran
-
-    def _forget(self, eid: int) -> None:
-        self._targets = [t for t in self._targets if t[1] != eid]
-
-    def __repr__(self) -> str:
-        return f"<aem shortage of {self._vmt()!r}, {len(self._targets)} registration(s)>"
+def set_shortage_factory(factory: Callable[[VMTable], Shortage]) -> None:
+    """Called by aem.sources: the class of ``vmt.shortage``."""
+    global _shortage_factory
+    _shortage_factory = factory
 
 
 #: The vmtables of this process by id (a forked process, or a capsule, inherits
@@ -270,7 +130,7 @@ class VMTable(_CoreVMTable):
     def __init__(self, size: int, zone: int = TBL_UZONE, min_block: int = 64,
                  fallback: bool = True, name: str | None = None) -> None:
         super().__init__(size, zone, min_block, fallback, name)
-        self._shortage = Shortage(self)
+        self._shortage: Shortage | None = None
         _live[self.id] = self
 
     @classmethod
@@ -285,17 +145,22 @@ class VMTable(_CoreVMTable):
         """
         self = cls.__new__(cls)
         _CoreVMTable.__init__(self, 0, TBL_VZONE, 64, fallback, name, _attach=True)
-        self._shortage = Shortage(self)
+        self._shortage = None
         _live[self.id] = self
         return self
 
     @property
     def shortage(self) -> Shortage:
-        """The event source of this vmtable's shortages (see :class:`Shortage`)."""
+        """The event source of this vmtable's shortages (see :class:`aem.sources.Shortage`)."""
+        if self._shortage is None:
+            if _shortage_factory is None:
+                raise RuntimeError("aem.vmtable used without aem.sources: import aem")
+            self._shortage = _shortage_factory(self)
         return self._shortage
 
     def _on_shortage(self, size: int) -> None:
-        self._shortage._deliver(size)
+        if self._shortage is not None:
+            self._shortage._deliver(size)
 
     def stats(self, drain: bool = True) -> dict[str, Any]:
         """Sizes and counters of the pool, as a dict.
@@ -346,6 +211,10 @@ DEFAULT_CONFIG: Final[dict[str, Any]] = {
     "size": 64 << 20, "zone": TBL_UZONE, "min_block": 64, "fallback": True, "name": None,
 }
 
+#: The smallest process vmtable EVTBLINIT accepts: one default ``aem.Read`` payload (64 KiB).
+#: A request larger than the whole pool never fits, fallback or not.
+MIN_PROCESS_SIZE: Final = 64 << 10
+
 _process: VMTable | None = None
 _process_lock = threading.Lock()
 
@@ -375,7 +244,8 @@ def configure_process_vmtable(arg: dict[str, Any] | None) -> None:
 
     ``arg`` holds any of ``size``, ``zone``, ``min_block``, ``fallback`` and
     ``name`` (the arguments of :class:`VMTable`; the others keep their
-    defaults), or is ``None`` for the defaults.  Raises :class:`VMTableError`
+    defaults), or is ``None`` for the defaults; ``size`` must be at least
+    :data:`MIN_PROCESS_SIZE`.  Raises :class:`VMTableError`
     once the process vmtable exists (it is made by its first use, or by an
     earlier EVTBLINIT), ``ValueError``/``TypeError`` for a bad ``arg``.
 
@@ -392,6 +262,11 @@ def configure_process_vmtable(arg: dict[str, Any] | None) -> None:
             raise ValueError(f"unknown EVTBLINIT key(s) {', '.join(map(repr, unknown))}; "
                              f"expected some of {', '.join(DEFAULT_CONFIG)}")
         config.update(arg)
+    size = config["size"]
+    if isinstance(size, int) and not isinstance(size, bool) and 0 < size < MIN_PROCESS_SIZE:
+        raise ValueError(f"EVTBLINIT size {size} is too small for the process vmtable, where aem.Read "
+                         f"puts what it reads (up to 64 KiB at a time by default): give at least "
+                         f"{MIN_PROCESS_SIZE} bytes")
     with _process_lock:
         if _process is not None:
             raise VMTableError("the process vmtable already exists (made by its first use or an "

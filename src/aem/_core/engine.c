@@ -207,6 +207,11 @@ static int fd_sync_ex(aem_engine *e, int fd, int force) {
 
 static int fd_sync(aem_engine *e, int fd) { return fd_sync_ex(e, fd, 0); }
 
+int aem_engine_owns_fd(const aem_engine *e, int fd) {
+    return fd >= 0 && (fd == e->epfd || fd == e->timerfd || fd == e->wakefd || fd == e->inotifyfd ||
+                       fd == e->sigpipe[0] || fd == e->sigpipe[1]);
+}
+
 int aem_engine_arm_fd(aem_engine *e, uint32_t slot, int fd, uint32_t epoll_events) {
     if (fd < 0 || fcntl(fd, F_GETFD) < 0) return -EBADF;
     int rc = fd_reserve(e, fd);

@@ -195,6 +195,8 @@ int64_t aem_engine_new_reg(aem_engine *e, uint8_t kind, uint16_t flags, int32_t 
                            void *handler, void *obj);
 /* Arm a new registration by kind (call once, after aem_engine_new_reg). */
 int aem_engine_arm_timer(aem_engine *e, uint32_t slot, int64_t deadline, int64_t arg);
+/* 1 when fd is one of the engine's own descriptors (epoll, timerfd, eventfd, inotify, signal pipe). */
+int aem_engine_owns_fd(const aem_engine *e, int fd);
 int aem_engine_arm_fd(aem_engine *e, uint32_t slot, int fd, uint32_t epoll_events);
 int aem_engine_arm_signal(aem_engine *e, uint32_t slot, int signum);
 int aem_engine_arm_owned_fd(aem_engine *e, uint32_t slot, int fd, uint32_t epoll_events);

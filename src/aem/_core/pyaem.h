@@ -42,6 +42,10 @@ typedef struct {
 extern PyTypeObject *AemTimerBase_Type;
 int aem_sources_init_types(PyObject *module);
 
+/* The longest time aem takes, in seconds (9e9 ns-representable: about 285 years). */
+#define AEM_MAX_SECONDS 9e9
+int64_t aem_seconds_to_ns(PyObject *v, const char *what, int allow_zero);
+
 /* ---- the engine object (pyengine.c) -------------------------------------------- */
 
 typedef struct EngineObject {
@@ -56,12 +60,15 @@ typedef struct EngineObject {
     int stop_requested;
     int busy;               /* the last turn delivered something */
     int in_step;            /* a turn (collect + deliver) is in progress */
+    int wait_interrupted;   /* the last exception came from a signal handler while waiting (Ctrl-C),
+                             * not from an event handler */
     int ring_owed;          /* a drain was declined: acknowledge the doorbell later */
     uint32_t internal;      /* internal registrations (not counted for idleness) */
     PyObject *error_handler;
     PyObject *spawn_hook;   /* runs handlers of EVF_FORK/EVF_CAPSULE registrations */
     PyObject *payload_hook; /* makes Read payloads (vmtable); NULL: bytes */
     PyObject *unregister_hook; /* told of each unregistration (jobs, capsules) */
+    PyObject *failures;     /* eid -> consecutive engine-side failures (a dict; NULL until one) */
     aem_doorbell doorbell;
     int async_on;
     pthread_t main_thread;

@@ -107,6 +107,20 @@ static inline uint32_t user_live(EngineObject *self) { return self->core.live - 
 
 static void direct_kick(EngineObject *self, int fd, int on);
 
+/* The registration delivered normally: its run of failures (if any) ends. */
+static void forget_failures(EngineObject *self, uint64_t eid) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *key = PyLong_FromUnsignedLongLong(eid);
+    if (!key || PyDict_DelItem(self->failures, key) < 0) PyErr_Clear();
+    Py_XDECREF(key);
+    PyErr_Restore(type, value, tb);
+}
+
+static inline void source_ok(EngineObject *self, uint64_t eid) {
+    if (self->failures && PyDict_GET_SIZE(self->failures)) forget_failures(self, eid);
+}
+
 /* Release a registration's references and slot.  The unregister hook hears of
  * registrations that own processes (EVF_FORK/EVF_CAPSULE) or listen to jobs:
  * hook(eid, is_job_listener, shutdown). */
@@ -119,6 +133,7 @@ static void unregister_slot_ex(EngineObject *self, uint32_t slot, int shutdown) 
     int job_listener = r->kind == AEM_K_JOB;
     int fd = (r->kind >= AEM_K_READABLE && r->kind <= AEM_K_CLOSE) || r->kind == AEM_K_CUSTOM ? r->fd : -1;
     aem_engine_free_reg(&self->core, slot);
+    if (self->failures && PyDict_GET_SIZE(self->failures)) forget_failures(self, eid);
     if (self->async_on && fd >= 0 && (uint32_t)fd < self->core.fdcap && !self->core.fds[fd].events)
         direct_kick(self, fd, 0);
     if (internal) self->internal--;
@@ -221,6 +236,7 @@ static int engine_traverse(EngineObject *self, visitproc visit, void *arg) {
     Py_VISIT(self->spawn_hook);
     Py_VISIT(self->payload_hook);
     Py_VISIT(self->unregister_hook);
+    Py_VISIT(self->failures);
     if (!self->closed) {
         aem_engine *e = &self->core;
         for (uint32_t s = 0; s < e->nslots; s++) {
@@ -238,6 +254,7 @@ static int engine_clear(EngineObject *self) {
     Py_CLEAR(self->spawn_hook);
     Py_CLEAR(self->payload_hook);
     Py_CLEAR(self->unregister_hook);
+    Py_CLEAR(self->failures);
     if (!self->closed) release_all(self);
     return 0;
 }
@@ -280,8 +297,10 @@ static int prepare(EngineObject *self, PyObject *handler, unsigned long flags, P
         return -1;
     }
     if (flags & ~(unsigned long)AEM_F__PUBLIC) {
-        PyErr_Format(PyExc_ValueError, "unknown flag bits 0x%lx (known: EVF_ONESHOT, EVF_FORK, "
-                     "EVF_NOCLDWAIT, EVF_CAPSULE, EVF_KEEPALIVE)", flags & ~(unsigned long)AEM_F__PUBLIC);
+        char bits[24];  /* PyErr_Format has no %lx before Python 3.12 */
+        snprintf(bits, sizeof bits, "%#lx", flags & ~(unsigned long)AEM_F__PUBLIC);
+        PyErr_Format(PyExc_ValueError, "unknown flag bits %s (known: EVF_ONESHOT, EVF_FORK, "
+                     "EVF_NOCLDWAIT, EVF_CAPSULE, EVF_KEEPALIVE)", bits);
         return -1;
     }
     if ((flags & AEM_F_FORK) && (flags & AEM_F_CAPSULE)) {
@@ -331,25 +350,6 @@ static int prepare(EngineObject *self, PyObject *handler, unsigned long flags, P
         *obj_out = Py_XNewRef(source);
     }
     return 0;
-}
-
-static int64_t seconds_to_ns(PyObject *v, const char *what, int allow_zero) {
-    double d;
-    if (PyLong_Check(v)) {
-        d = PyLong_AsDouble(v);
-        if (d == -1.0 && PyErr_Occurred()) return -1;
-    } else if (PyFloat_Check(v)) {
-        d = PyFloat_AS_DOUBLE(v);
-    } else {
-        PyErr_Format(PyExc_TypeError, "%s must be a number of seconds, not %.100s", what, Py_TYPE(v)->tp_name);
-        return -1;
-    }
-    if (!(d >= 0) || d > 9e9 || (!allow_zero && d == 0)) {
-        PyErr_Format(PyExc_ValueError, "%s must be %s seconds (got %R)", what,
-                     allow_zero ? "a finite number of >= 0" : "a finite number of > 0", v);
-        return -1;
-    }
-    return (int64_t)(d * 1e9 + 0.5);
 }
 
 static PyObject *new_eid_result(EngineObject *self, uint32_t slot) {
@@ -469,7 +469,7 @@ static PyObject *engine_add_timer(EngineObject *self, PyObject *args) {
     PyObject *after_obj, *handler;
     if (!PyArg_ParseTuple(args, "OO:_add_timer", &after_obj, &handler)) return NULL;
     if (check_open(self) < 0) return NULL;
-    int64_t after = seconds_to_ns(after_obj, "after", 1);
+    int64_t after = aem_seconds_to_ns(after_obj, "after", 1);
     if (after < 0) return NULL;
     int64_t slot = aem_engine_new_reg(&self->core, AEM_K_TIMER, AEM_F_INTERNAL, 0, handler, NULL);
     if (slot < 0) return PyErr_NoMemory();
@@ -516,7 +516,17 @@ static PyObject *engine_add(EngineObject *self, PyObject *args) {
     case AEM_K_CUSTOM: {
         int fd = PyObject_AsFileDescriptor(target);
         if (fd < 0) goto fail;
+        if (aem_engine_owns_fd(&self->core, fd)) {
+            PyErr_Format(PyExc_ValueError, "fd %d is one of aem's own descriptors (its epoll, timer or "
+                         "wake-up fd): the file or socket that had this number was closed", fd);
+            goto fail;
+        }
         rc = aem_engine_arm_fd(&self->core, (uint32_t)slot, fd, events);
+        if (rc == -EINVAL) {
+            PyErr_Format(PyExc_ValueError, "fd %d cannot be watched by epoll (an epoll fd itself, or a "
+                         "number whose file was closed and reused?)", fd);
+            goto fail;
+        }
         if (rc == -EPERM) {
             PyErr_Format(PyExc_ValueError, "fd %d cannot be watched by epoll (a regular file or "
                          "directory is always ready; read it directly)", fd);
@@ -688,12 +698,87 @@ static int report(EngineObject *self, PyObject *event) {
     return 0;
 }
 
+/* Engine-side failures (not the handler's): a source's collect() raised, accept() failed.
+ * Each pauses the registration for AEM_BACKOFF_FIRST_S seconds, doubled at each consecutive
+ * failure; the AEM_FAILURES_MAX-th unregisters it.  Nothing spins. */
+#define AEM_FAILURES_MAX 5
+#define AEM_BACKOFF_FIRST_S 0.01
+#define AEM_ACCEPT_PAUSE_S 0.1  /* accept() out of descriptors or memory */
+
+/* Pause registration eid for `pause` seconds (Engine._backoff: EVJOBSTOP, then EVJOBSTART
+ * from an internal timer), if it is still active. */
+static int backoff(EngineObject *self, uint64_t eid, double pause) {
+    uint32_t slot;
+    aem_reg *r = aem_engine_lookup(&self->core, eid, &slot);
+    if (!r || r->state != AEM_S_ACTIVE) return 0;
+    PyObject *res = PyObject_CallMethod((PyObject *)self, "_backoff", "Kd", (unsigned long long)eid, pause);
+    if (!res) return -1;
+    Py_DECREF(res);
+    return 0;
+}
+
 typedef struct {
     PyObject *handler, *source, *ctor, *dtor, *pool;
     uint64_t eid;
     uint16_t flags;
     int32_t priority;
 } target_t;
+
+/* The exception set, normalised, with its traceback (PyErr_GetRaisedException of 3.12). */
+static PyObject *fetch_exception(void) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb) PyException_SetTraceback(value, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return value;
+}
+
+/* An exception is set by the engine's own work for registration t.  An Exception is
+ * counted and the registration backs off; at the AEM_FAILURES_MAX-th in a row it is
+ * unregistered and the error handler gets one AemError naming it (eid, source, the last
+ * exception as its __cause__).  Returns 0, or -1 when a BaseException must propagate. */
+static int source_failed(EngineObject *self, const target_t *t) {
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) return -1;
+    self->core.stats.errors++;
+    PyObject *exc = fetch_exception();
+    PyObject *key = PyLong_FromUnsignedLongLong(t->eid);
+    if (!key) goto fail;
+    if (!self->failures && !(self->failures = PyDict_New())) goto fail;
+    PyObject *prev = PyDict_GetItemWithError(self->failures, key);
+    if (!prev && PyErr_Occurred()) goto fail;
+    long n = (prev ? PyLong_AsLong(prev) : 0) + 1;
+    if (n < AEM_FAILURES_MAX) {
+        PyObject *count = PyLong_FromLong(n);
+        if (!count || PyDict_SetItem(self->failures, key, count) < 0) {
+            Py_XDECREF(count);
+            goto fail;
+        }
+        Py_DECREF(count);
+        Py_DECREF(key);
+        Py_DECREF(exc);
+        if (backoff(self, t->eid, AEM_BACKOFF_FIRST_S * (double)(1L << (n - 1))) < 0)
+            return report(self, NULL);
+        return 0;
+    }
+    Py_DECREF(key);
+    forget_failures(self, t->eid);
+    uint32_t slot;
+    if (aem_engine_lookup(&self->core, t->eid, &slot)) unregister_slot(self, slot);
+    PyErr_Format(AemError, "event %llu (%R) failed %ld times in a row and was unregistered: %R",
+                 (unsigned long long)t->eid, t->source ? t->source : Py_None, n, exc);
+    PyObject *err = fetch_exception();
+    PyException_SetCause(err, exc);  /* steals exc */
+    PyErr_SetObject((PyObject *)Py_TYPE(err), err);
+    Py_DECREF(err);
+    self->core.stats.errors--;  /* report() counts it */
+    return report(self, NULL);
+fail:
+    Py_XDECREF(key);
+    Py_DECREF(exc);
+    return report(self, NULL);
+}
 
 static void default_destructor(EngineObject *self, EventObject *ev) {
     /* Payloads in vmtable blocks go back unless the handler kept them (event.keep()).
@@ -806,20 +891,19 @@ static int deliver_accept(EngineObject *self, const target_t *t, const aem_occ *
         if (conn < 0) {
             if (errno == EINTR || errno == ECONNABORTED) continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK) break;
-            /* EMFILE, ENFILE, ENOBUFS...: the connection stays in the backlog and the
-             * socket stays readable; report, and pause this Accept for a moment rather
-             * than spin (the engine's _accept_backoff resumes it). */
             int err = errno;
             PyErr_SetFromErrno(PyExc_OSError);
-            rc = report(self, NULL);
-            if (rc == 0 && (err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM)) {
-                PyObject *res = PyObject_CallMethod((PyObject *)self, "_accept_backoff", "K",
-                                                    (unsigned long long)t->eid);
-                if (!res) rc = report(self, NULL);
-                Py_XDECREF(res);
+            if (err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM) {
+                /* Out of descriptors or memory, for a while: the connection stays in the
+                 * backlog and the socket readable.  Report, pause this Accept, never give up. */
+                rc = report(self, NULL);
+                if (rc == 0 && backoff(self, t->eid, AEM_ACCEPT_PAUSE_S) < 0) rc = report(self, NULL);
+            } else {
+                rc = source_failed(self, t);  /* e.g. EINVAL: the socket stopped listening */
             }
             break;
         }
+        source_ok(self, t->eid);
         /* The connection becomes a socket.socket (which then owns the fd). */
         PyObject *family = PyTuple_GET_ITEM(sockargs, 0), *type = PyTuple_GET_ITEM(sockargs, 1);
         PyObject *proto = PyTuple_GET_ITEM(sockargs, 2);
@@ -901,14 +985,15 @@ static int fill_child(EngineObject *self, EventObject *ev, int pidfd, int64_t ar
 
 static int deliver_custom(EngineObject *self, const target_t *t, const aem_occ *o) {
     PyObject *items = PyObject_CallMethod(t->source, "collect", "K", (unsigned long long)o->a);
-    if (!items) return report(self, NULL);
+    if (!items) return source_failed(self, t);
     if (items == Py_None) {
         Py_DECREF(items);
+        source_ok(self, t->eid);
         return 0;
     }
     PyObject *it = PyObject_GetIter(items);
     Py_DECREF(items);
-    if (!it) return report(self, NULL);
+    if (!it) return source_failed(self, t);
     int rc = 0;
     PyObject *item;
     while ((item = PyIter_Next(it))) {
@@ -925,7 +1010,8 @@ static int deliver_custom(EngineObject *self, const target_t *t, const aem_occ *
         if (rc < 0) break;
     }
     Py_DECREF(it);
-    if (rc == 0 && PyErr_Occurred()) rc = report(self, NULL);
+    if (rc == 0 && PyErr_Occurred()) return source_failed(self, t);  /* the iteration raised */
+    if (rc == 0) source_ok(self, t->eid);
     return rc;
 }
 
@@ -1073,7 +1159,10 @@ static int engine_step_inner(EngineObject *self, int timeout_ms) {
         Py_END_ALLOW_THREADS
     }
     if (n == -EINTR) {
-        if (PyErr_CheckSignals() < 0) return -1;
+        if (PyErr_CheckSignals() < 0) {
+            self->wait_interrupted = 1;
+            return -1;
+        }
         n = 0;
     } else if (n < 0) {
         set_errno_error(n, "epoll_wait");
@@ -1109,7 +1198,7 @@ static PyObject *engine_run(EngineObject *self, PyObject *args, PyObject *kwds) 
     }
     int64_t deadline = -1;
     if (timeout_obj != Py_None) {
-        int64_t t = seconds_to_ns(timeout_obj, "timeout", 1);
+        int64_t t = aem_seconds_to_ns(timeout_obj, "timeout", 1);
         if (t < 0) return NULL;
         deadline = aem_now_ns() + t;
     }
@@ -1136,7 +1225,15 @@ static PyObject *engine_run(EngineObject *self, PyObject *args, PyObject *kwds) 
             int64_t ms = (left + 999999) / 1000000;
             timeout_ms = left <= 0 ? 0 : (int)(ms > INT32_MAX ? INT32_MAX : ms);  /* run(0): one poll */
         }
-        if (engine_step(self, timeout_ms) < 0) break;
+        self->wait_interrupted = 0;
+        if (engine_step(self, timeout_ms) < 0) {
+            /* Ctrl-C while waiting ends run(); a KeyboardInterrupt from a handler propagates. */
+            if (self->wait_interrupted && PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) {
+                PyErr_Clear();
+                reason = "interrupted";
+            }
+            break;
+        }
         stepped = 1;
     }
     self->running = 0;

@@ -13,7 +13,11 @@
 
 PyTypeObject *AemTimerBase_Type;
 
-static int64_t to_ns(PyObject *v, const char *what, int allow_zero) {
+/* The one conversion of a number of seconds (int or float, not bool) to nanoseconds,
+ * used by Timer, run(timeout=) and the engine's internal timers.  Returns -1 with an
+ * exception set for a non-number, a bool, NaN, a negative time, one beyond
+ * AEM_MAX_SECONDS, or 0 when allow_zero is false. */
+int64_t aem_seconds_to_ns(PyObject *v, const char *what, int allow_zero) {
     double d;
     if (PyFloat_CheckExact(v)) {
         d = PyFloat_AS_DOUBLE(v);
@@ -26,12 +30,14 @@ static int64_t to_ns(PyObject *v, const char *what, int allow_zero) {
     } else if (PyFloat_Check(v)) {
         d = PyFloat_AsDouble(v);
     } else {
-        PyErr_Format(PyExc_TypeError, "%s must be a number of seconds, not %.100s", what, Py_TYPE(v)->tp_name);
+        PyErr_Format(PyExc_TypeError, "%s must be a number of seconds (int or float), not %.100s", what,
+                     Py_TYPE(v)->tp_name);
         return -1;
     }
-    if (!(d >= 0) || d > 9e9 || (!allow_zero && d == 0)) {
-        PyErr_Format(PyExc_ValueError, "%s must be a finite number of seconds %s 0 (got %R)", what,
-                     allow_zero ? ">=" : ">", v);
+    if (!(d >= 0) || d > AEM_MAX_SECONDS || (!allow_zero && d == 0)) {
+        PyErr_Format(PyExc_ValueError, "%s must be a number of seconds %s 0 and at most %lld "
+                     "(about 285 years), got %R", what, allow_zero ? ">=" : ">",
+                     (long long)AEM_MAX_SECONDS, v);
         return -1;
     }
     return (int64_t)(d * 1e9 + 0.5);
@@ -41,10 +47,10 @@ static PyObject *timer_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"after", "interval", NULL};
     PyObject *after, *interval = Py_None;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O:Timer", kwlist, &after, &interval)) return NULL;
-    int64_t a = to_ns(after, "after", 1);
+    int64_t a = aem_seconds_to_ns(after, "after", 1);
     if (a < 0) return NULL;
     int64_t i = 0;
-    if (interval != Py_None && (i = to_ns(interval, "interval", 0)) < 0) return NULL;
+    if (interval != Py_None && (i = aem_seconds_to_ns(interval, "interval", 0)) < 0) return NULL;
     AemTimerObject *self = (AemTimerObject *)type->tp_alloc(type, 0);
     if (!self) return NULL;
     self->after_ns = a;

@@ -31,23 +31,13 @@ import time
 from collections.abc import Callable
 from itertools import repeat
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aem
+from aem._core import _vmt_bench, _vmt_frag, _vmt_latency
 
 from ._harness import Context, distribution, interleave, json_from_child, percentile
 from ._plot import bars, cdf
-
-if TYPE_CHECKING:
-    # The benchmark loops of the C core (vmtable_py.c).
-    def _vmt_bench(pattern: str, allocator: str, count: int, size: int = 4096, seed: int = 1,
-                   zone: int = 0) -> float: ...
-    def _vmt_latency(pool_size: int, fill: float, count: int, seed: int = 1,
-                     zone: int = 0) -> tuple[list[float], float, int]: ...
-    def _vmt_frag(pool_size: int, seed: int = 1, free_ratio: float = 0.4,
-                  min_block: int = 64) -> dict[str, float]: ...
-else:
-    from aem._core import _vmt_bench, _vmt_frag, _vmt_latency
 
 KIB = 1 << 10
 MIB = 1 << 20
