@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -14,10 +15,79 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo_main(duration=args.duration)
 
 
-def _cmd_stats(args: argparse.Namespace) -> int:
-    import aem
+#: Where AEMhttpd publishes its statistics (aem.http.status.PATH; not imported: the
+#: command must start fast and work against any server).
+STATUS_PATH = "/_aem/status"
 
-    print(json.dumps(aem.stats(), indent=2, sort_keys=True))
+
+def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
+    """The statistics a running AEMhttpd publishes: its status page at ``url`` as JSON.
+
+    ``url`` is the server's address (``http://127.0.0.1:8080``) or the status
+    page's own.  Raises ``ValueError`` with a sentence for the user when the
+    server cannot be reached or publishes no statistics.
+    """
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{url!r} is not an http:// address (e.g. http://127.0.0.1:8080)")
+    path = parts.path.rstrip("/")
+    if not path.endswith(STATUS_PATH):
+        path += STATUS_PATH
+    target = urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+    request = urllib.request.Request(target, headers={"Accept": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = response.read()
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            raise ValueError(f"{target} answered 404: that server does not publish its statistics "
+                             "(start it with its status page on: aem serve --status)") from None
+        raise ValueError(f"{target} answered {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise ValueError(f"cannot reach {target}: {reason} (is aem serve running there?)") from None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise ValueError(f"{target} did not answer with JSON: is it an aem server?") from None
+    if not isinstance(data, dict) or "engine" not in data:
+        raise ValueError(f"{target} answered JSON without an 'engine' section: not an aem status page")
+    return data
+
+
+def format_status(data: dict[str, Any]) -> str:
+    """The status data as aligned ``section.key  value`` lines, one section after another."""
+    lines: list[str] = [f"pid {data.get('pid', '?')}"]
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k in sorted(value, key=str):
+                walk(f"{prefix}.{k}" if prefix else str(k), value[k])
+        else:
+            rows.append((prefix, value))
+
+    for section in ("engine", "server", "capsules", "vmtable"):
+        if section not in data:
+            continue
+        rows: list[tuple[str, Any]] = []
+        walk(section, data[section])
+        width = max((len(k) for k, _ in rows), default=0)
+        lines.append("")
+        lines += [f"{k:<{width}}  {v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    try:
+        data = fetch_status(args.url, timeout=args.timeout)
+    except ValueError as e:
+        print(f"aem stats: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(data, indent=2, sort_keys=True) if args.json else format_status(data))
     return 0
 
 
@@ -70,11 +140,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this many seconds (default: until Ctrl-C or SIGTERM)")
     p.set_defaults(fn=_cmd_demo)
 
-    p = sub.add_parser("stats", help="print the statistics of a fresh engine as JSON")
+    p = sub.add_parser("stats", help="show a running AEMhttpd's statistics (its status page)",
+                       description="Fetch the statistics a running aem server publishes on its "
+                                   f"status page ({STATUS_PATH}) and print them.")
+    p.add_argument("--url", default="http://127.0.0.1:8080",
+                   help="the server's address (default http://127.0.0.1:8080)")
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
     p.set_defaults(fn=_cmd_stats)
 
-    p = sub.add_parser("bench", help="run benchmarks side by side with their anchors")
-    p.add_argument("suites", nargs="*", help="suites to run (default: all)")
+    from .bench import SUITES, describe
+
+    width = max(len(n) for n, _ in describe())
+    p = sub.add_parser("bench", help="run benchmarks side by side with their anchors",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Measure aem beside its anchors, in one run (interleaved rounds, "
+                                   "medians); needs the bench extra: pip install 'aem[bench]'.",
+                       epilog="suites:\n" + "\n".join(f"  {n:<{width}}  {d}" for n, d in describe()))
+    p.add_argument("suites", nargs="*", metavar="SUITE",
+                   help=f"suites to run (default: {' '.join(SUITES)})")
     p.add_argument("--quick", action="store_true", help="small sizes, few rounds: checks that suites run")
     p.add_argument("--out", default="bench-results", help="directory for results.json, results.md and plots")
     p.set_defaults(fn=_cmd_bench)

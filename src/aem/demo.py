@@ -46,12 +46,16 @@ def main(duration: float | None = None) -> int:
     ours, theirs = socket.socketpair()
     pid = os.fork()
     if pid == 0:  # the writer: a separate process, feeding the socket now and then
+        # Ctrl-C reaches the whole process group: the demo (the parent) handles it and ends
+        # this process with SIGTERM, so it ignores SIGINT and dies quietly on SIGTERM.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         ours.close()
         try:
             for i in range(1000):
                 time.sleep(0.7)
                 theirs.send(f"message {i} from process {os.getpid()}\n".encode())
-        except OSError:
+        except BaseException:  # the parent went away (EPIPE) or anything else: no traceback
             pass
         os._exit(0)
     theirs.close()

@@ -23,7 +23,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,45 @@ def distribution(samples: Sequence[float]) -> dict[str, float]:
     }
 
 
+class _Progress:
+    """The suite running now and what it measures: a rich progress line per suite (the
+    harness updates it from :func:`interleave` and :meth:`Context.record`).  Refreshed
+    only when it changes: no thread runs beside the measurements."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+        self.task: Any = None
+
+    def show(self, what: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, status=what)
+            self.bar.refresh()
+
+
+_progress = _Progress()
+
+
+@contextmanager
+def progress(title: str) -> Iterator[None]:
+    """Show a progress line ``title``: what runs now, elapsed time; done when the block ends."""
+    try:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    except ImportError:  # pragma: no cover - rich is in the bench extra
+        print(f"{title} ...", flush=True)
+        yield
+        return
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[status]}"), auto_refresh=False, transient=False)
+    _progress.bar, _progress.task = bar, bar.add_task(title, total=None, status="starting")
+    with bar:
+        try:
+            yield
+            bar.update(_progress.task, total=1, completed=1, status="done")
+            bar.refresh()
+        finally:
+            _progress.bar = _progress.task = None
+
+
 def interleave(
     variants: dict[str, Callable[[], float]], rounds: int, warmup: int = 1
 ) -> dict[str, list[float]]:
@@ -89,6 +129,8 @@ def interleave(
     out: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(warmup + rounds):
         for name, fn in variants.items():
+            stage = "warm-up" if r < warmup else f"round {r - warmup + 1}/{rounds}"
+            _progress.show(f"{name}, {stage}")
             value = fn()
             if r >= warmup:
                 out[name].append(value)
@@ -173,6 +215,7 @@ class Context:
         row = Row(self.suite, case, variant, metric, float(value), unit, better,
                   [float(s) for s in samples], note)
         self.rows.append(row)
+        _progress.show(f"measured {case}: {variant}")
         return row
 
     def note(self, text: str) -> None:

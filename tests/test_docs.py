@@ -1,0 +1,135 @@
+"""The docs a newcomer works from: every Python block of README.md and docs/ runs, and the
+reference covers every public name.
+
+The convention (docs/writing-docs.md): a fenced block whose language is ``python``
+runs, as is, in a fresh Python in an empty directory, and must exit 0 within a minute.
+An HTML comment on the line right before the fence changes that:
+
+* ``<!-- test: skip (why) -->`` — illustrative, or needs what a test cannot have (a
+  server that runs until Ctrl-C, another machine): not run; the reason is required.
+* ``<!-- test: continue -->`` — runs after the blocks before it in the same file (one
+  program told in several steps); the chain runs as one program.
+
+Blocks in other languages (``sh``, diagrams, C) are not run.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import aem
+from conftest import run_script
+
+ROOT = Path(__file__).resolve().parent.parent
+FILES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+FENCE = re.compile(r"^(?P<indent> *)```(?P<lang>[\w+-]*)\s*$")
+MARKER = re.compile(r"^\s*<!--\s*test:\s*(?P<what>skip|continue)\b(?P<why>.*?)-->\s*$")
+
+
+@dataclass
+class Block:
+    path: Path
+    line: int
+    code: str
+    marker: str | None
+    why: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.path.name}:{self.line}"
+
+
+def blocks(path: Path) -> list[Block]:
+    """The ``python`` blocks of a markdown file, with the marker before each."""
+    out: list[Block] = []
+    lines = path.read_text().splitlines()
+    i = 0
+    while i < len(lines):
+        m = FENCE.match(lines[i])
+        if not m:
+            i += 1
+            continue
+        start, lang, indent = i, m["lang"], len(m["indent"])
+        i += 1
+        body: list[str] = []
+        while i < len(lines) and not re.match(rf"^ {{{indent}}}```\s*$", lines[i]):
+            body.append(lines[i][indent:])
+            i += 1
+        i += 1
+        if lang != "python":
+            continue
+        prev = next((ln for ln in reversed(lines[:start]) if ln.strip()), "")
+        mk = MARKER.match(prev)
+        out.append(Block(path, start + 1, "\n".join(body) + "\n", mk["what"] if mk else None,
+                         mk["why"].strip(" ()—-") if mk else ""))
+    return out
+
+
+ALL = [b for f in FILES for b in blocks(f)]
+
+
+def program(block: Block, every: list[Block] = ALL) -> str:
+    """The block's code, preceded by the chain of blocks it continues."""
+    same = [b for b in every if b.path == block.path and b.line <= block.line and b.marker != "skip"]
+    chain: list[Block] = []
+    for b in reversed(same):
+        chain.insert(0, b)
+        if b.marker != "continue":
+            break
+    return "\n".join(b.code for b in chain)
+
+
+def test_the_docs_have_runnable_blocks() -> None:
+    run = [b for b in ALL if b.marker != "skip"]
+    assert len(run) >= 10, [b.id for b in run]
+    assert any(b.path.name == "README.md" for b in run)
+    assert any(b.path.name == "guide.md" for b in run)
+
+
+@pytest.mark.parametrize("block", [b for b in ALL if b.marker == "skip"], ids=lambda b: b.id)
+def test_a_skipped_block_says_why(block: Block) -> None:
+    assert len(block.why) >= 8, f"{block.id}: <!-- test: skip (the reason) -->"
+
+
+@pytest.mark.parametrize("block", [b for b in ALL if b.marker != "skip"], ids=lambda b: b.id)
+def test_block_runs(block: Block, tmp_path: Path) -> None:
+    p = run_script(program(block), timeout=60, cwd=tmp_path)
+    assert p.returncode == 0, f"{block.id} failed:\n{p.stdout}\n{p.stderr}"
+
+
+def test_blocks_are_found_where_they_are(tmp_path: Path) -> None:
+    """The parser itself: fences, markers and chains (so the tests above can fail)."""
+    sample = tmp_path / "sample.md"
+    sample.write_text("text\n\n```python\nx = 1\n```\n\n<!-- test: continue -->\n```python\n"
+                      "assert x == 1\n```\n\n<!-- test: skip (needs a server) -->\n```python\n"
+                      "serve()\n```\n\n```sh\nmake run\n```\n")
+    found = blocks(sample)
+    assert [(b.line, b.marker) for b in found] == [(3, None), (8, "continue"), (13, "skip")]
+    assert found[2].why == "needs a server"
+    assert program(found[1], found) == "x = 1\n\nassert x == 1\n"
+    assert program(found[0], found) == "x = 1\n"
+
+
+# -- the reference ------------------------------------------------------------------------------
+
+def test_the_reference_covers_every_public_name() -> None:
+    """docs/reference.md is generated from the docstrings by mkdocstrings: each public name of
+    ``aem`` has its ``::: aem.NAME`` entry (constants are listed in tables)."""
+    text = (ROOT / "docs" / "reference.md").read_text()
+    entries = set(re.findall(r"^::: aem\.(\w+)", text, re.M))
+    mentioned = set(re.findall(r"`aem\.(\w+)`", text))
+    public = {n for n in dir(aem) if not n.startswith("_") and not isinstance(getattr(aem, n), type(aem))}
+    constants = {n for n in public if n.isupper()}
+    missing = sorted((public - constants) - entries)
+    assert not missing, f"no ::: entry in docs/reference.md for {missing}"
+    assert not sorted(constants - mentioned), "constants missing from the reference's tables"
+
+
+def test_the_site_nav_lists_existing_pages() -> None:
+    nav = re.findall(r":\s*(\S+\.md)\s*$", (ROOT / "mkdocs.yml").read_text(), re.M)
+    assert "guide.md" in nav and "reference.md" in nav
+    assert all((ROOT / "docs" / page).exists() for page in nav), nav
