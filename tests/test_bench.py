@@ -14,7 +14,7 @@ from aem import bench
 from conftest import run_script
 
 
-@pytest.mark.parametrize("suite", ["dispatch", "delivery", "timers", "capsules"])
+@pytest.mark.parametrize("suite", ["dispatch", "delivery", "timers", "vmtable", "capsules"])
 def test_suite_runs_quick(suite: str, tmp_path: Path) -> None:
     if suite == "capsules":
         # multiprocessing's forkserver and resource tracker outlive the suite: own process

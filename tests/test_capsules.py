@@ -6,6 +6,8 @@ import os
 import signal
 import socket
 import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -13,7 +15,7 @@ from typing import Any
 import pytest
 
 import aem
-from conftest import children_of, processes, run_script
+from conftest import AEM_PATH, children_of, processes, run_script
 
 # -- helpers -------------------------------------------------------------------------------------
 
@@ -487,3 +489,104 @@ def test_vzone_payload_reaches_a_capsule_by_reference() -> None:
     p = run_script(code, timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["shared", "bytes", "memoryview", "True", "0"]
+
+
+# -- kept from review (were in test_regressions.py) ------------------------------
+
+def test_oneshot_timer_with_a_lambda_runs_in_a_capsule() -> None:
+    p = run_script("""
+        import aem, os, time
+        pool = aem.CapsulePool(size=1)
+        assert pool.wait_ready(10)
+        results = aem.UserEvent()
+        got = []
+        aem.register(results, lambda ev: got.append(ev.payload))
+        aem.register(aem.Timer(0.05), lambda ev: results.fire(os.getpid()),
+                     flags=aem.EVF_CAPSULE | aem.EVF_NOCLDWAIT, pool=pool)
+        t0 = time.process_time()
+        deadline = time.monotonic() + 10
+        while not got and time.monotonic() < deadline:
+            aem.run(timeout=0.05)
+        print(len(got), got[0] != os.getpid(), time.process_time() - t0 < 5)
+        pool.close()
+    """)
+    assert p.stdout.split() == ["1", "True", "True"], p.stderr
+
+
+def test_refresh_lets_running_capsules_finish() -> None:
+    p = run_script("""
+        import aem, time
+        a, b = aem.UserEvent(), aem.UserEvent()
+        ea = aem.register(a, lambda ev: time.sleep(0.5), flags=aem.EVF_CAPSULE)
+        pool = aem.CapsulePool(size=2)
+        assert pool.wait_ready(10)
+        exits = []
+        aem.register(aem.ChildExit(job=ea), lambda ev: exits.append(("A", ev.returncode)))
+        a.fire()
+        aem.run(timeout=0.2)
+        eb = aem.register(b, lambda ev: None, flags=aem.EVF_CAPSULE, pool=pool)  # unknown lambda
+        aem.register(aem.ChildExit(job=eb), lambda ev: exits.append(("B", ev.returncode)))
+        b.fire()                       # refreshes the template
+        deadline = time.monotonic() + 10
+        while len(exits) < 2 and time.monotonic() < deadline:
+            aem.run(timeout=0.05)
+        print(sorted(exits))
+        pool.close()
+    """)
+    assert p.stdout.strip() == "[('A', 0), ('B', 0)]", p.stderr
+
+
+def test_keepalive_capsule_raising_every_time_does_not_stall() -> None:
+    p = run_script("""
+        import aem, os, sys, time
+        reply = aem.UserEvent()
+        got = []
+        aem.register(reply, lambda ev: got.append(ev.payload))
+        def h(ev):
+            reply.fire(ev.payload)
+            raise ValueError("bad request " + "x" * 200)
+        ue = aem.UserEvent()
+        pool = aem.CapsulePool(size=1)
+        aem.register(ue, h, flags=aem.EVF_CAPSULE | aem.EVF_KEEPALIVE, pool=pool)
+        assert pool.wait_ready(10)
+        for i in range(600):
+            ue.fire(i)
+            if i % 50 == 0:
+                aem.run(timeout=0.02)
+        deadline = time.monotonic() + 20
+        while len(got) < 600 and time.monotonic() < deadline:
+            aem.run(timeout=0.05)
+        print(len(got))
+        pool.close(timeout=0.5)
+    """, timeout=60)
+    assert p.stdout.strip() == "600", p.stderr[-2000:]
+
+
+def test_forks_do_not_repeat_what_the_application_printed(tmp_path: Any) -> None:
+    script = tmp_path / "dup.py"
+    script.write_text(textwrap.dedent("""
+        import aem
+        def h(ev):
+            pass
+        print("HELLO-FROM-PARENT")          # still in the buffer: stdout is a file
+        pool = aem.CapsulePool(size=2)
+        ue = aem.UserEvent()
+        aem.register(ue, h, flags=aem.EVF_CAPSULE | aem.EVF_NOCLDWAIT, pool=pool)
+        pool.wait_ready(10)
+        for i in range(3):
+            ue.fire(i)
+            aem.run(timeout=0.2)
+        fe = aem.UserEvent()
+        aem.register(fe, h, flags=aem.EVF_FORK | aem.EVF_NOCLDWAIT)
+        fe.fire()
+        aem.run(timeout=0.3)
+        pool.close()
+    """))
+    out = tmp_path / "out.txt"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env["PYTHONPATH"] = AEM_PATH
+    with open(out, "w") as f:
+        subprocess.run([sys.executable, str(script)], stdout=f, stderr=subprocess.PIPE, env=env,
+                       timeout=60, check=True)
+    time.sleep(0.2)
+    assert out.read_text().count("HELLO-FROM-PARENT") == 1

@@ -364,3 +364,57 @@ def test_psi_trigger_events_reach_an_asynchronous_main_thread() -> None:
     """
     p = run_script(code, timeout=60)
     assert p.stdout.split() == ["True", "['some']"], p.stderr
+
+
+# -- kept from review (were in test_regressions.py) ------------------------------
+
+def test_async_chain_of_events_fired_by_handlers_completes() -> None:
+    p = run_script("""
+        import aem, time
+        ue = aem.UserEvent()
+        n = [0]
+        def h(ev):
+            n[0] += 1
+            if n[0] < 200:
+                ue.fire()
+        aem.register(ue, h)
+        aem.start()
+        ue.fire()
+        t = time.monotonic()
+        while n[0] < 200 and time.monotonic() - t < 5:
+            time.sleep(0.01)
+        aem.stop()
+        print(n[0], aem.stats()["queued"])
+    """)
+    assert p.stdout.split() == ["200", "0"], p.stderr
+
+
+def test_async_delivery_survives_a_shortage_handler() -> None:
+    p = run_script("""
+        import aem, time
+        hits = []
+        vmt = aem.VMTable(size=1 << 20, fallback=True)
+        aem.register(vmt.shortage, lambda ev: time.sleep(0.2))
+        aem.register(aem.Timer(0.05), lambda ev: hits.append(1))
+        aem.start()
+        big = vmt.alloc(1 << 20)
+        blk = vmt.alloc(64)            # shortage: its handler runs synchronously, here
+        time.sleep(0.2)
+        aem.register(aem.Timer(0.02, interval=0.02), lambda ev: hits.append(2))
+        time.sleep(0.5)
+        aem.stop()
+        print(hits.count(1), hits.count(2) >= 5)
+    """)
+    assert p.stdout.split() == ["1", "True"], p.stderr
+
+
+def test_stop_from_another_thread_then_start_restores_the_kick_signal() -> None:
+    p = run_script("""
+        import aem, signal, threading
+        before = signal.getsignal(signal.SIGURG)
+        aem.start()
+        t = threading.Thread(target=aem.stop); t.start(); t.join()
+        aem.start(); aem.stop()
+        print(signal.getsignal(signal.SIGURG) == before)
+    """)
+    assert p.stdout.strip() == "True", p.stderr

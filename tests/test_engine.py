@@ -801,3 +801,66 @@ def test_file_change_queue_overflow_is_reported(engine: aem.Engine, tmp_path: An
         engine.run(timeout=0)
     IN_Q_OVERFLOW = 0x4000
     assert IN_Q_OVERFLOW in masks, "lost changes are reported"
+
+
+# -- kept from review (were in test_regressions.py) ------------------------------
+
+def test_oneshot_accept_accepts(engine: aem.Engine) -> None:
+    srv = socket.create_server(("127.0.0.1", 0))
+    got: list[Any] = []
+    errors: list[BaseException] = []
+    engine.set_error_handler(lambda exc, ev: errors.append(exc))
+    engine.register(aem.Accept(srv), lambda ev: (got.append(ev.addr), ev.conn.close()),
+                    flags=aem.EVF_ONESHOT)
+    cli = socket.create_connection(srv.getsockname())
+    assert engine.run(timeout=2) == "idle"
+    assert len(got) == 1 and errors == []
+    cli.close()
+    srv.close()
+
+
+def test_read_unregisters_itself_at_end_of_stream(engine: aem.Engine) -> None:
+    a, b = socket.socketpair()
+    eofs: list[bool] = []
+    eid = engine.register(aem.Read(a), lambda ev: eofs.append(ev.eof))
+    b.close()
+    assert engine.run(timeout=2) == "idle"
+    assert eofs == [True]
+    assert engine.unregister(eid, missing_ok=True) is False
+    a.close()
+
+
+def test_stopped_oneshot_signal_is_delivered_once_started(engine: aem.Engine) -> None:
+    got: list[int] = []
+    previous = signal.getsignal(signal.SIGUSR2)
+    try:
+        eid = engine.register(aem.Signal(signal.SIGUSR2), lambda ev: got.append(ev.signum),
+                              flags=aem.EVF_ONESHOT)
+        engine.control(eid, aem.EVJOBSTOP)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        engine.run(timeout=0.1)
+        assert got == [] and engine.stats()["held"] == 1
+        engine.control(eid, aem.EVJOBSTART)
+        assert engine.run(timeout=1) == "idle"
+        assert got == [signal.SIGUSR2]
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
+def test_new_registration_on_a_reused_fd_number_fires(engine: aem.Engine) -> None:
+    a, b = socket.socketpair()
+    engine.register(aem.Readable(a), lambda ev: None)
+    number = a.fileno()
+    a.close()  # closed without unregistering: epoll forgets it, the engine's list does not
+    c, d = socket.socketpair()
+    if c.fileno() != number:  # make the new socket take the old number
+        os.dup2(c.fileno(), number)
+        c.close()
+        c = socket.socket(fileno=number)
+    got: list[int] = []
+    engine.register(aem.Readable(c), lambda ev: (got.append(ev.fd), c.recv(10)))
+    d.send(b"x")
+    engine.run(timeout=0.3)
+    assert number in got
+    for s in (b, c, d):
+        s.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, precondition, rule
 
@@ -113,3 +113,20 @@ class EngineOrdering(RuleBasedStateMachine):
 
 EngineOrdering.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
 TestEngineOrdering = EngineOrdering.TestCase
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=60), st.data())
+def test_timers_heap_keeps_deadline_order_through_removals(afters_ms: list[int], data: Any) -> None:
+    """The one binary heap (heap.h), as the timers use it: insertions, removals from
+    anywhere (unregister), pops in (deadline, registration) order."""
+    with aem.Engine() as engine:
+        fired: list[int] = []
+        eids = [engine.register(aem.Timer(ms / 1000), lambda ev: fired.append(ev.eid)) for ms in afters_ms]
+        gone = set(data.draw(st.sets(st.sampled_from(eids), max_size=len(eids) // 2)))
+        for eid in gone:
+            engine.unregister(eid)
+        kept = [e for e in eids if e not in gone]
+        deadline = {e: engine.describe(e)["deadline_ns"] for e in kept}
+        assert engine.run(timeout=5) == "idle"
+        assert fired == sorted(kept, key=lambda e: (deadline[e], eids.index(e)))

@@ -753,3 +753,21 @@ def test_bench_vmtable_quick(tmp_path: Path) -> None:
     assert all(r["value"] == r["value"] and r["value"] >= 0 for r in rows)
     for plot in data["suites"]["vmtable"]["plots"]:
         assert (tmp_path / plot).stat().st_size > 1000
+
+
+# -- kept from review (were in test_regressions.py) ------------------------------
+
+def test_stopped_shortage_registration_stays_registered(engine: aem.Engine) -> None:
+    vmt = aem.VMTable(1 << 16, fallback=True)
+    calls: list[int] = []
+    eid = engine.register(vmt.shortage, lambda ev: calls.append(ev.size))
+    engine.control(eid, aem.EVJOBSTOP)
+    big = vmt.alloc(1 << 16)
+    small = vmt.alloc(64)  # shortage while stopped: not delivered, not forgotten
+    small.free()
+    engine.control(eid, aem.EVJOBSTART)
+    small = vmt.alloc(64)
+    assert calls == [64]
+    small.free()
+    big.free()
+    vmt.close()

@@ -16,6 +16,7 @@
  */
 #define _GNU_SOURCE
 #include "engine.h"
+#include "heap.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -482,46 +483,22 @@ void aem_engine_set_priority(aem_engine *e, uint32_t slot, int32_t priority) {
     aem_slot(e, slot)->priority = priority;
 }
 
-/* ---- the pending queue: a binary heap on (priority desc, seq asc) ------------------ */
+/* ---- the pending queue: the binary heap of heap.h on (priority desc, seq asc) ------- */
 
 static inline int occ_before(const aem_occ *x, const aem_occ *y) {
     if (x->priority != y->priority) return x->priority > y->priority;
     return x->seq < y->seq;
 }
 
+AEM_HEAP_DEFINE(pq, aem_occ, occ_before, AEM_HEAP_NOT_TRACKED)
+
 int aem_pq_push(aem_engine *e, const aem_occ *o) {
-    if (e->pqlen == e->pqcap) {
-        uint32_t cap = e->pqcap ? e->pqcap * 2 : 64;
-        aem_occ *pq = realloc(e->pq, sizeof(*pq) * cap);
-        if (!pq) return -ENOMEM;
-        e->pq = pq;
-        e->pqcap = cap;
-    }
-    uint32_t i = e->pqlen++;
-    while (i > 0) {
-        uint32_t parent = (i - 1) / 2;
-        if (!occ_before(o, &e->pq[parent])) break;
-        e->pq[i] = e->pq[parent];
-        i = parent;
-    }
-    e->pq[i] = *o;
+    if (pq_grow(&e->pq, &e->pqcap, e->pqlen) < 0) return -ENOMEM;
+    pq_sift_up(e, e->pq, e->pqlen++, *o);
     return 0;
 }
 
-static void pq_pop_top(aem_engine *e) {
-    aem_occ last = e->pq[--e->pqlen];
-    uint32_t n = e->pqlen, i = 0;
-    if (n == 0) return;
-    for (;;) {
-        uint32_t c = 2 * i + 1;
-        if (c >= n) break;
-        if (c + 1 < n && occ_before(&e->pq[c + 1], &e->pq[c])) c++;
-        if (!occ_before(&e->pq[c], &last)) break;
-        e->pq[i] = e->pq[c];
-        i = c;
-    }
-    e->pq[i] = last;
-}
+static void pq_pop_top(aem_engine *e) { pq_remove_at(e, e->pq, &e->pqlen, 0); }
 
 /* Queue an occurrence for a live registration (or hold it if stopped). */
 static void enqueue(aem_engine *e, uint32_t slot, aem_reg *r, int64_t now, uint64_t a, uint64_t b,

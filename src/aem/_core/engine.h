@@ -3,12 +3,13 @@
  * Where an event travels:
  *
  *   kernel object ready ──► epoll (one per engine) ──► aem_engine_collect()
- *        timerfd ─► due timers popped from the min-heap (timers.c)
+ *        timerfd ─► due timers popped from the timers' heap (timers.c)
  *        signal pipe ─► records written by the process-wide handler (signals.c)
  *        inotify fd ─► one occurrence per matching watch
  *        fd ─► every registration on that fd whose interest matches
  *        wake eventfd ─► occurrences pushed by aem_engine_push() from any thread
  *   ──► pending queue: a binary heap ordered by (priority desc, arrival seq asc)
+ *       (both heaps are the one of heap.h)
  *   ──► aem_engine_pop() hands occurrences, in order, to the host (the Python
  *       bindings), which builds the event and runs the handler.
  *

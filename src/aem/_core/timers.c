@@ -2,7 +2,7 @@
  *
  * A timer costs its registration (48 bytes) and one heap entry (16 bytes);
  * there is no fd per timer, so their number is bounded by memory only.
- * The heap is ordered by (deadline, start order): timers due at the same
+ * The heap (heap.h) is ordered by (deadline, start order): timers due at the same
  * instant fire in the order they were started.  A registration's `link`
  * holds its heap index so removal is O(log n).
  *
@@ -12,6 +12,7 @@
  */
 #define _GNU_SOURCE
 #include "engine.h"
+#include "heap.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -24,54 +25,22 @@ static inline int before(const aem_tentry *x, const aem_tentry *y) {
     return (int32_t)(x->order - y->order) < 0;
 }
 
-static inline void place(aem_engine *e, uint32_t i, const aem_tentry *t) {
-    e->theap[i] = *t;
-    aem_slot(e, t->slot)->link = i;
-}
+/* A timer's registration keeps its heap index (for removal). */
+#define TIMER_PLACED(ctx, i, t) (aem_slot((aem_engine *)(ctx), (t)->slot)->link = (i))
 
-static void sift_up(aem_engine *e, uint32_t i, aem_tentry t) {
-    while (i > 0) {
-        uint32_t parent = (i - 1) / 2;
-        if (!before(&t, &e->theap[parent])) break;
-        place(e, i, &e->theap[parent]);
-        i = parent;
-    }
-    place(e, i, &t);
-}
-
-static void sift_down(aem_engine *e, uint32_t i, aem_tentry t) {
-    uint32_t n = e->tlen;
-    for (;;) {
-        uint32_t c = 2 * i + 1;
-        if (c >= n) break;
-        if (c + 1 < n && before(&e->theap[c + 1], &e->theap[c])) c++;
-        if (!before(&e->theap[c], &t)) break;
-        place(e, i, &e->theap[c]);
-        i = c;
-    }
-    place(e, i, &t);
-}
+AEM_HEAP_DEFINE(theap, aem_tentry, before, TIMER_PLACED)
 
 int aem_timers_insert(aem_engine *e, uint32_t slot, int64_t deadline) {
-    if (e->tlen == e->tcap) {
-        uint32_t cap = e->tcap ? e->tcap * 2 : 64;
-        aem_tentry *h = realloc(e->theap, sizeof(*h) * cap);
-        if (!h) return -ENOMEM;
-        e->theap = h;
-        e->tcap = cap;
-    }
+    if (theap_grow(&e->theap, &e->tcap, e->tlen) < 0) return -ENOMEM;
     aem_tentry t = {.deadline = deadline, .slot = slot, .order = e->torder++};
-    sift_up(e, e->tlen++, t);
+    theap_sift_up(e, e->theap, e->tlen++, t);
     return 0;
 }
 
 void aem_timers_remove(aem_engine *e, uint32_t slot) {
     uint32_t i = aem_slot(e, slot)->link;
     if (i >= e->tlen || e->theap[i].slot != slot) return;
-    aem_tentry last = e->theap[--e->tlen];
-    if (i == e->tlen) return;
-    if (i > 0 && before(&last, &e->theap[(i - 1) / 2])) sift_up(e, i, last);
-    else sift_down(e, i, last);
+    theap_remove_at(e, e->theap, &e->tlen, i);
 }
 
 int64_t aem_timers_deadline(const aem_engine *e, uint32_t slot) {
@@ -91,10 +60,9 @@ void aem_timers_collect(aem_engine *e, int64_t now) {
             count = late / (uint64_t)interval + 1;
             top.deadline += (int64_t)count * interval;
             top.order = e->torder++;
-            sift_down(e, 0, top);  /* the root moves later: push it down */
+            theap_sift_down(e, e->theap, e->tlen, 0, top);  /* the root moves later: push it down */
         } else {
-            aem_tentry last = e->theap[--e->tlen];
-            if (e->tlen) sift_down(e, 0, last);
+            theap_remove_at(e, e->theap, &e->tlen, 0);
             r->state = r->state == AEM_S_STOPPED ? AEM_S_STOPPED : AEM_S_DONE;
             r->link = UINT32_MAX;
         }

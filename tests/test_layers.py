@@ -1,0 +1,113 @@
+"""A core that reads alone: imports go one way, sources reach the engine only through
+SourceHost, no magic numbers, and the C core's types are described in one place."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import aem
+from aem import _core, sources
+
+PKG = Path(aem.__file__).resolve().parent
+
+
+def _tree(module: str) -> ast.Module:
+    return ast.parse((PKG / f"{module.replace('.', '/')}.py").read_text())
+
+
+def _imports(module: str) -> set[str]:
+    """The aem modules ``module`` imports, anywhere in it (functions too), outside
+    ``if TYPE_CHECKING:`` blocks (those are for the type checker only)."""
+    tree = _tree(module)
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1:
+                if node.module:
+                    out.add(node.module.split(".")[0])
+                else:
+                    out |= {a.name for a in node.names}
+            elif node.module and node.module.startswith("aem."):
+                out.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            out |= {a.name.split(".")[1] for a in node.names if a.name.startswith("aem.")}
+    return out
+
+
+def test_vmtable_depends_on_the_c_core_alone() -> None:
+    assert _imports("vmtable") == {"_core"}
+
+
+def test_sources_do_not_import_the_engine() -> None:
+    assert _imports("sources") <= {"_core", "vmtable"}
+
+
+def test_no_import_cycle_between_engine_sources_and_vmtable() -> None:
+    core = {"engine", "sources", "vmtable"}
+    graph = {m: _imports(m) & core for m in core}
+
+    def reaches(a: str, b: str, seen: frozenset[str] = frozenset()) -> bool:
+        return any(n == b or (n not in seen and reaches(n, b, seen | {n})) for n in graph[a])
+
+    assert not [m for m in core if reaches(m, m)], graph
+
+
+def _host_members() -> set[str]:
+    return {n for n in vars(sources.SourceHost) if not n.startswith("__") and n not in (
+        "_is_protocol", "_is_runtime_protocol", "_abc_impl")}
+
+
+def test_sources_use_only_the_source_host_interface() -> None:
+    allowed = _host_members()
+    used = {node.attr for node in ast.walk(_tree("sources"))
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+            and node.value.id in ("engine", "eng")}
+    assert used and used <= allowed, f"outside SourceHost: {sorted(used - allowed)}"
+
+
+def test_engine_implements_source_host() -> None:
+    members = _host_members()
+    assert {"_add", "_listen_to_job", "_user_channel"} <= members
+    missing = [n for n in members if not hasattr(aem.Engine, n)]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("module", ["engine", "sources", "vmtable"])
+def test_no_magic_numbers(module: str) -> None:
+    """errno values by name (errno.EMSGSIZE, not 90) and named limits (not 2**31 - 1)."""
+    bad = []
+    tree = _tree(module)
+    named = {id(n) for t in tree.body if isinstance(t, ast.Assign) for n in ast.walk(t)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare) and "errno" in ast.unparse(node.left) and any(
+                isinstance(c, ast.Constant) for c in node.comparators):
+            bad.append(ast.unparse(node))
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow) and id(node) not in named:
+            bad.append(ast.unparse(node))  # a power outside a module-level constant
+    assert not bad, bad
+
+
+def test_every_c_type_has_its_stub_in_core_pyi() -> None:
+    stub = ast.parse((PKG / "_core.pyi").read_text())
+    stubbed = {n.name for n in stub.body if isinstance(n, ast.ClassDef)}
+    stubbed |= {n.name for n in stub.body if isinstance(n, ast.FunctionDef)}
+    runtime = {n for n, v in vars(_core).items() if isinstance(v, type) or callable(v)}
+    runtime -= {n for n in runtime if n.startswith("__")}
+    assert not sorted(runtime - stubbed), "C names without a stub in _core.pyi"
+    for module in ("vmtable", "bench/vmtable"):
+        text = (PKG / f"{module}.py").read_text()
+        assert "if TYPE_CHECKING:\n    # The" not in text and "class _CoreVMTable" not in text, module
+
+
+def test_deliver_now_stub_says_it_may_return_none() -> None:
+    stub = (PKG / "_core.pyi").read_text()
+    assert "def _deliver_now(self, eid: int, values: tuple[Any, ...], /) -> bool | None" in stub
