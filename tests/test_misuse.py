@@ -117,6 +117,24 @@ def test_a_listener_that_stops_listening_is_disabled_not_spun(
         lst.close()
 
 
+def test_a_read_whose_data_cannot_be_stored_is_disabled_not_spun() -> None:
+    p = run_script("""
+        import aem, socket
+        aem.control(0, aem.EVTBLINIT, {"size": 1 << 16, "fallback": False})
+        whole = aem.vmtable().alloc(1 << 16)          # nothing left for a payload
+        a, b = socket.socketpair()
+        errors = []
+        aem.set_error_handler(lambda exc, ev: errors.append(exc))
+        eid = aem.register(aem.Read(a), lambda ev: None)
+        for _ in range(10):
+            b.send(b"x")
+            aem.run(timeout=0.2)
+        print(len(errors), f"event {eid} (aem.Read(" in str(errors[0]), type(errors[0].__cause__).__name__)
+        print(aem.unregister(eid, missing_ok=True))
+    """)
+    assert p.stdout.split() == ["1", "True", "MemoryError", "False"], p.stdout + p.stderr
+
+
 def test_a_handler_unregistering_its_failing_source_meanwhile(
         engine: aem.Engine, errors: list[tuple[BaseException, Any]], raising: _Raising) -> None:
     eid = engine.register(raising, lambda ev: None)

@@ -53,6 +53,10 @@ DEFAULT_KICK_SIGNAL: int = signal.SIGURG
 #: Priority of the channel UserEvents fired from other processes arrive on: the highest, so a
 #: backlog of datagrams never waits behind the application's own events.
 _CHANNEL_PRIORITY = 2**31 - 1
+#: Datagrams taken from the channel per readiness (then other events get their turn).
+_CHANNEL_BATCH = 256
+#: The largest datagram read from the channel (a larger payload is refused at fire()).
+_CHANNEL_DATAGRAM_MAX = 1 << 20
 
 
 class _Terminated(BaseException):
@@ -174,9 +178,9 @@ class Engine(_core.Engine):
     def _on_channel(self, event: Event) -> None:
         assert self._channel is not None
         r = self._channel[0]
-        for _ in range(256):
+        for _ in range(_CHANNEL_BATCH):
             try:
-                data = r.recv(1 << 20)
+                data = r.recv(_CHANNEL_DATAGRAM_MAX)
             except BlockingIOError:
                 return
             eid, payload = pickle.loads(data)

@@ -420,7 +420,7 @@ class FileChange(EventSource):
 
     def __init__(self, path: str | os.PathLike[str], mask: int = _IN_DEFAULT) -> None:
         self.path = os.fspath(path)
-        if isinstance(mask, bool) or not isinstance(mask, int) or mask <= 0 or mask & ~0xFFFFFFFF:
+        if isinstance(mask, bool) or not isinstance(mask, int) or mask <= 0 or mask >> 32:
             raise ValueError("mask must be a non-empty combination of the aem.IN_* constants")
         self.mask = mask
 

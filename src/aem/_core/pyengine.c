@@ -704,6 +704,8 @@ static int report(EngineObject *self, PyObject *event) {
 #define AEM_FAILURES_MAX 5
 #define AEM_BACKOFF_FIRST_S 0.01
 #define AEM_ACCEPT_PAUSE_S 0.1  /* accept() out of descriptors or memory */
+#define AEM_ACCEPT_BATCH 64     /* connections accepted per readiness of a listener */
+#define AEM_DRAIN_TURNS 64      /* turns of one asynchronous drain (then the doorbell again) */
 
 /* Pause registration eid for `pause` seconds (Engine._backoff: EVJOBSTOP, then EVJOBSTART
  * from an internal timer), if it is still active. */
@@ -884,7 +886,7 @@ static int deliver_accept(EngineObject *self, const target_t *t, const aem_occ *
         return 0;
     }
     int rc = 0;
-    for (int i = 0; i < 64; i++) {
+    for (int i = 0; i < AEM_ACCEPT_BATCH; i++) {
         struct sockaddr_storage ss;
         socklen_t len = sizeof ss;
         int conn = accept4(fd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
@@ -952,7 +954,8 @@ static int deliver_read(EngineObject *self, const target_t *t, const aem_occ *o,
     /* The bytes leave the scratch buffer before any Python code runs (a nested
      * delivery would reuse it). */
     PyObject *data = n > 0 ? make_payload(self, self->scratch, n) : PyBytes_FromStringAndSize(NULL, 0);
-    if (!data) return report(self, NULL);
+    if (!data) return source_failed(self, t);  /* e.g. the process vmtable cannot hold it */
+    source_ok(self, t->eid);
     EventObject *ev = aem_event_new(AEM_K_READ, t->eid, o->time_ns, t->source);
     if (!ev) {
         Py_DECREF(data);
@@ -1265,7 +1268,7 @@ static int drain(EngineObject *self) {
     }
     self->drains++;
     int rc = 0;
-    for (int i = 0; i < 64; i++) {
+    for (int i = 0; i < AEM_DRAIN_TURNS; i++) {
         int n = engine_step(self, 0);
         if (n < 0) {
             rc = -1;
