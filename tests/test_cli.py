@@ -69,6 +69,13 @@ def test_stats_shows_a_running_servers_statistics(capsys: pytest.CaptureFixture[
         assert json.loads(capsys.readouterr().out)["server"]["requests"] == 7
 
 
+def test_stats_looks_where_the_server_publishes() -> None:
+    from aem import cli
+    from aem.http import status
+
+    assert cli.STATUS_PATH == status.PATH
+
+
 def test_stats_says_when_the_server_publishes_nothing(capsys: pytest.CaptureFixture[str]) -> None:
     with _StatusServer(None) as srv:
         assert main(["stats", "--url", srv.url]) == 1
