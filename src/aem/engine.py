@@ -344,7 +344,7 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-sources.set_process_host(current)
+sources.set_process_host(current)  # mypy checks here that Engine implements sources.SourceHost
 
 
 @atexit.register
