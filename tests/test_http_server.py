@@ -54,7 +54,7 @@ SERVER_SCRIPT = textwrap.dedent("""
         limits=Limits(max_request_line=1024, max_header_size=4096, max_headers=50,
                       max_body=64 * 1024),
         timeouts=Timeouts(idle=1.5, header=1.0, body=1.0, send=1.5, linger=0.5),
-        access_log=sys.stdout)
+        access_log=sys.stdout, status_page=True)
     server.start()
     with open(sys.argv[2], "w") as f:
         f.write(str(server.port))
@@ -275,7 +275,7 @@ def test_http10_with_and_without_keep_alive(server: Server) -> None:
 
 def test_connection_close_and_half_close(server: Server) -> None:
     c = Conn(server.port)
-    c.send(b"GET /hello HTTP/1.1\r\nConnection: close\r\n\r\nGET /hello HTTP/1.1\r\n\r\n")
+    c.send(b"GET /hello HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\nGET /hello HTTP/1.1\r\nHost: h\r\n\r\n")
     assert c.response()[0] == 200 and c.closed_by_peer(3)
     assert c.buf == b""  # the request after the closing one was not answered
     c.close()
@@ -353,18 +353,18 @@ def test_traversal_over_the_wire(server: Server, target: str) -> None:
 # -- bad input: each answered, the connection closed, the server alive -------------------------
 
 @pytest.mark.parametrize(("raw", "status"), [
-    (b"GET /a b HTTP/1.1\r\n\r\n", 400),
-    (b"GET / HTTP/1.1\r\nBad Header: x\r\n\r\n", 400),
+    (b"GET /a b HTTP/1.1\r\nHost: h\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: h\r\nBad Header: x\r\n\r\n", 400),
     (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40, 400),  # a TLS hello
-    (b"GET /" + b"a" * 2000 + b" HTTP/1.1\r\n\r\n", 414),
-    (b"GET / HTTP/1.1\r\nX-Big: " + b"b" * 5000 + b"\r\n\r\n", 431),
-    (b"GET / HTTP/1.1\r\n" + b"".join(b"H%d: v\r\n" % i for i in range(60)) + b"\r\n", 431),
-    (b"FOO / HTTP/1.1\r\n\r\n", 501),
-    (b"PROPFIND / HTTP/1.1\r\n\r\n", 501),
-    (b"POST /a.txt HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 405),
-    (b"DELETE /a.txt HTTP/1.1\r\n\r\n", 405),
-    (b"POST /echo HTTP/1.1\r\nContent-Length: 100000\r\n\r\n", 413),
-    (b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    (b"GET /" + b"a" * 2000 + b" HTTP/1.1\r\nHost: h\r\n\r\n", 414),
+    (b"GET / HTTP/1.1\r\nHost: h\r\nX-Big: " + b"b" * 5000 + b"\r\n\r\n", 431),
+    (b"GET / HTTP/1.1\r\nHost: h\r\n" + b"".join(b"H%d: v\r\n" % i for i in range(60)) + b"\r\n", 431),
+    (b"FOO / HTTP/1.1\r\nHost: h\r\n\r\n", 501),
+    (b"PROPFIND / HTTP/1.1\r\nHost: h\r\n\r\n", 501),
+    (b"POST /a.txt HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n", 405),
+    (b"DELETE /a.txt HTTP/1.1\r\nHost: h\r\n\r\n", 405),
+    (b"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 100000\r\n\r\n", 413),
+    (b"POST /echo HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
      + (b"8000\r\n" + b"z" * 32768 + b"\r\n") * 3 + b"0\r\n\r\n", 413),
     (b"GET / HTTP/3.0\r\n\r\n", 505),
 ])
@@ -386,7 +386,7 @@ def test_bad_input(server: Server, raw: bytes, status: int) -> None:
 
 def test_slowloris_is_cut_after_the_header_timeout(server: Server) -> None:
     c = Conn(server.port)
-    c.send(b"GET /hello HTTP/1.1\r\n")
+    c.send(b"GET /hello HTTP/1.1\r\nHost: h\r\n")
     t0 = time.monotonic()
     closed = False
     while time.monotonic() - t0 < 5:
