@@ -366,7 +366,7 @@ class RequestParser:
         self._version = "1.1"
         self._keep_alive = True
         self._begins = 0
-        self._data: bytes | bytearray | memoryview = b""
+        self._data: bytes | bytearray | memoryview = b""   # the feed being parsed
         # Bytes fed since the stream was last between requests at the end of a feed
         # (to find where a request line began, on rare paths only).
         self._partial: list[bytes] = []
@@ -464,7 +464,7 @@ class RequestParser:
 
     def _not_http(self) -> bool:
         """True if the request line of a "1.0" request names another protocol (RTSP/1.0)."""
-        window = b"".join(self._partial) + bytes(self._data) if self._partial else self._data
+        window = b"".join(self._partial) + bytes(self._data)  # rare path: HTTP/1.0 only
         line = b" " + self._url + b" "
         return (line + b"RTSP/") in window or (line + b"ICE/") in window
 
