@@ -575,6 +575,8 @@ class HTTPServer:
             else:
                 conn.check = conn.deadline
                 heapq.heappush(heap, (conn.deadline, next(self._seq), conn))
+        if self.static is not None and self.static.cache:
+            self.static.purge()
         self._flush_log()
 
     def _expire(self, conn: _Conn) -> None:
