@@ -120,7 +120,8 @@ def test_versions() -> None:
 
 def test_nothing_after_a_closing_request() -> None:
     p = RequestParser()
-    events = p.feed(b"GET /1 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\nGET /2 HTTP/1.1\r\nHost: h\r\n\r\n")
+    events = p.feed(b"GET /1 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+                    b"GET /2 HTTP/1.1\r\nHost: h\r\n\r\n")
     assert [e.target for e in events] == ["/1"] and p.dead
 
 
@@ -215,7 +216,8 @@ def test_one_header_trickled_forever_is_431() -> None:
 def test_body_limit_is_413() -> None:
     lim = Limits(max_body=10)
     # announced: refused before any body byte
-    assert only_error(feed_all(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 11\r\n\r\n", lim)).status == 413
+    announced = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 11\r\n\r\n"
+    assert only_error(feed_all(announced, lim)).status == 413
     # chunked: refused once the decoded body passes the limit
     chunked = (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
                b"8\r\n12345678\r\n8\r\n12345678\r\n")
@@ -242,7 +244,8 @@ def test_method_version_expect(data: bytes, status: int) -> None:
 
 
 def test_unknown_method_after_pipelined_requests() -> None:
-    events = feed_all(b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\nGET /2 HTTP/1.1\r\nHost: h\r\n\r\nFOO / HTTP/1.1\r\nHost: h\r\n\r\n")
+    events = feed_all(b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\nGET /2 HTTP/1.1\r\nHost: h\r\n\r\n"
+                      b"FOO / HTTP/1.1\r\nHost: h\r\n\r\n")
     assert [type(e) for e in events] == [Request, Request, HttpError]
     assert events[-1].status == 501
     events = feed_all(b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n\x01\x02 junk\r\n\r\n")

@@ -275,7 +275,8 @@ def test_http10_with_and_without_keep_alive(server: Server) -> None:
 
 def test_connection_close_and_half_close(server: Server) -> None:
     c = Conn(server.port)
-    c.send(b"GET /hello HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\nGET /hello HTTP/1.1\r\nHost: h\r\n\r\n")
+    c.send(b"GET /hello HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+           b"GET /hello HTTP/1.1\r\nHost: h\r\n\r\n")
     assert c.response()[0] == 200 and c.closed_by_peer(3)
     assert c.buf == b""  # the request after the closing one was not answered
     c.close()
@@ -515,7 +516,7 @@ def test_superscript_range_does_not_leak_descriptors(server: Server) -> None:
         c = Conn(server.port)
         c.send(b"GET /large.bin HTTP/1.1\r\nHost: h\r\nRange: bytes=\xb2-\r\n"
                b"Connection: close\r\n\r\n")
-        status, h, body = c.response()
+        status, _, body = c.response()
         assert status == 200 and len(body) == 8 << 20
         c.close()
     time.sleep(0.2)
@@ -697,6 +698,68 @@ def test_cli_serve_runs_and_stops_on_sigterm(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+        proc.wait()
+
+
+def _cli_server(root: Path, *extra: str) -> tuple[subprocess.Popen[str], int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=AEM_PATH)
+    proc = subprocess.Popen([sys.executable, "-m", "aem.cli", "serve", "--root", str(root),
+                             "--port", str(port), "--quiet", *extra], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, port
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                proc.wait()
+                raise
+            time.sleep(0.1)
+
+
+def test_cli_status_page_is_an_option(tmp_path: Path) -> None:
+    """Regression (issue 9): /_aem/status answered anyone and hid a real file at that path."""
+    (tmp_path / "_aem").mkdir()
+    (tmp_path / "_aem" / "status").write_bytes(b"a real file\n")
+    proc, port = _cli_server(tmp_path)
+    try:
+        assert get(port, "/_aem/status")[2] == b"a real file\n"       # off by default
+    finally:
+        proc.kill()
+        proc.wait()
+    proc, port = _cli_server(tmp_path, "--status")
+    try:
+        status, _, body = get(port, "/_aem/status?format=json")
+        assert status == 200 and json.loads(body)["server"]["requests"] >= 1
+        status, _, body = get(port, "/_aem/status")
+        assert status == 200 and b"<title>aem status</title>" in body
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_cli_static_server_answers_405_before_the_body(tmp_path: Path) -> None:
+    """Regression (issue 9): a body was buffered in full even when the answer was 405."""
+    (tmp_path / "f.txt").write_bytes(b"file\n")
+    proc, port = _cli_server(tmp_path)
+    try:
+        c = Conn(port)
+        c.send(b"POST /f.txt HTTP/1.1\r\nHost: h\r\nContent-Length: 1000000\r\n\r\n")
+        status, h, _ = c.response()          # before any body byte was sent
+        assert status == 405 and "connection" not in h
+        for _ in range(100):
+            c.send(b"d" * 10000)             # read and dropped
+        c.send(b"GET /f.txt HTTP/1.1\r\nHost: h\r\n\r\n")
+        status, _, body = c.response()       # the same connection goes on
+        assert status == 200 and body == b"file\n"
+        c.close()
+    finally:
+        proc.kill()
         proc.wait()
 
 
