@@ -330,7 +330,7 @@ class RequestParser:
 
     __slots__ = (
         "_begins", "_body", "_body_len", "_budget", "_cursor", "_data", "_discard", "_events",
-        "_head_raw", "_head_size", "_headers", "_keep_alive", "_limits", "_max_body", "_max_head",
+        "_head_raw", "_head_size", "_headers", "_host", "_keep_alive", "_limits", "_max_body", "_max_head",
         "_max_headers", "_max_url", "_method", "_parser", "_partial", "_partial_len", "_progress",
         "_stall", "_url", "_version", "_wants_body", "_window", "dead", "phase", "timer",
     )
@@ -369,6 +369,7 @@ class RequestParser:
         self._data: bytes | bytearray | memoryview = b""   # the feed being parsed
         self._window: bytes | None = None                   # see _not_http
         self._cursor = 0                                     # see _not_http
+        self._host = b""                                     # the last valid Host value
         # Bytes fed since the stream was last between requests at the end of a feed
         # (to find where a request line began, on rare paths only).
         self._partial: list[bytes] = []
@@ -426,7 +427,11 @@ class RequestParser:
                 lname = name.lower()
                 if lname == b"host":
                     hosts += 1
-                    host_ok = host_ok and _HOST.match(value) is not None
+                    if value != self._host:  # a connection sends the same Host again and again
+                        if _HOST.match(value) is None:
+                            host_ok = False
+                        else:
+                            self._host = value
                 elif lname == b"content-length":
                     n = int(value)
                     if n > self._max_body:
