@@ -118,6 +118,17 @@ def test_http_1_x_is_answered_as_1_1() -> None:
     [req] = feed_all(b"GET / HTTP/1.2\r\nHost: h\r\n\r\n")
     assert req.version == "1.1" and req.keep_alive
     assert only_error(feed_all(b"GET / HTTP/1.2\r\n\r\n")).status == 400  # Host as for 1.1
+    # after other requests in the same feed, split anywhere, and again on the same connection
+    stream = (b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n\r\nGET /2 HTTP/1.2\r\nHost: h\r\n\r\n"
+              b"POST /3 HTTP/1.9\r\nHost: h\r\nContent-Length: 2\r\n\r\nab"
+              b"GET /4 HTTP/1.1\r\nHost: h\r\n\r\n")
+    for cut in range(1, len(stream), 7):
+        events = feed_all(stream, chunks=[cut])
+        assert [(e.target, e.version, e.body) for e in events] == [
+            ("/1", "1.1", b""), ("/2", "1.1", b""), ("/3", "1.1", b"ab"), ("/4", "1.1", b"")]
+    for line in (b"GET / HTTP/2.1\r\nHost: h\r\n\r\n", b"GET / HTTP/9.9\r\nHost: h\r\n\r\n"):
+        assert only_error(feed_all(line)).status == 505
+        assert only_error(feed_all(b"GET / HTTP/1.2\r\nHost: h\r\n\r\n" + line)).status == 505
 
 
 def test_versions() -> None:
