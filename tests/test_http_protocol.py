@@ -608,3 +608,27 @@ def test_connection_errors_and_timeouts() -> None:
     c.receive(b"GET / HT")
     assert c.timer == HEADER_TIMER and c.resume_timer() == HEADER_TIMER
     assert (c.timeout(DATE) or b"").startswith(b"HTTP/1.1 408 ")
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(_request_strategy, min_size=1, max_size=5),
+       st.lists(st.integers(min_value=1, max_value=40), max_size=30))
+def test_dropped_bodies_do_not_depend_on_the_split(reqs: list, cuts: list[int]) -> None:
+    """With no body wanted, every request is delivered at its head and the stream goes on."""
+    stream = b"".join(_encode(m, p, h, b, False) for m, p, h, b in reqs)
+
+    def run(chunks: list[int] | None) -> list:
+        budget = BodyBudget(0)     # nothing may be buffered: dropped bodies take no budget
+        p = RequestParser(budget=budget, wants_body=lambda m, t: False)
+        out, pos = [], 0
+        for n in chunks or []:
+            out += p.feed(stream[pos:pos + n])
+            pos += n
+        out += p.feed(stream[pos:])
+        assert budget.used == 0
+        return [(e.method, e.target, e.body, e.keep_alive) for e in out]
+
+    whole = run(None)
+    assert whole == run(cuts)
+    assert [t for _, t, _, _ in whole] == [f"/{p}" for _, p, _, _ in reqs]
+    assert all(body == b"" and keep for _, _, body, keep in whole)
