@@ -45,7 +45,7 @@ test: system-deps $(VENV)/.installed-test lint typecheck docs
 
 run: $(VENV)/.installed-run
 	@echo "AEMhttpd: open http://127.0.0.1:8080/ (status page: http://127.0.0.1:8080/_aem/status); Ctrl-C stops it"
-	$(VENV)/bin/aem serve --root demo-site --host 127.0.0.1 --port 8080
+	$(VENV)/bin/aem serve --root demo-site --host 127.0.0.1 --port 8080 --status
 
 bench: system-deps $(VENV)/.installed-bench
 	$(VENV)/bin/aem bench
