@@ -74,6 +74,8 @@ typedef struct EngineObject {
 
 extern PyTypeObject *AemEngine_Type;
 int aem_engine_init_type(PyObject *module);
+int aem_py_engine_turn(EngineObject *self, int timeout_ms);   /* asyncio loop hooks */
+int aem_py_engine_remove(EngineObject *self, uint64_t eid);
 
 /* ---- module state (module.c) ---------------------------------------------------- */
 
