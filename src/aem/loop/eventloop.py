@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from asyncio import events, unix_events
+from asyncio import base_events, events, format_helpers, unix_events
+from asyncio.log import logger
+from collections.abc import Iterator
 from typing import Any
 
 from .. import _core
@@ -43,12 +45,86 @@ class EventLoop(_UnixLoop):  # type: ignore[misc]
         self._engine = engine if engine is not None else current()
         self._signal_eids: dict[int, int] = {}
         self._child_eids: dict[int, int] = {}
+        self._core: _core.LoopCore | None = None
         super().__init__(EngineSelector(self._engine))
+        core = _core.LoopCore(self, events.Handle, events.TimerHandle, self._selector.select,
+                              self._process_events, self._aem_report, self._aem_run_debug,
+                              self._clock_resolution)
+        self._core = core
+        # asyncio's own methods keep working on these: `_ready` is the C ready queue,
+        # `_scheduled` a view of the C timer heap.
+        self._ready = core
+        self._scheduled = _ScheduledView(core)
+        for name in _ALWAYS_C:
+            setattr(self, name, getattr(core, name))
+        self.set_debug(self._debug)
 
     @property
     def engine(self) -> Engine:
         """The aem engine this loop runs on."""
         return self._engine
+
+    # -- the C core and debug mode ----------------------------------------------------------------
+    # Out of debug mode call_soon/call_later/call_at are the C core's methods, set on the
+    # instance; in debug mode the Python ones below (asyncio's, with source tracebacks and
+    # thread checks) make the handles and the C core queues them.
+
+    def set_debug(self, enabled: bool) -> None:
+        """Debug mode (asyncio's): slow-callback warnings, source tracebacks, thread checks."""
+        super().set_debug(enabled)
+        core = self._core
+        if core is None:
+            return
+        core._set_state(debug=bool(enabled))
+        for name in _FAST_UNLESS_DEBUG:
+            if enabled:
+                self.__dict__.pop(name, None)
+            else:
+                setattr(self, name, getattr(core, name))
+
+    def _call_soon(self, callback: Any, args: tuple[Any, ...], context: Any) -> events.Handle:
+        handle = events.Handle(callback, args, self, context)
+        if handle._source_traceback:  # type: ignore[attr-defined]
+            del handle._source_traceback[-1]  # type: ignore[attr-defined]
+        assert self._core is not None
+        self._core.append(handle)
+        return handle
+
+    def call_at(self, when: float, callback: Any, *args: Any, context: Any = None) -> events.TimerHandle:
+        """Run ``callback(*args)`` at loop time ``when`` (the C core's, out of debug mode)."""
+        if when is None:
+            raise TypeError("when cannot be None")
+        self._check_closed()
+        if self._debug:
+            self._check_thread()
+            self._check_callback(callback, "call_at")
+        timer = events.TimerHandle(when, callback, args, self, context)
+        if timer._source_traceback:  # type: ignore[attr-defined]
+            del timer._source_traceback[-1]  # type: ignore[attr-defined]
+        assert self._core is not None
+        self._core._push_timer(timer)
+        return timer
+
+    def _aem_report(self, handle: events.Handle, exc: BaseException) -> None:
+        """A callback raised: to the exception handler, as asyncio's Handle._run does."""
+        cb = format_helpers._format_callback_source(handle._callback, handle._args)  # type: ignore
+        context = {"message": f"Exception in callback {cb}", "exception": exc, "handle": handle}
+        if handle._source_traceback:  # type: ignore[attr-defined]
+            context["source_traceback"] = handle._source_traceback  # type: ignore[attr-defined]
+        self.call_exception_handler(context)
+
+    def _aem_run_debug(self, handle: events.Handle) -> None:
+        """Run one handle in debug mode: warn when it takes longer than slow_callback_duration."""
+        try:
+            self._current_handle = handle
+            t0 = self.time()
+            handle._run()  # type: ignore[attr-defined]
+            dt = self.time() - t0
+            if dt >= self.slow_callback_duration:
+                logger.warning("Executing %s took %.3f seconds",
+                               base_events._format_handle(handle), dt)  # type: ignore[attr-defined]
+        finally:
+            self._current_handle = None  # type: ignore[assignment]
 
     # -- signals: the engine's signal routing ------------------------------------------------
 
@@ -132,12 +208,40 @@ class EventLoop(_UnixLoop):  # type: ignore[misc]
     def close(self) -> None:
         """Close the loop: its descriptors, signal handlers and child watches leave the engine."""
         super().close()
+        if self._core is not None and self._closed:
+            self._core._set_state(closed=True)
         for eid in self._child_eids.values():
             self._engine._remove(eid)
         self._child_eids.clear()
         for eid in self._signal_eids.values():
             self._engine._remove(eid)
         self._signal_eids.clear()
+
+
+#: C core methods the loop always uses.
+_ALWAYS_C = ("_run_once", "_add_callback", "_timer_handle_cancelled", "time")
+#: C core methods the loop uses out of debug mode.
+_FAST_UNLESS_DEBUG = ("call_soon", "call_later", "call_at", "_call_soon")
+
+
+class _ScheduledView:
+    """``loop._scheduled`` for asyncio's code that looks at it: the C timer heap, read-only."""
+
+    def __init__(self, core: _core.LoopCore) -> None:
+        self._core = core
+
+    def __len__(self) -> int:
+        return self._core.ntimers
+
+    def __iter__(self) -> Iterator[events.TimerHandle]:
+        return iter(self._core.timers())
+
+    def __getitem__(self, i: int) -> events.TimerHandle:
+        handle: events.TimerHandle = self._core.timers()[i]
+        return handle
+
+    def clear(self) -> None:
+        self._core.clear_timers()
 
 
 def new_event_loop() -> EventLoop:
