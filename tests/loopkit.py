@@ -44,6 +44,8 @@ class LoopRunner:
 
     def close(self) -> None:
         loop = self.loop
+        if loop.is_closed():
+            return
         try:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.run_until_complete(loop.shutdown_default_executor())

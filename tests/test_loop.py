@@ -554,9 +554,106 @@ def test_wait_needs_an_aem_loop_and_a_source() -> None:
         _aem_run(bad())
 
 
+def test_timers_due_together_run_in_scheduling_order() -> None:
+    """aem promises FIFO order for equal deadlines (asyncio's heap does not)."""
+    seen: list[int] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        when = loop.time() + 0.01
+        for i in range(50):
+            loop.call_at(when, seen.append, i)
+        await asyncio.sleep(0.03)
+
+    _aem_run(main())
+    assert seen == list(range(50))
+
+
 def test_loop_exports() -> None:
     import aem.loop
 
     for name in aem.loop.__all__:
         assert getattr(aem, name) is getattr(aem.loop, name)
         assert getattr(aem, name).__doc__
+
+
+# -- the loop core: bad input and bookkeeping (both loops must agree) ----------------------------
+
+
+def test_bad_scheduling_arguments_are_refused(lr: LoopRunner) -> None:
+    loop = lr.loop
+    with pytest.raises(TypeError):
+        loop.call_later(None, print)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        loop.call_at(None, print)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        loop.call_soon(print, bogus=1)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        loop.call_soon()  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        loop.call_later("soon", print)  # type: ignore[arg-type]
+
+
+def test_a_closed_loop_refuses_callbacks(lr: LoopRunner) -> None:
+    loop = lr.loop
+    h = loop.call_later(10, print)
+    loop.call_soon(print)
+    loop.close()
+    assert h.cancelled() is False
+    with pytest.raises(RuntimeError, match="closed"):
+        loop.call_soon(print)
+    with pytest.raises(RuntimeError, match="closed"):
+        loop.call_later(1, print)
+    with pytest.raises(RuntimeError, match="closed"):
+        loop.call_at(loop.time(), print)
+
+
+def test_many_cancelled_timers_are_dropped(lr: LoopRunner) -> None:
+    async def main() -> tuple[int, int]:
+        handles = [lr.loop.call_later(100 + i, print) for i in range(1000)]
+        before = len(lr.loop._scheduled)  # type: ignore[attr-defined]
+        for h in handles[:900]:
+            h.cancel()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        after = len(lr.loop._scheduled)  # type: ignore[attr-defined]
+        for h in handles[900:]:
+            h.cancel()
+        return before, after
+
+    before, after = lr.run(main())
+    assert before >= 1000 and after == before - 900
+
+
+def test_a_callback_cancelling_a_later_ready_one(lr: LoopRunner) -> None:
+    seen: list[str] = []
+
+    async def main() -> None:
+        h2: list[asyncio.Handle] = []
+        lr.loop.call_soon(lambda: (seen.append("first"), h2[0].cancel()))
+        h2.append(lr.loop.call_soon(seen.append, "second"))
+        lr.loop.call_soon(seen.append, "third")
+        await asyncio.sleep(0)
+
+    lr.run(main())
+    assert seen == ["first", "third"]
+
+
+def test_keyboard_interrupt_in_a_callback_propagates(lr: LoopRunner) -> None:
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    lr.loop.call_soon(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        lr.loop.run_forever()
+    assert lr.errors == []
+
+
+def test_handles_are_asyncios_own(lr: LoopRunner) -> None:
+    h = lr.loop.call_soon(print, "x")
+    t = lr.loop.call_later(5, print)
+    assert type(h) is asyncio.Handle and type(t) is asyncio.TimerHandle
+    assert "print" in repr(h) and t.when() > lr.loop.time()
+    h.cancel()
+    t.cancel()
+    assert "cancelled" in repr(t)
