@@ -24,6 +24,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <errno.h>
+#include <sys/socket.h>
 #include <time.h>
 
 #include "pyaem.h"
@@ -48,6 +50,9 @@ typedef struct {
     PyObject *process_events; /* loop._process_events */
     PyObject *report;         /* loop._aem_report(handle, exc) */
     PyObject *run_debug;      /* loop._aem_run_debug(handle) */
+    EngineObject *engine;     /* fast path: the engine turn itself instead of select() (or NULL) */
+    PyObject *fd_to_key;      /* the selector's fd -> SelectorKey (with engine) */
+    PyObject *remove_fd[2];   /* loop._remove_reader, loop._remove_writer (with engine) */
     PyObject **ring;          /* ready handles: ring[(head + i) % cap], i < len; cap a power of 2 */
     Py_ssize_t head, len, cap;
     tent *heap;
@@ -461,6 +466,17 @@ static PyObject *core_run_once(LoopCoreObject *self, PyObject *unused) {
         Py_DECREF(s);
         if (stopping < 0) return NULL;
     }
+    if (self->engine) {  /* one engine turn: the loop's wakers queue the ready fds' handles */
+        int ms = -1;
+        if (self->len || stopping) {
+            ms = 0;
+        } else if (self->hlen) {
+            double t = self->heap[0].when - now_s();
+            ms = t <= 0 ? 0 : t > 86400 ? 86400000 : (int)(t * 1e3 + 0.999999);
+        }
+        if (aem_py_engine_turn(self->engine, ms) < 0) return NULL;
+        goto collected;
+    }
     if (self->len || stopping) {
         timeout = PyFloat_FromDouble(0.0);
     } else if (self->hlen) {
@@ -481,6 +497,7 @@ static PyObject *core_run_once(LoopCoreObject *self, PyObject *unused) {
     } else {
         Py_DECREF(events);
     }
+collected:;
     double end = now_s() + self->clock_resolution;
     while (self->hlen && self->heap[0].when < end) {
         PyObject *h = heap_pop(self);
@@ -499,6 +516,150 @@ static PyObject *core_run_once(LoopCoreObject *self, PyObject *unused) {
         if (rc < 0) return NULL;
     }
     Py_RETURN_NONE;
+}
+
+/* ---- the engine fast path: wakers -------------------------------------------------------------------- */
+
+/* _attach_engine(engine, fd_to_key, remove_reader, remove_writer): from now on a turn is one
+ * engine turn, and the selector registers wakers (below) as the handlers of the loop's fds. */
+static PyObject *core_attach_engine(LoopCoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4 || !PyObject_TypeCheck(args[0], AemEngine_Type) || !PyDict_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "_attach_engine(engine, fd_to_key: dict, remove_reader, remove_writer)");
+        return NULL;
+    }
+    Py_XSETREF(self->engine, (EngineObject *)Py_NewRef(args[0]));
+    Py_XSETREF(self->fd_to_key, Py_NewRef(args[1]));
+    Py_XSETREF(self->remove_fd[0], Py_NewRef(args[2]));
+    Py_XSETREF(self->remove_fd[1], Py_NewRef(args[3]));
+    Py_RETURN_NONE;
+}
+
+/* A waker is the engine handler of one direction of one fd of the loop: when the engine
+ * delivers, it queues the reader's (or writer's) handle of the fd's selector key, as
+ * asyncio's _process_events does. */
+typedef struct {
+    PyObject_HEAD
+    LoopCoreObject *core;
+    PyObject *fd;     /* int: the key in fd_to_key */
+    int write;
+} WakerObject;
+
+static PyTypeObject *Waker_Type;
+
+static PyObject *waker_call(WakerObject *w, PyObject *args, PyObject *kwds) {
+    LoopCoreObject *c = w->core;
+    if (!c->fd_to_key) Py_RETURN_NONE;
+    PyObject *key = PyDict_GetItemWithError(c->fd_to_key, w->fd);  /* borrowed */
+    if (!key) {
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_NONE;  /* unregistered meanwhile */
+    }
+    if (!PyTuple_Check(key) || PyTuple_GET_SIZE(key) < 4) {
+        PyErr_SetString(PyExc_TypeError, "selector key is not a SelectorKey");
+        return NULL;
+    }
+    PyObject *data = PyTuple_GET_ITEM(key, 3);
+    if (!PyTuple_Check(data) || PyTuple_GET_SIZE(data) != 2) Py_RETURN_NONE;
+    PyObject *h = PyTuple_GET_ITEM(data, w->write);
+    if (h == Py_None) Py_RETURN_NONE;
+    if (!PyObject_TypeCheck(h, c->handle_type)) {
+        PyErr_SetString(PyExc_TypeError, "selector key data holds no asyncio.Handle");
+        return NULL;
+    }
+    if (is_cancelled(h)) {
+        PyObject *fileobj = Py_NewRef(PyTuple_GET_ITEM(key, 0));
+        PyObject *r = PyObject_CallOneArg(c->remove_fd[w->write], fileobj);
+        Py_DECREF(fileobj);
+        return r;
+    }
+    if (ring_push(c, Py_NewRef(h)) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* waker(fd, write) -> the engine handler for fd's readiness to read (write=False) or write. */
+static PyObject *core_waker(LoopCoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyLong_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "waker(fd: int, write: bool)");
+        return NULL;
+    }
+    int write = PyObject_IsTrue(args[1]);
+    if (write < 0) return NULL;
+    WakerObject *w = PyObject_GC_New(WakerObject, Waker_Type);
+    if (!w) return NULL;
+    w->core = (LoopCoreObject *)Py_NewRef(self);
+    w->fd = Py_NewRef(args[0]);
+    w->write = write;
+    PyObject_GC_Track(w);
+    return (PyObject *)w;
+}
+
+static int waker_traverse(WakerObject *w, visitproc visit, void *arg) {
+    Py_VISIT(Py_TYPE(w));
+    Py_VISIT(w->core);
+    Py_VISIT(w->fd);
+    return 0;
+}
+
+static int waker_clear(WakerObject *w) {
+    Py_CLEAR(w->core);
+    Py_CLEAR(w->fd);
+    return 0;
+}
+
+static void waker_dealloc(WakerObject *w) {
+    PyTypeObject *tp = Py_TYPE(w);
+    PyObject_GC_UnTrack(w);
+    waker_clear(w);
+    PyObject_GC_Del(w);
+    Py_DECREF(tp);
+}
+
+static PyType_Slot waker_slots[] = {
+    {Py_tp_doc, "The engine handler of one direction of one fd of an aem.EventLoop."},
+    {Py_tp_call, waker_call},
+    {Py_tp_dealloc, waker_dealloc},
+    {Py_tp_traverse, waker_traverse},
+    {Py_tp_clear, waker_clear},
+    {0, NULL},
+};
+
+static PyType_Spec waker_spec = {
+    .name = "aem._core.LoopWaker",
+    .basicsize = sizeof(WakerObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = waker_slots,
+};
+
+/* ---- socket reads for the transports ------------------------------------------------------------------ */
+
+/* recv(fd, max_size) -> bytes: read into one shared buffer (the GIL is held throughout), then copy
+ * out exactly what came.  socket.recv(max_size) allocates max_size bytes (256 KiB for asyncio's
+ * transports: an mmap and its page faults on every read) and shrinks them. b"" at EOF; OSError
+ * (BlockingIOError ...) on failure. */
+#define RECV_BUF (256 * 1024)
+static char *recv_buf;
+
+static PyObject *core_recv(LoopCoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "recv(fd, max_size)");
+        return NULL;
+    }
+    long fd = PyLong_AsLong(args[0]);
+    if (fd == -1 && PyErr_Occurred()) return NULL;
+    Py_ssize_t max = PyLong_AsSsize_t(args[1]);
+    if (max == -1 && PyErr_Occurred()) return NULL;
+    if (max <= 0) {
+        PyErr_SetString(PyExc_ValueError, "max_size must be positive");
+        return NULL;
+    }
+    if (max > RECV_BUF) max = RECV_BUF;
+    if (!recv_buf && !(recv_buf = PyMem_RawMalloc(RECV_BUF))) return PyErr_NoMemory();
+    ssize_t n;
+    do {
+        n = recv((int)fd, recv_buf, (size_t)max, 0);
+    } while (n < 0 && errno == EINTR && PyErr_CheckSignals() == 0);
+    if (n < 0) return PyErr_Occurred() ? NULL : PyErr_SetFromErrno(PyExc_OSError);
+    return PyBytes_FromStringAndSize(recv_buf, n);
 }
 
 /* ---- the rest: sizes, clearing, state ----------------------------------------------------------------- */
@@ -581,6 +742,10 @@ static int core_traverse(LoopCoreObject *self, visitproc visit, void *arg) {
     Py_VISIT(self->process_events);
     Py_VISIT(self->report);
     Py_VISIT(self->run_debug);
+    Py_VISIT(self->engine);
+    Py_VISIT(self->fd_to_key);
+    Py_VISIT(self->remove_fd[0]);
+    Py_VISIT(self->remove_fd[1]);
     for (Py_ssize_t i = 0; i < self->len; i++) Py_VISIT(self->ring[(self->head + i) & (self->cap - 1)]);
     for (Py_ssize_t i = 0; i < self->hlen; i++) Py_VISIT(self->heap[i].handle);
     return 0;
@@ -596,6 +761,10 @@ static int core_clear_refs(LoopCoreObject *self) {
     Py_CLEAR(self->process_events);
     Py_CLEAR(self->report);
     Py_CLEAR(self->run_debug);
+    Py_CLEAR(self->engine);
+    Py_CLEAR(self->fd_to_key);
+    Py_CLEAR(self->remove_fd[0]);
+    Py_CLEAR(self->remove_fd[1]);
     return 0;
 }
 
@@ -623,6 +792,12 @@ static PyMethodDef core_methods[] = {
     {"_timer_handle_cancelled", (PyCFunction)core_timer_cancelled, METH_O, "A scheduled timer was cancelled."},
     {"time", (PyCFunction)core_time, METH_NOARGS, "time() -> float: the loop's clock (CLOCK_MONOTONIC)."},
     {"_run_once", (PyCFunction)core_run_once, METH_NOARGS, "One iteration of the loop."},
+    {"_attach_engine", (PyCFunction)(void (*)(void))core_attach_engine, METH_FASTCALL,
+     "_attach_engine(engine, fd_to_key, remove_reader, remove_writer): turns are engine turns."},
+    {"waker", (PyCFunction)(void (*)(void))core_waker, METH_FASTCALL,
+     "waker(fd, write) -> the engine handler that queues fd's reader (or writer) handle."},
+    {"recv", (PyCFunction)(void (*)(void))core_recv, METH_FASTCALL,
+     "recv(fd, max_size) -> bytes: one read of a socket, into a shared buffer."},
     {"append", (PyCFunction)core_append, METH_O, "Queue a ready handle."},
     {"popleft", (PyCFunction)core_popleft, METH_NOARGS, "Take the first ready handle."},
     {"clear", (PyCFunction)core_clear, METH_NOARGS, "Drop every ready handle."},
@@ -663,6 +838,8 @@ static PyType_Spec core_spec = {
 int aem_loop_init_type(PyObject *module) {
     str_stopping = PyUnicode_InternFromString("_stopping");
     if (!str_stopping) return -1;
+    Waker_Type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &waker_spec, NULL);
+    if (!Waker_Type) return -1;
     LoopCore_Type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &core_spec, NULL);
     if (!LoopCore_Type) return -1;
     return PyModule_AddObjectRef(module, "LoopCore", (PyObject *)LoopCore_Type);
