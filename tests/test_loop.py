@@ -261,31 +261,93 @@ def test_unix_streams_and_connect_accepted_socket(lr: LoopRunner, tmp_path: Any)
 
 
 def test_protocol_flow_control(lr: LoopRunner) -> None:
-    async def main() -> tuple[bool, bool]:
+    async def main() -> tuple[bool, bool, int, int]:
         a, b = socket.socketpair()
         b.setblocking(False)
         paused = asyncio.Event()
+        resumed = asyncio.Event()
 
         class P(asyncio.Protocol):
             def pause_writing(self) -> None:
                 paused.set()
 
+            def resume_writing(self) -> None:
+                resumed.set()
+
         tr, _ = await lr.loop.connect_accepted_socket(P, a)
         tr.set_write_buffer_limits(high=64 * 1024)
+        written = 0
         while not paused.is_set():
             tr.write(b"x" * 65536)
-        assert tr.get_write_buffer_size() > 0
+            written += 65536
+        assert tr.get_write_buffer_size() > 64 * 1024
         total = 0
-        while tr.get_write_buffer_size():
+        while total < written:
             try:
                 total += len(b.recv(1 << 20))
             except BlockingIOError:
                 await asyncio.sleep(0.001)
+        await asyncio.wait_for(resumed.wait(), 5)
+        left = tr.get_write_buffer_size()
         tr.close()
         b.close()
-        return paused.is_set(), total > 64 * 1024
+        return paused.is_set(), resumed.is_set(), total - written, left
 
-    assert lr.run(main()) == (True, True)
+    assert lr.run(main()) == (True, True, 0, 0)
+
+
+def test_writes_of_one_turn_arrive_in_order_and_close_sends_them(lr: LoopRunner) -> None:
+    async def main() -> bytes:
+        a, b = socket.socketpair()
+        tr, _ = await lr.loop.connect_accepted_socket(asyncio.Protocol, a)
+        buf = bytearray(b"mutable")
+        tr.write(b"one,")
+        tr.write(buf)
+        buf[:] = b"CHANGED"  # the transport kept what was written, not the caller's buffer
+        tr.writelines([b",two", memoryview(b",three")])
+        size = tr.get_write_buffer_size()
+        tr.write_eof()
+        tr.close()
+        b.setblocking(False)
+        chunks = []
+        while True:
+            try:
+                data = b.recv(65536)
+            except BlockingIOError:
+                await asyncio.sleep(0.001)
+                continue
+            if not data:
+                break
+            chunks.append(data)
+        b.close()
+        assert size in (0, len(b"one,mutable,two,three"))
+        return b"".join(chunks)
+
+    assert lr.run(main()) == b"one,mutable,two,three"
+
+
+def test_abort_drops_what_was_not_sent(lr: LoopRunner) -> None:
+    async def main() -> tuple[bytes, bool]:
+        a, b = socket.socketpair()
+        lost = lr.loop.create_future()
+
+        class P(asyncio.Protocol):
+            def connection_lost(self, exc: Exception | None) -> None:
+                lost.set_result(exc)
+
+        tr, _ = await lr.loop.connect_accepted_socket(P, a)
+        tr.write(b"never sent" if lr.kind == "aem" else b"")
+        tr.abort()
+        await lost
+        b.setblocking(False)
+        try:
+            data = b.recv(100)
+        except BlockingIOError:
+            data = b"?"
+        b.close()
+        return data, tr.is_closing()
+
+    assert lr.run(main()) == (b"", True)
 
 
 def test_udp_endpoint_and_sock_datagram_methods(lr: LoopRunner) -> None:

@@ -53,6 +53,7 @@ typedef struct {
     EngineObject *engine;     /* fast path: the engine turn itself instead of select() (or NULL) */
     PyObject *fd_to_key;      /* the selector's fd -> SelectorKey (with engine) */
     PyObject *remove_fd[2];   /* loop._remove_reader, loop._remove_writer (with engine) */
+    PyObject *to_flush;       /* transports that wrote during this turn (a list, or NULL) */
     PyObject **ring;          /* ready handles: ring[(head + i) % cap], i < len; cap a power of 2 */
     Py_ssize_t head, len, cap;
     tent *heap;
@@ -64,7 +65,7 @@ typedef struct {
 } LoopCoreObject;
 
 static PyTypeObject *LoopCore_Type;
-static PyObject *str_stopping;
+static PyObject *str_stopping, *str_flush;
 
 static inline double now_s(void) {
     struct timespec ts;
@@ -454,6 +455,37 @@ static int run_handle(LoopCoreObject *self, PyObject *h) {
     return rr ? 0 : -1;
 }
 
+/* End of a turn: every transport that wrote sends what it wrote, in one writev (its _aem_flush). */
+static int flush_writes(LoopCoreObject *self) {
+    while (self->to_flush) {
+        PyObject *list = self->to_flush;
+        self->to_flush = NULL;
+        Py_ssize_t n = PyList_GET_SIZE(list);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *r = PyObject_CallMethodNoArgs(PyList_GET_ITEM(list, i), str_flush);
+            if (!r) {
+                Py_DECREF(list);
+                return -1;
+            }
+            Py_DECREF(r);
+        }
+        Py_DECREF(list);
+    }
+    return 0;
+}
+
+/* flush_later(transport): call transport._aem_flush() at the end of this turn. */
+static PyObject *core_flush_later(LoopCoreObject *self, PyObject *transport) {
+    if (!self->to_flush && !(self->to_flush = PyList_New(0))) return NULL;
+    if (PyList_Append(self->to_flush, transport) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* flush_now(): what flush_later queued, now (the loop stops with writes pending, ...). */
+static PyObject *core_flush_now(LoopCoreObject *self, PyObject *unused) {
+    return flush_writes(self) < 0 ? NULL : Py_NewRef(Py_None);
+}
+
 /* _run_once(): one iteration of asyncio's loop (BaseEventLoop._run_once). */
 static PyObject *core_run_once(LoopCoreObject *self, PyObject *unused) {
     heap_prune(self);
@@ -515,7 +547,7 @@ collected:;
         Py_DECREF(h);
         if (rc < 0) return NULL;
     }
-    Py_RETURN_NONE;
+    return flush_writes(self) < 0 ? NULL : Py_NewRef(Py_None);
 }
 
 /* ---- the engine fast path: wakers -------------------------------------------------------------------- */
@@ -743,6 +775,7 @@ static int core_traverse(LoopCoreObject *self, visitproc visit, void *arg) {
     Py_VISIT(self->report);
     Py_VISIT(self->run_debug);
     Py_VISIT(self->engine);
+    Py_VISIT(self->to_flush);
     Py_VISIT(self->fd_to_key);
     Py_VISIT(self->remove_fd[0]);
     Py_VISIT(self->remove_fd[1]);
@@ -762,6 +795,7 @@ static int core_clear_refs(LoopCoreObject *self) {
     Py_CLEAR(self->report);
     Py_CLEAR(self->run_debug);
     Py_CLEAR(self->engine);
+    Py_CLEAR(self->to_flush);
     Py_CLEAR(self->fd_to_key);
     Py_CLEAR(self->remove_fd[0]);
     Py_CLEAR(self->remove_fd[1]);
@@ -792,6 +826,9 @@ static PyMethodDef core_methods[] = {
     {"_timer_handle_cancelled", (PyCFunction)core_timer_cancelled, METH_O, "A scheduled timer was cancelled."},
     {"time", (PyCFunction)core_time, METH_NOARGS, "time() -> float: the loop's clock (CLOCK_MONOTONIC)."},
     {"_run_once", (PyCFunction)core_run_once, METH_NOARGS, "One iteration of the loop."},
+    {"flush_later", (PyCFunction)core_flush_later, METH_O,
+     "flush_later(transport): transport._aem_flush() at the end of this turn."},
+    {"flush_now", (PyCFunction)core_flush_now, METH_NOARGS, "Run the flushes flush_later queued, now."},
     {"_attach_engine", (PyCFunction)(void (*)(void))core_attach_engine, METH_FASTCALL,
      "_attach_engine(engine, fd_to_key, remove_reader, remove_writer): turns are engine turns."},
     {"waker", (PyCFunction)(void (*)(void))core_waker, METH_FASTCALL,
@@ -837,7 +874,8 @@ static PyType_Spec core_spec = {
 
 int aem_loop_init_type(PyObject *module) {
     str_stopping = PyUnicode_InternFromString("_stopping");
-    if (!str_stopping) return -1;
+    str_flush = PyUnicode_InternFromString("_aem_flush");
+    if (!str_stopping || !str_flush) return -1;
     Waker_Type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &waker_spec, NULL);
     if (!Waker_Type) return -1;
     LoopCore_Type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &core_spec, NULL);
