@@ -719,3 +719,31 @@ def test_handles_are_asyncios_own(lr: LoopRunner) -> None:
     h.cancel()
     t.cancel()
     assert "cancelled" in repr(t)
+
+
+def test_handles_in_reference_cycles_are_collected(lr: LoopRunner) -> None:
+    """Handles the loop keeps away from the GC while queued are tracked again when they leave."""
+    import gc
+    import weakref
+
+    class Owner:
+        def __init__(self, loop: asyncio.AbstractEventLoop, delay: float | None) -> None:
+            self.handle = (loop.call_soon(self.fire) if delay is None
+                           else loop.call_later(delay, self.fire))
+
+        def fire(self) -> None:
+            pass
+
+    async def main() -> list[Any]:
+        ran, cancelled = Owner(lr.loop, None), Owner(lr.loop, 0.001)
+        later = Owner(lr.loop, 100)
+        later.handle.cancel()
+        await asyncio.sleep(0.01)
+        assert gc.is_tracked(ran.handle) and gc.is_tracked(cancelled.handle)
+        return [weakref.ref(ran), weakref.ref(cancelled), weakref.ref(later)]
+
+    refs = lr.run(main())
+    lr.loop.run_until_complete(asyncio.sleep(0))
+    for _ in range(3):
+        gc.collect()
+    assert [r() for r in refs][:2] == [None, None]

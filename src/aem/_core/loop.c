@@ -104,12 +104,39 @@ static int read_offsets(PyObject *handle_type, PyObject *timer_type) {
     return 0;
 }
 
+static inline int is_cancelled(PyObject *h) { return SLOT(h, off_cancelled) == Py_True; }
+
+/* While a handle made here waits in the ring or the heap, it and its own copy of the
+ * context are hidden from the cyclic GC: the loop's reference keeps them alive anyway, and
+ * a million scheduled handles would otherwise be walked by every collection (measured: the
+ * GC costs more than everything else in scheduling 1M callbacks).  When a handle leaves the
+ * loop it is tracked again, with its context, always: deallocators (the context's) expect a
+ * tracked object. */
+static inline void hide(PyObject *h, int own_context) {
+    PyObject_GC_UnTrack(h);
+    if (own_context) PyObject_GC_UnTrack(SLOT(h, off_context));
+}
+
+static inline void unhide(PyObject *h) {
+    if (PyObject_GC_IsTracked(h)) return;
+    PyObject *ctx = SLOT(h, off_context);
+    if (ctx && !PyObject_GC_IsTracked(ctx)) PyObject_GC_Track(ctx);
+    PyObject_GC_Track(h);
+}
+
+/* Drop the loop's reference to a handle that leaves it. */
+static inline void release(PyObject *h) {
+    unhide(h);
+    Py_DECREF(h);
+}
+
 /* A new handle of `type` with every slot of asyncio.Handle set (steals nothing). */
 static PyObject *new_handle(LoopCoreObject *self, PyTypeObject *type, PyObject *callback,
                             PyObject *args, PyObject *context) {
     PyObject *h = type->tp_alloc(type, 0);
     if (!h) return NULL;
-    if (context == NULL || context == Py_None) {
+    int own_context = context == NULL || context == Py_None;
+    if (own_context) {
         context = PyContext_CopyCurrent();
         if (!context) {
             Py_DECREF(h);
@@ -125,10 +152,9 @@ static PyObject *new_handle(LoopCoreObject *self, PyTypeObject *type, PyObject *
     SLOT(h, off_cancelled) = Py_NewRef(Py_False);
     SLOT(h, off_repr) = Py_NewRef(Py_None);
     SLOT(h, off_source_tb) = Py_NewRef(Py_None);
+    if (type == self->handle_type) hide(h, own_context);  /* timers: hidden once fully made */
     return h;
 }
-
-static inline int is_cancelled(PyObject *h) { return SLOT(h, off_cancelled) == Py_True; }
 
 /* ---- the ready ring ---------------------------------------------------------------------------- */
 
@@ -160,10 +186,7 @@ static PyObject *ring_pop(LoopCoreObject *self) {  /* returns the reference */
 }
 
 static void ring_clear(LoopCoreObject *self) {
-    while (self->len) {
-        PyObject *h = ring_pop(self);
-        Py_DECREF(h);
-    }
+    while (self->len) release(ring_pop(self));
 }
 
 /* ---- the timer heap ------------------------------------------------------------------------------ */
@@ -225,10 +248,7 @@ static PyObject *heap_pop(LoopCoreObject *self) {  /* returns the reference */
 }
 
 static void heap_clear(LoopCoreObject *self) {
-    while (self->hlen) {
-        PyObject *h = heap_pop(self);
-        Py_DECREF(h);
-    }
+    while (self->hlen) release(heap_pop(self));
     self->cancelled = 0;
 }
 
@@ -240,7 +260,7 @@ static void heap_prune(LoopCoreObject *self) {
             PyObject *h = self->heap[i].handle;
             if (is_cancelled(h)) {
                 Py_SETREF(SLOT(h, off_scheduled), Py_NewRef(Py_False));
-                Py_DECREF(h);
+                release(h);
             } else {
                 self->heap[k++] = self->heap[i];
             }
@@ -252,8 +272,7 @@ static void heap_prune(LoopCoreObject *self) {
     }
     while (self->hlen && is_cancelled(self->heap[0].handle)) {
         self->cancelled--;
-        PyObject *h = heap_pop(self);
-        Py_DECREF(h);
+        release(heap_pop(self));
     }
 }
 
@@ -332,6 +351,7 @@ static PyObject *schedule(LoopCoreObject *self, double when, PyObject *when_obj,
     if (!h) return NULL;
     SLOT(h, off_when) = when_obj;  /* the reference is the caller's, given to the handle */
     SLOT(h, off_scheduled) = Py_NewRef(Py_False);
+    hide(h, context == NULL || context == Py_None);
     if (heap_push(self, when, Py_NewRef(h)) < 0) {
         Py_DECREF(h);
         return NULL;
@@ -535,7 +555,7 @@ collected:;
         PyObject *h = heap_pop(self);
         if (is_cancelled(h)) {
             self->cancelled--;
-            Py_DECREF(h);
+            release(h);
         } else if (ring_push(self, h) < 0) {
             return NULL;
         }
@@ -544,7 +564,7 @@ collected:;
     for (Py_ssize_t i = 0; i < ntodo && self->len; i++) {
         PyObject *h = ring_pop(self);
         int rc = is_cancelled(h) ? 0 : run_handle(self, h);
-        Py_DECREF(h);
+        release(h);
         if (rc < 0) return NULL;
     }
     return flush_writes(self) < 0 ? NULL : Py_NewRef(Py_None);
@@ -716,7 +736,9 @@ static PyObject *core_popleft(LoopCoreObject *self, PyObject *unused) {
         PyErr_SetString(PyExc_IndexError, "pop from an empty ready queue");
         return NULL;
     }
-    return ring_pop(self);
+    PyObject *h = ring_pop(self);
+    unhide(h);
+    return h;
 }
 
 static PyObject *core_timers(LoopCoreObject *self, PyObject *unused) {
