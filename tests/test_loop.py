@@ -747,3 +747,35 @@ def test_handles_in_reference_cycles_are_collected(lr: LoopRunner) -> None:
     for _ in range(3):
         gc.collect()
     assert [r() for r in refs][:2] == [None, None]
+
+
+def test_asynchronous_delivery_does_not_break_a_running_loop() -> None:
+    """aem.start() delivers aem events to the main thread between the loop's turns too."""
+    seen: list[str] = []
+
+    async def main() -> bytes:
+        aem.register(aem.Timer(0.002, 0.002), lambda ev: seen.append("tick"))
+        server = await asyncio.start_server(_echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        got = b""
+        for i in range(20):
+            writer.write(b"%02d" % i)
+            got += await reader.readexactly(2)
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 0.003:  # busy in a callback: async delivery interrupts it
+                pass
+            await asyncio.sleep(0.001)
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+        return got
+
+    aem.start()
+    try:
+        got = _aem_run(main())
+    finally:
+        aem.stop()
+    assert got == b"".join(b"%02d" % i for i in range(20))
+    assert len(seen) >= 5
