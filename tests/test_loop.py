@@ -779,3 +779,46 @@ def test_asynchronous_delivery_does_not_break_a_running_loop() -> None:
         aem.stop()
     assert got == b"".join(b"%02d" % i for i in range(20))
     assert len(seen) >= 5
+
+
+def test_children_are_reaped_through_pidfds_never_sigchld() -> None:
+    async def main() -> tuple[int, int, Any]:
+        threads = threading.active_count()
+        p = await asyncio.create_subprocess_exec(sys.executable, "-c", "raise SystemExit(5)")
+        rc = await p.wait()
+        return rc, threading.active_count() - threads, signal.getsignal(signal.SIGCHLD)
+
+    before = signal.getsignal(signal.SIGCHLD)
+    rc, new_threads, during = _aem_run(main())
+    assert rc == 5 and new_threads == 0
+    assert during == before == signal.getsignal(signal.SIGCHLD)
+    assert not aem._core.signal_routed(signal.SIGCHLD)
+
+
+def test_signal_handlers_use_the_engines_routing() -> None:
+    async def main() -> tuple[bool, bool]:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGUSR2, print)
+        routed = aem._core.signal_routed(signal.SIGUSR2)
+        loop.remove_signal_handler(signal.SIGUSR2)
+        return routed, aem._core.signal_routed(signal.SIGUSR2)
+
+    assert _aem_run(main()) == (True, False)
+
+
+def test_closing_the_loop_leaves_nothing_in_the_engine() -> None:
+    loop = aem.new_event_loop()
+    try:
+        async def main() -> None:
+            server = await asyncio.start_server(_echo, "127.0.0.1", 0)
+            loop.add_signal_handler(signal.SIGUSR1, print)
+            loop.call_later(100, print)
+            server.close()
+            await server.wait_closed()
+
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    stats = loop.engine.stats()
+    assert stats["registered"] == 0 and stats["internal"] == 0
+    assert not aem._core.signal_routed(signal.SIGUSR1)
