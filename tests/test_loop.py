@@ -822,3 +822,82 @@ def test_closing_the_loop_leaves_nothing_in_the_engine() -> None:
     stats = loop.engine.stats()
     assert stats["registered"] == 0 and stats["internal"] == 0
     assert not aem._core.signal_routed(signal.SIGUSR1)
+
+
+# -- the stream transport's C paths: bad input and failures ---------------------------------------
+
+
+def test_transport_write_refuses_bad_input(lr: LoopRunner) -> None:
+    async def main() -> None:
+        a, b = socket.socketpair()
+        tr, _ = await lr.loop.connect_accepted_socket(asyncio.Protocol, a)
+        with pytest.raises(TypeError, match="bytes-like"):
+            tr.write("text")  # type: ignore[arg-type]
+        tr.write(b"")
+        assert tr.get_write_buffer_size() == 0
+        tr.write_eof()
+        with pytest.raises(RuntimeError, match="write_eof"):
+            tr.write(b"late")
+        tr.close()
+        await asyncio.sleep(0.01)
+        b.close()
+
+    lr.run(main())
+
+
+def test_a_raising_data_received_closes_the_transport(lr: LoopRunner) -> None:
+    async def main() -> Any:
+        a, b = socket.socketpair()
+        lost = lr.loop.create_future()
+
+        class P(asyncio.Protocol):
+            def data_received(self, data: bytes) -> None:
+                raise ValueError("bad protocol")
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                lost.set_result(exc)
+
+        tr, _ = await lr.loop.connect_accepted_socket(P, a)
+        b.sendall(b"x")
+        exc = await lost
+        b.close()
+        return exc, tr.is_closing()
+
+    exc, closing = lr.run(main())
+    (ctx,) = lr.expect_errors(1)
+    assert "data_received() call failed" in ctx["message"] and isinstance(ctx["exception"], ValueError)
+    assert isinstance(exc, ValueError) and closing
+
+
+def test_peer_reset_and_broken_pipe_reach_connection_lost(lr: LoopRunner) -> None:
+    import struct
+
+    async def main() -> tuple[Any, Any]:
+        results = []
+        for mode in ("reset-on-read", "write-to-closed"):
+            lsock = socket.create_server(("127.0.0.1", 0))
+            c = socket.create_connection(lsock.getsockname())
+            s, _ = lsock.accept()
+            lsock.close()
+            lost = lr.loop.create_future()
+
+            class P(asyncio.Protocol):
+                def __init__(self, lost: asyncio.Future[Any]) -> None:
+                    self.lost = lost
+
+                def connection_lost(self, exc: Exception | None) -> None:
+                    self.lost.set_result(exc)
+
+            tr, _ = await lr.loop.connect_accepted_socket(lambda lost=lost: P(lost), s)
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            c.close()  # RST
+            if mode == "write-to-closed":
+                await asyncio.sleep(0.01)
+                for _ in range(5):
+                    tr.write(b"y" * 1000)
+                    await asyncio.sleep(0.005)
+            results.append(await asyncio.wait_for(lost, 5))
+        return results[0], results[1]
+
+    on_read, on_write = lr.run(main())
+    assert isinstance(on_read, ConnectionError) and isinstance(on_write, ConnectionError)

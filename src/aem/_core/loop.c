@@ -28,6 +28,7 @@
 #include <sys/socket.h>
 #include <time.h>
 
+#include "loop.h"
 #include "pyaem.h"
 
 /* Offsets of asyncio.Handle / asyncio.TimerHandle slots (same for every loop). */
@@ -482,7 +483,15 @@ static int flush_writes(LoopCoreObject *self) {
         self->to_flush = NULL;
         Py_ssize_t n = PyList_GET_SIZE(list);
         for (Py_ssize_t i = 0; i < n; i++) {
-            PyObject *r = PyObject_CallMethodNoArgs(PyList_GET_ITEM(list, i), str_flush);
+            PyObject *item = PyList_GET_ITEM(list, i);
+            if (aem_stream_check(item)) {
+                if (aem_stream_flush(item) < 0) {
+                    Py_DECREF(list);
+                    return -1;
+                }
+                continue;
+            }
+            PyObject *r = PyObject_CallMethodNoArgs(item, str_flush);
             if (!r) {
                 Py_DECREF(list);
                 return -1;
@@ -494,11 +503,31 @@ static int flush_writes(LoopCoreObject *self) {
     return 0;
 }
 
+int aem_loop_flush_later(PyObject *core, PyObject *obj) {
+    LoopCoreObject *self = (LoopCoreObject *)core;
+    if (!self->to_flush && !(self->to_flush = PyList_New(0))) return -1;
+    return PyList_Append(self->to_flush, obj);
+}
+
 /* flush_later(transport): call transport._aem_flush() at the end of this turn. */
 static PyObject *core_flush_later(LoopCoreObject *self, PyObject *transport) {
-    if (!self->to_flush && !(self->to_flush = PyList_New(0))) return NULL;
-    if (PyList_Append(self->to_flush, transport) < 0) return NULL;
+    if (aem_loop_flush_later((PyObject *)self, transport) < 0) return NULL;
     Py_RETURN_NONE;
+}
+
+/* stream_io(transport, fd) -> the StreamIO of a stream transport of this loop (loop_stream.c). */
+static PyObject *core_stream_io(LoopCoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "stream_io(transport, fd)");
+        return NULL;
+    }
+    long fd = PyLong_AsLong(args[1]);
+    if (fd == -1 && PyErr_Occurred()) return NULL;
+    if (fd < 0 || fd > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "bad file descriptor");
+        return NULL;
+    }
+    return aem_stream_new((PyObject *)self, args[0], (int)fd);
 }
 
 /* flush_now(): what flush_later queued, now (the loop stops with writes pending, ...). */
@@ -691,6 +720,15 @@ static PyType_Spec waker_spec = {
 #define RECV_BUF (256 * 1024)
 static char *recv_buf;
 
+char *aem_loop_recv_buffer(size_t *size) {
+    if (!recv_buf && !(recv_buf = PyMem_RawMalloc(RECV_BUF))) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    *size = RECV_BUF;
+    return recv_buf;
+}
+
 static PyObject *core_recv(LoopCoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "recv(fd, max_size)");
@@ -850,6 +888,8 @@ static PyMethodDef core_methods[] = {
     {"_run_once", (PyCFunction)core_run_once, METH_NOARGS, "One iteration of the loop."},
     {"flush_later", (PyCFunction)core_flush_later, METH_O,
      "flush_later(transport): transport._aem_flush() at the end of this turn."},
+    {"stream_io", (PyCFunction)(void (*)(void))core_stream_io, METH_FASTCALL,
+     "stream_io(transport, fd) -> the C reads and coalesced writes of a stream transport."},
     {"flush_now", (PyCFunction)core_flush_now, METH_NOARGS, "Run the flushes flush_later queued, now."},
     {"_attach_engine", (PyCFunction)(void (*)(void))core_attach_engine, METH_FASTCALL,
      "_attach_engine(engine, fd_to_key, remove_reader, remove_writer): turns are engine turns."},
@@ -898,6 +938,7 @@ int aem_loop_init_type(PyObject *module) {
     str_stopping = PyUnicode_InternFromString("_stopping");
     str_flush = PyUnicode_InternFromString("_aem_flush");
     if (!str_stopping || !str_flush) return -1;
+    if (aem_stream_init_type(module) < 0) return -1;
     Waker_Type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &waker_spec, NULL);
     if (!Waker_Type) return -1;
     LoopCore_Type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &core_spec, NULL);

@@ -9,7 +9,7 @@ buffered protocols, ``sendfile``) with two changes:
   ``socket.recv(256 KiB)`` allocating 256 KiB per read;
 * writes are coalesced: what is written during one loop turn goes out at the
   end of the turn in one ``send``/``sendmsg`` (a ``writev``), not one ``send``
-  per ``write()``.  The first write of a turn is kept as is (no copy of
+  per ``write()``.  Both are C (``aem._core.StreamIO``).  The first write of a turn is kept as is (no copy of
   ``bytes``); later ones are appended to asyncio's buffer.  Everything that
   looks at the buffer (``get_write_buffer_size``, flow control, ``close``,
   ``write_eof``, ``sendfile``, ``abort``) sees the pending bytes.
@@ -18,94 +18,52 @@ buffered protocols, ``sendfile``) with two changes:
 from __future__ import annotations
 
 import socket
-from asyncio import selector_events
+from asyncio import BufferedProtocol, selector_events
 from typing import Any
 
 _SelectorSocketTransport: Any = selector_events._SelectorSocketTransport  # type: ignore[attr-defined]
 
 
 class SocketTransport(_SelectorSocketTransport):  # type: ignore[misc]
-    """A TCP or Unix stream transport of :class:`aem.EventLoop`."""
+    """A TCP or Unix stream transport of :class:`aem.EventLoop`.
+
+    ``write`` and the reader callback are the C methods of the transport's
+    ``StreamIO`` (aem/_core/loop_stream.c), set on the instance; the rest is
+    asyncio's, plus the few ``_aem_*`` methods the C side calls on uncommon paths.
+    """
 
     def __init__(self, loop: Any, sock: Any, protocol: Any, waiter: Any = None, extra: Any = None,
                  server: Any = None) -> None:
-        self._recv = loop._core.recv
-        self._flush_later = loop._core.flush_later
-        self._first: bytes | None = None  # the first write of this turn, not yet sent
-        self._flush_queued = False
+        io = loop._core.stream_io(self, sock.fileno())
+        self._io = io
+        self._read_ready = io.read_ready  # asyncio's __init__ registers this reader
+        self.write = io.write
         super().__init__(loop, sock, protocol, waiter, extra, server)
 
-    # -- writing: coalesced per loop turn ------------------------------------------------------
+    def set_protocol(self, protocol: Any) -> None:
+        """Set the protocol (a BufferedProtocol is read through asyncio's Python path)."""
+        super().set_protocol(protocol)
+        self._io.set_buffered(isinstance(protocol, BufferedProtocol))
 
-    def write(self, data: Any) -> None:
-        """Queue ``data``; it is sent at the end of this loop turn with the turn's other writes."""
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise TypeError(f"data argument must be a bytes-like object, not {type(data).__name__!r}")
-        if self._eof:
-            raise RuntimeError("Cannot call write() after write_eof()")
-        if self._empty_waiter is not None:
-            raise RuntimeError("unable to write; sendfile is in progress")
-        if not data:
-            return
-        if self._conn_lost:
-            super().write(data)  # asyncio's accounting (and warning) of writes to a lost connection
-            return
-        if self._buffer or self._first is not None:
-            self._buffer.extend(data)
-        else:
-            self._first = data if type(data) is bytes else bytes(data)
-            if not self._flush_queued:
-                self._flush_queued = True
-                self._flush_later(self)
-        if self._flush_queued and self.get_write_buffer_size() > self._high_water:
-            self._aem_flush()  # past the high-water mark: send now, as asyncio would (no pause for that)
-        else:
-            self._maybe_pause_protocol()
+    # -- what the C side hands back on uncommon paths ----------------------------------------------
 
-    def _spill(self) -> None:
-        """Move the pending first write into asyncio's buffer (in front)."""
-        if self._first is not None:
-            self._buffer[:0] = self._first
-            self._first = None
+    def _aem_write_lost(self, data: Any) -> None:
+        """write() on a lost connection: asyncio's accounting (and warning)."""
+        super().write(data)
 
-    def _aem_flush(self) -> None:
-        """End of the turn: send what was written, in one call; the rest waits for writability."""
-        if not self._flush_queued:  # flushed early (write past the high-water mark)
-            return
-        self._flush_queued = False
-        first, self._first = self._first, None
-        buf = self._buffer
-        if self._conn_lost or (first is None and not buf):
-            return
-        try:
-            if first is None:
-                n = self._sock.send(buf)
-            elif buf:
-                n = self._sock.sendmsg([first, buf])
-            else:
-                n = self._sock.send(first)
-        except (BlockingIOError, InterruptedError):
-            n = 0
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            buf.clear()
-            self._fatal_error(exc, "Fatal write error on socket transport")
-            if self._empty_waiter is not None and not self._empty_waiter.done():
-                self._empty_waiter.set_exception(exc)
-            return
-        if first is not None:
-            if n < len(first):
-                buf[:0] = memoryview(first)[n:]
-                n = 0
-            else:
-                n -= len(first)
-        if n:
-            del buf[:n]
-        if buf:
-            self._loop._add_writer(self._sock_fd, self._write_ready)
-            self._maybe_pause_protocol()
-            return
+    def _aem_flush_failed(self, exc: BaseException) -> None:
+        self._buffer.clear()
+        self._fatal_error(exc, "Fatal write error on socket transport")
+        if self._empty_waiter is not None and not self._empty_waiter.done():
+            self._empty_waiter.set_exception(exc)
+
+    def _aem_flush_partial(self) -> None:
+        """The socket took part of the turn's writes: the rest waits for writability."""
+        self._loop._add_writer(self._sock_fd, self._write_ready)
+        self._maybe_pause_protocol()
+
+    def _aem_flush_done(self) -> None:
+        """Everything was sent and someone waits for that (flow control, close, write_eof, sendfile)."""
         self._maybe_resume_protocol()
         if self._empty_waiter is not None and not self._empty_waiter.done():
             self._empty_waiter.set_result(None)
@@ -114,10 +72,17 @@ class SocketTransport(_SelectorSocketTransport):  # type: ignore[misc]
         elif self._eof:
             self._sock.shutdown(socket.SHUT_WR)
 
+    # -- asyncio's methods that must see the pending first write ----------------------------------------
+
+    def _spill(self) -> None:
+        """Move the pending first write into asyncio's buffer (in front)."""
+        first = self._io.take_first()
+        if first is not None:
+            self._buffer[:0] = first
+
     def get_write_buffer_size(self) -> int:
         """Bytes written and not yet sent."""
-        first = self._first
-        return len(self._buffer) + (len(first) if first is not None else 0)
+        return len(self._buffer) + int(self._io.pending())
 
     def close(self) -> None:
         """Close once what was written is sent (asyncio's semantics)."""
@@ -134,32 +99,13 @@ class SocketTransport(_SelectorSocketTransport):  # type: ignore[misc]
         return super()._make_empty_waiter()
 
     def _force_close(self, exc: BaseException | None) -> None:
-        self._first = None
+        self._io.take_first()
         super()._force_close(exc)
 
-    # -- reading ---------------------------------------------------------------------------------
-
-    def _read_ready(self) -> None:
-        if self._read_ready_cb != self._read_ready__data_received:
-            self._read_ready_cb()
-            return
-        if self._conn_lost:
-            return
+    def _call_connection_lost(self, exc: BaseException | None) -> None:
         try:
-            data = self._recv(self._sock_fd, self.max_size)
-        except (BlockingIOError, InterruptedError):
-            return
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._fatal_error(exc, "Fatal read error on socket transport")
-            return
-        if not data:
-            self._read_ready__on_eof()
-            return
-        try:
-            self._protocol.data_received(data)
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
+            super()._call_connection_lost(exc)
+        finally:
+            self._io.detach()  # no cycle left through the C side
+            self.__dict__.pop("write", None)
+            self.__dict__.pop("_read_ready", None)
