@@ -505,7 +505,7 @@ static PyObject *core_flush_now(LoopCoreObject *self, PyObject *unused) {
 }
 
 /* _run_once(): one iteration of asyncio's loop (BaseEventLoop._run_once). */
-static PyObject *core_run_once(LoopCoreObject *self, PyObject *unused) {
+static PyObject *one_turn(LoopCoreObject *self) {
     heap_prune(self);
     PyObject *timeout;
     int stopping = 0;
@@ -566,6 +566,24 @@ collected:;
         if (rc < 0) return NULL;
     }
     return flush_writes(self) < 0 ? NULL : Py_NewRef(Py_None);
+}
+
+/* _run_once(): turns of the loop, as asyncio's run_forever runs them (`while True: _run_once();
+ * if _stopping: break`), up to TURNS_PER_CALL of them while the loop is not stopping: the
+ * Python-level loop around each turn is most of what a turn costs when a callback is all it runs. */
+#define TURNS_PER_CALL 256
+
+static PyObject *core_run_once(LoopCoreObject *self, PyObject *unused) {
+    for (int k = 0;; k++) {
+        PyObject *r = one_turn(self);
+        if (!r || k + 1 == TURNS_PER_CALL) return r;
+        Py_DECREF(r);
+        PyObject *s = PyObject_GetAttr(self->loop, str_stopping);
+        if (!s) return NULL;
+        int stopping = PyObject_IsTrue(s);
+        Py_DECREF(s);
+        if (stopping) return stopping < 0 ? NULL : Py_NewRef(Py_None);
+    }
 }
 
 /* ---- the engine fast path: wakers -------------------------------------------------------------------- */
