@@ -62,6 +62,7 @@ typedef struct EngineObject {
     PyObject *spawn_hook;   /* runs handlers of EVF_FORK/EVF_CAPSULE registrations */
     PyObject *payload_hook; /* makes Read payloads (vmtable); NULL: bytes */
     PyObject *unregister_hook; /* told of each unregistration (jobs, capsules) */
+    PyObject *pool_hook;    /* checks the pool= of a registration (raises if unusable) */
     aem_doorbell doorbell;
     int async_on;
     pthread_t main_thread;

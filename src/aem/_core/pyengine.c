@@ -221,6 +221,7 @@ static int engine_traverse(EngineObject *self, visitproc visit, void *arg) {
     Py_VISIT(self->spawn_hook);
     Py_VISIT(self->payload_hook);
     Py_VISIT(self->unregister_hook);
+    Py_VISIT(self->pool_hook);
     if (!self->closed) {
         aem_engine *e = &self->core;
         for (uint32_t s = 0; s < e->nslots; s++) {
@@ -238,6 +239,7 @@ static int engine_clear(EngineObject *self) {
     Py_CLEAR(self->spawn_hook);
     Py_CLEAR(self->payload_hook);
     Py_CLEAR(self->unregister_hook);
+    Py_CLEAR(self->pool_hook);
     if (!self->closed) release_all(self);
     return 0;
 }
@@ -321,6 +323,11 @@ static int prepare(EngineObject *self, PyObject *handler, unsigned long flags, P
     if (pool != Py_None && !(flags & AEM_F_CAPSULE)) {
         PyErr_SetString(PyExc_ValueError, "pool= is only used with EVF_CAPSULE");
         return -1;
+    }
+    if (pool != Py_None && self->pool_hook && self->pool_hook != Py_None) {
+        PyObject *ok = PyObject_CallOneArg(self->pool_hook, pool);
+        if (!ok) return -1;
+        Py_DECREF(ok);
     }
     *flags_out = (uint16_t)flags;
     if (ctor != Py_None || dtor != Py_None || pool != Py_None) {
@@ -1404,10 +1411,12 @@ static PyObject *engine_set_error_handler(EngineObject *self, PyObject *fn) {
 }
 
 static PyObject *engine_set_hooks(EngineObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"spawn", "payload", "unregister", NULL};
-    PyObject *spawn = NULL, *payload = NULL, *unreg = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|OOO:_set_hooks", kwlist, &spawn, &payload, &unreg))
+    static char *kwlist[] = {"spawn", "payload", "unregister", "pool", NULL};
+    PyObject *spawn = NULL, *payload = NULL, *unreg = NULL, *pool = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|OOOO:_set_hooks", kwlist, &spawn, &payload, &unreg,
+                                     &pool))
         return NULL;
+    if (pool) Py_XSETREF(self->pool_hook, Py_NewRef(pool));
     if (spawn) Py_XSETREF(self->spawn_hook, Py_NewRef(spawn));
     if (payload) Py_XSETREF(self->payload_hook, Py_NewRef(payload));
     if (unreg) Py_XSETREF(self->unregister_hook, Py_NewRef(unreg));

@@ -1,0 +1,182 @@
+"""Regression tests for capsule bugs found by trying them (issue 8, item 3): each one is the
+exact reproducer of its bug."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import aem
+from conftest import run_script
+
+
+def run_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out waiting for events"
+        aem.run(timeout=0.05)
+
+
+@pytest.fixture
+def pool() -> Iterator[aem.CapsulePool]:
+    p = aem.CapsulePool(size=2, reserve=0)
+    try:
+        assert p.wait_ready(10)
+        yield p
+    finally:
+        p.close()
+
+
+def test_pool_fills_when_the_application_has_fds_beyond_1024() -> None:
+    # select() raised ValueError for fds >= 1024: the manager spun and the pool never filled
+    code = """
+        import aem, os, resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard < 2048:
+            print("skip"); raise SystemExit(0)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+        held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+        results = aem.UserEvent()
+        got = []
+        aem.register(results, lambda ev: got.append(ev.payload))
+        def work(ev):
+            ev.payload.fire(os.getpid())
+        ue = aem.UserEvent()
+        aem.register(ue, work, flags=aem.EVF_CAPSULE | aem.EVF_NOCLDWAIT)
+        with aem.CapsulePool(size=2) as pool:
+            ready = pool.wait_ready(10)
+            aem.register(ue2 := aem.UserEvent(), work, flags=aem.EVF_CAPSULE | aem.EVF_NOCLDWAIT, pool=pool)
+            ue2.fire(results)
+            import time
+            deadline = time.monotonic() + 10
+            while not got and time.monotonic() < deadline:
+                aem.run(timeout=0.05)
+            print(ready, max(held) >= 1024, len(got))
+    """
+    p = run_script(code, timeout=60)
+    assert p.returncode == 0, p.stderr
+    if p.stdout.strip() == "skip":
+        pytest.skip("the hard fd limit is below 2048")
+    assert p.stdout.split() == ["True", "True", "1"], p.stderr
+
+
+def test_capsule_killed_by_a_realtime_signal_is_reported_and_replaced(pool: aem.CapsulePool) -> None:
+    # signal.Signals(-code) raised for SIGRTMIN+1: the manager thread died, no ChildExit
+    results = aem.UserEvent()
+    started: list[int] = []
+    aem.register(results, lambda ev: started.append(ev.payload))
+
+    def slow(ev: Any) -> None:
+        ev.payload.fire(os.getpid())
+        time.sleep(30)
+
+    exits: list[Any] = []
+    ue = aem.UserEvent()
+    eid = aem.register(ue, slow, flags=aem.EVF_CAPSULE, pool=pool)
+    aem.register(aem.ChildExit(job=eid), exits.append)
+    pool.refresh()
+    assert pool.wait_ready(10)
+    ue.fire(results)
+    run_until(lambda: bool(started))
+    os.kill(started[0], signal.SIGRTMIN + 1)
+    run_until(lambda: bool(exits))
+    assert exits[0].returncode == -(signal.SIGRTMIN + 1)
+    assert "SIGRTMIN+1" in exits[0].error
+    assert pool.wait_ready(10), "the pool refilled"
+    ue.fire(results)  # and it still works
+    run_until(lambda: len(started) == 2)
+    os.kill(started[1], signal.SIGKILL)
+    run_until(lambda: len(exits) == 2)
+
+
+def test_registration_checks_the_pool() -> None:
+    # a bad or closed pool was accepted; every occurrence then failed at delivery
+    with pytest.raises(TypeError, match="CapsulePool"):
+        aem.register(aem.UserEvent(), print, flags=aem.EVF_CAPSULE, pool="x")
+    closed = aem.CapsulePool(size=1)
+    closed.close()
+    with pytest.raises(aem.AemError, match="closed"):
+        aem.register(aem.UserEvent(), print, flags=aem.EVF_CAPSULE, pool=closed)
+    assert aem.current().stats()["registered"] == 0, "nothing was registered"
+
+
+def _recv_natural(ev: Any) -> None:
+    """What a handler naturally writes: trust the socket's mode and recv()."""
+    blocking = ev.conn.getblocking()
+    data = ev.conn.recv(100)  # the client writes only after a pause
+    ev.conn.sendall(f"{blocking} {data.decode()}\n".encode())
+    ev.conn.close()
+
+
+def test_accepted_socket_in_a_capsule_blocks_as_it_says(pool: aem.CapsulePool) -> None:
+    # getblocking() said True but the fd was non-blocking: recv() raised BlockingIOError
+    srv = socket.create_server(("127.0.0.1", 0))
+    exits: list[Any] = []
+    eid = aem.register(aem.Accept(srv), _recv_natural, flags=aem.EVF_CAPSULE, pool=pool)
+    aem.register(aem.ChildExit(job=eid), exits.append)
+    cli = socket.create_connection(srv.getsockname(), timeout=10)
+    try:
+        run_until(lambda: pool.stats()["busy"] == 1)
+        time.sleep(0.3)  # the capsule waits in recv()
+        cli.sendall(b"late")
+        cli.settimeout(10)
+        assert cli.recv(100) == b"True late\n"
+        run_until(lambda: bool(exits))
+        assert exits[0].returncode == 0, exits[0].error
+    finally:
+        cli.close()
+        srv.close()
+
+
+def _read_own_fd(ev: Any) -> None:
+    ev.payload_sink.fire((os.read(ev.fd, 100), ev.fd))
+
+
+def test_event_fd_in_a_capsule_is_the_capsules_own(pool: aem.CapsulePool) -> None:
+    # ev.fd was the parent's number: meaningless (or another file) in the capsule
+    a, b = socket.socketpair()
+    results = aem.UserEvent()
+    got: list[Any] = []
+    aem.register(results, lambda ev: got.append(ev.payload))
+
+    def sink(ev: Any) -> None:
+        ev.payload_sink = results
+
+    aem.register(aem.Readable(a), _read_own_fd, flags=aem.EVF_CAPSULE | aem.EVF_ONESHOT, pool=pool,
+                 constructor=sink)
+    pool.refresh()
+    assert pool.wait_ready(10)
+    try:
+        b.send(b"for the capsule")
+        run_until(lambda: bool(got))
+        data, fd = got[0]
+        assert data == b"for the capsule"
+        assert a.fileno() >= 0  # the parent's socket is still its own and open
+        a.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            a.recv(100)  # the capsule consumed the data through its own copy
+        assert isinstance(fd, int)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_short_lived_pool_prints_nothing() -> None:
+    # the template printed a BrokenPipeError traceback in 5 of 6 runs
+    code = """
+        import aem
+        for _ in range(6):
+            with aem.CapsulePool(size=1):
+                pass
+        with aem.CapsulePool(size=2) as p:
+            p.wait_ready(10)
+        aem.CapsulePool(size=1)   # closed at exit
+    """
+    p = run_script(code, timeout=60)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
