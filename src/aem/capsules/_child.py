@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import pickle
 import signal
@@ -12,7 +13,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from ._handoff import rebuild, recv, release, send
+from ..sources import UserEvent
+from ._handoff import FdRef, rebuild, recv, release, send
 
 
 def report_error(chan: socket.socket, err: str) -> None:
@@ -49,10 +51,62 @@ def run_handler(handler: Callable[[Any], object], event: Any) -> str | None:
 # ---- the capsule process ------------------------------------------------------------------------
 
 
-def capsule_main(chan: socket.socket, table: dict[int, Callable[[Any], object]]) -> NoReturn:
-    """Wait for events on ``chan`` and run them; exit after one unless attached (keepalive)."""
+def _rehearsal_handler(ev: Any) -> None:
+    """The handler of the dummy event a capsule runs before it reports itself ready."""
+    if ev.payload is not None and ev.fd < 0:  # pragma: no cover - never true
+        raise AssertionError(ev)
+
+
+def warm(chan: socket.socket, table: dict[int, Callable[[Any], object]],
+         channel_fds: tuple[int, ...] = ()) -> None:
+    """Take a fresh capsule's first-touch costs off the latency path, then say "ready".
+
+    After fork, every page the hand-off path touches is still shared with the template:
+    the first event would pay its copy-on-write faults (CPython writes the reference
+    counts of every object it reads) and the first run of cold code.  The capsule pays
+    them now, while idle: it sends itself a dummy event through the real path (pickle,
+    ``sendmsg`` with an fd, ``recvmsg``, unpickle, rebuild, run, release), and touches
+    the handlers it knows."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        attrs = {"eid": 0, "time_ns": 0, "payload": (0, b"", "rehearsal", None), "fd": None,
+                 "_source_blob": None}
+        for _ in range(2):
+            fd = os.dup(b.fileno())
+            try:
+                send(a, ("run", 0, None, "PayloadEvent", attrs), [fd])
+            finally:
+                os.close(fd)
+            msg = recv(b)
+            assert msg is not None
+            (_op, _eid, _blob, kind, got), fds = msg
+            got["fd"] = FdRef(0)
+            event = rebuild(kind, got, fds)
+            run_handler(_rehearsal_handler, event)
+            release(event)
+    finally:
+        a.close()
+        b.close()
+    # results usually go back through a UserEvent in the payload: rebuild one, and wrap an
+    # inherited channel fd the way a rebuilt UserEvent does
+    pickle.loads(pickle.dumps(UserEvent(), protocol=5))
+    for fd in channel_fds:
+        socket.socket(fileno=os.dup(fd)).close()
+    for handler in table.values():  # their objects and code: this process's own pages now
+        getattr(handler, "__code__", None)
+    gc.collect()
+    send(chan, ("ready",))
+
+
+def capsule_main(chan: socket.socket, table: dict[int, Callable[[Any], object]],
+                 rehearse: bool = False, channel_fds: tuple[int, ...] = ()) -> NoReturn:
+    """Wait for events on ``chan`` and run them; exit after one unless attached (keepalive).
+
+    ``rehearse``: a capsule of a pool warms up first (see :func:`warm`)."""
     code = 0
     try:
+        if rehearse:
+            warm(chan, table, channel_fds)
         while True:
             msg = recv(chan)
             if msg is None:  # the parent is gone or released us

@@ -48,6 +48,11 @@ class ProcessEvent:
         self.__dict__["_kept"] = True
 
     def __getattr__(self, name: str) -> Any:
+        if name == "source":  # unpickled on first use: most handlers never look at it
+            blob = self.__dict__.pop("_source_blob", None)
+            value = pickle.loads(blob) if blob is not None else None
+            self.__dict__["source"] = value
+            return value
         raise AttributeError(f"{self.kind} has no attribute {name!r}")
 
     def __repr__(self) -> str:
@@ -154,27 +159,31 @@ def event_state(event: Any) -> tuple[str, dict[str, Any], list[Passed]]:
         extra = getattr(event, "__dict__", None)
         if extra:
             attrs.update({k: plain(v) for k, v in extra.items()})
-    source = event.source
-    attrs["source"] = source if picklable_source(source) else None
+    if isinstance(event, ProcessEvent) and "source" in attrs:
+        attrs["_source_blob"] = source_blob(event.eid, attrs.pop("source"))
+    elif "_source_blob" not in attrs:
+        attrs["_source_blob"] = source_blob(event.eid, event.source)
     kind = event.kind if isinstance(event, ProcessEvent) else type(event).__name__
     return kind, attrs, socks
 
 
-PICKLABLE: dict[type, bool] = {}
+SOURCE_BLOBS: dict[int, tuple[Any, bytes | None]] = {}
 
 
-def picklable_source(source: Any) -> bool:
-    """Whether sources of this type travel to other processes (tried once per type)."""
-    tp = type(source)
-    ok = PICKLABLE.get(tp)
-    if ok is None:
-        try:
-            pickle.dumps(source)
-            ok = True
-        except Exception:
-            ok = False
-        PICKLABLE[tp] = ok
-    return ok
+def source_blob(eid: int, source: Any) -> bytes | None:
+    """``source`` pickled (None if it cannot be), once per registration: the receiver
+    unpickles it only if the handler reads ``ev.source``."""
+    cached = SOURCE_BLOBS.get(eid)
+    if cached is not None and cached[0] is source:
+        return cached[1]
+    try:
+        blob: bytes | None = pickle.dumps(source, protocol=5)
+    except Exception:
+        blob = None
+    if len(SOURCE_BLOBS) >= 4096:
+        SOURCE_BLOBS.clear()
+    SOURCE_BLOBS[eid] = (source, blob)
+    return blob
 
 
 def rebuild(kind: str, attrs: dict[str, Any], fds: list[int]) -> ProcessEvent:

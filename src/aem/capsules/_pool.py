@@ -51,7 +51,7 @@ class Capsule:
     chan: socket.socket
     template: Template
     pid: int = 0
-    state: str = "starting"  # starting, idle, busy, attached, released
+    state: str = "starting"  # starting, warming, idle, busy, attached, broken, released
     job: int = 0
     flags: int = 0
     errors: list[str] = field(default_factory=list)
@@ -142,14 +142,14 @@ class CapsulePool:
         """idle, busy, attached, starting, pending, spawned, reaped, failed, refills, ..."""
         with self._lock:
             states = [c.state for c in self._capsules.values()
-                      if not c.template.retired or c.state != "starting"]
+                      if not c.template.retired or c.state not in ("starting", "warming")]
             return {
                 "size": self.size,
                 "reserve": self.reserve,
                 "idle": len(self._idle),
                 "busy": states.count("busy"),
                 "attached": len(self._attached),
-                "starting": states.count("starting"),
+                "starting": states.count("starting") + states.count("warming"),
                 "pending": len(self._pending),
                 "templates": sum(1 for t in self._templates if t.alive),
                 **self._counters,
@@ -403,6 +403,9 @@ class CapsulePool:
             templates = {t.ctl.fileno(): t for t in self._templates if t.alive}
             for fd in templates:
                 want[fd] = select.POLLIN
+            warming = {c.chan.fileno(): c for c in self._capsules.values() if c.state == "warming"}
+            for fd in warming:
+                want[fd] = select.POLLIN
             backlogged = {c.chan.fileno(): c for c in self._capsules.values() if c.backlog}
             for fd in backlogged:
                 want[fd] = want.get(fd, 0) | select.POLLOUT
@@ -422,6 +425,9 @@ class CapsulePool:
             for fd, t in templates.items():
                 if t.alive and ready.get(fd):
                     self._from_template(t)
+            for fd, cap in warming.items():
+                if cap.state == "warming" and ready.get(fd):
+                    self._warmed(cap)
             for fd, cap in backlogged.items():
                 if cap.backlog and ready.get(fd, 0) & (select.POLLOUT | select.POLLERR | select.POLLHUP):
                     self._flush(cap)
@@ -440,7 +446,8 @@ class CapsulePool:
             except OSError as e:
                 self._spawn_errors.append((time.monotonic(), str(e)))
             return
-        starting = sum(1 for c in self._capsules.values() if c.state == "starting" and not c.template.retired)
+        starting = sum(1 for c in self._capsules.values()
+                       if c.state in ("starting", "warming") and not c.template.retired)
         want = self.size + self.reserve + min(len(self._pending), self.size + 1)
         missing = want - len(self._idle) - starting
         # after the kernel refused a fork, retry with an exponential back-off (10 ms .. 1 s)
@@ -457,6 +464,25 @@ class CapsulePool:
                 act = self._pending.popleft()
                 self._fail(act, "no capsule available: the kernel refused to create a process "
                                 f"({self._spawn_errors[-1][1]})")
+
+    def _warmed(self, cap: Capsule) -> None:
+        """A warming capsule's socket is readable: it is ready (or it died warming up)."""
+        try:
+            msg = recv(cap.chan)
+        except BlockingIOError:
+            return
+        except OSError:
+            msg = None
+        if msg is None or msg[0] != ("ready",):
+            if msg is not None and msg[0][0] == "error":
+                cap.errors.append(msg[0][1])
+            cap.state = "broken"  # its exit, reported by the template, removes it
+            return
+        if cap.template.retired:
+            self._release(cap)
+            return
+        cap.state = "idle"
+        self._idle.append(cap)
 
     def _templates_starting(self) -> bool:
         return False
@@ -500,8 +526,7 @@ class CapsulePool:
                 if t.retired:  # spawned by a template being replaced: not for new work
                     self._release(cap)
                     continue
-                cap.state = "idle"
-                self._idle.append(cap)
+                cap.state = "warming"  # idle once it says it is ready (see _child.warm)
                 if self._counters["spawned"] > self.size + self.reserve:
                     self._counters["refills"] += 1
             elif op == "spawn_failed":

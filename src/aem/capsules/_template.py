@@ -105,7 +105,7 @@ def template_main(ctl: socket.socket, table: dict[int, Callable[[Any], object]],
                         os._exit(1)
                     chan = socket.socket(fileno=fds[0])
                     ctl.close()
-                    capsule_main(chan, table)
+                    capsule_main(chan, table, rehearse=True, channel_fds=keep_fds)
                 for fd in fds:
                     os.close(fd)
                 children.add(pid)
