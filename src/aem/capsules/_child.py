@@ -51,6 +51,26 @@ def run_handler(handler: Callable[[Any], object], event: Any) -> str | None:
 # ---- the capsule process ------------------------------------------------------------------------
 
 
+def run_chunk(fn: Callable[..., Any], chunk: tuple[tuple[Any, ...], ...]) -> list[Any]:
+    """A chunk of ``Executor.map`` calls, run in one go."""
+    return [fn(*args) for args in chunk]
+
+
+def run_call(blob: bytes) -> tuple[bool, Any]:
+    """An executor call: (True, its result pickled) or (False, (its exception pickled or
+    None, its traceback as text))."""
+    try:
+        fn, args, kwargs = pickle.loads(blob)
+        return True, pickle.dumps(fn(*args, **kwargs), protocol=5)
+    except BaseException as e:
+        tb = error_text(e)
+        try:
+            exc_blob: bytes | None = pickle.dumps(e, protocol=5)
+        except Exception:
+            exc_blob = None
+        return False, (exc_blob, tb)
+
+
 def _rehearsal_handler(ev: Any) -> None:
     """The handler of the dummy event a capsule runs before it reports itself ready."""
     if ev.payload is not None and ev.fd < 0:  # pragma: no cover - never true
@@ -112,6 +132,9 @@ def capsule_main(chan: socket.socket, table: dict[int, Callable[[Any], object]],
             if msg is None:  # the parent is gone or released us
                 break
             (op, eid, blob, kind, attrs), fds = msg
+            if op == "call":  # an executor's call: answer, then wait for the next one
+                send(chan, ("result", *run_call(blob)))
+                continue
             handler = table.get(eid) if blob is None else pickle.loads(blob)
             err: str | None
             if handler is None:

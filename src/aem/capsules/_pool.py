@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import _core
 from .._core import AemError
+from ._executor import Call, ExecutorPart
 from ._handoff import (
     Passed,
     close_socks,
@@ -45,17 +46,20 @@ RESERVE_PRIORITY = 100
 # ---- the pool (parent side) -----------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)
 class Capsule:
     token: int
     chan: socket.socket
     template: Template
     pid: int = 0
-    state: str = "starting"  # starting, warming, idle, busy, attached, broken, released
+    # starting, warming, idle, busy, attached (events); working, worker (executor calls);
+    # broken (dying), released
+    state: str = "starting"
     job: int = 0
     flags: int = 0
     errors: list[str] = field(default_factory=list)
     backlog: deque[tuple[Any, list[int], list[Passed]]] = field(default_factory=deque)
+    call: Call | None = None  # the executor call it runs
 
 
 @dataclass
@@ -83,8 +87,9 @@ class Activation:
 pools: weakref.WeakSet[CapsulePool] = weakref.WeakSet()
 
 
-class CapsulePool:
-    """A pool of ready processes (capsules) that run handlers of ``EVF_CAPSULE`` events.
+class CapsulePool(ExecutorPart):
+    """A pool of ready processes (capsules) that run handlers of ``EVF_CAPSULE`` events,
+    and a ``concurrent.futures.Executor`` (``submit``, ``map``, ``shutdown``).
 
     ``size`` capsules are kept ready for any event, plus ``reserve`` more for
     events of priority at least ``reserve_priority``.  The pool starts at
@@ -131,6 +136,7 @@ class CapsulePool:
                               spawn_failures=0)
         self._closed = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._init_executor()
         self._start_template()
         self._manager = threading.Thread(target=self._manage, name="aem-capsule-manager", daemon=True)
         self._manager.start()
@@ -149,6 +155,7 @@ class CapsulePool:
                 "idle": len(self._idle),
                 "busy": states.count("busy"),
                 "attached": len(self._attached),
+                "workers": len(self._workers),
                 "starting": states.count("starting") + states.count("warming"),
                 "pending": len(self._pending),
                 "templates": sum(1 for t in self._templates if t.alive),
@@ -191,6 +198,7 @@ class CapsulePool:
         if self._pid == os.getpid():
             self._manager.join(timeout + 1.0)
         with self._lock:
+            self._fail_calls("the capsule pool was closed while the call ran")
             for cap in self._capsules.values():
                 with contextlib.suppress(OSError):
                     cap.chan.close()
@@ -214,7 +222,8 @@ class CapsulePool:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        """``with pool:`` ends like an executor's: waits for the calls submitted, then closes."""
+        self.shutdown(wait=True)
 
     def __repr__(self) -> str:
         s = self.stats()
@@ -406,6 +415,11 @@ class CapsulePool:
             warming = {c.chan.fileno(): c for c in self._capsules.values() if c.state == "warming"}
             for fd in warming:
                 want[fd] = select.POLLIN
+            # every worker, busy or not: a call handed to it by another thread is answered
+            # without waking this thread first
+            working = {c.chan.fileno(): c for c in self._workers if c.state in ("working", "worker")}
+            for fd in working:
+                want[fd] = select.POLLIN
             backlogged = {c.chan.fileno(): c for c in self._capsules.values() if c.backlog}
             for fd in backlogged:
                 want[fd] = want.get(fd, 0) | select.POLLOUT
@@ -428,6 +442,9 @@ class CapsulePool:
             for fd, cap in warming.items():
                 if cap.state == "warming" and ready.get(fd):
                     self._warmed(cap)
+            for fd, cap in working.items():
+                if cap.state in ("working", "worker") and ready.get(fd):
+                    self._call_done(cap)
             for fd, cap in backlogged.items():
                 if cap.backlog and ready.get(fd, 0) & (select.POLLOUT | select.POLLERR | select.POLLHUP):
                     self._flush(cap)
@@ -435,6 +452,7 @@ class CapsulePool:
 
     def _maintain(self) -> None:
         """With the lock: dispatch pending activations, keep the pool filled, fail what waited too long."""
+        self._dispatch_calls()
         while self._pending:
             if not self._dispatch(self._pending[0]):
                 break
@@ -558,6 +576,8 @@ class CapsulePool:
             cap.chan.close()
         for msg, _fds, socks in cap.backlog:
             discard(msg[4], socks)
+        if cap in self._workers:
+            self._worker_exited(cap, code, errors)
         if cap.state in ("busy", "attached"):
             error = errors[-1] if errors else None
             if code < 0 and error is None:
@@ -581,7 +601,7 @@ class CapsulePool:
         for cap in [c for c in self._capsules.values() if c.template is t]:
             if cap in self._idle:
                 self._idle.remove(cap)
-            if cap.state in ("busy", "attached"):
+            if cap.state in ("busy", "attached") or cap in self._workers:
                 self._exited(cap.pid, -signal.SIGKILL, note=f"its template {t.pid} died")
             else:
                 self._release(cap)

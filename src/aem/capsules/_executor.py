@@ -1,0 +1,232 @@
+"""``CapsulePool`` as a ``concurrent.futures.Executor`` (parent side).
+
+``submit(fn, *args)`` hands the call to a *worker*: a capsule taken from the pool
+that, unlike an event's capsule, stays alive and takes the next call (as a
+``ProcessPoolExecutor`` worker does).  At most ``size`` capsules are workers.
+A call travels pickled (``fn`` by reference, like ``ProcessPoolExecutor``); its
+result or exception comes back on the worker's socket, read by the pool's
+manager thread, which completes the future.  A worker that dies fails only the
+future of the call it was running; the pool replaces it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import functools
+import itertools
+import pickle
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .._core import AemError
+from ._child import run_chunk
+from ._handoff import recv, send, signal_name
+
+if TYPE_CHECKING:
+    from ._pool import Capsule
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a capsule (set as the exception's ``__cause__``)."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+@dataclass
+class Call:
+    future: cf.Future[Any]
+    blob: bytes
+
+
+def _chunks(size: int, iterables: tuple[Iterable[Any], ...]) -> Iterator[tuple[tuple[Any, ...], ...]]:
+    it = zip(*iterables, strict=False)
+    while chunk := tuple(itertools.islice(it, size)):
+        yield chunk
+
+
+def _outcome(ok: bool, payload: Any) -> tuple[bool, Any]:
+    """A worker's answer, unpickled: (True, result) or (False, exception with its remote traceback)."""
+    if ok:
+        return True, pickle.loads(payload)
+    exc_blob, tb = payload
+    exc: BaseException
+    try:
+        exc = pickle.loads(exc_blob) if exc_blob is not None else AemError(tb.splitlines()[-1])
+    except Exception:
+        exc = AemError(tb.splitlines()[-1] if tb else "the call failed")
+    exc.__cause__ = RemoteTraceback(tb)
+    return False, exc
+
+
+class ExecutorPart(cf.Executor):
+    """The executor half of :class:`CapsulePool` (its state is made by ``_init_executor``)."""
+
+    size: int
+    _lock: threading.RLock
+    _closed: bool
+    _calls: deque[Call]
+    _workers: set[Capsule]
+    _workers_idle: deque[Capsule]
+    _shutdown_called: bool
+
+    def _init_executor(self) -> None:
+        self._calls = deque()
+        self._workers = set()
+        self._workers_idle = deque()
+        self._shutdown_called = False
+
+    # -- the Executor API ------------------------------------------------------------------------
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
+        """Run ``fn(*args, **kwargs)`` in a capsule; its Future.
+
+        ``fn`` and its arguments are pickled (a module-level function travels by
+        reference).  Raises ``RuntimeError`` after :meth:`shutdown` or :meth:`close`."""
+        with self._lock:
+            if self._shutdown_called or self._closed:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+        fut: cf.Future[Any] = cf.Future()
+        try:
+            blob = pickle.dumps((fn, args, kwargs), protocol=5)
+        except Exception as e:  # the call cannot travel: its future says why
+            fut.set_exception(e)
+            return fut
+        with self._lock:
+            self._calls.append(Call(fut, blob))
+            self._dispatch_calls()
+        return fut
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
+            chunksize: int = 1) -> Iterator[Any]:
+        """Like ``ProcessPoolExecutor.map``: results in order; ``chunksize`` calls travel together."""
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        if chunksize == 1:
+            return super().map(fn, *iterables, timeout=timeout)
+        chunks = super().map(functools.partial(run_chunk, fn), _chunks(chunksize, iterables),
+                             timeout=timeout)
+        return itertools.chain.from_iterable(chunks)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """No new calls; ``cancel_futures`` cancels those not started.  The pool closes (see
+        :meth:`close`) once the calls submitted finished: now with ``wait``, else in the background."""
+        with self._lock:
+            self._shutdown_called = True
+            if cancel_futures:
+                for call in self._calls:
+                    call.future.cancel()
+                self._calls.clear()
+            futures = [c.future for c in self._calls] + [w.call.future for w in self._workers if w.call]
+        if wait:
+            cf.wait(futures)
+            self.close()
+        else:
+            def finish() -> None:
+                cf.wait(futures)
+                self.close()
+
+            threading.Thread(target=finish, daemon=True, name="aem-capsule-shutdown").start()
+
+    # -- bookkeeping (with the pool's lock) --------------------------------------------------------
+
+    def close(self, timeout: float = 2.0) -> None:  # pragma: no cover - CapsulePool's
+        raise NotImplementedError
+
+    def _take_idle(self, priority: int) -> Capsule | None:  # pragma: no cover - CapsulePool's
+        raise NotImplementedError
+
+    def _wake(self) -> None:  # pragma: no cover - CapsulePool's
+        raise NotImplementedError
+
+    def _take_worker(self) -> Capsule | None:
+        if self._workers_idle:
+            return self._workers_idle.popleft()
+        if len(self._workers) >= self.size:
+            return None
+        cap = self._take_idle(0)
+        if cap is None:
+            self._wake()  # the manager makes more capsules
+            return None
+        self._workers.add(cap)
+        self._wake()  # the manager watches the new worker's socket from now on
+        return cap
+
+    def _dispatch_calls(self) -> None:
+        """Give waiting calls to free workers."""
+        while self._calls:
+            call = self._calls[0]
+            if call.future.cancelled():
+                self._calls.popleft()
+                continue
+            cap = self._take_worker()
+            if cap is None:
+                return
+            self._calls.popleft()
+            if not call.future.set_running_or_notify_cancel():
+                self._workers_idle.append(cap)
+                continue
+            cap.state, cap.call = "working", call
+            try:
+                send(cap.chan, ("call", 0, call.blob, None, None))
+            except OSError as e:  # it died before taking it: this call failed (its exit follows)
+                cap.call = None
+                call.future.set_exception(AemError(f"capsule {cap.pid} could not take the call: {e}"))
+
+    def _call_done(self, cap: Capsule) -> None:
+        """The manager: a working capsule's socket is readable (its answer, or its end)."""
+        try:
+            msg = recv(cap.chan)
+        except BlockingIOError:
+            return
+        except OSError:
+            msg = None
+        if msg is None:
+            cap.state = "broken"  # it died: its exit, reported by the template, fails the call
+            return
+        (op, ok, payload), _fds = msg
+        call, cap.call = cap.call, None
+        cap.state = "worker"
+        self._workers_idle.append(cap)
+        if call is not None and op == "result":
+            try:
+                good, value = _outcome(ok, payload)
+            except Exception as e:  # the result could not be unpickled here
+                good, value = False, e
+            if good:
+                call.future.set_result(value)
+            else:
+                call.future.set_exception(value)
+        self._dispatch_calls()
+
+    def _worker_exited(self, cap: Capsule, code: int, errors: list[str]) -> None:
+        """A worker ended: only the call it was running fails."""
+        self._workers.discard(cap)
+        if cap in self._workers_idle:
+            self._workers_idle.remove(cap)
+        call, cap.call = cap.call, None
+        if call is not None and not call.future.done():
+            why = signal_name(-code) if code < 0 else f"exit code {code}"
+            text = errors[-1] if errors else ""
+            call.future.set_exception(AemError(f"capsule {cap.pid} running this call ended ({why})"
+                                               + (f": {text}" if text else "")))
+        self._dispatch_calls()
+
+    def _fail_calls(self, why: str) -> None:
+        """The pool closes: calls not started are cancelled, running ones fail."""
+        for waiting in self._calls:
+            waiting.future.cancel()
+        self._calls.clear()
+        for cap in self._workers:
+            call, cap.call = cap.call, None
+            if call is not None and not call.future.done():
+                call.future.set_exception(AemError(why))
+        self._workers.clear()
+        self._workers_idle.clear()
