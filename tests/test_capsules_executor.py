@@ -131,7 +131,7 @@ def test_as_completed_and_wait(executor: cf.Executor) -> None:
 def test_unpicklable_call_fails_its_future(executor: cf.Executor) -> None:
     local = 5
     fut = executor.submit(lambda: local)
-    with pytest.raises(Exception, match="(?i)pickle"):
+    with pytest.raises(Exception, match=r"(?i)pickle"):
         fut.result(timeout=10)
     assert executor.submit(square, 2).result(timeout=10) == 4
 
