@@ -180,3 +180,70 @@ def test_short_lived_pool_prints_nothing() -> None:
     """
     p = run_script(code, timeout=60)
     assert p.returncode == 0 and p.stderr == "", p.stderr
+
+
+# -- warm capsules, layering -------------------------------------------------------------------------
+
+
+def test_a_capsule_is_idle_only_once_it_reports_itself_warm() -> None:
+    code = """
+        import aem, time
+        import aem.capsules._child as child
+        real_warm = child.warm
+        def slow_warm(*args):
+            time.sleep(1.0)        # (the template inherits this module state)
+            real_warm(*args)
+        child.warm = slow_warm
+        with aem.CapsulePool(size=1) as pool:
+            early = pool.wait_ready(0.5)
+            st = pool.stats()
+            print(early, st["idle"], st["starting"], pool.wait_ready(10))
+    """
+    p = run_script(code, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["False", "0", "1", "True"]
+
+
+def test_a_capsule_that_fails_to_warm_up_is_never_used() -> None:
+    code = """
+        import aem, time
+        import aem.capsules._child as child
+        def broken_warm(*args):
+            raise RuntimeError("cannot warm up")
+        child.warm = broken_warm
+        with aem.CapsulePool(size=1) as pool:
+            ready = pool.wait_ready(1.0)
+            st = pool.stats()
+            print(ready, st["idle"], st["reaped"] > 0, st["spawn_failures"] < 40)
+    """
+    p = run_script(code, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["False", "0", "True", "True"], "retried with a back-off"
+
+
+def test_the_engine_does_not_import_capsules() -> None:
+    import ast
+    import inspect
+
+    import aem.engine
+
+    tree = ast.parse(inspect.getsource(aem.engine))
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                for alias in node.names} | {node.module or "" for node in ast.walk(tree)
+                                            if isinstance(node, ast.ImportFrom)}
+    assert not any("capsules" in name for name in imported)
+    assert "capsules" not in aem.engine.Engine.__dict__.get("_spawn").__code__.co_names
+
+
+def test_engine_without_process_support_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    import aem.engine
+
+    monkeypatch.setattr(aem.engine, "_process_support", None)
+    errors: list[BaseException] = []
+    with aem.Engine() as eng:
+        eng.set_error_handler(lambda exc, ev: errors.append(exc))
+        ue = aem.UserEvent()
+        eng.register(ue, print, flags=aem.EVF_FORK)
+        ue.fire()
+        eng.run(timeout=0.1)
+    assert len(errors) == 1 and "process support" in str(errors[0])

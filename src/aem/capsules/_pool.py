@@ -578,6 +578,11 @@ class CapsulePool(ExecutorPart):
             discard(msg[4], socks)
         if cap in self._workers:
             self._worker_exited(cap, code, errors)
+        elif cap.state in ("warming", "broken"):  # it died before it was ever ready: back off
+            self._consecutive_failures += 1
+            self._counters["spawn_failures"] += 1
+            why = errors[-1].splitlines()[-1] if errors else f"exit {code}"
+            self._spawn_errors.append((time.monotonic(), f"capsule {pid} died warming up: {why}"))
         if cap.state in ("busy", "attached"):
             error = errors[-1] if errors else None
             if code < 0 and error is None:
