@@ -73,7 +73,7 @@ def test_user_event_payloads_travel_natively(engine: aem.Engine, pair: Any, payl
     ue = aem.UserEvent()
     ev, encoded = deliver(engine, lambda h: engine.register(ue, h), lambda: ue.fire(payload))
     assert encoded is not None and encoded[1] is None
-    op, eid, got = through(pair, encoded, {ev.eid: "the source"})
+    _op, eid, got = through(pair, encoded, {ev.eid: "the source"})
     assert type(got) is aem.PayloadEvent and got.payload == payload
     assert (eid, got.eid, got.time_ns, got.source) == (ev.eid, ev.eid, ev.time_ns, "the source")
 
@@ -145,7 +145,7 @@ def test_accepted_socket_travels_blocking(engine: aem.Engine, pair: Any) -> None
     srv = socket.create_server(("127.0.0.1", 0))
     cli = socket.create_connection(srv.getsockname())
     try:
-        ev, encoded = deliver(engine, lambda h: engine.register(aem.Accept(srv), h), lambda: None)
+        _ev, encoded = deliver(engine, lambda h: engine.register(aem.Accept(srv), h), lambda: None)
         conn = encoded[1]
         _op, _eid, got = through(pair, encoded)
         conn.close()  # the parent lets go of it (the pool does)

@@ -16,7 +16,7 @@ import atheris
 
 with atheris.instrument_imports():
     pass
-from aem import _core  # noqa: E402  (the instrumented build when run by the test)
+from aem import _core  # (the instrumented build when run by the test)
 
 HEADER = "=IBBBBIIQqQQqqq"
 KINDS = [_core.K_USER, _core.K_TIMER, _core.K_SIGNAL, _core.K_READABLE, _core.K_WRITABLE, _core.K_ACCEPT,
