@@ -21,7 +21,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .. import _core
-from .._core import AemError, ReadEvent
+from .._core import (
+    AemError,
+    ChildExitEvent,
+    FileChangeEvent,
+    PayloadEvent,
+    ReadEvent,
+    SignalEvent,
+    TimerEvent,
+)
 from ..vmtable import TBL_VZONE, Block
 from ._executor import Call, ExecutorPart
 from ._handoff import (
@@ -97,6 +105,13 @@ class Activation:
 
 
 pools: weakref.WeakSet[CapsulePool] = weakref.WeakSet()
+
+#: Events that travel without an fd (see CapsulePool._fast).
+_FDLESS = frozenset({PayloadEvent, TimerEvent, SignalEvent, ChildExitEvent, FileChangeEvent})
+
+# os.getpid() is a system call: activations read this (kept right across fork).
+_pid = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
 
 
 class CapsulePool(ExecutorPart):
@@ -246,7 +261,12 @@ class CapsulePool(ExecutorPart):
     def _activate(self, eid: int, handler: Callable[[Any], object], event: Any, flags: int,
                   priority: int) -> None:
         """Hand the event to a capsule (or queue it until one is free). Never blocks on a process."""
-        self._check_open()
+        if self._closed or self._pid != _pid[0]:
+            self._check_open()
+        if not flags & _core.EVF_KEEPALIVE and type(event) in _FDLESS:
+            encoded = _core.handoff_encode(event, _core.HANDOFF_RUN)
+            if encoded is not None and self._fast(eid, handler, flags, priority, encoded[0]):
+                return
         act = self._native(eid, handler, event, flags, priority)
         if act is None:  # the pickled path
             kind, attrs, socks = event_state(event)
@@ -261,6 +281,30 @@ class CapsulePool(ExecutorPart):
                 return
             self._pending.append(act)
         self._wake()  # no capsule was free: the manager makes more
+
+    def _fast(self, eid: int, handler: Callable[[Any], object], flags: int, priority: int,
+              record: bytes) -> bool:
+        """The common case, straight: a native record without fd, to an idle capsule of the
+        live template, nothing waiting.  False: take the general path."""
+        with self._lock:
+            t = self._templates[-1] if self._templates else None
+            idle = self._idle
+            if (self._pending or t is None or not t.alive or t.retired or eid not in t.table or not idle
+                    or (priority < self.reserve_priority and len(idle) <= self.reserve)):
+                return False
+            cap = idle.popleft()
+            if cap.template is not t:
+                idle.appendleft(cap)
+                return False
+            self._counters["activations"] += 1
+            cap.job, cap.flags, cap.state = eid, flags, "busy"
+            try:
+                _core.handoff_send(cap.chan.fileno(), record, -1)
+            except OSError as e:  # it died before taking it: this event failed (once)
+                cap.state, cap.job = "dead", 0
+                self._fail(Activation(eid, handler, NATIVE, {}, [], flags, priority, record=record),
+                           f"capsule {cap.pid} could not take the event: {e}")
+            return True
 
     def _native(self, eid: int, handler: Callable[[Any], object], event: Any, flags: int,
                 priority: int) -> Activation | None:
