@@ -263,9 +263,11 @@ class CapsulePool(ExecutorPart):
         """Hand the event to a capsule (or queue it until one is free). Never blocks on a process."""
         if self._closed or self._pid != _pid[0]:
             self._check_open()
-        if not flags & _core.EVF_KEEPALIVE and type(event) in _FDLESS:
-            encoded = _core.handoff_encode(event, _core.HANDOFF_RUN)
-            if encoded is not None and self._fast(eid, handler, flags, priority, encoded[0]):
+        if type(event) in _FDLESS:
+            keep = flags & _core.EVF_KEEPALIVE
+            encoded = _core.handoff_encode(event, _core.HANDOFF_KEEP if keep else _core.HANDOFF_RUN)
+            if encoded is not None and (self._fast_attached(eid, encoded[0]) if keep
+                                        else self._fast(eid, handler, flags, priority, encoded[0])):
                 return
         act = self._native(eid, handler, event, flags, priority)
         if act is None:  # the pickled path
@@ -304,6 +306,22 @@ class CapsulePool(ExecutorPart):
                 cap.state, cap.job = "dead", 0
                 self._fail(Activation(eid, handler, NATIVE, {}, [], flags, priority, record=record),
                            f"capsule {cap.pid} could not take the event: {e}")
+            return True
+
+    def _fast_attached(self, eid: int, record: bytes) -> bool:
+        """A keepalive occurrence, straight to its attached capsule when nothing waits before it."""
+        with self._lock:
+            cap = self._attached.get(eid)
+            if cap is None or cap.backlog or self._pending or eid not in cap.template.table:
+                return False
+            try:
+                _core.handoff_send(cap.chan.fileno(), record, -1)
+            except BlockingIOError:  # its socket is full: queued, the manager sends it
+                cap.backlog.append((record, [], []))
+                self._wake()
+            except OSError:  # it died: the general path reports this occurrence as failed
+                return False
+            self._counters["activations"] += 1
             return True
 
     def _native(self, eid: int, handler: Callable[[Any], object], event: Any, flags: int,
