@@ -71,14 +71,14 @@ class Capsule:
     chan: socket.socket
     template: Template
     pid: int = 0
-    # starting, warming, idle, busy, attached (events); working, worker (executor calls);
+    # starting, warming, idle, busy, attached (events); worker (executor calls);
     # broken (dying), released
     state: str = "starting"
     job: int = 0
     flags: int = 0
     errors: list[str] = field(default_factory=list)
     backlog: deque[tuple[Any, list[int], list[Passed]]] = field(default_factory=deque)
-    call: Call | None = None  # the executor call it runs
+    calls: deque[Call] = field(default_factory=deque)  # executor calls sent to it, oldest first
 
 
 @dataclass
@@ -517,7 +517,7 @@ class CapsulePool(ExecutorPart):
                 want[fd] = select.POLLIN
             # every worker, busy or not: a call handed to it by another thread is answered
             # without waking this thread first
-            working = {c.chan.fileno(): c for c in self._workers if c.state in ("working", "worker")}
+            working = {c.chan.fileno(): c for c in self._workers if c.state == "worker"}
             for fd in working:
                 want[fd] = select.POLLIN
             backlogged = {c.chan.fileno(): c for c in self._capsules.values() if c.backlog}
@@ -543,7 +543,7 @@ class CapsulePool(ExecutorPart):
                 if cap.state == "warming" and ready.get(fd):
                     self._warmed(cap)
             for fd, cap in working.items():
-                if cap.state in ("working", "worker") and ready.get(fd):
+                if cap.state == "worker" and ready.get(fd):
                     self._call_done(cap)
             for fd, cap in backlogged.items():
                 if cap.backlog and ready.get(fd, 0) & (select.POLLOUT | select.POLLERR | select.POLLHUP):
@@ -601,6 +601,10 @@ class CapsulePool(ExecutorPart):
             return
         cap.state = "idle"
         self._idle.append(cap)
+
+    def _workers_pending(self) -> bool:
+        """Capsules on their way (starting, warming) that could become workers."""
+        return any(c.state in ("starting", "warming") for c in self._capsules.values())
 
     def _templates_starting(self) -> bool:
         return False
