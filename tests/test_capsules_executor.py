@@ -8,6 +8,7 @@ import concurrent.futures as cf
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,6 +127,17 @@ def test_as_completed_and_wait(executor: cf.Executor) -> None:
     first = [executor.submit(sleep_then, 1, 0.05), executor.submit(sleep_then, 2, 2.0)]
     done, not_done = cf.wait(first, timeout=20, return_when=cf.FIRST_COMPLETED)
     assert [f.result() for f in done] == [1] and len(not_done) == 1
+
+
+def test_a_result_that_times_out_is_completed_later(executor: cf.Executor) -> None:
+    # CapsulePool: the thread waiting in result() reads the answer itself; when it gives up,
+    # the pool's manager thread must take over, or the callbacks would never run
+    fut = executor.submit(sleep_then, 7, 0.3)
+    with pytest.raises(TimeoutError):
+        fut.result(timeout=0.05)
+    done = threading.Event()
+    fut.add_done_callback(lambda f: done.set())
+    assert done.wait(10) and fut.result() == 7
 
 
 def test_unpicklable_call_fails_its_future(executor: cf.Executor) -> None:

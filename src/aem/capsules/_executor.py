@@ -15,7 +15,9 @@ import concurrent.futures as cf
 import functools
 import itertools
 import pickle
+import select
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -45,6 +47,30 @@ class Call:
     future: cf.Future[Any]
     blob: bytes
     started: bool = False  # set_running_or_notify_cancel() done
+    worker: Capsule | None = None  # the worker it was sent to
+
+
+class CallFuture(cf.Future[Any]):
+    """A call's future: a thread that waits for it reads the worker's answer itself (no
+    hand-off through the pool's manager thread on the way back)."""
+
+    def __init__(self, pool: ExecutorPart) -> None:
+        super().__init__()
+        self._pool: ExecutorPart | None = pool
+        self._call: Call | None = None
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._wait_here(timeout)
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._wait_here(timeout)
+        return super().exception(timeout)
+
+    def _wait_here(self, timeout: float | None) -> None:
+        pool, call = self._pool, self._call
+        if pool is not None and call is not None and not self.done():
+            pool._await_call(call, timeout)
 
 
 #: Calls a worker may hold at once when every worker is busy (sent ahead: no round trip
@@ -98,14 +124,16 @@ class ExecutorPart(cf.Executor):
         with self._lock:
             if self._shutdown_called or self._closed:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-        fut: cf.Future[Any] = cf.Future()
+        fut: cf.Future[Any] = CallFuture(self)
         try:
             blob = pickle.dumps((fn, args, kwargs), protocol=5)
         except Exception as e:  # the call cannot travel: its future says why
             fut.set_exception(e)
             return fut
+        call = Call(fut, blob)
+        fut._call = call  # type: ignore[attr-defined]
         with self._lock:
-            self._calls.append(Call(fut, blob))
+            self._calls.append(call)
             self._dispatch_calls()
         return fut
 
@@ -205,6 +233,7 @@ class ExecutorPart(cf.Executor):
                 call.future.set_exception(AemError(f"capsule {cap.pid} could not take the call: {e}"))
                 continue
             cap.calls.append(call)
+            call.worker = cap
 
     def _call_done(self, cap: Capsule) -> None:
         """The manager: a worker's socket is readable (its answers, or its end)."""
@@ -237,6 +266,35 @@ class ExecutorPart(cf.Executor):
             else:
                 call.future.set_exception(value)
         return True
+
+    def _await_call(self, call: Call, timeout: float | None) -> None:
+        """In the thread waiting for ``call``: read its worker's answers until it is done (or
+        the time is up, or the worker is gone: the manager then completes it)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            cap = call.worker
+            if cap is None or cap.state != "worker" or call.future.done():
+                return
+            cap.waiters += 1  # the manager leaves this worker's answers to us meanwhile
+        poller = select.poll()
+        try:
+            poller.register(cap.chan.fileno(), select.POLLIN)
+            while True:
+                with self._lock:
+                    if cap.state != "worker" or cap.chan.fileno() < 0:
+                        return
+                    self._call_done(cap)
+                    if call.future.done():
+                        return
+                wait = 50.0 if deadline is None else min(50.0, (deadline - time.monotonic()) * 1000)
+                if wait <= 0:
+                    return
+                poller.poll(wait)
+        finally:
+            with self._lock:
+                cap.waiters -= 1
+            if not call.future.done():
+                self._wake()  # the manager watches this worker again
 
     def _worker_exited(self, cap: Capsule, code: int, errors: list[str]) -> None:
         """A worker ended: the call it was running fails; calls queued behind it go back to

@@ -79,6 +79,7 @@ class Capsule:
     errors: list[str] = field(default_factory=list)
     backlog: deque[tuple[Any, list[int], list[Passed]]] = field(default_factory=deque)
     calls: deque[Call] = field(default_factory=deque)  # executor calls sent to it, oldest first
+    waiters: int = 0  # threads reading its answers themselves (CallFuture.result)
 
 
 @dataclass
@@ -517,7 +518,7 @@ class CapsulePool(ExecutorPart):
                 want[fd] = select.POLLIN
             # every worker, busy or not: a call handed to it by another thread is answered
             # without waking this thread first
-            working = {c.chan.fileno(): c for c in self._workers if c.state == "worker"}
+            working = {c.chan.fileno(): c for c in self._workers if c.state == "worker" and not c.waiters}
             for fd in working:
                 want[fd] = select.POLLIN
             backlogged = {c.chan.fileno(): c for c in self._capsules.values() if c.backlog}
@@ -543,7 +544,7 @@ class CapsulePool(ExecutorPart):
                 if cap.state == "warming" and ready.get(fd):
                     self._warmed(cap)
             for fd, cap in working.items():
-                if cap.state == "worker" and ready.get(fd):
+                if cap.state == "worker" and not cap.waiters and ready.get(fd):
                     self._call_done(cap)
             for fd, cap in backlogged.items():
                 if cap.backlog and ready.get(fd, 0) & (select.POLLOUT | select.POLLERR | select.POLLHUP):
