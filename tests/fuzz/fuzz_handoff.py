@@ -14,9 +14,7 @@ import sys
 
 import atheris
 
-with atheris.instrument_imports():
-    pass
-from aem import _core  # (the instrumented build when run by the test)
+from aem import _core  # the instrumented build (libFuzzer coverage, ASan) when run by the test
 
 HEADER = "=IBBBBIIQqQQqqq"
 KINDS = [_core.K_USER, _core.K_TIMER, _core.K_SIGNAL, _core.K_READABLE, _core.K_WRITABLE, _core.K_ACCEPT,
