@@ -37,7 +37,7 @@ test: install lint typecheck
 
 run: install
 	@echo "AEMhttpd: open http://127.0.0.1:8080/ (status page: http://127.0.0.1:8080/_aem/status); Ctrl-C stops it"
-	$(VENV)/bin/aem serve --root demo-site --host 127.0.0.1 --port 8080
+	$(VENV)/bin/aem serve --root demo-site --host 127.0.0.1 --port 8080 --status
 
 bench: install
 	$(VENV)/bin/aem bench

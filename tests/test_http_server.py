@@ -52,9 +52,9 @@ SERVER_SCRIPT = textwrap.dedent("""
     server = HTTPServer(
         app, root=sys.argv[1], port=0,
         limits=Limits(max_request_line=1024, max_header_size=4096, max_headers=50,
-                      max_body=64 * 1024),
+                      max_body=64 * 1024, max_buffered=512 * 1024),
         timeouts=Timeouts(idle=1.5, header=1.0, body=1.0, send=1.5, linger=0.5),
-        access_log=sys.stdout)
+        access_log=sys.stdout, status_page=True)
     server.start()
     with open(sys.argv[2], "w") as f:
         f.write(str(server.port))
@@ -275,7 +275,8 @@ def test_http10_with_and_without_keep_alive(server: Server) -> None:
 
 def test_connection_close_and_half_close(server: Server) -> None:
     c = Conn(server.port)
-    c.send(b"GET /hello HTTP/1.1\r\nConnection: close\r\n\r\nGET /hello HTTP/1.1\r\n\r\n")
+    c.send(b"GET /hello HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+           b"GET /hello HTTP/1.1\r\nHost: h\r\n\r\n")
     assert c.response()[0] == 200 and c.closed_by_peer(3)
     assert c.buf == b""  # the request after the closing one was not answered
     c.close()
@@ -353,18 +354,18 @@ def test_traversal_over_the_wire(server: Server, target: str) -> None:
 # -- bad input: each answered, the connection closed, the server alive -------------------------
 
 @pytest.mark.parametrize(("raw", "status"), [
-    (b"GET /a b HTTP/1.1\r\n\r\n", 400),
-    (b"GET / HTTP/1.1\r\nBad Header: x\r\n\r\n", 400),
+    (b"GET /a b HTTP/1.1\r\nHost: h\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: h\r\nBad Header: x\r\n\r\n", 400),
     (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40, 400),  # a TLS hello
-    (b"GET /" + b"a" * 2000 + b" HTTP/1.1\r\n\r\n", 414),
-    (b"GET / HTTP/1.1\r\nX-Big: " + b"b" * 5000 + b"\r\n\r\n", 431),
-    (b"GET / HTTP/1.1\r\n" + b"".join(b"H%d: v\r\n" % i for i in range(60)) + b"\r\n", 431),
-    (b"FOO / HTTP/1.1\r\n\r\n", 501),
-    (b"PROPFIND / HTTP/1.1\r\n\r\n", 501),
-    (b"POST /a.txt HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 405),
-    (b"DELETE /a.txt HTTP/1.1\r\n\r\n", 405),
-    (b"POST /echo HTTP/1.1\r\nContent-Length: 100000\r\n\r\n", 413),
-    (b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    (b"GET /" + b"a" * 2000 + b" HTTP/1.1\r\nHost: h\r\n\r\n", 414),
+    (b"GET / HTTP/1.1\r\nHost: h\r\nX-Big: " + b"b" * 5000 + b"\r\n\r\n", 431),
+    (b"GET / HTTP/1.1\r\nHost: h\r\n" + b"".join(b"H%d: v\r\n" % i for i in range(60)) + b"\r\n", 431),
+    (b"FOO / HTTP/1.1\r\nHost: h\r\n\r\n", 501),
+    (b"PROPFIND / HTTP/1.1\r\nHost: h\r\n\r\n", 501),
+    (b"POST /a.txt HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n", 405),
+    (b"DELETE /a.txt HTTP/1.1\r\nHost: h\r\n\r\n", 405),
+    (b"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 100000\r\n\r\n", 413),
+    (b"POST /echo HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
      + (b"8000\r\n" + b"z" * 32768 + b"\r\n") * 3 + b"0\r\n\r\n", 413),
     (b"GET / HTTP/3.0\r\n\r\n", 505),
 ])
@@ -386,7 +387,7 @@ def test_bad_input(server: Server, raw: bytes, status: int) -> None:
 
 def test_slowloris_is_cut_after_the_header_timeout(server: Server) -> None:
     c = Conn(server.port)
-    c.send(b"GET /hello HTTP/1.1\r\n")
+    c.send(b"GET /hello HTTP/1.1\r\nHost: h\r\n")
     t0 = time.monotonic()
     closed = False
     while time.monotonic() - t0 < 5:
@@ -500,6 +501,130 @@ def test_two_thousand_concurrent_connections(server: Server) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+# -- regressions of issue 9, over the wire (the adversarial client's exact bytes) ----------------
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_superscript_range_does_not_leak_descriptors(server: Server) -> None:
+    """``Range: bytes=\xb2-``: was no reply, a traceback and one leaked fd per request."""
+    get(server.port, "/a.txt")
+    before = _fds(server.proc.pid)
+    errors = server.stderr().count("internal error")
+    for _ in range(40):
+        c = Conn(server.port)
+        c.send(b"GET /large.bin HTTP/1.1\r\nHost: h\r\nRange: bytes=\xb2-\r\n"
+               b"Connection: close\r\n\r\n")
+        status, _, body = c.response()
+        assert status == 200 and len(body) == 8 << 20
+        c.close()
+    time.sleep(0.2)
+    assert _fds(server.proc.pid) <= before + 2
+    assert server.stderr().count("internal error") == errors
+
+
+@pytest.mark.parametrize("raw", [
+    b"GET /hello HTTP/1.1\r\n\r\n",
+    b"GET /hello HTTP/1.1\r\nHost:\r\n\r\n",
+    b"GET /hello HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    b"GET /hello HTTP/1.1\r\nHost: a b/c\r\n\r\n",
+])
+def test_bad_host_is_400(server: Server, raw: bytes) -> None:
+    c = Conn(server.port)
+    c.send(raw)
+    status, h, _ = c.response()
+    assert status == 400 and h["connection"] == "close" and c.closed_by_peer(3)
+    c.close()
+
+
+@pytest.mark.parametrize(("raw", "status"), [
+    (b"GET /hello HTTP/2.0\r\nHost: h\r\n\r\n", 505),
+    (b"GET /hello HTTP/0.9\r\n\r\n", 505),
+    (b"GET /hello RTSP/1.0\r\n\r\n", 505),
+    (b"GET /hello HTTP/1.2\r\nHost: h\r\nConnection: close\r\n\r\n", 200),
+    (b"POST /echo HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: identity, chunked\r\n\r\n"
+     b"3\r\nabc\r\n0\r\n\r\n", 501),
+    (b"POST /echo HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+    (b"GET /index.html/ HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", 404),
+    (b"GET /a.txt HTTP/1.1\r\nHost: h\r\nIf-Match: \"x\"\r\nConnection: close\r\n\r\n", 412),
+])
+def test_versions_codings_and_paths(server: Server, raw: bytes, status: int) -> None:
+    c = Conn(server.port)
+    c.send(raw)
+    got, _, body = c.response()
+    assert got == status, body
+    c.close()
+
+
+def test_http10_transfer_encoding_smuggles_nothing(server: Server) -> None:
+    c = Conn(server.port)
+    c.send(b"POST /echo HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"0\r\n\r\nGET /hello HTTP/1.1\r\nHost: h\r\n\r\n")
+    status, h, _ = c.response()
+    assert status == 400 and h["connection"] == "close"
+    assert c.closed_by_peer(3) and b"HTTP/1.1" not in c.buf   # no second response
+    c.close()
+
+
+def test_directory_redirect_stays_on_this_host(server: Server) -> None:
+    status, h, _ = get(server.port, "//dir")
+    assert status == 301 and h["location"] == "/dir/"
+
+
+def test_endless_trailer_is_cut(server: Server) -> None:
+    c = Conn(server.port)
+    c.send(b"POST /echo HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"3\r\nabc\r\n0\r\nX-T: ")
+    sent = 0
+    try:
+        while sent < 1 << 20:
+            c.send(b"y" * 4096)
+            sent += 4096
+            c.sock.settimeout(0.05)
+            try:
+                if c.sock.recv(1, socket.MSG_PEEK):
+                    break        # the answer came: the server stopped reading the trailer
+            except TimeoutError:
+                pass
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    c.sock.settimeout(5)
+    status, h, _ = c.response()
+    assert status == 431 and h["connection"] == "close" and sent <= 4096 + 64 * 1024
+    c.close()
+
+
+def test_unfinished_bodies_are_bounded_in_total(server: Server) -> None:
+    """100 connections with unfinished bodies held ~1 MiB each; now max_buffered bounds them."""
+    conns = []
+    try:
+        statuses = []
+        for _ in range(12):   # 12 x 60 KiB > max_buffered (512 KiB), within the body timeout
+            c = Conn(server.port)
+            conns.append(c)
+            c.send(b"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 65536\r\n\r\n"
+                   + b"b" * 60000)
+        for c in conns:
+            c.sock.settimeout(0.05)
+            try:
+                statuses.append(c.response()[0])
+            except (TimeoutError, ConnectionError):
+                statuses.append(None)
+        assert 503 in statuses and statuses.count(None) >= 8, repr(statuses)
+    finally:
+        for c in conns:
+            c.close()
+    # the budget comes back when those connections go
+    time.sleep(0.3)
+    c = Conn(server.port)
+    c.send(b"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 60000\r\nConnection: close"
+           b"\r\n\r\n" + b"e" * 60000)
+    status, _, body = c.response()
+    assert status == 200 and body == b"e" * 60000
+    c.close()
+
+
 # -- the status page ---------------------------------------------------------------------------
 
 def test_status_json(server: Server) -> None:
@@ -508,8 +633,12 @@ def test_status_json(server: Server) -> None:
     data = json.loads(body)
     assert data["engine"]["registered"] >= 2 and "delivered" in data["engine"]
     assert data["server"]["requests"] >= 1 and data["pid"] > 0
+    status, h, body = get(server.port, "/_aem/status?format=json")
+    assert status == 200 and h["content-type"] == "application/json" and json.loads(body)["pid"]
     status, h, body = get(server.port, "/_aem/status")
     assert status == 200 and h["content-type"].startswith("text/html") and b"<table>" in body
+    # no capsule pool in this server: a sentence, not an empty table
+    assert b'<section id="capsules"><h2>capsules</h2><p class="empty">No capsule pool' in body
 
 
 def test_status_page_in_a_real_browser(server: Server, tmp_path: Path) -> None:
@@ -526,8 +655,10 @@ def test_status_page_in_a_real_browser(server: Server, tmp_path: Path) -> None:
     assert 'data-state="live"' in out, out[:2000]
     for key in ("registered", "delivered", "requests", "connections"):
         assert f'data-key="{key}"' in out
-    m = re.search(r'data-key="requests">(\d+)<', out)
-    assert m and int(m.group(1)) >= 1
+    m = re.search(r'data-key="requests">([\d,]+)<', out)   # thousands separated
+    assert m and int(m.group(1).replace(",", "")) >= 1
+    # the refreshed tables keep the server's formatting: no Python or JS spelling of booleans
+    assert "True" not in out and "False" not in out and "true<" not in out
     shot = tmp_path / "status.png"
     subprocess.run([*argv[:-2], f"--screenshot={shot}", "--window-size=900,900", url],
                    capture_output=True, timeout=90)
@@ -567,6 +698,68 @@ def test_cli_serve_runs_and_stops_on_sigterm(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+        proc.wait()
+
+
+def _cli_server(root: Path, *extra: str) -> tuple[subprocess.Popen[str], int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=AEM_PATH)
+    proc = subprocess.Popen([sys.executable, "-m", "aem.cli", "serve", "--root", str(root),
+                             "--port", str(port), "--quiet", *extra], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, port
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                proc.wait()
+                raise
+            time.sleep(0.1)
+
+
+def test_cli_status_page_is_an_option(tmp_path: Path) -> None:
+    """Regression (issue 9): /_aem/status answered anyone and hid a real file at that path."""
+    (tmp_path / "_aem").mkdir()
+    (tmp_path / "_aem" / "status").write_bytes(b"a real file\n")
+    proc, port = _cli_server(tmp_path)
+    try:
+        assert get(port, "/_aem/status")[2] == b"a real file\n"       # off by default
+    finally:
+        proc.kill()
+        proc.wait()
+    proc, port = _cli_server(tmp_path, "--status")
+    try:
+        status, _, body = get(port, "/_aem/status?format=json")
+        assert status == 200 and json.loads(body)["server"]["requests"] >= 1
+        status, _, body = get(port, "/_aem/status")
+        assert status == 200 and b"<title>aem status</title>" in body
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_cli_static_server_answers_405_before_the_body(tmp_path: Path) -> None:
+    """Regression (issue 9): a body was buffered in full even when the answer was 405."""
+    (tmp_path / "f.txt").write_bytes(b"file\n")
+    proc, port = _cli_server(tmp_path)
+    try:
+        c = Conn(port)
+        c.send(b"POST /f.txt HTTP/1.1\r\nHost: h\r\nContent-Length: 1000000\r\n\r\n")
+        status, h, _ = c.response()          # before any body byte was sent
+        assert status == 405 and "connection" not in h
+        for _ in range(100):
+            c.send(b"d" * 10000)             # read and dropped
+        c.send(b"GET /f.txt HTTP/1.1\r\nHost: h\r\n\r\n")
+        status, _, body = c.response()       # the same connection goes on
+        assert status == 200 and body == b"file\n"
+        c.close()
+    finally:
+        proc.kill()
         proc.wait()
 
 

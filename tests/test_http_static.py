@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from aem.http.protocol import Headers
-from aem.http.static import StaticFiles, StaticResponse, content_type, not_modified, parse_range
+from aem.http.static import (
+    StaticFiles,
+    StaticResponse,
+    content_type,
+    not_modified,
+    parse_http_date,
+    parse_range,
+    precondition_failed,
+)
 
 SECRET = b"TOP-SECRET-OUTSIDE-ROOT"
 
@@ -194,3 +202,144 @@ def test_small_file_cache(tmp_path: Path) -> None:
     r = big.respond("GET", "/h.txt", H())
     assert r.fd >= 0  # too big for the cache: sendfile from the descriptor
     r.close()
+
+
+# -- regressions of issue 9 ----------------------------------------------------------------------
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("value", ["bytes=\xb2-", "bytes=-\xb2", "bytes=\u0663-\u0664",
+                                   "bytes=0-\xb9", "bytes=1\xb2-"])
+def test_non_ascii_digits_in_range_are_ignored_and_close_the_file(
+        tree: tuple[Path, StaticFiles], value: str) -> None:
+    """Regression (issue 9): ``Range: bytes=\\xb2-`` raised in int() and leaked the file's fd."""
+    _, sf = tree
+    before = _open_fds()
+    for _ in range(20):
+        r = sf.respond("GET", "/a.txt", H(range=value))
+        assert r.status == 200 and body_of(r) == b"0123456789"
+    assert _open_fds() == before
+    assert parse_range(value, 10) is None
+
+
+def test_errors_while_answering_a_file_close_it(tree: tuple[Path, StaticFiles],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import aem.http.static as static_mod
+
+    _, sf = tree
+
+    def boom(*a: object) -> object:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(static_mod, "parse_range", boom)
+    before = _open_fds()
+    for _ in range(5):
+        with pytest.raises(RuntimeError):
+            sf.respond("GET", "/a.txt", H(range="bytes=0-1"))
+    assert _open_fds() == before
+
+
+def test_cache_is_keyed_by_the_resolved_path(tmp_path: Path) -> None:
+    """Regression (issue 9): /./, /%2e/, // spellings of one file each added an entry."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "f.txt").write_bytes(b"x" * 100)
+    sf = StaticFiles(tmp_path)
+    spellings = ["/sub/f.txt", "/./sub/f.txt", "/%2e/sub/f.txt", "//sub//f.txt",
+                 "/sub/./f.txt", "/%73ub/f.txt", "/sub/%2E/f.txt"]
+    for s in spellings:
+        assert body_of(sf.respond("GET", s, H(), now=1.0)) == b"x" * 100
+    assert list(sf.cache) == ["sub/f.txt"]
+    entry = sf.cache["sub/f.txt"]
+    assert entry.path == str((tmp_path / "sub" / "f.txt").resolve()) and entry.size == 100
+    assert entry.body == b"x" * 100 and entry.etag == dict(entry.response.headers)["ETag"]
+    assert entry.head.startswith(b"Content-Type: text/plain") and entry.head.endswith(b"\r\n")
+    assert sf.cache_bytes == entry.cost
+
+
+def test_cache_is_bounded_in_entries_and_bytes_and_expires(tmp_path: Path) -> None:
+    for i in range(50):
+        (tmp_path / f"f{i}.txt").write_bytes(b"y" * 1000)
+    sf = StaticFiles(tmp_path, cache_max_entries=10, cache_max_bytes=1 << 20, cache_ttl=1.0)
+    for i in range(50):
+        sf.respond("GET", f"/f{i}.txt", H(), now=100.0)
+        assert len(sf.cache) <= 10
+    assert sorted(sf.cache) == sorted(f"f{i}.txt" for i in range(40, 50))   # the newest stay
+    small = StaticFiles(tmp_path, cache_max_bytes=5 * (1000 + 600), cache_ttl=1.0)
+    for i in range(50):
+        sf_resp = small.respond("GET", f"/f{i}.txt", H(), now=100.0)
+        assert sf_resp.status == 200
+        assert small.cache_bytes <= small.cache_max_bytes
+    assert 1 <= len(small.cache) <= 5
+    assert small.cache_bytes == sum(e.cost for e in small.cache.values())
+    # expired entries go without anyone asking for them again
+    n = len(small.cache)
+    assert small.purge(now=100.5) == 0 and len(small.cache) == n
+    assert small.purge(now=101.5) == n and not small.cache and small.cache_bytes == 0
+
+
+def test_directory_redirect_is_never_to_another_host(tree: tuple[Path, StaticFiles]) -> None:
+    """Regression (issue 9): ``GET //sub`` redirected to ``//sub/``, another host for a browser."""
+    _, sf = tree
+    for path in ("//sub", "///sub", "/./sub", "/%2fsub", "//sub/./deeper"):
+        r = sf.respond("GET", path, H())
+        loc = dict(r.headers)["Location"]
+        assert r.status == 301 and loc.startswith("/") and not loc.startswith("//"), loc
+    assert dict(sf.respond("GET", "//sub", H(), "a=1").headers)["Location"] == "/sub/?a=1"
+
+
+def test_a_file_with_a_trailing_slash_is_404(tree: tuple[Path, StaticFiles]) -> None:
+    """Regression (issue 9): ``/index.html/`` served the file."""
+    _, sf = tree
+    for path in ("/index.html/", "/a.txt/", "/sub/b.css/", "/a.txt/."):
+        r = sf.respond("GET", path, H())
+        assert r.status == (404 if path.endswith("/") else 200), path
+        r.close()
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("Sun, 06 Nov 1994 08:49:37 GMT", 784111777),
+    ("Sunday, 06-Nov-94 08:49:37 GMT", 784111777),
+    ("Sun Nov  6 08:49:37 1994", 784111777),
+    ("Sun, 06 Nov 1994 08:49:37", None),          # no GMT
+    ("Sun, 06 Nov 1994 08:49:37 +0100", None),
+    ("Sun, 06 Nov 1994 08:49:37 PST", None),
+    ("Sun, 31 Feb 1994 08:49:37 GMT", None),
+    ("garbage", None), ("", None),
+    ("Sun, \u0660\u0666 Nov 1994 08:49:37 GMT", None),
+])
+def test_http_dates(value: str, expected: int | None) -> None:
+    assert parse_http_date(value) == expected
+
+
+def test_if_modified_since_without_gmt_is_ignored(tree: tuple[Path, StaticFiles]) -> None:
+    """Regression (issue 9): a date without ``GMT`` was honoured (it is not an HTTP-date)."""
+    _, sf = tree
+    lm = dict(sf.respond("GET", "/a.txt", H()).headers)["Last-Modified"]
+    assert sf.respond("GET", "/a.txt", H(if_modified_since=lm)).status == 304
+    r = sf.respond("GET", "/a.txt", H(if_modified_since=lm.replace(" GMT", "")))
+    assert r.status == 200
+    r.close()
+
+
+def test_if_match_and_if_unmodified_since_give_412(tree: tuple[Path, StaticFiles]) -> None:
+    """Regression (issue 9): If-Match / If-Unmodified-Since were ignored."""
+    _, sf = tree
+    first = sf.respond("GET", "/a.txt", H())
+    f = dict(first.headers)
+    etag, lm = f["ETag"], f["Last-Modified"]
+    before = _open_fds()
+    assert sf.respond("GET", "/a.txt", H(if_match='"nope"')).status == 412
+    assert sf.respond("GET", "/a.txt", H(if_match="W/" + etag)).status == 412   # strong compare
+    assert sf.respond("HEAD", "/a.txt", H(if_unmodified_since=formatdate(0, usegmt=True))).status \
+        == 412
+    assert _open_fds() == before
+    for ok in (H(if_match=etag), H(if_match='"x", ' + etag), H(if_match="*"),
+               H(if_unmodified_since=lm), H(if_unmodified_since="not a date"),
+               H(if_match=etag, if_unmodified_since=formatdate(0, usegmt=True))):
+        r = sf.respond("GET", "/a.txt", ok)
+        assert r.status == 200, ok.raw
+        r.close()
+    assert _open_fds() == before
+    assert precondition_failed(Headers([(b"If-Match", b'"a"')]), 0, '"b"')

@@ -12,12 +12,15 @@ General layout:
 * ``aem.sources``    the event sources: Timer, Readable, Read, Signal, ...
 * ``aem.capsules``   handlers in other processes: EVF_FORK, CapsulePool
 * ``aem.cli``        the ``aem`` command
+* ``aem.loop``       asyncio on the engine: EventLoop, install, wait, events
 * ``aem.bench``      ``aem bench``: aem measured beside its alternatives
 
 Every public name is re-exported here, explicitly.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from ._core import EPOLLIN as EPOLLIN
 from ._core import EPOLLOUT as EPOLLOUT
@@ -97,5 +100,24 @@ from .vmtable import Block as Block
 from .vmtable import VMTable as VMTable
 from .vmtable import VMTableError as VMTableError
 from .vmtable import vmtable as vmtable
+
+if TYPE_CHECKING:  # asyncio on the engine (aem.loop) is imported on first use: asyncio is heavy
+    from .loop import EventLoop as EventLoop
+    from .loop import EventLoopPolicy as EventLoopPolicy
+    from .loop import events as events
+    from .loop import install as install
+    from .loop import new_event_loop as new_event_loop
+    from .loop import wait as wait
+
+_LOOP_NAMES = frozenset({"EventLoop", "EventLoopPolicy", "events", "install", "new_event_loop", "wait"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LOOP_NAMES:
+        from . import loop
+
+        return getattr(loop, name)
+    raise AttributeError(f"module 'aem' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"

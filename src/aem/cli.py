@@ -46,11 +46,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print("aem serve: --workers must be >= 1", file=sys.stderr)
         return 2
     if args.workers > 1:
-        from aem.http.server import serve_workers
+        from aem.http.workers import serve_workers
 
-        return serve_workers(args.root, args.host, args.port, args.workers, quiet=args.quiet)
+        return serve_workers(args.root, args.host, args.port, args.workers, quiet=args.quiet,
+                             status_page=args.status)
     try:
-        reason = aem.http.serve(args.root, host=args.host, port=args.port, quiet=args.quiet)
+        reason = aem.http.serve(args.root, host=args.host, port=args.port, quiet=args.quiet,
+                                status_page=args.status)
     except OSError as e:
         print(f"aem serve: cannot listen on {args.host}:{args.port}: {e.strerror or e}",
               file=sys.stderr)
@@ -86,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1,
                    help="single-threaded engines in capsules sharing the port (SO_REUSEPORT)")
     p.add_argument("--quiet", action="store_true", help="no access log")
+    p.add_argument("--status", action="store_true",
+                   help="answer /_aem/status with the process's live statistics (off by default: "
+                        "anyone who reaches the server can read them)")
     p.set_defaults(fn=_cmd_serve)
     return parser
 

@@ -84,6 +84,7 @@ PyMODINIT_FUNC PyInit__core(void) {
     if (aem_event_init_types(m) < 0) goto fail;
     if (aem_engine_init_type(m) < 0) goto fail;
     if (aem_sources_init_types(m) < 0) goto fail;
+    if (aem_loop_init_type(m) < 0) goto fail;
     if (aem_vmtable_module_init(m) < 0) goto fail;
 
     ADD_INT("K_TIMER", AEM_K_TIMER);

@@ -75,6 +75,9 @@ typedef struct EngineObject {
 
 extern PyTypeObject *AemEngine_Type;
 int aem_engine_init_type(PyObject *module);
+int aem_py_engine_turn(EngineObject *self, int timeout_ms);   /* asyncio loop hooks */
+int aem_py_engine_remove(EngineObject *self, uint64_t eid);
+int aem_loop_init_type(PyObject *module);   /* loop.c: aem._core.LoopCore */
 
 /* ---- module state (module.c) ---------------------------------------------------- */
 

@@ -1153,6 +1153,54 @@ static PyObject *engine_run(EngineObject *self, PyObject *args, PyObject *kwds) 
     return result;
 }
 
+/* ---- hooks for the asyncio loop (loop*.c, aem.loop) ------------------------------------ */
+
+/* One turn for an asyncio loop: wait up to timeout_ms (<0: forever), deliver what is ready.
+ * Returns the number of occurrences delivered, or -1 with an exception set. */
+int aem_py_engine_turn(EngineObject *self, int timeout_ms) {
+    if (check_open(self) < 0) return -1;
+    if (self->running || self->delivering) {
+        PyErr_SetString(AemError, "the aem engine is already delivering (aem.run() or a handler): "
+                        "an asyncio loop on it cannot run now");
+        return -1;
+    }
+    if (self->async_on && !pthread_equal(pthread_self(), self->main_thread)) {
+        PyErr_SetString(AemError, "the engine delivers asynchronously to the main thread: run the "
+                        "asyncio loop in the main thread, or aem.stop() first");
+        return -1;
+    }
+    self->running = 1;
+    self->stop_requested = 0;
+    self->run_thread = PyThread_get_thread_ident();
+    if (self->async_on) aem_doorbell_pause(&self->doorbell, 1);
+    int n = engine_step(self, timeout_ms);
+    self->running = 0;
+    self->stop_requested = 0;
+    if (self->async_on) aem_doorbell_pause(&self->doorbell, 0);
+    return n;
+}
+
+/* Unregister eid, internal registrations included. Returns 1, or 0 when it is gone. */
+int aem_py_engine_remove(EngineObject *self, uint64_t eid) {
+    uint32_t slot;
+    if (self->closed || !aem_engine_lookup(&self->core, eid, &slot)) return 0;
+    unregister_slot(self, slot);
+    return 1;
+}
+
+static PyObject *engine_turn(EngineObject *self, PyObject *arg) {
+    long t = PyLong_AsLong(arg);
+    if (t == -1 && PyErr_Occurred()) return NULL;
+    int n = aem_py_engine_turn(self, t > INT32_MAX ? INT32_MAX : t < 0 ? -1 : (int)t);
+    return n < 0 ? NULL : PyLong_FromLong(n);
+}
+
+static PyObject *engine_remove(EngineObject *self, PyObject *arg) {
+    uint64_t eid = PyLong_AsUnsignedLongLong(arg);
+    if (eid == (uint64_t)-1 && PyErr_Occurred()) return NULL;
+    return PyBool_FromLong(aem_py_engine_remove(self, eid));
+}
+
 static PyObject *engine_stop(EngineObject *self, PyObject *noargs) {
     if (self->running) {
         self->stop_requested = 1;
@@ -1437,6 +1485,8 @@ static PyMethodDef engine_methods[] = {
      "Register handler for the occurrences of source; returns the event id (see aem.register)."},
     {"_add", (PyCFunction)engine_add, METH_VARARGS, "Low-level registration used by sources."},
     {"_add_timer", (PyCFunction)engine_add_timer, METH_VARARGS, "An internal one-shot timer."},
+    {"_turn", (PyCFunction)engine_turn, METH_O, "One turn for an asyncio loop (timeout in ms, <0 forever)."},
+    {"_remove", (PyCFunction)engine_remove, METH_O, "Unregister an eid, internal ones included."},
     {"unregister", (PyCFunction)(void (*)(void))engine_unregister, METH_VARARGS | METH_KEYWORDS,
      "unregister(eid, missing_ok=False)\n--\n\nRemove a registration; True if it existed."},
     {"control", (PyCFunction)engine_control, METH_VARARGS,

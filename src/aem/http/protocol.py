@@ -5,45 +5,47 @@ passes the time when it matters), so every protocol decision can be tested by
 feeding bytes (``tests/test_http_protocol.py``).  The server (:mod:`.server`)
 moves the bytes; this module decides what they mean and what to answer.
 
-Strategy (after h11's readers): :meth:`RequestParser.feed` takes the bytes
-that arrived and returns the events they complete, in order:
+Two layers, after h11:
 
-* :class:`Request` — one complete request (head and body);
-* :data:`CONTINUE` — the client waits for ``100 Continue`` before its body;
-* :class:`HttpError` — the stream is broken or over a limit: answer
-  ``status`` and close.  It is always the last event; the parser ignores
-  everything fed after it.
+* :class:`RequestParser` reads: :meth:`RequestParser.feed` takes the bytes
+  that arrived and returns the events they complete, in order —
+  :class:`Request` (one complete request, head and body), :data:`CONTINUE`
+  (the client waits for ``100 Continue`` before its body), :class:`HttpError`
+  (the stream is broken or over a limit: answer ``status`` and close; always
+  the last event, and the parser ignores everything fed after it).  An empty
+  list means "need more data".
+* :class:`Connection` is the whole connection's state machine: the parser,
+  plus every decision about what goes back — keep-alive or close after a
+  response, the framing of HEAD/1xx/204/304 responses, which timeout applies
+  now (:attr:`RequestParser.timer`), the error responses and their ``Allow``
+  list.  The server only moves the bytes it produces.
 
-An empty list means "need more data".  Parsing is done by llhttp (through
-``httptools``); this module adds the limits llhttp does not have and turns
-its errors into status codes:
+Parsing is done by llhttp (through ``httptools``); this module adds the
+limits and checks llhttp does not have and turns errors into status codes:
 
-============================================  ======
-what                                          status
-============================================  ======
-malformed request line, header or framing     400
-request target longer than ``max_request_line``  414
-headers over ``max_header_size`` / ``max_headers``  431
-unknown method token                          501
-method known to llhttp but not implemented    501
-body over ``max_body``                        413
-HTTP version other than 1.0 / 1.1             505
-============================================  ======
-
-llhttp also accepts ``HTTP/0.9`` and ``HTTP/2.0`` request lines (and
-``RTSP/1.0``).  They get 505 when the request has a ``Connection`` field;
-without one, the version is inferred from llhttp's keep-alive verdict
-(``1.1`` if it keeps the connection, else ``1.0``) and the request is
-answered as such — reading the exact version from llhttp costs more than the
-rest of the head's processing, and RFC 9112 lets a server answer a
-request of another minor version as its own.
+=====================================================  ======
+what                                                   status
+=====================================================  ======
+malformed request line, header or framing              400
+HTTP/1.1 without ``Host``; two ``Host``; a bad ``Host``    400
+``Transfer-Encoding`` in HTTP/1.0 (RFC 9112 §6.1)        400
+``chunked`` given twice                                400
+request target longer than ``max_request_line``        414
+headers (or trailers) over ``max_header_size`` / ``max_headers``  431
+unknown method token, or one not implemented           501 (+ ``Allow``)
+a transfer coding other than ``chunked``               501
+body over ``max_body``                                 413
+bodies of all connections over ``max_buffered``        503
+HTTP version other than 1.x (``HTTP/1.2`` is read as 1.1)  505
+``RTSP/1.0`` and other protocols llhttp knows          505
+=====================================================  ======
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Final
@@ -51,12 +53,16 @@ from typing import Final
 import httptools
 
 __all__ = [
-    "CONTINUE", "CONTINUE_RESPONSE", "IMPLEMENTED_METHODS", "REASONS", "DateClock", "Headers",
-    "HttpError", "Limits", "Request", "RequestParser", "error_response", "render_head",
+    "ALLOW_METHODS", "BODY_TIMER", "CONTINUE", "CONTINUE_RESPONSE", "HEADER_TIMER", "IDLE_TIMER",
+    "IMPLEMENTED_METHODS", "KEEP", "REASONS", "BodyBudget", "Connection", "DateClock", "Headers",
+    "HttpError", "Limits", "Request", "RequestParser", "body_allowed", "error_response",
+    "render_head",
 ]
 
 #: Methods the server implements; llhttp knows ~40 more (WebDAV, RTSP ...): those get 501.
 IMPLEMENTED_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+#: The ``Allow`` list of a 501 for a method the server does not implement.
+ALLOW_METHODS: Final = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"
 
 #: Reason phrases of the status codes the server sends.
 REASONS: Final[dict[int, str]] = {
@@ -87,20 +93,25 @@ class Limits:
     ``max_header_size``: the header lines together — over it, 431;
     ``max_headers``: their number — over it, 431.  ``max_body``: the body,
     after chunked decoding — over it, 413 (checked against
-    ``Content-Length`` before any body byte is read).
+    ``Content-Length`` before any body byte is read); a body is held in
+    one buffer, so a connection holds at most ``max_body`` bytes of it however
+    it is chunked.  ``max_buffered``: the request-body bytes all connections
+    of a server hold together — over it, 503 (see :class:`BodyBudget`).  The
+    fields of a chunked body's trailer section count with the header fields.
     """
 
     max_request_line: int = 8192
     max_header_size: int = 16384
     max_headers: int = 100
     max_body: int = 1 << 20
+    max_buffered: int = 64 << 20
 
     def __post_init__(self) -> None:
         for name in ("max_request_line", "max_header_size", "max_headers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if self.max_body < 0:
-            raise ValueError("max_body must be >= 0")
+        if self.max_body < 0 or self.max_buffered < 0:
+            raise ValueError("max_body and max_buffered must be >= 0")
 
 
 class Headers(Mapping[str, str]):
@@ -218,11 +229,14 @@ class Request:
 class HttpError:
     """The request stream cannot go on: answer ``status`` (with ``detail`` as body) and close."""
 
-    __slots__ = ("detail", "status")
+    __slots__ = ("detail", "headers", "status")
 
-    def __init__(self, status: int, detail: str = "") -> None:
+    def __init__(self, status: int, detail: str = "",
+                 headers: tuple[tuple[str, str], ...] = ()) -> None:
         self.status = status
         self.detail = detail
+        #: Extra response fields (``Allow`` for an unimplemented method).
+        self.headers = headers
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, HttpError) and other.status == self.status
@@ -248,22 +262,51 @@ Event = Request | HttpError | _Continue
 
 
 class _Reject(Exception):
-    """Raised from a parser callback: stop parsing, answer ``status``."""
+    """Raised from a parser callback: stop parsing, answer ``status`` (0: close, answer nothing)."""
 
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, status: int, detail: str,
+                 headers: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(status, detail)
         self.status = status
         self.detail = detail
+        self.headers = headers
+
+
+class BodyBudget:
+    """The request-body bytes all connections of a server may hold at once.
+
+    Every :class:`RequestParser` given the same budget charges the body bytes
+    it buffers to ``used`` and gives them back when the request is handed out
+    or the connection ends; a body that would take ``used`` past ``limit`` is
+    refused with 503 (and its connection closed).
+    """
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        if limit < 0:
+            raise ValueError("a body budget must be >= 0 bytes")
+        self.limit = limit
+        self.used = 0
 
 
 _DEFAULT_LIMITS = Limits()
-# len(b"expect"), len(b"connection"), len(b"content-length")
-_SPECIAL_LENGTHS = frozenset({6, 10, 14})
+# len(b"host"), len(b"expect"), len(b"connection"), len(b"content-length"),
+# len(b"transfer-encoding")
+_SPECIAL_LENGTHS = frozenset({4, 6, 14, 17})
+# Host = uri-host [ ":" port ] (RFC 9110 §7.2, RFC 3986 §3.2.2); not empty
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]+)(?::[0-9]*)?\Z")
 
 # Parser phases (RequestParser.phase).
 IDLE: Final = 0   # between requests
 HEAD: Final = 1   # request line and headers arriving
 BODY: Final = 2   # body arriving
+
+# Which timeout to arm after a feed (RequestParser.timer).
+KEEP: Final = 0          # leave the connection's deadline as it is
+IDLE_TIMER: Final = 1    # Timeouts.idle: between requests
+HEADER_TIMER: Final = 2  # Timeouts.header: from a request head's first byte
+BODY_TIMER: Final = 3    # Timeouts.body: since the body last made progress
 
 
 class RequestParser:
@@ -271,41 +314,61 @@ class RequestParser:
 
     ``phase`` tells where the stream stands after the last :meth:`feed`:
     ``IDLE`` (0, between requests), ``HEAD`` (1, a request line or headers
-    are incomplete) or ``BODY`` (2, a body is arriving); ``new_head`` is set
-    when a request head began during the last feed (the server resets it).
-    Used by the server to pick the timeout that applies.
+    are incomplete) or ``BODY`` (2, a body is arriving).  ``timer`` says which
+    timeout the caller arms after the feed (``KEEP``: none — the deadline
+    set earlier stands, as when a head trickles in or a body stalls in its
+    framing or trailer section).
+
+    ``budget``: a :class:`BodyBudget` shared by the connections of a server.
+    ``wants_body(method, target)``: asked once per request that has a body,
+    when its head is complete; False means the answer does not depend on the
+    body (no one will read it): the :class:`Request` is delivered at once with
+    an empty body, and the body is read and dropped as it comes (a chunked
+    body, or one the client waits to send after ``Expect: 100-continue``,
+    is not read: that request closes the connection).
     """
 
     __slots__ = (
-        "_begins", "_body", "_body_len", "_events", "_head_raw", "_head_size", "_headers",
-        "_keep_alive", "_limits", "_max_body", "_max_head", "_max_headers", "_max_url", "_method",
-        "_parser", "_partial", "_partial_len", "_url", "_version", "dead", "new_head", "phase",
+        "_begins", "_body", "_body_len", "_budget", "_data", "_discard", "_events", "_head_raw",
+        "_head_size", "_headers", "_keep_alive", "_limits", "_max_body", "_max_head",
+        "_max_headers", "_max_url", "_method", "_parser", "_partial", "_partial_len", "_progress",
+        "_stall", "_url", "_version", "_wants_body", "dead", "phase", "timer",
     )
 
-    def __init__(self, limits: Limits | None = None) -> None:
+    def __init__(self, limits: Limits | None = None, *, budget: BodyBudget | None = None,
+                 wants_body: Callable[[str, str], bool] | None = None) -> None:
         lim = self._limits = limits or _DEFAULT_LIMITS
         self._max_url = lim.max_request_line
         self._max_head = lim.max_header_size
         self._max_headers = lim.max_headers
         self._max_body = lim.max_body
+        self._budget = budget
+        self._wants_body = wants_body
         self._parser = httptools.HttpRequestParser(self)
+        # any HTTP/d.d reaches on_headers_complete, which answers 505 itself
+        # (llhttp would refuse HTTP/1.2, which RFC 9112 §2.5 says to treat as 1.1)
+        self._parser.set_dangerous_leniencies(lenient_version=True)
         self._events: list[Event] = []
         self.phase = IDLE
-        self.new_head = False
-        #: True after an HttpError (or an upgrade): nothing more is parsed.
+        self.timer = KEEP
+        #: True after an HttpError (or an upgrade, or a request that closes): nothing more is parsed.
         self.dead = False
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_size = 0
         self._head_raw = 0
-        self._body: list[bytes] | None = None
+        self._body: bytearray | None = None
         self._body_len = 0
+        self._discard = False
+        self._progress = False
+        self._stall = 0
         self._method = ""
         self._version = "1.1"
         self._keep_alive = True
         self._begins = 0
+        self._data: bytes | bytearray | memoryview = b""   # the feed being parsed
         # Bytes fed since the stream was last between requests at the end of a feed
-        # (only to tell an unknown method from garbage, on the error path).
+        # (to find where a request line began, on rare paths only).
         self._partial: list[bytes] = []
         self._partial_len = 0
 
@@ -313,7 +376,6 @@ class RequestParser:
 
     def on_message_begin(self) -> None:
         self.phase = HEAD
-        self.new_head = True
         self._begins += 1
         self._url = b""
         self._headers = []
@@ -327,6 +389,7 @@ class RequestParser:
             raise _Reject(414, f"request target longer than {self._max_url} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # also called for the fields of a chunked body's trailer section: they count too
         headers = self._headers
         headers.append((name, value))
         size = self._head_size + len(name) + len(value) + 4
@@ -340,64 +403,101 @@ class RequestParser:
         p = self._parser
         self.phase = BODY
         self._head_raw = 0
+        version = p.get_http_version()
+        if version != "1.1":
+            if version == "1.0":
+                if self._not_http():
+                    raise _Reject(505, "only HTTP/1.1 and HTTP/1.0 are supported")
+            elif version[:2] == "1." and len(version) == 3:
+                version = "1.1"  # HTTP/1.x, x > 1: answered as 1.1 (RFC 9112 §2.5)
+            else:
+                raise _Reject(505, f"HTTP/{version} is not supported (HTTP/1.1 and 1.0 are)")
         method = _METHOD_STR.get(p.get_method())
         keep = p.should_keep_alive()
         expect: bytes | None = None
-        exact = False
+        te: bytes | None = None
+        hosts = 0
+        host_ok = True
+        has_body = False
         for name, value in self._headers:
             if len(name) in _SPECIAL_LENGTHS:
                 lname = name.lower()
-                if lname == b"content-length":
-                    if int(value) > self._max_body:
+                if lname == b"host":
+                    hosts += 1
+                    host_ok = host_ok and _HOST.match(value) is not None
+                elif lname == b"content-length":
+                    n = int(value)
+                    if n > self._max_body:
                         raise _Reject(413, f"body larger than {self._max_body} bytes")
+                    has_body = n > 0
                 elif lname == b"expect":
                     expect = value
-                elif lname == b"connection":
-                    exact = True
-        if exact:
-            # Connection was given: only the version tells 1.0 keep-alive from 1.1
-            version = p.get_http_version()
-            if version != "1.1" and version != "1.0":
-                raise _Reject(505, f"HTTP/{version} is not supported (HTTP/1.1 and 1.0 are)")
-        else:
-            # without Connection, llhttp keeps 1.1 alive and closes 1.0 (asking the
-            # parser for the version string costs more than the rest of this callback)
-            version = "1.1" if keep else "1.0"
+                elif lname == b"transfer-encoding":
+                    te = value if te is None else te + b"," + value
+        if hosts != 1 and (hosts > 1 or version == "1.1"):
+            raise _Reject(400, "no Host field" if hosts == 0 else "more than one Host field")
+        if not host_ok:
+            raise _Reject(400, "invalid Host field")
+        if te is not None:
+            _check_transfer_coding(te, version)
+            has_body = True
         if method is None:
-            raise _Reject(501, f"method {p.get_method().decode('latin-1')} is not implemented")
+            raise _Reject(501, f"method {p.get_method().decode('latin-1')} is not implemented",
+                          (("Allow", ALLOW_METHODS),))
         self._method = method
         self._version = version
         self._keep_alive = keep
-        if expect is not None:
-            if expect.lower() != b"100-continue":
-                raise _Reject(417, "only 'Expect: 100-continue' is understood")
-            if version == "1.1" and self._expects_body():
-                self._events.append(CONTINUE)
+        if expect is not None and expect.lower() != b"100-continue":
+            raise _Reject(417, "only 'Expect: 100-continue' is understood")
+        if has_body and self._wants_body is not None and not self._wants_body(
+                method, self._url.decode("latin-1")):
+            # the answer does not depend on the body: give the request now, drop the body
+            self._discard = True
+            keep = keep and te is None and expect is None
+            self._events.append(Request(method, self._url.decode("latin-1"), version,
+                                        self._headers, b"", keep))
+            if not keep:
+                raise _Reject(0, "")
+            return
+        if expect is not None and version == "1.1" and has_body:
+            self._events.append(CONTINUE)
 
-    def _expects_body(self) -> bool:
-        for name, value in self._headers:
-            n = name.lower()
-            if n == b"transfer-encoding" or (n == b"content-length" and int(value) > 0):
-                return True
-        return False
+    def _not_http(self) -> bool:
+        """True if the request line of a "1.0" request names another protocol (RTSP/1.0)."""
+        window = b"".join(self._partial) + bytes(self._data)  # rare path: HTTP/1.0 only
+        line = b" " + self._url + b" "
+        return (line + b"RTSP/") in window or (line + b"ICE/") in window
 
     def on_body(self, body: bytes) -> None:
+        self._progress = True
+        if self._discard:
+            return
         n = self._body_len + len(body)
-        self._body_len = n
         if n > self._max_body:
             raise _Reject(413, f"body larger than {self._max_body} bytes")
+        budget = self._budget
+        if budget is not None:
+            if budget.used + len(body) > budget.limit:
+                raise _Reject(503, "too many request bodies in progress; try again later")
+            budget.used += len(body)
+        self._body_len = n
         if self._body is None:
-            self._body = [body]
+            self._body = bytearray(body)
         else:
-            self._body.append(body)
+            self._body += body
 
     def on_message_complete(self) -> None:
         self.phase = IDLE
+        if self._discard:
+            self._discard = False
+            return
         body = self._body
         if body is not None:
             self._body = None
+            if self._budget is not None:
+                self._budget.used -= self._body_len
             self._body_len = 0
-            data = b"".join(body)
+            data = bytes(body)
         else:
             data = b""
         self._events.append(Request(self._method, self._url.decode("latin-1"), self._version,
@@ -409,13 +509,16 @@ class RequestParser:
         """Parse ``data`` (the next bytes of the stream); return the events it completes.
 
         Never raises for any input: a broken stream gives an :class:`HttpError`
-        as the last event and the parser ignores what follows.
+        as the last event and the parser ignores what follows.  Sets
+        :attr:`phase` and :attr:`timer`.
         """
         if self.dead:
             return []
         events = self._events = []
         phase0 = self.phase
         self._begins = 0
+        self._progress = False
+        self._data = data
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -429,25 +532,40 @@ class RequestParser:
             ctx = e.__context__
             if not isinstance(ctx, _Reject):
                 raise
-            return self._fail(ctx.status, ctx.detail)
+            return self._fail(ctx.status, ctx.detail, ctx.headers)
         except httptools.HttpParserInvalidMethodError:
-            return self._fail(self._unknown_method_status(data, phase0), "unknown method")
+            status = self._unknown_method_status(data, phase0)
+            return self._fail(status, "unknown method" if status == 501 else "malformed request",
+                              (("Allow", ALLOW_METHODS),) if status == 501 else ())
         except httptools.HttpParserError as e:
-            detail = str(e) or "malformed request"
-            if detail == "Invalid HTTP version":  # well-formed HTTP/d.d, but not 1.0/1.1
-                return self._fail(505, "only HTTP/1.1 and HTTP/1.0 are supported")
-            return self._fail(400, detail)
-        if self.phase == HEAD:
+            return self._fail(400, str(e) or "malformed request")
+        phase = self.phase
+        if phase == IDLE:
+            self.timer = IDLE_TIMER
+            if self._partial_len:
+                self._partial.clear()
+                self._partial_len = 0
+            return events
+        if phase == HEAD:
             if self._begins == 0:  # every byte of this feed belongs to the same head
                 self._head_raw += len(data)
                 lim = self._limits
                 if self._head_raw > lim.max_request_line + lim.max_header_size:
                     return self._fail(431, "request head too large")
-        if self.phase == IDLE:
-            if self._partial_len:
-                self._partial.clear()
-                self._partial_len = 0
-        elif self._partial_len < 16384:
+                self.timer = KEEP     # the header deadline runs from the head's first byte
+            else:
+                self.timer = HEADER_TIMER
+        elif self._progress or phase0 != BODY:
+            self._stall = 0
+            self.timer = BODY_TIMER
+        else:
+            # body framing or a trailer section, no body byte: bounded like a head, and
+            # the body deadline is not renewed
+            self._stall += len(data)
+            if self._stall > self._max_head:
+                return self._fail(431, "chunk framing or trailer section too large")
+            self.timer = KEEP
+        if self._partial_len < 16384:
             self._partial.append(bytes(data))
             self._partial_len += len(data)
         return events
@@ -456,12 +574,22 @@ class RequestParser:
         """The peer closed its side.  True if a request was cut short (nothing to answer)."""
         return not self.dead and self.phase != IDLE
 
-    def _fail(self, status: int, detail: str) -> list[Event]:
+    def close(self) -> None:
+        """The connection ends: give back the body bytes held (see :class:`BodyBudget`)."""
         self.dead = True
+        if self._body is not None:
+            self._body = None
+            if self._budget is not None:
+                self._budget.used -= self._body_len
+            self._body_len = 0
+
+    def _fail(self, status: int, detail: str,
+              headers: tuple[tuple[str, str], ...] = ()) -> list[Event]:
+        self.close()
         last = self._events[-1] if self._events else None
-        if type(last) is Request and not last.keep_alive:
+        if status == 0 or (type(last) is Request and not last.keep_alive):
             return self._events  # bytes after a closing request are not answered
-        self._events.append(HttpError(status, detail))
+        self._events.append(HttpError(status, detail, headers))
         return self._events
 
     def _unknown_method_status(self, data: bytes | bytearray | memoryview, phase0: int) -> int:
@@ -476,22 +604,53 @@ class RequestParser:
         return 501 if _TOKEN_LINE.match(start) else 400
 
 
-def _last_message_start(window: bytes) -> bytes:
-    """The bytes from where the last request began in ``window`` (re-parsed byte by byte)."""
-    marks: list[int] = []
+def _check_transfer_coding(te: bytes, version: str) -> None:
+    """Raise the answer to a ``Transfer-Encoding`` the server cannot read (RFC 9112 §6.1)."""
+    if version == "1.0":
+        raise _Reject(400, "Transfer-Encoding in an HTTP/1.0 request (faulty framing)")
+    codings = [c.strip().lower() for c in te.split(b",")]
+    for c in codings:
+        if c != b"chunked":
+            raise _Reject(501, f"transfer coding {c.decode('latin-1')!r} is not implemented")
+    if len(codings) != 1:
+        raise _Reject(400, "chunked applied more than once")
+
+
+def _completed(window: bytes) -> int:
+    """How many requests of ``window`` a fresh parser completes (errors end the count)."""
+    count = 0
 
     class _Probe:
-        def on_message_begin(self) -> None:
-            marks.append(pos)
+        def on_message_complete(self) -> None:
+            nonlocal count
+            count += 1
 
     p = httptools.HttpRequestParser(_Probe())
-    pos = 0
+    p.set_dangerous_leniencies(lenient_version=True)
     try:
-        for pos in range(len(window)):
-            p.feed_data(window[pos:pos + 1])
+        p.feed_data(window)
     except httptools.HttpParserError:
         pass
-    return window[marks[-1]:marks[-1] + 80] if marks else b""
+    return count
+
+
+def _last_message_start(window: bytes) -> bytes:
+    """The bytes from where the last request began in ``window``.
+
+    The start is the shortest prefix holding every request that completes:
+    found by bisection, a few whole parses rather than one per byte.
+    """
+    total = _completed(window)
+    if total == 0:
+        return window[:80]
+    lo, hi = 0, len(window)   # _completed(window[:hi]) == total
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _completed(window[:mid]) >= total:
+            hi = mid
+        else:
+            lo = mid + 1
+    return window[hi:hi + 80].lstrip(b"\r\n")
 
 
 # -- responses ------------------------------------------------------------------------------
@@ -584,3 +743,124 @@ def error_response(status: int, detail: str, keep_alive: bool, version: str, dat
         headers += extra
     head = render_head(status, headers, len(body), keep_alive, version, date_line, server_line)
     return head if head_only else head + body
+
+
+# -- the connection ---------------------------------------------------------------------------
+
+_SMALL = 16384   # a body below this goes out in the same bytes object as its head
+
+
+def body_allowed(method: str, status: int) -> bool:
+    """Whether a response carries content (RFC 9110 §6.4.1): not for HEAD, 1xx, 204, 304."""
+    return method != "HEAD" and status >= 200 and status != 204 and status != 304
+
+
+class Connection:
+    """One connection's HTTP/1.1 state machine: bytes in, events out; answers in, bytes out.
+
+    :meth:`receive` parses (see :class:`RequestParser`); after it,
+    :attr:`timer` says which timeout to arm.  Every answer goes through
+    :meth:`response`, :meth:`file_response`, :meth:`error` or
+    :meth:`timeout`, which decide the framing and whether the connection
+    stays open: :attr:`closing` becomes True with the last response (the
+    client asked to close, HTTP/1.0 without keep-alive, an error, an
+    unframed body); the caller closes once that response is out.
+
+    ``server_name`` gives the ``Server`` field; the ``Date`` line comes with
+    each call (see :class:`DateClock`), so nothing here reads a clock.
+    """
+
+    __slots__ = ("_ok_prefix", "_server_line", "closing", "parser")
+
+    def __init__(self, limits: Limits | None = None, *, budget: BodyBudget | None = None,
+                 wants_body: Callable[[str, str], bool] | None = None,
+                 server_name: str = "aem") -> None:
+        self.parser = RequestParser(limits, budget=budget, wants_body=wants_body)
+        #: True once the response after which the connection ends has been produced.
+        self.closing = False
+        self._server_line = f"Server: {server_name}\r\n".encode("latin-1")
+        self._ok_prefix = b"HTTP/1.1 200 OK\r\n" + self._server_line
+
+    def receive(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """The events completed by ``data`` (never raises; see :meth:`RequestParser.feed`)."""
+        return self.parser.feed(data)
+
+    @property
+    def timer(self) -> int:
+        """After :meth:`receive`: ``KEEP``, ``IDLE_TIMER``, ``HEADER_TIMER`` or ``BODY_TIMER``."""
+        return self.parser.timer
+
+    @property
+    def idle(self) -> bool:
+        """True between requests (no request head or body in progress)."""
+        return self.parser.phase == IDLE
+
+    def resume_timer(self) -> int:
+        """The timeout to arm when reading resumes after a pause (the client took our output)."""
+        phase = self.parser.phase
+        return IDLE_TIMER if phase == IDLE else HEADER_TIMER if phase == HEAD else BODY_TIMER
+
+    def _keep(self, req: Request) -> bool:
+        if req.keep_alive and not self.closing:
+            return True
+        self.closing = True
+        return False
+
+    def response(self, req: Request, status: int, headers: list[tuple[str, str]], body: bytes,
+                 date_line: bytes) -> tuple[bytes, bytes]:
+        """The bytes answering ``req``: ``(first, second)``, to be sent in that order.
+
+        ``second`` is a body too large to copy behind its head, else ``b""``.
+        Raises ``ValueError`` / ``UnicodeEncodeError`` for a header field that
+        cannot be sent (CR/LF, a bad name, not latin-1).
+        """
+        keep = self._keep(req)
+        n = len(body)
+        if (status == 200 and keep and len(headers) == 1 and n < _SMALL
+                and req.version == "1.1" and req.method != "HEAD"):
+            # the usual answer: one field (its Content-Type), kept alive, a small body
+            line = _LINES.get(headers[0])
+            if line is not None:
+                return b"%s%s%sContent-Length: %d\r\n\r\n%s" % (
+                    self._ok_prefix, date_line, line, n, body), b""
+        send = body_allowed(req.method, status)
+        no_length = status < 200 or status == 204 or status == 304
+        head = render_head(status, headers, None if no_length else n, keep, req.version,
+                           date_line, self._server_line)
+        if not send or not n:
+            return head, b""
+        if n < _SMALL:
+            return head + body, b""
+        return head, body
+
+    def file_response(self, req: Request, status: int, headers: list[tuple[str, str]],
+                      length: int, date_line: bytes) -> tuple[bytes, bool]:
+        """The head of a response whose ``length`` content bytes the caller sends (a file).
+
+        Returns the head and whether the content follows it (not for HEAD,
+        204, 304).
+        """
+        keep = self._keep(req)
+        no_length = status < 200 or status == 204 or status == 304
+        head = render_head(status, headers, None if no_length else length, keep, req.version,
+                           date_line, self._server_line)
+        return head, length > 0 and body_allowed(req.method, status)
+
+    def error(self, err: HttpError, date_line: bytes) -> bytes:
+        """The response to a broken stream; the connection closes after it."""
+        self.closing = True
+        return error_response(err.status, err.detail, False, "1.1", date_line, self._server_line,
+                              extra=list(err.headers) or None)
+
+    def timeout(self, date_line: bytes) -> bytes | None:
+        """A deadline passed: the 408 to send if a request was arriving, else None; closes."""
+        self.closing = True
+        if self.parser.phase == IDLE or self.parser.dead:
+            return None
+        return error_response(408, "request not received in time", False, "1.1", date_line,
+                              self._server_line)
+
+    def close(self) -> None:
+        """The connection is gone: release what the parser holds."""
+        self.closing = True
+        self.parser.close()

@@ -59,21 +59,19 @@ import aem
 from . import status as _status
 from .app import App, Response
 from .protocol import (
-    _LINES,
     CONTINUE,
     CONTINUE_RESPONSE,
-    IDLE,
+    KEEP,
+    BodyBudget,
+    Connection,
     DateClock,
     HttpError,
     Limits,
     Request,
-    RequestParser,
-    error_response,
-    render_head,
 )
 from .static import StaticFiles
 
-__all__ = ["HTTPServer", "Timeouts", "raise_nofile_limit", "serve_workers"]
+__all__ = ["HTTPServer", "Timeouts", "raise_nofile_limit"]
 
 _HIGH_WATER = 64 * 1024      # flush the output of a batch of pipelined requests past this
 _MAX_FILES = 16              # open files queued on one connection before a flush
@@ -81,7 +79,6 @@ _MSG_MORE = getattr(socket, "MSG_MORE", 0)
 _time = time.time
 _EV_STOP = aem.EVJOBSTOP
 _EV_START = aem.EVJOBSTART
-_IMPLEMENTED = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"
 _STATUS_PATH = _status.PATH
 
 
@@ -115,6 +112,10 @@ def raise_nofile_limit() -> int:
     return soft
 
 
+def _no_body(method: str, target: str) -> bool:
+    return False
+
+
 class _FileSpan:
     """``remaining`` bytes of open file ``fd`` from ``offset``, to go out with sendfile."""
 
@@ -130,8 +131,8 @@ class _Conn:
     """One client connection: its parser, its pending output, its deadline."""
 
     __slots__ = (
-        "addr", "backlog", "check", "closed", "closing", "deadline", "eid", "eof", "fd", "files",
-        "lingering", "out", "out_len", "parser", "read_stopped", "server", "sock", "weid",
+        "addr", "backlog", "check", "closed", "deadline", "eid", "eof", "fd", "files", "http",
+        "lingering", "out", "out_len", "read_stopped", "server", "sock", "weid",
     )
 
     def __init__(self, server: HTTPServer, sock: socket.socket, addr: Any) -> None:
@@ -139,7 +140,8 @@ class _Conn:
         self.sock = sock
         self.fd = sock.fileno()
         self.addr = addr
-        self.parser = RequestParser(server.limits)
+        self.http = Connection(server.limits, budget=server._budget,
+                               wants_body=server._wants_body, server_name=server.server_name)
         self.eid = 0
         self.weid = 0              # the Writable registration while output is blocked
         self.out: list[bytes | memoryview | _FileSpan] = []
@@ -149,7 +151,6 @@ class _Conn:
         self.deadline = 0
         self.check = 0
         self.closed = False
-        self.closing = False       # the last response is queued: close once it is out
         self.lingering = False     # our side is shut: waiting for the client's FIN
         self.eof = False           # the client closed its side (or reset)
         self.read_stopped = False
@@ -157,15 +158,19 @@ class _Conn:
     # -- events ----------------------------------------------------------------------------
 
     def on_read(self, ev: Any) -> None:
-        """aem.Read handler: parse what came, answer it, re-arm the deadline."""
+        """aem.Read handler: hand the bytes to the protocol, send its answers, re-arm the deadline.
+
+        The one place where received bytes enter the protocol (see docs/http.md).
+        """
         if ev.eof:
             self._on_eof()
             return
         if self.lingering:
             return
         srv = self.server
+        http = self.http
         try:
-            events = self.parser.feed(ev.data)
+            events = http.receive(ev.data)
             if events:
                 srv._dispatch(self, events)
                 if self.closed:
@@ -173,18 +178,12 @@ class _Conn:
         except Exception as e:
             srv._internal_error(self, e)
             return
-        p = self.parser
         if self.weid or self.lingering:
             return
-        if p.phase == IDLE:
-            dl = ev.time_ns + srv._idle_ns
-        elif p.phase == 1:  # HEAD: the deadline runs from the head's first byte
-            if not p.new_head:
-                return
-            p.new_head = False
-            dl = ev.time_ns + srv._header_ns
-        else:
-            dl = ev.time_ns + srv._body_ns
+        timer = http.timer
+        if timer == KEEP:
+            return
+        dl = ev.time_ns + srv._timer_ns[timer]
         self.deadline = dl
         if dl < self.check:
             srv._schedule(self, dl)
@@ -201,7 +200,7 @@ class _Conn:
                 srv._dispatch(self, backlog)
                 if self.closed or self.weid or self.lingering:
                     return
-            elif self.closing:
+            elif self.http.closing:
                 self.finish()
                 return
             elif self.eof:
@@ -210,9 +209,7 @@ class _Conn:
             if self.read_stopped and not self.eof:
                 self.read_stopped = False
                 srv.engine.control(self.eid, _EV_START)
-            phase = self.parser.phase
-            dl = time.monotonic_ns() + (srv._idle_ns if phase == IDLE else
-                                        srv._header_ns if phase == 1 else srv._body_ns)
+            dl = time.monotonic_ns() + srv._timer_ns[self.http.resume_timer()]
             self.deadline = dl
             if dl < self.check:
                 srv._schedule(self, dl)
@@ -222,7 +219,6 @@ class _Conn:
     def _on_eof(self) -> None:
         """The client closed its side, or the connection failed."""
         self.eof = True
-        self.parser.feed_eof()
         if self.lingering or (not self.out and self.backlog is None):
             self.close()
         # else: responses are still going out; on_writable closes when they are done
@@ -347,6 +343,7 @@ class _Conn:
         if self.closed:
             return
         self.closed = True
+        self.http.close()
         eng = self.server.engine
         if not eng.closed:
             if self.eid:
@@ -371,8 +368,10 @@ class HTTPServer:
 
     ``app(request)`` (see :mod:`aem.http.app`) is asked first; when it
     returns None, or there is no app, the static files under ``root``
-    answer; without a root, 404.  ``/_aem/status`` shows the process's
-    statistics unless ``status_page=False``.
+    answer; without a root, 404.  With ``status_page=True``,
+    ``/_aem/status`` shows the process's statistics (see
+    :mod:`aem.http.status`); off by default, and then that path is an
+    ordinary one.
 
     ``host``/``port`` (port 0: any free port; see :attr:`port`) or a ready
     listening ``sock``.  ``access_log``: a text stream for one line per
@@ -394,7 +393,7 @@ class HTTPServer:
                  limits: Limits | None = None, timeouts: Timeouts | None = None,
                  access_log: TextIO | None = None, error_log: TextIO | None = None,
                  server_name: str = "aem", backlog: int = 4096, reuse_port: bool = False,
-                 engine: aem.Engine | None = None, pool: object = None, status_page: bool = True,
+                 engine: aem.Engine | None = None, pool: object = None, status_page: bool = False,
                  read_size: int = 65536) -> None:
         self.app = app
         self.static = StaticFiles(root) if root is not None else None
@@ -407,8 +406,12 @@ class HTTPServer:
         self.pool = pool
         self.status_page = status_page
         self.read_size = read_size
+        self.server_name = server_name
         self._server_line = f"Server: {server_name}\r\n".encode("latin-1")
-        self._ok_prefix = b"HTTP/1.1 200 OK\r\n" + self._server_line
+        self._budget = BodyBudget(self.limits.max_buffered)
+        # without an app no one reads a request body: answer at once, drop the body
+        self._wants_body: Callable[[str, str], bool] | None = (
+            None if app is not None else _no_body)
         self._sock = sock
         self._own_sock = sock is None
         self._bind = (host, port)
@@ -420,6 +423,8 @@ class HTTPServer:
         self._body_ns = int(t.body * 1e9)
         self._send_ns = int(t.send * 1e9)
         self._linger_ns = int(t.linger * 1e9)
+        # by RequestParser.timer: KEEP, IDLE_TIMER, HEADER_TIMER, BODY_TIMER
+        self._timer_ns = (0, self._idle_ns, self._header_ns, self._body_ns)
         self._tick = min(1.0, min(t.idle, t.header, t.body, t.send, t.linger) / 4)
         self._clock = DateClock()
         self._date = self._clock.line()
@@ -570,15 +575,17 @@ class HTTPServer:
             else:
                 conn.check = conn.deadline
                 heapq.heappush(heap, (conn.deadline, next(self._seq), conn))
+        if self.static is not None and self.static.cache:
+            self.static.purge()
         self._flush_log()
 
     def _expire(self, conn: _Conn) -> None:
         self.timeouts_fired += 1
-        if not conn.lingering and not conn.weid and conn.parser.phase != IDLE and not conn.out:
+        data = conn.http.timeout(self._clock.line())
+        if data is not None and not conn.lingering and not conn.weid and not conn.out:
             # a request was arriving too slowly: say so (best effort), then close
             try:
-                conn.sock.send(error_response(408, "request not received in time", False, "1.1",
-                                              self._clock.line(), self._server_line))
+                conn.sock.send(data)
             except OSError:
                 pass
         conn.close()
@@ -593,6 +600,7 @@ class HTTPServer:
             self._date_next = int(now) + 1
         self.now = now
         out = conn.out
+        http = conn.http
         for i, ev in enumerate(events):
             if type(ev) is Request:
                 self._respond(conn, ev)
@@ -600,7 +608,7 @@ class HTTPServer:
                 out.append(CONTINUE_RESPONSE)
             elif type(ev) is HttpError:
                 self._error(conn, ev)
-            if conn.closing or conn.closed:
+            if http.closing or conn.closed:
                 break
             if conn.out_len > _HIGH_WATER or conn.files >= _MAX_FILES:
                 if not conn.flush():
@@ -612,7 +620,7 @@ class HTTPServer:
         if len(out) > 1 and not conn.files:
             out[:] = [b"".join(out)]  # type: ignore[arg-type]
         if conn.flush():
-            if conn.closing:
+            if http.closing:
                 conn.finish()
             elif conn.eof:
                 conn.close()
@@ -620,12 +628,9 @@ class HTTPServer:
     def _respond(self, conn: _Conn, req: Request) -> None:
         req.client = conn.addr
         self.requests += 1
-        keep = req.keep_alive
-        if not keep:
-            conn.closing = True
         target = req.target
-        if target.startswith(_STATUS_PATH) and self.status_page and req.path == _STATUS_PATH:
-            self._status_response(conn, req, keep)
+        if self.status_page and target.startswith(_STATUS_PATH) and req.path == _STATUS_PATH:
+            self._status_response(conn, req)
             return
         if self.app is not None:
             try:
@@ -645,83 +650,58 @@ class HTTPServer:
                                         f"{req.method} {target}: expected a Response")
                         result = Response(b"500 Internal Server Error\n", 500)
                 assert isinstance(result, Response)
-                self._send(conn, req, result.status, result.headers, result.body, keep)
+                self._send(conn, req, result.status, result.headers, result.body)
                 return
         if self.static is not None:
             sr = self.static.respond(req.method, req.path, req.headers, req.query, self.now)
             st = sr.status
-            length = None if st == 204 or st == 304 else sr.length
-            head = render_head(st, sr.headers, length, keep, req.version, self._date,
-                               self._server_line)
+            head, content = conn.http.file_response(req, st, sr.headers, sr.length, self._date)
+            out = conn.out
             if sr.fd >= 0:
-                if req.method == "HEAD" or sr.length == 0:
-                    sr.close()
-                    conn.out.append(head)
-                else:
-                    conn.out.append(head)
-                    conn.out.append(_FileSpan(sr.fd, sr.offset, sr.length))
+                out.append(head)
+                if content:
+                    out.append(_FileSpan(sr.fd, sr.offset, sr.length))
                     conn.files += 1
+                else:
+                    sr.close()
             else:
-                conn.out.append(head if req.method == "HEAD" else head + sr.body)
+                out.append(head + sr.body if content else head)
             conn.out_len += len(head) + len(sr.body)
             self._by_class[st // 100] += 1
             if self.access_log is not None:
                 self._log_access(conn, req, st, sr.length)
             return
         self._send(conn, req, 404, [("Content-Type", "text/plain; charset=utf-8")],
-                   b"404 Not Found\n", keep)
+                   b"404 Not Found\n")
 
     def _send(self, conn: _Conn, req: Request, status: int, headers: list[tuple[str, str]],
-              body: bytes, keep: bool) -> None:
-        n = len(body)
+              body: bytes) -> None:
         try:
-            if (status == 200 and keep and len(headers) == 1 and n < 16384
-                    and req.version == "1.1" and req.method != "HEAD"):
-                # the usual answer: one field (its Content-Type), kept alive, a small body
-                line = _LINES.get(headers[0])
-                if line is not None:
-                    conn.out.append(b"%s%s%sContent-Length: %d\r\n\r\n%s" % (
-                        self._ok_prefix, self._date, line, n, body))
-                    conn.out_len += n + 128
-                    self._by_class[2] += 1
-                    if self.access_log is not None:
-                        self._log_access(conn, req, 200, n)
-                    return
-            head = render_head(status, headers, n if status != 204 and status != 304 else None,
-                               keep, req.version, self._date, self._server_line)
+            first, second = conn.http.response(req, status, headers, body, self._date)
         except (ValueError, UnicodeEncodeError) as e:
             self.app_errors += 1
             self._log_error(f"aem.http: bad response header for {req.method} {req.target}: {e}")
             status, body = 500, b"500 Internal Server Error\n"
-            head = render_head(500, [("Content-Type", "text/plain; charset=utf-8")], len(body),
-                               keep, req.version, self._date, self._server_line)
-        n = len(body)
-        if n < 16384:
-            conn.out.append(head + body if n and req.method != "HEAD" and status not in (204, 304)
-                            else head)
-        else:
-            conn.out.append(head)
-            if req.method != "HEAD":
-                conn.out.append(body)
-        conn.out_len += len(head) + n
+            first, second = conn.http.response(
+                req, 500, [("Content-Type", "text/plain; charset=utf-8")], body, self._date)
+        conn.out.append(first)
+        if second:
+            conn.out.append(second)
+        conn.out_len += len(first) + len(second)
         self._by_class[status // 100] += 1
         if self.access_log is not None:
             self._log_access(conn, req, status, len(body))
 
-    def _status_response(self, conn: _Conn, req: Request, keep: bool) -> None:
+    def _status_response(self, conn: _Conn, req: Request) -> None:
         data = _status.collect(self.stats(), self.pool)
-        if _status.wants_json(req.headers.get("accept")):
+        if _status.wants_json(req.headers.get("accept"), req.query):
             body, ctype = _status.render_json(data), "application/json"
         else:
             body, ctype = _status.render_html(data), "text/html; charset=utf-8"
-        self._send(conn, req, 200, [("Content-Type", ctype), ("Cache-Control", "no-store")],
-                   body, keep)
+        self._send(conn, req, 200, [("Content-Type", ctype), ("Cache-Control", "no-store")], body)
 
     def _error(self, conn: _Conn, err: HttpError) -> None:
-        conn.closing = True
-        extra = [("Allow", _IMPLEMENTED)] if err.status == 501 else None
-        conn.out.append(error_response(err.status, err.detail, False, "1.1", self._date,
-                                       self._server_line, extra=extra))
+        conn.out.append(conn.http.error(err, self._date))
         self._by_class[err.status // 100] += 1
         if self.access_log is not None:
             self._log_line(conn, f"- {err.status} -", err.status, 0)
@@ -780,58 +760,3 @@ class HTTPServer:
                 self.access_log.flush()
             except (OSError, ValueError):
                 pass
-
-
-def serve_workers(root: str | os.PathLike[str], host: str, port: int, workers: int,
-                  quiet: bool = False) -> int:
-    """``aem serve --workers N``: N servers in ``EVF_CAPSULE | EVF_KEEPALIVE`` capsules.
-
-    Each worker is one single-threaded engine in its own capsule, with its own
-    listening socket on the same port (``SO_REUSEPORT``: the kernel spreads
-    the connections).  Worker ``i`` is the job of its own user event, fired
-    once; when a worker dies, its job's ``ChildExit`` fires the event again
-    and a fresh capsule takes its place.  SIGINT/SIGTERM end the parent's
-    ``run()``; the jobs are then shut down (``EVJOBSHTDN`` ends their
-    processes).
-    """
-    # Fail early, in the parent, if the address cannot be had.
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        probe.bind((host, port))
-    pool = aem.CapsulePool(size=workers, reserve=0)
-    flags = aem.EVF_CAPSULE | aem.EVF_KEEPALIVE
-
-    def worker(ev: Any) -> None:
-        server = HTTPServer(root=root, host=host, port=port, reuse_port=True, pool=None,
-                            access_log=None if quiet else sys.stdout)
-        try:
-            server.run()
-        finally:
-            server.close()
-
-    jobs: list[tuple[Any, int]] = []
-    for _ in range(workers):
-        start = aem.UserEvent()
-        eid = aem.register(start, worker, flags=flags, pool=pool)
-
-        def replace(ev: Any, start: Any = start) -> None:
-            print(f"aem serve: worker {ev.pid} ended ({ev.returncode}); starting another",
-                  file=sys.stderr, flush=True)
-            start.fire()
-
-        aem.register(aem.ChildExit(job=eid), replace)
-        jobs.append((start, eid))
-    for start, _ in jobs:
-        start.fire()
-    print(f"aem serve: http://{host}:{port}/ with {workers} workers (pid {os.getpid()})",
-          file=sys.stderr, flush=True)
-    try:
-        reason = aem.current().keepalive()
-    finally:
-        for _, eid in jobs:
-            try:
-                aem.control(eid, aem.EVJOBSHTDN)
-            except (aem.AemError, aem.UnknownEventError):
-                pass
-    print(f"aem serve: stopped ({reason})", file=sys.stderr)
-    return 0

@@ -21,28 +21,33 @@ Safety, in order:
 4. anything but a regular file or a directory is a 403.
 
 Small files (up to ``cache_max_file``, 64 KiB) are kept in memory for
-``cache_ttl`` (1 s) after they were read, keyed by the request path, and
-served from there to requests without conditional or range headers: a file
-changed on disk is seen at most that late.  The cache holds only bytes read
-through the checks above, so it never serves anything from outside root.
+``cache_ttl`` (1 s) after they were read, keyed by the resolved path (every
+spelling of a path is one entry), bounded in entries and bytes, and served
+from there to requests without conditional or range headers: a file changed
+on disk is seen at most that late.  The cache holds only bytes read through
+the checks above, so it never serves anything from outside root.
 Larger files go out with ``sendfile`` from the open descriptor.
 """
 
 from __future__ import annotations
 
+import calendar
+import datetime
 import html
 import mimetypes
 import os
+import re
 import stat
 import time
 import urllib.parse
 from dataclasses import dataclass, field
-from email.utils import formatdate, parsedate_to_datetime
+from email.utils import formatdate
 from typing import Final
 
 from .protocol import Headers
 
-__all__ = ["ALLOW", "StaticFiles", "StaticResponse", "content_type", "not_modified", "parse_range"]
+__all__ = ["ALLOW", "CacheEntry", "StaticFiles", "StaticResponse", "content_type", "not_modified",
+           "parse_http_date", "parse_range", "precondition_failed"]
 
 #: The methods a static tree answers.
 ALLOW: Final = "GET, HEAD, OPTIONS"
@@ -67,6 +72,52 @@ def content_type(name: str) -> str:
     return ct
 
 
+def _digits(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also takes ``"\xb2"`` (²), which ``int`` refuses."""
+    return text.isascii() and text.isdigit()
+
+
+_MONTHS = {m: i for i, m in enumerate(
+    ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1)}
+# RFC 9110 §5.6.7: IMF-fixdate, and the obsolete RFC 850 and asctime forms; nothing else
+_IMF = re.compile(r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), (\d\d) ([A-Z][a-z]{2}) (\d{4}) "
+                  r"(\d\d):(\d\d):(\d\d) GMT\Z", re.ASCII)
+_RFC850 = re.compile(r"(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday), "
+                     r"(\d\d)-([A-Z][a-z]{2})-(\d\d) (\d\d):(\d\d):(\d\d) GMT\Z", re.ASCII)
+_ASCTIME = re.compile(r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) ([A-Z][a-z]{2}) ([ \d]\d) "
+                      r"(\d\d):(\d\d):(\d\d) (\d{4})\Z", re.ASCII)
+
+
+def parse_http_date(value: str) -> int | None:
+    """Seconds since the epoch of an HTTP-date (RFC 9110 §5.6.7), or None if it is not one.
+
+    A date without ``GMT`` (other than the asctime form), with another zone,
+    or out of range is not an HTTP-date: the condition it carries is ignored.
+    """
+    value = value.strip()
+    m = _IMF.match(value)
+    if m:
+        day, mon, year, hh, mm, ss = m.groups()
+    else:
+        m = _RFC850.match(value)
+        if m:
+            day, mon, yy, hh, mm, ss = m.groups()
+            year = str(1900 + int(yy) if int(yy) >= 70 else 2000 + int(yy))
+        else:
+            m = _ASCTIME.match(value)
+            if not m:
+                return None
+            mon, day, hh, mm, ss, year = m.groups()
+    month = _MONTHS.get(mon)
+    if month is None:
+        return None
+    try:
+        return calendar.timegm(datetime.datetime(
+            int(year), month, int(day), int(hh), int(mm), int(ss)).timetuple())
+    except ValueError:
+        return None
+
+
 def parse_range(value: str, size: int) -> tuple[int, int] | bool | None:
     """Interpret a ``Range`` header for a representation of ``size`` bytes.
 
@@ -82,7 +133,7 @@ def parse_range(value: str, size: int) -> tuple[int, int] | bool | None:
     if not dash:
         return None
     first, last = first.strip(), last.strip()
-    if not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
+    if not (_digits(first) or first == "") or not (_digits(last) or last == ""):
         return None
     if first == "":
         if last == "":
@@ -100,20 +151,41 @@ def parse_range(value: str, size: int) -> tuple[int, int] | bool | None:
     return (start, min(end, size - 1))
 
 
+def _tags(value: str) -> list[str]:
+    return [t.strip() for t in value.split(",")]
+
+
+def precondition_failed(headers: Headers, mtime: int, etag: str) -> bool:
+    """True when ``If-Match`` or ``If-Unmodified-Since`` fails (412; RFC 9110 §13.2.2).
+
+    ``If-Match`` compares strongly (a weak tag never matches); when it is
+    present, ``If-Unmodified-Since`` is not looked at; an invalid date is ignored.
+    """
+    im = headers.get("if-match")
+    if im is not None:
+        tags = _tags(im)
+        return "*" not in tags and etag not in tags
+    ius = headers.get("if-unmodified-since")
+    if ius is None:
+        return False
+    when = parse_http_date(ius)
+    return when is not None and mtime > when
+
+
 def not_modified(headers: Headers, mtime: int, etag: str) -> bool:
-    """True when a conditional GET may be answered 304 (``If-None-Match`` wins over IMS)."""
+    """True when a conditional GET may be answered 304 (``If-None-Match`` wins over IMS).
+
+    An ``If-Modified-Since`` that is not an HTTP-date (see :func:`parse_http_date`) is ignored.
+    """
     inm = headers.get("if-none-match")
     if inm is not None:
-        tags = [t.strip() for t in inm.split(",")]
+        tags = _tags(inm)
         return "*" in tags or etag in tags or ("W/" + etag) in tags
     ims = headers.get("if-modified-since")
     if ims is None:
         return False
-    try:
-        when = parsedate_to_datetime(ims).timestamp()
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return False
-    return mtime <= when
+    when = parse_http_date(ims)
+    return when is not None and mtime <= when
 
 
 def _if_range_ok(headers: Headers, last_modified: str, etag: str) -> bool:
@@ -156,6 +228,42 @@ def _conditional(raw: list[tuple[bytes, bytes]]) -> bool:
     return False
 
 
+@dataclass(slots=True)
+class CacheEntry:
+    """One small file held in memory by :class:`StaticFiles` (see docs/http.md).
+
+    ``key``: the resolved request path under root — percent-decoded, ``.``
+    and empty segments dropped, joined with ``/`` (``"sub/a.txt"``; a
+    directory's index is under ``"sub/"``, the root's under ``""``), so every
+    spelling of one file (``/./a``, ``/%2e/a``, ``//a``) is one entry.
+    ``path``: the opened file's real path.  ``body``: its bytes.  ``head``:
+    its own header lines, rendered (``Content-Type`` to ``Accept-Ranges``,
+    each ending in CRLF; the status line, ``Server``, ``Date``,
+    ``Content-Length`` and ``Connection`` belong to each response).
+    ``mtime_ns``, ``size``, ``etag`` as served; ``expires``: the
+    ``time.time()`` after which the entry is not used; ``response``: the
+    200 answer (shared: not to be modified).
+    """
+
+    key: str
+    path: str
+    body: bytes
+    head: bytes
+    mtime_ns: int
+    size: int
+    etag: str
+    expires: float
+    response: StaticResponse
+
+    @property
+    def cost(self) -> int:
+        """The bytes the entry is counted for against ``cache_max_bytes``."""
+        return len(self.body) + len(self.head) + 2 * len(self.key) + len(self.path) + _ENTRY_COST
+
+
+_ENTRY_COST = 512   # the objects of an entry besides its strings, roughly
+
+
 def _text(status: int, message: str, extra: list[tuple[str, str]] | None = None) -> StaticResponse:
     body = (message + "\n").encode()
     headers = [("Content-Type", "text/plain; charset=utf-8")]
@@ -164,20 +272,43 @@ def _text(status: int, message: str, extra: list[tuple[str, str]] | None = None)
     return StaticResponse(status, headers, body, length=len(body))
 
 
+def _segments(path: str) -> list[str] | StaticResponse:
+    """The path's segments under root (decoded once), or the refusal (400, 403)."""
+    raw = urllib.parse.unquote_to_bytes(path)
+    if b"\x00" in raw:
+        return _text(400, "bad path")
+    segs = []
+    for seg in raw.split(b"/"):
+        if seg == b"..":
+            return _text(403, "path traversal refused")
+        if seg and seg != b".":
+            segs.append(os.fsdecode(seg))
+    return segs
+
+
 class StaticFiles:
     """Answers GET/HEAD/OPTIONS for the files under ``root``.
 
     A directory is answered with its ``index`` file if there is one, else with
     a small HTML listing (``listing=False``: 403); a directory path without a
-    trailing ``/`` is redirected (301) to the one with it.  Files carry
-    ``Last-Modified``, an ``ETag``, ``Accept-Ranges: bytes``; conditional
-    requests get 304 and single byte ranges 206 (or 416).  Raises
-    ``NotADirectoryError`` if ``root`` is not a directory.
+    trailing ``/`` is redirected (301) to the one with it, and a file path
+    with one is a 404.  Files carry ``Last-Modified``, an ``ETag``,
+    ``Accept-Ranges: bytes``; ``If-Match`` / ``If-Unmodified-Since`` that fail
+    get 412, ``If-None-Match`` / ``If-Modified-Since`` 304, single byte ranges
+    206 (or 416).
+
+    Files up to ``cache_max_file`` bytes are kept in memory for ``cache_ttl``
+    seconds (:class:`CacheEntry`), at most ``cache_max_entries`` of them and
+    ``cache_max_bytes`` in all (entries counted with their overhead); expired
+    entries are dropped by :meth:`purge` (the server calls it every tick) or
+    when room is needed, the oldest first.  Raises ``NotADirectoryError`` if
+    ``root`` is not a directory.
     """
 
     def __init__(self, root: str | os.PathLike[str], index: str = "index.html",
                  listing: bool = True, cache_ttl: float = 1.0,
-                 cache_max_file: int = 64 * 1024, cache_max_bytes: int = 16 << 20) -> None:
+                 cache_max_file: int = 64 * 1024, cache_max_bytes: int = 16 << 20,
+                 cache_max_entries: int = 1024) -> None:
         real = os.path.realpath(os.fspath(root))
         if not os.path.isdir(real):
             raise NotADirectoryError(f"static root {os.fspath(root)!r} is not a directory")
@@ -188,8 +319,10 @@ class StaticFiles:
         self.cache_ttl = cache_ttl
         self.cache_max_file = cache_max_file
         self.cache_max_bytes = cache_max_bytes
-        self._cache: dict[str, tuple[float, StaticResponse]] = {}
-        self._cache_bytes = 0
+        self.cache_max_entries = cache_max_entries
+        #: The small-file cache: key (see :class:`CacheEntry`) → entry, oldest first.
+        self.cache: dict[str, CacheEntry] = {}
+        self.cache_bytes = 0
         self._lm: dict[int, str] = {}
 
     def respond(self, method: str, path: str, headers: Headers, query: str = "",
@@ -199,64 +332,86 @@ class StaticFiles:
         ``now`` (``time.time()``) dates the small-file cache; the response
         returned from the cache is shared: do not modify it.
         """
-        if method == "GET" or method == "HEAD":
-            if self.cache_ttl > 0 and not _conditional(headers.raw):
-                hit = self._cache.get(path)
-                if hit is not None:
-                    if hit[0] > (time.time() if now is None else now):
-                        return hit[1]
-                    self._uncache(path)
-                return self._respond(method, path, headers, query, path, now)
-            return self._respond(method, path, headers, query, None, now)
-        if method == "OPTIONS":
-            return StaticResponse(204, [("Allow", ALLOW)])
-        return _text(405, f"{method} is not allowed here", [("Allow", ALLOW)])
+        if method != "GET" and method != "HEAD":
+            if method == "OPTIONS":
+                return StaticResponse(204, [("Allow", ALLOW)])
+            return _text(405, f"{method} is not allowed here", [("Allow", ALLOW)])
+        segs = _segments(path)
+        if isinstance(segs, StaticResponse):
+            return segs
+        slash = path.endswith("/")
+        key: str | None = None
+        if self.cache_ttl > 0 and not _conditional(headers.raw):
+            key = "/".join(segs) + "/" if slash and segs else "/".join(segs)
+            hit = self.cache.get(key)
+            if hit is not None:
+                if hit.expires > (time.time() if now is None else now):
+                    return hit.response
+                self._drop(key)
+        return self._respond(segs, slash, query, headers, key, now)
 
-    def _uncache(self, key: str) -> None:
-        entry = self._cache.pop(key, None)
+    def purge(self, now: float | None = None) -> int:
+        """Drop the expired cache entries; returns how many went."""
+        now = time.time() if now is None else now
+        old = [k for k, e in self.cache.items() if e.expires <= now]
+        for k in old:
+            self._drop(k)
+        return len(old)
+
+    def _drop(self, key: str) -> None:
+        entry = self.cache.pop(key, None)
         if entry is not None:
-            self._cache_bytes -= len(entry[1].body)
+            self.cache_bytes -= entry.cost
 
-    def _respond(self, method: str, path: str, headers: Headers, query: str,
-                 cache_key: str | None, now: float | None) -> StaticResponse:
-        raw = urllib.parse.unquote_to_bytes(path)
-        if b"\x00" in raw:
-            return _text(400, "bad path")
-        segs = []
-        for seg in raw.split(b"/"):
-            if seg == b"..":
-                return _text(403, "path traversal refused")
-            if seg and seg != b".":
-                segs.append(os.fsdecode(seg))
+    def _store(self, entry: CacheEntry, now: float) -> None:
+        cost = entry.cost
+        if cost > self.cache_max_bytes or self.cache_max_entries < 1:
+            return
+        self._drop(entry.key)
+        cache = self.cache
+        if len(cache) >= self.cache_max_entries or self.cache_bytes + cost > self.cache_max_bytes:
+            self.purge(now)
+            while cache and (len(cache) >= self.cache_max_entries
+                             or self.cache_bytes + cost > self.cache_max_bytes):
+                self._drop(next(iter(cache)))
+        cache[entry.key] = entry
+        self.cache_bytes += cost
+
+    def _respond(self, segs: list[str], slash: bool, query: str, headers: Headers,
+                 key: str | None, now: float | None) -> StaticResponse:
         target = os.path.join(self.root, *segs)
-        fd, st = self._open(target)
+        fd, st, real = self._open(target)
         if fd < 0:
             return _text(-fd, "not found" if fd == -404 else "forbidden")
         if stat.S_ISDIR(st.st_mode):
             os.close(fd)
-            if not path.endswith("/"):
-                loc = path + "/" + ("?" + query if query else "")
-                return _text(301, "moved", [("Location", loc)])
-            ifd, ist = self._open(os.path.join(target, self.index))
+            if not slash:
+                # built from the segments: "//sub" must not become "//sub/" (another host)
+                loc = "".join("/" + urllib.parse.quote(os.fsencode(s)) for s in segs) + "/"
+                return _text(301, "moved", [("Location", loc + ("?" + query if query else ""))])
+            ifd, ist, ireal = self._open(os.path.join(target, self.index))
             if ifd >= 0 and stat.S_ISREG(ist.st_mode):
-                return self._file(ifd, ist, self.index, headers, cache_key, now)
+                return self._file(ifd, ist, ireal, self.index, headers, key, now)
             if ifd >= 0:
                 os.close(ifd)
             if not self.listing:
                 return _text(403, "directory listing is disabled")
-            return self._listing(target, path)
-        return self._file(fd, st, segs[-1] if segs else "", headers, cache_key, now)
+            return self._listing(target, "/" + "/".join(segs) + ("/" if segs else ""))
+        if slash:  # "/index.html/": a file is not a directory
+            os.close(fd)
+            return _text(404, "not found")
+        return self._file(fd, st, real, segs[-1] if segs else "", headers, key, now)
 
-    def _open(self, target: str) -> tuple[int, os.stat_result]:
-        """(fd, stat) of the file at ``target`` if it lies under root, else (-status, ...)."""
+    def _open(self, target: str) -> tuple[int, os.stat_result, str]:
+        """(fd, stat, real path) of the file at ``target`` if under root, else (-status, ...)."""
         try:
             fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
         except (FileNotFoundError, NotADirectoryError):
-            return -404, _NO_STAT
+            return -404, _NO_STAT, ""
         except PermissionError:
-            return -403, _NO_STAT
+            return -403, _NO_STAT, ""
         except OSError:
-            return -404, _NO_STAT
+            return -404, _NO_STAT, ""
         try:
             try:
                 real = os.readlink(f"/proc/self/fd/{fd}")
@@ -264,59 +419,66 @@ class StaticFiles:
                 real = os.path.realpath(target)
             if real != self.root and not real.startswith(self._prefix):
                 os.close(fd)
-                return -404, _NO_STAT
+                return -404, _NO_STAT, ""
             st = os.fstat(fd)
         except BaseException:
             os.close(fd)
             raise
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
             os.close(fd)
-            return -403, _NO_STAT
-        return fd, st
+            return -403, _NO_STAT, ""
+        return fd, st, real
 
-    def _file(self, fd: int, st: os.stat_result, name: str, headers: Headers,
-              cache_key: str | None = None, now: float | None = None) -> StaticResponse:
-        size = st.st_size
-        mtime = int(st.st_mtime)
-        lm = self._lm.get(mtime)
-        if lm is None:
-            if len(self._lm) > 4096:
-                self._lm.clear()
-            lm = self._lm[mtime] = formatdate(mtime, usegmt=True)
-        etag = f'"{st.st_mtime_ns:x}-{size:x}"'
-        fields = [("Content-Type", content_type(name)), ("Last-Modified", lm), ("ETag", etag),
-                  ("Accept-Ranges", "bytes")]
-        if headers.raw and (len(headers.raw) > 1 or headers.raw[0][0].lower() != b"host"):
-            if not_modified(headers, mtime, etag):
-                os.close(fd)
-                return StaticResponse(304, fields[1:3])
-            rng = headers.get("range")
-            if rng is not None and _if_range_ok(headers, lm, etag):
-                span = parse_range(rng, size)
-                if span is False:
-                    os.close(fd)
-                    return _text(416, "range not satisfiable",
-                                 [("Content-Range", f"bytes */{size}")])
-                if span is not None:
-                    assert not isinstance(span, bool)
-                    start, end = span
-                    fields.append(("Content-Range", f"bytes {start}-{end}/{size}"))
-                    return StaticResponse(206, fields, fd=fd, offset=start, length=end - start + 1)
-        if cache_key is not None and size <= self.cache_max_file:
-            try:
-                data = os.pread(fd, size, 0)
-            finally:
-                os.close(fd)
-            if len(data) != size:  # changed while we read: do not keep it
-                return StaticResponse(200, fields, data, length=len(data))
-            resp = StaticResponse(200, fields, data, length=size)
-            if self._cache_bytes + size > self.cache_max_bytes:
-                self._cache.clear()
-                self._cache_bytes = 0
-            self._cache[cache_key] = ((time.time() if now is None else now) + self.cache_ttl, resp)
-            self._cache_bytes += size
-            return resp
-        return StaticResponse(200, fields, fd=fd, offset=0, length=size)
+    def _file(self, fd: int, st: os.stat_result, real: str, name: str, headers: Headers,
+              key: str | None = None, now: float | None = None) -> StaticResponse:
+        """The answer for open file ``fd``, which this method owns: closed on every path
+        that does not hand it on (in a ``StaticResponse``), and on any error."""
+        try:
+            size = st.st_size
+            mtime = int(st.st_mtime)
+            lm = self._lm.get(mtime)
+            if lm is None:
+                if len(self._lm) > 4096:
+                    self._lm.clear()
+                lm = self._lm[mtime] = formatdate(mtime, usegmt=True)
+            etag = f'"{st.st_mtime_ns:x}-{size:x}"'
+            fields = [("Content-Type", content_type(name)), ("Last-Modified", lm), ("ETag", etag),
+                      ("Accept-Ranges", "bytes")]
+            answer: StaticResponse | None = None
+            if headers.raw and (len(headers.raw) > 1 or headers.raw[0][0].lower() != b"host"):
+                if precondition_failed(headers, mtime, etag):
+                    answer = _text(412, "precondition failed", fields[1:3])
+                elif not_modified(headers, mtime, etag):
+                    answer = StaticResponse(304, fields[1:3])
+                else:
+                    rng = headers.get("range")
+                    if rng is not None and _if_range_ok(headers, lm, etag):
+                        span = parse_range(rng, size)
+                        if span is False:
+                            answer = _text(416, "range not satisfiable",
+                                           [("Content-Range", f"bytes */{size}")])
+                        elif span is not None:
+                            assert not isinstance(span, bool)
+                            start, end = span
+                            fields.append(("Content-Range", f"bytes {start}-{end}/{size}"))
+                            return StaticResponse(206, fields, fd=fd, offset=start,
+                                                  length=end - start + 1)
+            if answer is None and (key is None or size > self.cache_max_file):
+                return StaticResponse(200, fields, fd=fd, offset=0, length=size)
+            data = b"" if answer is not None else os.pread(fd, size, 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+        if answer is not None:
+            return answer
+        resp = StaticResponse(200, fields, data, length=len(data))
+        if len(data) == size and key is not None:   # (else it changed while we read)
+            now = time.time() if now is None else now
+            head = "".join(f"{k}: {v}\r\n" for k, v in fields).encode("latin-1")
+            self._store(CacheEntry(key, real, data, head, st.st_mtime_ns, size, etag,
+                                   now + self.cache_ttl, resp), now)
+        return resp
 
     def _listing(self, directory: str, path: str) -> StaticResponse:
         try:

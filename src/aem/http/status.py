@@ -4,9 +4,17 @@
 (``aem.stats()``), the server's own, and when the process has them the
 capsule pool's and the vmtable's (looked up defensively: builds without
 capsules or a vmtable simply have no such section).  :func:`render_html`
-makes a page that refreshes itself (a small script fetches the JSON every
-two seconds; without scripts, a meta refresh reloads it), :func:`render_json`
-the same data as JSON; :func:`wants_json` reads the ``Accept`` header.
+makes a page that refreshes itself (a small script fetches the page again
+every two seconds and swaps its tables; without scripts, a meta refresh
+reloads it): rows in natural order (numbers inside names by value), values
+rounded (:func:`format_value`: ``yes``/``no`` for booleans, thousands
+separators), and a sentence instead of an empty table (:data:`EMPTY`).
+:func:`render_json` gives the same data as JSON, at ``?format=json`` or for
+``Accept: application/json`` (:func:`wants_json`).
+
+The page is an option of the server (``HTTPServer(status_page=True)``,
+``aem serve --status``), off by default: it tells anyone who can reach the
+server about the process, and when it is off the path is an ordinary one.
 """
 
 from __future__ import annotations
@@ -14,20 +22,28 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import aem
 
-__all__ = ["PATH", "collect", "render_html", "render_json", "wants_json"]
+__all__ = ["EMPTY", "PATH", "SECTIONS", "collect", "format_value", "render_html", "render_json",
+           "wants_json"]
 
 #: Where the server answers with this page.
 PATH = "/_aem/status"
 
 
-def wants_json(accept: str | None) -> bool:
-    """True when ``Accept`` prefers ``application/json`` over ``text/html``."""
+def wants_json(accept: str | None, query: str = "") -> bool:
+    """True for ``?format=json``, or when ``Accept`` prefers ``application/json`` over HTML."""
+    if query:
+        for part in query.split("&"):
+            if part == "format=json":
+                return True
+            if part.startswith("format="):
+                return False
     if not accept:
         return False
     best_json = best_html = -1.0
@@ -93,49 +109,76 @@ def render_json(data: Mapping[str, Any]) -> bytes:
     return json.dumps(data, default=str, sort_keys=True).encode()
 
 
+#: Shown in place of a section's table when the process has nothing to show there.
+EMPTY: dict[str, str] = {
+    "engine": "The engine has no counters yet.",
+    "server": "The server has no counters yet.",
+    "capsules": "No capsule pool in this process: capsules start with the first EVF_CAPSULE "
+                "handler or with aem serve --workers.",
+    "vmtable": "No vmtable in this process: it appears once a vmtable is created.",
+}
+SECTIONS = ("engine", "server", "capsules", "vmtable")
+
+
+def _natural(key: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key that orders the numbers inside names by value (``size.64`` before ``size.512``)."""
+    return tuple((0, int(t)) if t.isdecimal() and t.isascii() else (1, t)
+                 for t in re.split(r"(\d+)", key) if t)
+
+
+def format_value(value: Any) -> str:
+    """A value as the page shows it: ``yes``/``no``, integers with thousands separators,
+    other numbers rounded to three significant digits (at most one decimal from 100 up)."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            return str(value)
+        if value.is_integer() and abs(value) < 1e15:
+            return f"{int(value):,}"
+        if abs(value) >= 100:
+            return f"{value:,.1f}"
+        return f"{value:.3g}"
+    if value is None:
+        return "—"
+    return str(value)
+
+
 def _rows(prefix: str, value: Any, out: list[tuple[str, str]]) -> None:
     if isinstance(value, Mapping):
-        for k in sorted(value, key=str):
+        if not value and prefix:
+            out.append((prefix, "none yet"))
+        for k in sorted(value, key=lambda k: _natural(str(k))):
             _rows(f"{prefix}.{k}" if prefix else str(k), value[k], out)
     else:
-        out.append((prefix, str(value)))
+        out.append((prefix, format_value(value)))
 
 
-def _table(section: str, values: Mapping[str, Any]) -> str:
+def _table(section: str, values: Any) -> str:
     rows: list[tuple[str, str]] = []
-    _rows("", values, rows)
+    if isinstance(values, Mapping):
+        _rows("", values, rows)
+    if not rows:
+        return (f'<section id="{section}"><h2>{section}</h2>'
+                f'<p class="empty">{html.escape(EMPTY[section])}</p></section>')
     body = "".join(f'<tr><th scope="row">{html.escape(k)}</th><td data-key="{html.escape(k)}">'
                    f"{html.escape(v)}</td></tr>" for k, v in rows)
     return (f'<section id="{section}"><h2>{section}</h2><table>'
             f"<tbody>{body}</tbody></table></section>")
 
 
+# The page refreshes its tables from the page itself (rendered by the server, so values
+# look the same before and after a refresh); the JSON is for programs.
 _SCRIPT = """
-const SECTIONS = ["engine", "server", "capsules", "vmtable"];
-function rows(prefix, v, out) {
-  if (v !== null && typeof v === "object") {
-    for (const k of Object.keys(v).sort()) rows(prefix ? prefix + "." + k : k, v[k], out);
-  } else out.push([prefix, String(v)]);
-}
 async function refresh() {
   try {
-    const r = await fetch(location.pathname,
-                          {headers: {"Accept": "application/json"}, cache: "no-store"});
-    const data = await r.json();
-    let html = "";
-    for (const s of SECTIONS) {
-      if (!(s in data)) continue;
-      const out = []; rows("", data[s], out);
-      const esc = t => t.replace(/[&<>"]/g,
-        c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}[c]));
-      html += `<section id="${s}"><h2>${s}</h2><table><tbody>` +
-        out.map(([k, v]) => `<tr><th scope="row">${esc(k)}</th>` +
-                            `<td data-key="${esc(k)}">${esc(v)}</td></tr>`).join("") +
-        "</tbody></table></section>";
-    }
-    document.getElementById("stats").innerHTML = html;
+    const r = await fetch(location.pathname + "?format=html", {cache: "no-store"});
+    const doc = new DOMParser().parseFromString(await r.text(), "text/html");
+    document.getElementById("stats").replaceWith(doc.getElementById("stats"));
     const u = document.getElementById("updated");
-    u.textContent = "live, updated " + new Date(data.time * 1000).toLocaleTimeString();
+    u.textContent = "live, updated " + new Date().toLocaleTimeString();
     u.dataset.state = "live";
   } catch (e) {
     document.getElementById("updated").textContent = "refresh failed: " + e;
@@ -151,14 +194,14 @@ h1{font-size:1.3em} h2{font-size:1.05em;margin:1em 0 .3em}
 table{border-collapse:collapse;min-width:24em} th{text-align:left;font-weight:normal;color:#555}
 th,td{padding:2px 10px;border-bottom:1px solid #eee}
 td{font-variant-numeric:tabular-nums;text-align:right}
+.empty{color:#777;font-style:italic}
 #updated{color:#777}
 """
 
 
 def render_html(data: Mapping[str, Any]) -> bytes:
     """A page showing ``data`` in tables, refreshing itself every two seconds."""
-    sections = "".join(_table(s, data[s]) for s in ("engine", "server", "capsules", "vmtable")
-                       if isinstance(data.get(s), Mapping))
+    sections = "".join(_table(s, data.get(s)) for s in SECTIONS)
     stamp = time.strftime("%H:%M:%S", time.localtime(float(data.get("time", time.time()))))
     page = (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'

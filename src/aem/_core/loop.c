@@ -1,0 +1,669 @@
+/* loop.c — aem._core.LoopCore: the hot core of aem.EventLoop (asyncio on the engine).
+ *
+ * What asyncio's BaseEventLoop does in Python on every callback is done here:
+ *
+ *   call_soon / _call_soon / _add_callback  -> a ring buffer of ready handles
+ *   call_later / call_at                    -> a binary min-heap of (when, seq, handle)
+ *   _run_once                               -> drop cancelled timers, wait (the selector:
+ *                                              one aem engine turn), move due timers to
+ *                                              the ready ring, run what was ready
+ *
+ * The handles are asyncio's own classes (asyncio.Handle, asyncio.TimerHandle),
+ * allocated here and filled through their __slots__ (the slot offsets are read
+ * from the classes' member descriptors once), so isinstance checks, cancel(),
+ * repr() and every other use of them by asyncio and by programs work unchanged.
+ * Each handle runs in its contextvars context; an exception goes to the loop's
+ * exception handler through loop._aem_report (SystemExit and KeyboardInterrupt
+ * propagate, as in asyncio).  Debug mode runs handles through loop._aem_run_debug
+ * (slow-callback warnings) and the loop's Python call_soon/call_at (source
+ * tracebacks).
+ *
+ * Ties: timers due at the same instant run in the order they were scheduled.
+ * Errors: functions return 0 or a negative value with a Python exception set.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <time.h>
+
+#include "pyaem.h"
+
+/* Offsets of asyncio.Handle / asyncio.TimerHandle slots (same for every loop). */
+static Py_ssize_t off_callback = -1, off_args, off_cancelled, off_loop, off_source_tb, off_repr,
+                  off_context, off_scheduled, off_when;
+
+#define SLOT(o, off) (*(PyObject **)((char *)(o) + (off)))
+
+typedef struct {
+    double when;
+    uint64_t seq;
+    PyObject *handle;   /* a TimerHandle (owned) */
+} tent;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *loop;           /* the aem.EventLoop (the handles' _loop) */
+    PyTypeObject *handle_type, *timer_type;
+    PyObject *select;         /* selector.select */
+    PyObject *process_events; /* loop._process_events */
+    PyObject *report;         /* loop._aem_report(handle, exc) */
+    PyObject *run_debug;      /* loop._aem_run_debug(handle) */
+    PyObject **ring;          /* ready handles: ring[(head + i) % cap], i < len; cap a power of 2 */
+    Py_ssize_t head, len, cap;
+    tent *heap;
+    Py_ssize_t hlen, hcap;
+    uint64_t seq;
+    Py_ssize_t cancelled;     /* cancelled timers still in the heap */
+    double clock_resolution;
+    int closed, debug;
+} LoopCoreObject;
+
+static PyTypeObject *LoopCore_Type;
+static PyObject *str_stopping;
+
+static inline double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* ---- slot offsets --------------------------------------------------------------------------- */
+
+static int slot_offset(PyObject *cls, const char *name, Py_ssize_t *out) {
+    PyObject *d = PyObject_GetAttrString(cls, name);
+    if (!d) return -1;
+    if (!Py_IS_TYPE(d, &PyMemberDescr_Type)) {
+        PyErr_Format(PyExc_TypeError, "%R.%s is not a slot: this asyncio is not supported", cls, name);
+        Py_DECREF(d);
+        return -1;
+    }
+    *out = ((PyMemberDescrObject *)d)->d_member->offset;
+    Py_DECREF(d);
+    return 0;
+}
+
+static int read_offsets(PyObject *handle_type, PyObject *timer_type) {
+    if (off_callback >= 0) return 0;
+    Py_ssize_t cb;
+    if (slot_offset(handle_type, "_callback", &cb) < 0 || slot_offset(handle_type, "_args", &off_args) < 0 ||
+        slot_offset(handle_type, "_cancelled", &off_cancelled) < 0 ||
+        slot_offset(handle_type, "_loop", &off_loop) < 0 ||
+        slot_offset(handle_type, "_source_traceback", &off_source_tb) < 0 ||
+        slot_offset(handle_type, "_repr", &off_repr) < 0 ||
+        slot_offset(handle_type, "_context", &off_context) < 0 ||
+        slot_offset(timer_type, "_scheduled", &off_scheduled) < 0 ||
+        slot_offset(timer_type, "_when", &off_when) < 0)
+        return -1;
+    off_callback = cb;
+    return 0;
+}
+
+/* A new handle of `type` with every slot of asyncio.Handle set (steals nothing). */
+static PyObject *new_handle(LoopCoreObject *self, PyTypeObject *type, PyObject *callback,
+                            PyObject *args, PyObject *context) {
+    PyObject *h = type->tp_alloc(type, 0);
+    if (!h) return NULL;
+    if (context == NULL || context == Py_None) {
+        context = PyContext_CopyCurrent();
+        if (!context) {
+            Py_DECREF(h);
+            return NULL;
+        }
+    } else {
+        Py_INCREF(context);
+    }
+    SLOT(h, off_context) = context;
+    SLOT(h, off_loop) = Py_NewRef(self->loop);
+    SLOT(h, off_callback) = Py_NewRef(callback);
+    SLOT(h, off_args) = Py_NewRef(args);
+    SLOT(h, off_cancelled) = Py_NewRef(Py_False);
+    SLOT(h, off_repr) = Py_NewRef(Py_None);
+    SLOT(h, off_source_tb) = Py_NewRef(Py_None);
+    return h;
+}
+
+static inline int is_cancelled(PyObject *h) { return SLOT(h, off_cancelled) == Py_True; }
+
+/* ---- the ready ring ---------------------------------------------------------------------------- */
+
+static int ring_push(LoopCoreObject *self, PyObject *h) {  /* takes a new reference */
+    if (self->len == self->cap) {
+        Py_ssize_t cap = self->cap ? self->cap * 2 : 1024;
+        PyObject **r = PyMem_Malloc(sizeof(PyObject *) * (size_t)cap);
+        if (!r) {
+            Py_DECREF(h);
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (Py_ssize_t i = 0; i < self->len; i++) r[i] = self->ring[(self->head + i) & (self->cap - 1)];
+        PyMem_Free(self->ring);
+        self->ring = r;
+        self->head = 0;
+        self->cap = cap;
+    }
+    self->ring[(self->head + self->len) & (self->cap - 1)] = h;
+    self->len++;
+    return 0;
+}
+
+static PyObject *ring_pop(LoopCoreObject *self) {  /* returns the reference */
+    PyObject *h = self->ring[self->head];
+    self->head = (self->head + 1) & (self->cap - 1);
+    self->len--;
+    return h;
+}
+
+static void ring_clear(LoopCoreObject *self) {
+    while (self->len) {
+        PyObject *h = ring_pop(self);
+        Py_DECREF(h);
+    }
+}
+
+/* ---- the timer heap ------------------------------------------------------------------------------ */
+
+static inline int tbefore(const tent *a, const tent *b) {
+    return a->when < b->when || (a->when == b->when && a->seq < b->seq);
+}
+
+static void sift_up(tent *heap, Py_ssize_t i) {
+    tent t = heap[i];
+    while (i > 0) {
+        Py_ssize_t p = (i - 1) / 2;
+        if (!tbefore(&t, &heap[p])) break;
+        heap[i] = heap[p];
+        i = p;
+    }
+    heap[i] = t;
+}
+
+static void sift_down(tent *heap, Py_ssize_t n, Py_ssize_t i) {
+    tent t = heap[i];
+    for (;;) {
+        Py_ssize_t c = 2 * i + 1;
+        if (c >= n) break;
+        if (c + 1 < n && tbefore(&heap[c + 1], &heap[c])) c++;
+        if (!tbefore(&heap[c], &t)) break;
+        heap[i] = heap[c];
+        i = c;
+    }
+    heap[i] = t;
+}
+
+static int heap_push(LoopCoreObject *self, double when, PyObject *h) {  /* takes a new reference */
+    if (self->hlen == self->hcap) {
+        Py_ssize_t cap = self->hcap ? self->hcap * 2 : 256;
+        tent *n = PyMem_Realloc(self->heap, sizeof(tent) * (size_t)cap);
+        if (!n) {
+            Py_DECREF(h);
+            PyErr_NoMemory();
+            return -1;
+        }
+        self->heap = n;
+        self->hcap = cap;
+    }
+    self->heap[self->hlen] = (tent){.when = when, .seq = self->seq++, .handle = h};
+    sift_up(self->heap, self->hlen++);
+    Py_SETREF(SLOT(h, off_scheduled), Py_NewRef(Py_True));
+    return 0;
+}
+
+static PyObject *heap_pop(LoopCoreObject *self) {  /* returns the reference */
+    PyObject *h = self->heap[0].handle;
+    if (--self->hlen > 0) {
+        self->heap[0] = self->heap[self->hlen];
+        sift_down(self->heap, self->hlen, 0);
+    }
+    Py_SETREF(SLOT(h, off_scheduled), Py_NewRef(Py_False));
+    return h;
+}
+
+static void heap_clear(LoopCoreObject *self) {
+    while (self->hlen) {
+        PyObject *h = heap_pop(self);
+        Py_DECREF(h);
+    }
+    self->cancelled = 0;
+}
+
+/* Drop cancelled timers: all of them when they are many, else those at the top. */
+static void heap_prune(LoopCoreObject *self) {
+    if (self->hlen > 100 && self->cancelled * 2 > self->hlen) {
+        Py_ssize_t k = 0;
+        for (Py_ssize_t i = 0; i < self->hlen; i++) {
+            PyObject *h = self->heap[i].handle;
+            if (is_cancelled(h)) {
+                Py_SETREF(SLOT(h, off_scheduled), Py_NewRef(Py_False));
+                Py_DECREF(h);
+            } else {
+                self->heap[k++] = self->heap[i];
+            }
+        }
+        self->hlen = k;
+        for (Py_ssize_t i = k / 2; i-- > 0;) sift_down(self->heap, k, i);
+        self->cancelled = 0;
+        return;
+    }
+    while (self->hlen && is_cancelled(self->heap[0].handle)) {
+        self->cancelled--;
+        PyObject *h = heap_pop(self);
+        Py_DECREF(h);
+    }
+}
+
+/* ---- methods: scheduling -------------------------------------------------------------------------- */
+
+static int check_closed(LoopCoreObject *self) {
+    if (self->closed) {
+        PyErr_SetString(PyExc_RuntimeError, "Event loop is closed");
+        return -1;
+    }
+    return 0;
+}
+
+/* Parse (fixed..., callback, *args, context=None): the args tuple and the context. */
+static int parse_cb(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, Py_ssize_t fixed,
+                    const char *name, PyObject **tuple, PyObject **context) {
+    *context = NULL;
+    if (nargs < fixed + 1) {
+        PyErr_Format(PyExc_TypeError, "%s() missing required positional arguments", name);
+        return -1;
+    }
+    if (kwnames) {
+        Py_ssize_t nk = PyTuple_GET_SIZE(kwnames);
+        for (Py_ssize_t i = 0; i < nk; i++) {
+            PyObject *k = PyTuple_GET_ITEM(kwnames, i);
+            if (!PyUnicode_Check(k) || PyUnicode_CompareWithASCIIString(k, "context") != 0) {
+                PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument %R", name, k);
+                return -1;
+            }
+            *context = args[nargs + i];
+        }
+    }
+    Py_ssize_t n = nargs - fixed - 1;
+    *tuple = PyTuple_New(n);
+    if (!*tuple) return -1;
+    for (Py_ssize_t i = 0; i < n; i++) PyTuple_SET_ITEM(*tuple, i, Py_NewRef(args[fixed + 1 + i]));
+    return 0;
+}
+
+static PyObject *soon(LoopCoreObject *self, PyObject *callback, PyObject *tuple, PyObject *context) {
+    PyObject *h = new_handle(self, self->handle_type, callback, tuple, context);
+    if (!h) return NULL;
+    if (ring_push(self, Py_NewRef(h)) < 0) {
+        Py_DECREF(h);
+        return NULL;
+    }
+    return h;
+}
+
+/* call_soon(callback, *args, context=None) */
+static PyObject *core_call_soon(LoopCoreObject *self, PyObject *const *args, Py_ssize_t nargs,
+                                PyObject *kwnames) {
+    PyObject *tuple, *context;
+    if (check_closed(self) < 0 || parse_cb(args, nargs, kwnames, 0, "call_soon", &tuple, &context) < 0)
+        return NULL;
+    PyObject *h = soon(self, args[0], tuple, context);
+    Py_DECREF(tuple);
+    return h;
+}
+
+/* _call_soon(callback, args, context): asyncio's internal entry (call_soon_threadsafe ...). */
+static PyObject *core__call_soon(LoopCoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyTuple_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "_call_soon(callback, args: tuple, context)");
+        return NULL;
+    }
+    return soon(self, args[0], args[1], args[2]);
+}
+
+static PyObject *schedule(LoopCoreObject *self, double when, PyObject *when_obj, PyObject *const *args,
+                          Py_ssize_t nargs, PyObject *kwnames, const char *name) {
+    PyObject *tuple, *context;
+    if (check_closed(self) < 0 || parse_cb(args, nargs, kwnames, 1, name, &tuple, &context) < 0) return NULL;
+    PyObject *h = new_handle(self, self->timer_type, args[1], tuple, context);
+    Py_DECREF(tuple);
+    if (!h) return NULL;
+    SLOT(h, off_when) = when_obj;  /* the reference is the caller's, given to the handle */
+    SLOT(h, off_scheduled) = Py_NewRef(Py_False);
+    if (heap_push(self, when, Py_NewRef(h)) < 0) {
+        Py_DECREF(h);
+        return NULL;
+    }
+    return h;
+}
+
+static int as_seconds(PyObject *o, const char *what, double *out) {
+    if (o == Py_None) {
+        PyErr_Format(PyExc_TypeError, "%s cannot be None", what);
+        return -1;
+    }
+    *out = PyFloat_AsDouble(o);
+    if (*out == -1.0 && PyErr_Occurred()) return -1;
+    if (*out != *out) {
+        PyErr_Format(PyExc_ValueError, "%s is NaN", what);
+        return -1;
+    }
+    return 0;
+}
+
+/* call_later(delay, callback, *args, context=None) */
+static PyObject *core_call_later(LoopCoreObject *self, PyObject *const *args, Py_ssize_t nargs,
+                                 PyObject *kwnames) {
+    double delay;
+    if (nargs < 1) {
+        PyErr_SetString(PyExc_TypeError, "call_later() missing required argument 'delay'");
+        return NULL;
+    }
+    if (args[0] == Py_None) {
+        PyErr_SetString(PyExc_TypeError, "delay must not be None");
+        return NULL;
+    }
+    if (as_seconds(args[0], "delay", &delay) < 0) return NULL;
+    double when = now_s() + delay;
+    PyObject *w = PyFloat_FromDouble(when);
+    if (!w) return NULL;
+    PyObject *h = schedule(self, when, w, args, nargs, kwnames, "call_later");
+    if (!h) Py_DECREF(w);
+    return h;
+}
+
+/* call_at(when, callback, *args, context=None) */
+static PyObject *core_call_at(LoopCoreObject *self, PyObject *const *args, Py_ssize_t nargs,
+                              PyObject *kwnames) {
+    double when;
+    if (nargs < 1) {
+        PyErr_SetString(PyExc_TypeError, "call_at() missing required argument 'when'");
+        return NULL;
+    }
+    if (as_seconds(args[0], "when", &when) < 0) return NULL;
+    PyObject *h = schedule(self, when, Py_NewRef(args[0]), args, nargs, kwnames, "call_at");
+    if (!h) Py_DECREF(args[0]);
+    return h;
+}
+
+/* _add_callback(handle): a ready handle made elsewhere (selector events, debug mode). */
+static PyObject *core_add_callback(LoopCoreObject *self, PyObject *h) {
+    if (!PyObject_TypeCheck(h, self->handle_type)) {
+        PyErr_SetString(PyExc_TypeError, "_add_callback() needs an asyncio.Handle");
+        return NULL;
+    }
+    if (!is_cancelled(h) && ring_push(self, Py_NewRef(h)) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* _push_timer(timer_handle): a TimerHandle made elsewhere (debug mode's call_at). */
+static PyObject *core_push_timer(LoopCoreObject *self, PyObject *h) {
+    if (!PyObject_TypeCheck(h, self->timer_type)) {
+        PyErr_SetString(PyExc_TypeError, "_push_timer() needs an asyncio.TimerHandle");
+        return NULL;
+    }
+    double when;
+    if (as_seconds(SLOT(h, off_when), "when", &when) < 0) return NULL;
+    if (heap_push(self, when, Py_NewRef(h)) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* _timer_handle_cancelled(handle): TimerHandle.cancel() tells the loop. */
+static PyObject *core_timer_cancelled(LoopCoreObject *self, PyObject *h) {
+    if (PyObject_TypeCheck(h, self->timer_type) && SLOT(h, off_scheduled) == Py_True) self->cancelled++;
+    Py_RETURN_NONE;
+}
+
+static PyObject *core_time(LoopCoreObject *self, PyObject *unused) { return PyFloat_FromDouble(now_s()); }
+
+/* ---- the turn --------------------------------------------------------------------------------------- */
+
+static int run_handle(LoopCoreObject *self, PyObject *h) {
+    if (self->debug) {
+        PyObject *r = PyObject_CallOneArg(self->run_debug, h);
+        Py_XDECREF(r);
+        return r ? 0 : -1;
+    }
+    PyObject *cb = Py_NewRef(SLOT(h, off_callback));
+    PyObject *a = Py_NewRef(SLOT(h, off_args));
+    PyObject *ctx = Py_NewRef(SLOT(h, off_context));
+    PyObject *r = NULL;
+    if (PyContext_Enter(ctx) == 0) {
+        r = PyObject_Vectorcall(cb, &PyTuple_GET_ITEM(a, 0), (size_t)PyTuple_GET_SIZE(a), NULL);
+        if (PyContext_Exit(ctx) < 0) Py_CLEAR(r);
+    }
+    Py_DECREF(cb);
+    Py_DECREF(a);
+    Py_DECREF(ctx);
+    if (r) {
+        Py_DECREF(r);
+        return 0;
+    }
+    if (PyErr_ExceptionMatches(PyExc_SystemExit) || PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) return -1;
+    PyObject *type, *exc, *tb;
+    PyErr_Fetch(&type, &exc, &tb);
+    PyErr_NormalizeException(&type, &exc, &tb);
+    if (tb && exc) PyException_SetTraceback(exc, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    if (!exc) exc = Py_NewRef(Py_None);
+    PyObject *rr = PyObject_CallFunctionObjArgs(self->report, h, exc, NULL);
+    Py_DECREF(exc);
+    Py_XDECREF(rr);
+    return rr ? 0 : -1;
+}
+
+/* _run_once(): one iteration of asyncio's loop (BaseEventLoop._run_once). */
+static PyObject *core_run_once(LoopCoreObject *self, PyObject *unused) {
+    heap_prune(self);
+    PyObject *timeout;
+    int stopping = 0;
+    if (!self->len) {
+        PyObject *s = PyObject_GetAttr(self->loop, str_stopping);
+        if (!s) return NULL;
+        stopping = PyObject_IsTrue(s);
+        Py_DECREF(s);
+        if (stopping < 0) return NULL;
+    }
+    if (self->len || stopping) {
+        timeout = PyFloat_FromDouble(0.0);
+    } else if (self->hlen) {
+        double t = self->heap[0].when - now_s();
+        timeout = PyFloat_FromDouble(t < 0 ? 0 : t > 86400 ? 86400 : t);
+    } else {
+        timeout = Py_NewRef(Py_None);
+    }
+    if (!timeout) return NULL;
+    PyObject *events = PyObject_CallOneArg(self->select, timeout);
+    Py_DECREF(timeout);
+    if (!events) return NULL;
+    if (!(PyList_Check(events) && PyList_GET_SIZE(events) == 0)) {
+        PyObject *r = PyObject_CallOneArg(self->process_events, events);
+        Py_DECREF(events);
+        if (!r) return NULL;
+        Py_DECREF(r);
+    } else {
+        Py_DECREF(events);
+    }
+    double end = now_s() + self->clock_resolution;
+    while (self->hlen && self->heap[0].when < end) {
+        PyObject *h = heap_pop(self);
+        if (is_cancelled(h)) {
+            self->cancelled--;
+            Py_DECREF(h);
+        } else if (ring_push(self, h) < 0) {
+            return NULL;
+        }
+    }
+    Py_ssize_t ntodo = self->len;
+    for (Py_ssize_t i = 0; i < ntodo && self->len; i++) {
+        PyObject *h = ring_pop(self);
+        int rc = is_cancelled(h) ? 0 : run_handle(self, h);
+        Py_DECREF(h);
+        if (rc < 0) return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* ---- the rest: sizes, clearing, state ----------------------------------------------------------------- */
+
+static PyObject *core_clear(LoopCoreObject *self, PyObject *unused) {
+    ring_clear(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *core_clear_timers(LoopCoreObject *self, PyObject *unused) {
+    heap_clear(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *core_append(LoopCoreObject *self, PyObject *h) {
+    if (ring_push(self, Py_NewRef(h)) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *core_popleft(LoopCoreObject *self, PyObject *unused) {
+    if (!self->len) {
+        PyErr_SetString(PyExc_IndexError, "pop from an empty ready queue");
+        return NULL;
+    }
+    return ring_pop(self);
+}
+
+static PyObject *core_timers(LoopCoreObject *self, PyObject *unused) {
+    PyObject *l = PyList_New(self->hlen);
+    if (!l) return NULL;
+    for (Py_ssize_t i = 0; i < self->hlen; i++) PyList_SET_ITEM(l, i, Py_NewRef(self->heap[i].handle));
+    return l;
+}
+
+static PyObject *core_set_state(LoopCoreObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"closed", "debug", NULL};
+    int closed = self->closed, debug = self->debug;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|pp:_set_state", kwlist, &closed, &debug)) return NULL;
+    self->closed = closed;
+    self->debug = debug;
+    Py_RETURN_NONE;
+}
+
+static Py_ssize_t core_len(LoopCoreObject *self) { return self->len; }
+
+static PyObject *core_get_ntimers(LoopCoreObject *self, void *unused) { return PyLong_FromSsize_t(self->hlen); }
+static PyObject *core_get_ncancelled(LoopCoreObject *self, void *unused) {
+    return PyLong_FromSsize_t(self->cancelled);
+}
+
+/* LoopCore(loop, handle_type, timer_type, select, process_events, report, run_debug, clock_resolution) */
+static int core_init(LoopCoreObject *self, PyObject *args, PyObject *kwds) {
+    PyObject *loop, *ht, *tt, *sel, *pe, *rep, *rd;
+    double res;
+    if (!PyArg_ParseTuple(args, "OO!O!OOOOd:LoopCore", &loop, &PyType_Type, &ht, &PyType_Type, &tt, &sel,
+                          &pe, &rep, &rd, &res))
+        return -1;
+    if (!PyType_IsSubtype((PyTypeObject *)tt, (PyTypeObject *)ht)) {
+        PyErr_SetString(PyExc_TypeError, "the timer handle type must derive from the handle type");
+        return -1;
+    }
+    if (read_offsets(ht, tt) < 0) return -1;
+    Py_XSETREF(self->loop, Py_NewRef(loop));
+    Py_XSETREF(self->handle_type, (PyTypeObject *)Py_NewRef(ht));
+    Py_XSETREF(self->timer_type, (PyTypeObject *)Py_NewRef(tt));
+    Py_XSETREF(self->select, Py_NewRef(sel));
+    Py_XSETREF(self->process_events, Py_NewRef(pe));
+    Py_XSETREF(self->report, Py_NewRef(rep));
+    Py_XSETREF(self->run_debug, Py_NewRef(rd));
+    self->clock_resolution = res;
+    return 0;
+}
+
+static int core_traverse(LoopCoreObject *self, visitproc visit, void *arg) {
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->loop);
+    Py_VISIT(self->handle_type);
+    Py_VISIT(self->timer_type);
+    Py_VISIT(self->select);
+    Py_VISIT(self->process_events);
+    Py_VISIT(self->report);
+    Py_VISIT(self->run_debug);
+    for (Py_ssize_t i = 0; i < self->len; i++) Py_VISIT(self->ring[(self->head + i) & (self->cap - 1)]);
+    for (Py_ssize_t i = 0; i < self->hlen; i++) Py_VISIT(self->heap[i].handle);
+    return 0;
+}
+
+static int core_clear_refs(LoopCoreObject *self) {
+    ring_clear(self);
+    heap_clear(self);
+    Py_CLEAR(self->loop);
+    Py_CLEAR(self->handle_type);
+    Py_CLEAR(self->timer_type);
+    Py_CLEAR(self->select);
+    Py_CLEAR(self->process_events);
+    Py_CLEAR(self->report);
+    Py_CLEAR(self->run_debug);
+    return 0;
+}
+
+static void core_dealloc(LoopCoreObject *self) {
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    core_clear_refs(self);
+    PyMem_Free(self->ring);
+    PyMem_Free(self->heap);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyMethodDef core_methods[] = {
+    {"call_soon", (PyCFunction)(void (*)(void))core_call_soon, METH_FASTCALL | METH_KEYWORDS,
+     "call_soon(callback, *args, context=None) -> asyncio.Handle"},
+    {"call_later", (PyCFunction)(void (*)(void))core_call_later, METH_FASTCALL | METH_KEYWORDS,
+     "call_later(delay, callback, *args, context=None) -> asyncio.TimerHandle"},
+    {"call_at", (PyCFunction)(void (*)(void))core_call_at, METH_FASTCALL | METH_KEYWORDS,
+     "call_at(when, callback, *args, context=None) -> asyncio.TimerHandle"},
+    {"_call_soon", (PyCFunction)(void (*)(void))core__call_soon, METH_FASTCALL,
+     "_call_soon(callback, args, context) -> asyncio.Handle"},
+    {"_add_callback", (PyCFunction)core_add_callback, METH_O, "Queue a ready handle (unless cancelled)."},
+    {"_push_timer", (PyCFunction)core_push_timer, METH_O, "Schedule a TimerHandle made elsewhere."},
+    {"_timer_handle_cancelled", (PyCFunction)core_timer_cancelled, METH_O, "A scheduled timer was cancelled."},
+    {"time", (PyCFunction)core_time, METH_NOARGS, "time() -> float: the loop's clock (CLOCK_MONOTONIC)."},
+    {"_run_once", (PyCFunction)core_run_once, METH_NOARGS, "One iteration of the loop."},
+    {"append", (PyCFunction)core_append, METH_O, "Queue a ready handle."},
+    {"popleft", (PyCFunction)core_popleft, METH_NOARGS, "Take the first ready handle."},
+    {"clear", (PyCFunction)core_clear, METH_NOARGS, "Drop every ready handle."},
+    {"clear_timers", (PyCFunction)core_clear_timers, METH_NOARGS, "Drop every scheduled timer."},
+    {"timers", (PyCFunction)core_timers, METH_NOARGS, "The scheduled TimerHandles (heap order)."},
+    {"_set_state", (PyCFunction)(void (*)(void))core_set_state, METH_VARARGS | METH_KEYWORDS,
+     "_set_state(closed=..., debug=...)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef core_getset[] = {
+    {"ntimers", (getter)core_get_ntimers, NULL, "Timers in the heap (cancelled ones included).", NULL},
+    {"ncancelled", (getter)core_get_ncancelled, NULL, "Cancelled timers still in the heap.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot core_slots[] = {
+    {Py_tp_doc, "The hot core of aem.EventLoop: ready queue, timer heap, the loop's turn."},
+    {Py_tp_init, core_init},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_dealloc, core_dealloc},
+    {Py_tp_traverse, core_traverse},
+    {Py_tp_clear, core_clear_refs},
+    {Py_tp_methods, core_methods},
+    {Py_tp_getset, core_getset},
+    {Py_sq_length, core_len},
+    {Py_mp_length, core_len},
+    {0, NULL},
+};
+
+static PyType_Spec core_spec = {
+    .name = "aem._core.LoopCore",
+    .basicsize = sizeof(LoopCoreObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .slots = core_slots,
+};
+
+int aem_loop_init_type(PyObject *module) {
+    str_stopping = PyUnicode_InternFromString("_stopping");
+    if (!str_stopping) return -1;
+    LoopCore_Type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &core_spec, NULL);
+    if (!LoopCore_Type) return -1;
+    return PyModule_AddObjectRef(module, "LoopCore", (PyObject *)LoopCore_Type);
+}

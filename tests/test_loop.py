@@ -1,0 +1,659 @@
+"""aem.EventLoop: the loop core, written once and run on asyncio's loop and on aem's."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+import pytest
+from loopkit import LoopRunner, lr
+
+import aem
+
+__all__ = ["lr"]
+
+var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="none")
+
+
+def test_call_soon_runs_in_order_with_args(lr: LoopRunner) -> None:
+    seen: list[int] = []
+
+    async def main() -> None:
+        for i in range(100):
+            lr.loop.call_soon(seen.append, i)
+        await asyncio.sleep(0)
+
+    lr.run(main())
+    assert seen == list(range(100))
+
+
+def test_call_later_order_cancel_and_when(lr: LoopRunner) -> None:
+    seen: list[str] = []
+
+    async def main() -> None:
+        loop = lr.loop
+        t0 = loop.time()
+        loop.call_later(0.03, seen.append, "c")
+        h = loop.call_later(0.02, seen.append, "never")
+        loop.call_later(0.01, seen.append, "a")
+        loop.call_at(t0 + 0.02, seen.append, "b")
+        assert isinstance(h, asyncio.TimerHandle)
+        assert h.when() >= t0 + 0.02
+        h.cancel()
+        assert h.cancelled()
+        await asyncio.sleep(0.06)
+        assert loop.time() - t0 >= 0.03
+
+    lr.run(main())
+    assert seen == ["a", "b", "c"]
+
+
+def test_timers_never_fire_early(lr: LoopRunner) -> None:
+    late: list[float] = []
+
+    async def main() -> None:
+        loop = lr.loop
+        done = loop.create_future()
+        start = loop.time()
+        for k in range(50):
+            delay = 0.001 * (k % 10)
+            loop.call_later(delay, lambda d=delay: late.append(loop.time() - start - d))
+        loop.call_later(0.05, done.set_result, None)
+        await done
+
+    lr.run(main())
+    assert len(late) == 50 and min(late) >= -1e-3
+
+
+def test_callbacks_run_in_their_context(lr: LoopRunner) -> None:
+    seen: list[str] = []
+
+    async def main() -> None:
+        ctx = contextvars.copy_context()
+        ctx.run(var.set, "ctx")
+        lr.loop.call_soon(lambda: seen.append(var.get()), context=ctx)
+        lr.loop.call_later(0.001, lambda: seen.append(var.get()), context=ctx)
+        lr.loop.call_soon(lambda: seen.append(var.get()))
+        await asyncio.sleep(0.01)
+
+    lr.run(main())
+    assert seen == ["ctx", "none", "ctx"]
+
+
+def test_call_soon_threadsafe_wakes_the_loop(lr: LoopRunner) -> None:
+    async def main() -> str:
+        fut = lr.loop.create_future()
+        threading.Timer(0.02, lambda: lr.loop.call_soon_threadsafe(fut.set_result, "woken")).start()
+        return await fut
+
+    assert lr.run(main()) == "woken"
+
+
+def test_a_raising_callback_goes_to_the_exception_handler(lr: LoopRunner) -> None:
+    async def main() -> None:
+        lr.loop.call_soon(lambda: 1 / 0)
+        await asyncio.sleep(0.01)
+
+    lr.run(main())
+    (ctx,) = lr.expect_errors(1)
+    assert isinstance(ctx["exception"], ZeroDivisionError)
+
+
+def test_tasks_and_futures_are_the_c_ones(lr: LoopRunner) -> None:
+    async def child() -> int:
+        await asyncio.sleep(0)
+        return 7
+
+    async def main() -> tuple[Any, Any]:
+        t = lr.loop.create_task(child())
+        return type(t), await t
+
+    kind, value = lr.run(main())
+    assert kind is asyncio.Task and value == 7
+
+
+def test_run_in_executor_threads_and_processes(lr: LoopRunner) -> None:
+    async def main() -> tuple[int, int, int]:
+        a = await lr.loop.run_in_executor(None, sum, [1, 2, 3])
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            b = await lr.loop.run_in_executor(pool, pow, 2, 10)
+        with concurrent.futures.ProcessPoolExecutor(1) as ppool:
+            c = await lr.loop.run_in_executor(ppool, abs, -5)
+        return a, b, c
+
+    assert lr.run(main()) == (6, 1024, 5)
+
+
+def test_getaddrinfo_and_getnameinfo(lr: LoopRunner) -> None:
+    async def main() -> tuple[Any, Any]:
+        infos = await lr.loop.getaddrinfo("127.0.0.1", 80, type=socket.SOCK_STREAM)
+        name = await lr.loop.getnameinfo(("127.0.0.1", 80), socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
+        return infos[0][4], name
+
+    assert lr.run(main()) == (("127.0.0.1", 80), ("127.0.0.1", "80"))
+
+
+def test_shutdown_asyncgens_finalizes_generators(lr: LoopRunner) -> None:
+    closed: list[bool] = []
+
+    async def gen() -> Any:
+        try:
+            yield 1
+            yield 2
+        finally:
+            closed.append(True)
+
+    async def main() -> Any:
+        g = gen()
+        return g, await g.__anext__()
+
+    _gen, first = lr.run(main())
+    assert first == 1
+    lr.loop.run_until_complete(lr.loop.shutdown_asyncgens())
+    assert closed == [True]
+
+
+def test_debug_mode_warns_of_slow_callbacks(lr: LoopRunner, caplog: pytest.LogCaptureFixture) -> None:
+    lr.loop.set_debug(True)
+    lr.loop.slow_callback_duration = 0.01
+
+    async def main() -> None:
+        lr.loop.call_soon(time.sleep, 0.03)
+        await asyncio.sleep(0.01)
+
+    with caplog.at_level(logging.WARNING, logger="asyncio"):
+        lr.run(main())
+    assert any("took" in r.getMessage() for r in caplog.records)
+
+
+def test_stop_and_run_forever(lr: LoopRunner) -> None:
+    seen: list[int] = []
+    lr.loop.call_soon(seen.append, 1)
+    lr.loop.call_soon(lr.loop.stop)
+    lr.loop.call_soon(seen.append, 2)
+    lr.loop.run_forever()
+    assert seen == [1, 2]
+    assert not lr.loop.is_running()
+
+
+def test_close_running_loop_is_refused(lr: LoopRunner) -> None:
+    async def main() -> None:
+        with pytest.raises(RuntimeError):
+            lr.loop.close()
+        coro = asyncio.sleep(0)
+        with pytest.raises(RuntimeError):
+            lr.loop.run_until_complete(coro)
+        coro.close()
+
+    lr.run(main())
+
+
+# -- sockets and transports ------------------------------------------------------------------
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
+@pytest.mark.parametrize("size", [1, 1024, 1 << 20])
+def test_tcp_streams_echo(lr: LoopRunner, size: int) -> None:
+    async def main() -> bytes:
+        server = await asyncio.start_server(_echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        sock = writer.get_extra_info("socket")
+        assert sock.family == socket.AF_INET and writer.get_extra_info("peername")[1] == port
+        payload = os.urandom(size)
+        writer.write(payload)
+        got = await reader.readexactly(size)
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+        return got == payload
+
+    assert lr.run(main())
+
+
+def test_unix_streams_and_connect_accepted_socket(lr: LoopRunner, tmp_path: Any) -> None:
+    path = str(tmp_path / "s")
+
+    async def main() -> bytes:
+        server = await asyncio.start_unix_server(_echo, path)
+        reader, writer = await asyncio.open_unix_connection(path)
+        writer.write(b"unix")
+        got = await reader.readexactly(4)
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+        a, b = socket.socketpair()
+        proto_data: list[bytes] = []
+
+        class P(asyncio.Protocol):
+            def data_received(self, data: bytes) -> None:
+                proto_data.append(data)
+
+        tr, _ = await lr.loop.connect_accepted_socket(P, a)
+        assert isinstance(tr, asyncio.Transport)
+        b.sendall(b"acc")
+        for _ in range(100):
+            if proto_data:
+                break
+            await asyncio.sleep(0.005)
+        tr.close()
+        b.close()
+        return got + b"".join(proto_data)
+
+    assert lr.run(main()) == b"unixacc"
+
+
+def test_protocol_flow_control(lr: LoopRunner) -> None:
+    async def main() -> tuple[bool, bool]:
+        a, b = socket.socketpair()
+        b.setblocking(False)
+        paused = asyncio.Event()
+
+        class P(asyncio.Protocol):
+            def pause_writing(self) -> None:
+                paused.set()
+
+        tr, _ = await lr.loop.connect_accepted_socket(P, a)
+        tr.set_write_buffer_limits(high=64 * 1024)
+        while not paused.is_set():
+            tr.write(b"x" * 65536)
+        assert tr.get_write_buffer_size() > 0
+        total = 0
+        while tr.get_write_buffer_size():
+            try:
+                total += len(b.recv(1 << 20))
+            except BlockingIOError:
+                await asyncio.sleep(0.001)
+        tr.close()
+        b.close()
+        return paused.is_set(), total > 64 * 1024
+
+    assert lr.run(main()) == (True, True)
+
+
+def test_udp_endpoint_and_sock_datagram_methods(lr: LoopRunner) -> None:
+    async def main() -> tuple[bytes, bytes]:
+        got: asyncio.Future[bytes] = lr.loop.create_future()
+
+        class P(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: Any) -> None:
+                got.set_result(data)
+
+        tr, _ = await lr.loop.create_datagram_endpoint(P, local_addr=("127.0.0.1", 0))
+        addr = tr.get_extra_info("sockname")
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setblocking(False)
+        s.bind(("127.0.0.1", 0))
+        await lr.loop.sock_sendto(s, b"dgram", addr)
+        first = await got
+        tr.sendto(b"back", s.getsockname())
+        data, frm = await lr.loop.sock_recvfrom(s, 100)
+        assert frm == addr
+        tr.close()
+        s.close()
+        return first, data
+
+    assert lr.run(main()) == (b"dgram", b"back")
+
+
+def test_sock_methods_and_sendfile(lr: LoopRunner, tmp_path: Any) -> None:
+    f = tmp_path / "f"
+    f.write_bytes(os.urandom(300_000))
+
+    async def main() -> bool:
+        loop = lr.loop
+        lsock = socket.create_server(("127.0.0.1", 0))
+        lsock.setblocking(False)
+        c = socket.socket()
+        c.setblocking(False)
+        conn_task = asyncio.ensure_future(loop.sock_accept(lsock))
+        await loop.sock_connect(c, lsock.getsockname())
+        s, _ = await conn_task
+        s.setblocking(False)
+        await loop.sock_sendall(c, b"ping")
+        assert await loop.sock_recv(s, 4) == b"ping"
+        buf = bytearray(4)
+        await loop.sock_sendall(s, b"pong")
+        assert await loop.sock_recv_into(c, buf) == 4 and buf == b"pong"
+        with open(f, "rb") as fh:
+            sent = await loop.sock_sendfile(s, fh)
+        s.close()
+        chunks = []
+        while data := await loop.sock_recv(c, 65536):
+            chunks.append(data)
+        c.close()
+        lsock.close()
+        return sent == 300_000 and b"".join(chunks) == f.read_bytes()
+
+    assert lr.run(main())
+
+
+def test_loop_sendfile_over_a_transport(lr: LoopRunner, tmp_path: Any) -> None:
+    f = tmp_path / "f"
+    f.write_bytes(b"s" * 100_000)
+
+    async def main() -> int:
+        received = bytearray()
+        done = asyncio.Event()
+
+        class Sink(asyncio.Protocol):
+            def data_received(self, data: bytes) -> None:
+                received.extend(data)
+
+            def eof_received(self) -> None:
+                done.set()
+
+        server = await lr.loop.create_server(Sink, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        tr, _ = await lr.loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
+        with open(f, "rb") as fh:
+            n = await lr.loop.sendfile(tr, fh)
+        tr.write_eof()
+        await done.wait()
+        tr.close()
+        server.close()
+        await server.wait_closed()
+        assert len(received) == n
+        return n
+
+    assert lr.run(main()) == 100_000
+
+
+def test_pipes(lr: LoopRunner) -> None:
+    async def main() -> bytes:
+        r, w = os.pipe()
+        reader = asyncio.StreamReader()
+        rtr, _ = await lr.loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                                 os.fdopen(r, "rb"))
+        wtr, _ = await lr.loop.connect_write_pipe(asyncio.Protocol, os.fdopen(w, "wb"))
+        wtr.write(b"through a pipe")
+        wtr.close()
+        data = await reader.read()
+        rtr.close()
+        return data
+
+    assert lr.run(main()) == b"through a pipe"
+
+
+def test_start_tls_and_ssl_transports(lr: LoopRunner) -> None:
+    import ssl
+
+    from test.test_asyncio import utils as tu  # the interpreter's own test certificates
+
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(tu.ONLYCERT, tu.ONLYKEY)
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.check_hostname = False
+    client_ctx.verify_mode = ssl.CERT_NONE
+
+    async def main() -> bytes:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            line = await reader.readline()
+            if line == b"STARTTLS\n":
+                writer.write(b"OK\n")
+                await writer.drain()
+                await writer.start_tls(server_ctx)
+            await _echo(reader, writer)
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"STARTTLS\n")
+        assert await reader.readline() == b"OK\n"
+        await writer.start_tls(client_ctx)
+        assert writer.get_extra_info("ssl_object") is not None
+        writer.write(b"secret")
+        got = await reader.readexactly(6)
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+        return got
+
+    assert lr.run(main()) == b"secret"
+
+
+# -- subprocesses and signals -----------------------------------------------------------------
+
+
+def test_subprocess_exec_shell_and_kill(lr: LoopRunner) -> None:
+    async def main() -> tuple[Any, ...]:
+        p = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "import sys; sys.stdout.write(sys.stdin.read().upper()); sys.exit(3)",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        out, _ = await p.communicate(b"abc")
+        sh = await asyncio.create_subprocess_shell("echo $((6*7))", stdout=asyncio.subprocess.PIPE)
+        shout, _ = await sh.communicate()
+        k = await asyncio.create_subprocess_exec("sleep", "30")
+        k.kill()
+        krc = await k.wait()
+        return out, p.returncode, shout, sh.returncode, krc
+
+    assert lr.run(main()) == (b"ABC", 3, b"42\n", 0, -signal.SIGKILL)
+
+
+def test_subprocess_of_a_missing_program_raises(lr: LoopRunner) -> None:
+    async def main() -> None:
+        with pytest.raises(FileNotFoundError):
+            await asyncio.create_subprocess_exec("/nonexistent/program")
+
+    lr.run(main())
+
+
+def test_signal_handlers(lr: LoopRunner) -> None:
+    async def main() -> list[int]:
+        seen: list[int] = []
+        fut = lr.loop.create_future()
+        lr.loop.add_signal_handler(signal.SIGUSR1, lambda: (seen.append(1), fut.set_result(None)))
+        os.kill(os.getpid(), signal.SIGUSR1)
+        await fut
+        assert lr.loop.remove_signal_handler(signal.SIGUSR1)
+        assert not lr.loop.remove_signal_handler(signal.SIGUSR1)
+        with pytest.raises(RuntimeError):
+            lr.loop.add_signal_handler(signal.SIGKILL, print)
+        with pytest.raises(TypeError):
+            lr.loop.add_signal_handler(signal.SIGUSR2, main)
+        with pytest.raises(ValueError):
+            lr.loop.add_signal_handler(10_000, print)
+        return seen
+
+    assert lr.run(main()) == [1]
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
+# -- aem only -----------------------------------------------------------------------------------
+
+
+def _aem_run(coro: Any) -> Any:
+    with asyncio.Runner(loop_factory=aem.new_event_loop) as r:
+        return r.run(coro)
+
+
+def test_runner_and_install_use_the_aem_loop() -> None:
+    async def kind() -> type:
+        return type(asyncio.get_running_loop())
+
+    assert _aem_run(kind()) is aem.EventLoop
+    old = asyncio.get_event_loop_policy()
+    try:
+        aem.install()
+        assert isinstance(asyncio.get_event_loop_policy(), aem.EventLoopPolicy)
+        assert asyncio.run(kind()) is aem.EventLoop
+    finally:
+        asyncio.set_event_loop_policy(old)
+
+
+def test_await_an_aem_source_and_iterate_occurrences() -> None:
+    async def main() -> tuple[Any, int, int]:
+        ev = await aem.wait(aem.Timer(0.005))
+        u = aem.UserEvent()
+        threading.Timer(0.01, u.fire, args=("payload",)).start()
+        uev = await aem.wait(u, timeout=5)
+        n = 0
+        async with aem.events(aem.Timer(0.001, 0.001)) as it:  # type: ignore[attr-defined]
+            async for _ in it:
+                n += 1
+                if n == 5:
+                    break
+        left = aem.stats()["registered"]
+        return (type(ev), uev.payload), n, left
+
+    (kind, payload), n, left = _aem_run(main())
+    assert kind is aem.TimerEvent and payload == "payload" and n == 5 and left == 0
+
+
+def test_wait_times_out_and_unregisters() -> None:
+    async def main() -> int:
+        with pytest.raises(TimeoutError):
+            await aem.wait(aem.UserEvent(), timeout=0.01)
+        return int(aem.stats()["registered"])
+
+    assert _aem_run(main()) == 0
+
+
+def test_aem_handlers_and_asyncio_share_the_engine() -> None:
+    seen: list[str] = []
+
+    async def main() -> None:
+        aem.register(aem.Timer(0.001), lambda ev: seen.append("aem"))
+        await asyncio.sleep(0.02)
+        seen.append("asyncio")
+
+    _aem_run(main())
+    assert seen == ["aem", "asyncio"]
+
+
+def test_wait_needs_an_aem_loop_and_a_source() -> None:
+    async def main() -> None:
+        await aem.wait(aem.Timer(0.001))
+
+    with pytest.raises(RuntimeError, match=r"aem\.EventLoop"):
+        asyncio.run(main())
+
+    async def bad() -> None:
+        await aem.wait(42)  # type: ignore[arg-type]
+
+    with pytest.raises(TypeError, match="event source"):
+        _aem_run(bad())
+
+
+def test_timers_due_together_run_in_scheduling_order() -> None:
+    """aem promises FIFO order for equal deadlines (asyncio's heap does not)."""
+    seen: list[int] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        when = loop.time() + 0.01
+        for i in range(50):
+            loop.call_at(when, seen.append, i)
+        await asyncio.sleep(0.03)
+
+    _aem_run(main())
+    assert seen == list(range(50))
+
+
+def test_loop_exports() -> None:
+    import aem.loop
+
+    for name in aem.loop.__all__:
+        assert getattr(aem, name) is getattr(aem.loop, name)
+        assert getattr(aem, name).__doc__
+
+
+# -- the loop core: bad input and bookkeeping (both loops must agree) ----------------------------
+
+
+def test_bad_scheduling_arguments_are_refused(lr: LoopRunner) -> None:
+    loop = lr.loop
+    with pytest.raises(TypeError):
+        loop.call_later(None, print)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        loop.call_at(None, print)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        loop.call_soon(print, bogus=1)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        loop.call_soon()  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        loop.call_later("soon", print)  # type: ignore[arg-type]
+
+
+def test_a_closed_loop_refuses_callbacks(lr: LoopRunner) -> None:
+    loop = lr.loop
+    h = loop.call_later(10, print)
+    loop.call_soon(print)
+    loop.close()
+    assert h.cancelled() is False
+    with pytest.raises(RuntimeError, match="closed"):
+        loop.call_soon(print)
+    with pytest.raises(RuntimeError, match="closed"):
+        loop.call_later(1, print)
+    with pytest.raises(RuntimeError, match="closed"):
+        loop.call_at(loop.time(), print)
+
+
+def test_many_cancelled_timers_are_dropped(lr: LoopRunner) -> None:
+    async def main() -> tuple[int, int]:
+        handles = [lr.loop.call_later(100 + i, print) for i in range(1000)]
+        before = len(lr.loop._scheduled)  # type: ignore[attr-defined]
+        for h in handles[:900]:
+            h.cancel()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        after = len(lr.loop._scheduled)  # type: ignore[attr-defined]
+        for h in handles[900:]:
+            h.cancel()
+        return before, after
+
+    before, after = lr.run(main())
+    assert before >= 1000 and after == before - 900
+
+
+def test_a_callback_cancelling_a_later_ready_one(lr: LoopRunner) -> None:
+    seen: list[str] = []
+
+    async def main() -> None:
+        h2: list[asyncio.Handle] = []
+        lr.loop.call_soon(lambda: (seen.append("first"), h2[0].cancel()))
+        h2.append(lr.loop.call_soon(seen.append, "second"))
+        lr.loop.call_soon(seen.append, "third")
+        await asyncio.sleep(0)
+
+    lr.run(main())
+    assert seen == ["first", "third"]
+
+
+def test_keyboard_interrupt_in_a_callback_propagates(lr: LoopRunner) -> None:
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    lr.loop.call_soon(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        lr.loop.run_forever()
+    assert lr.errors == []
+
+
+def test_handles_are_asyncios_own(lr: LoopRunner) -> None:
+    h = lr.loop.call_soon(print, "x")
+    t = lr.loop.call_later(5, print)
+    assert type(h) is asyncio.Handle and type(t) is asyncio.TimerHandle
+    assert "print" in repr(h) and t.when() > lr.loop.time()
+    h.cancel()
+    t.cancel()
+    assert "cancelled" in repr(t)
