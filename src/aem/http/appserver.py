@@ -28,6 +28,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 import aem
 
@@ -147,9 +148,15 @@ def serve_app(cfg: AppConfig) -> int:
 def _static(app: Any, root: str) -> Any:
     """An ASGI app answering GET/HEAD for the files under ``root``, else calling ``app``."""
     files = StaticFiles(root)
+    base = os.path.realpath(root)
+
+    def is_file(raw_path: bytes) -> bool:
+        rel = unquote(raw_path.decode("latin-1")).lstrip("/")
+        return bool(rel) and os.path.isfile(os.path.join(base, rel))
 
     async def with_static(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
+        # files only (no directory listings, no redirects): everything else is the app's
+        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD") and is_file(scope["raw_path"]):
             req = Request(scope["method"], scope["raw_path"].decode("latin-1"), scope["http_version"],
                           list(scope["headers"]))
             sr = files.respond(scope["method"], req.path, req.headers, "", time.time())

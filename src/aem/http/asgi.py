@@ -296,6 +296,7 @@ class _HttpProtocol(asyncio.Protocol):
         self.server_addr: list[Any] | None = server._server_addr
         self.timer: asyncio.TimerHandle | None = None
         self.closed = False
+        self.eof = False
         self.paused = False
         self.write_paused = False
         self.drained: asyncio.Future[None] | None = None
@@ -366,9 +367,12 @@ class _HttpProtocol(asyncio.Protocol):
             self.transport.pause_reading()
 
     def eof_received(self) -> bool | None:
+        self.eof = True
         if self.cycle is None and not self.pending:
             self.transport.close()
             return None
+        if self.cycle is not None:
+            self.cycle.disconnected()   # the app waiting in receive() learns it now
         return True  # half-closed: answer what was asked, then close
 
     # -- requests ------------------------------------------------------------------------------
@@ -395,7 +399,7 @@ class _HttpProtocol(asyncio.Protocol):
             self.paused = False
             self.transport.resume_reading()
         if not self.pending:
-            if self.http.closing or self.server.shutting_down:
+            if self.http.closing or self.server.shutting_down or self.eof:
                 self.transport.close()
             else:
                 self._arm(self.http.timer if self.http.timer != KEEP else IDLE_TIMER)
