@@ -14,7 +14,7 @@ from pathlib import Path
 from ._harness import Context, print_table, write_report
 
 #: Every suite, in the order ``aem bench`` runs them when none is named.
-SUITES: tuple[str, ...] = ("dispatch", "delivery", "timers", "vmtable", "capsules", "http", "idle")
+SUITES: tuple[str, ...] = ("dispatch", "delivery", "timers", "vmtable", "capsules", "http", "idle", "apps")
 #: Suites run only when named (long).
 EXTRA_SUITES: tuple[str, ...] = ("soak",)
 
