@@ -125,6 +125,8 @@ class ASGIServer:
         self._clock = DateClock()
         self._lifespan: _Lifespan | None = None
         self._server_addr: list[Any] | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._tick = min(1.0, min(self.timer_s[1:]) / 4)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -179,6 +181,15 @@ class ASGIServer:
             self._server_addr = [addr[0], addr[1]]
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _HttpProtocol(self), sock=sock, backlog=1024)
+        self._sweeper = loop.call_later(self._tick, self._sweep)
+
+    def _sweep(self) -> None:
+        """Every tick: close the connections whose deadline passed (one timer for all of them)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for conn in [c for c in self._conns if 0.0 < c.deadline <= now]:
+            conn.expire()
+        self._sweeper = loop.call_later(self._tick, self._sweep)
 
     async def shutdown(self, graceful_timeout: float = 30.0) -> None:
         """Stop accepting; let requests in progress end within ``graceful_timeout``; close.
@@ -186,6 +197,9 @@ class ASGIServer:
         Lifespan shutdown comes last.
         """
         self.shutting_down = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self._server is not None:
             self._server.close()
         for conn in list(self._conns):
@@ -294,7 +308,7 @@ class _HttpProtocol(asyncio.Protocol):
         self.cycle: _Cycle | None = None
         self.client: list[Any] | None = None
         self.server_addr: list[Any] | None = server._server_addr
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0      # loop.time() after which the connection is closed (0: none)
         self.closed = False
         self.eof = False
         self.paused = False
@@ -322,8 +336,7 @@ class _HttpProtocol(asyncio.Protocol):
         self.closed = True
         self.server._conns.discard(self)
         self.http.close()
-        if self.timer is not None:
-            self.timer.cancel()
+        self.deadline = 0.0
         if self.cycle is not None:
             self.cycle.disconnected()
         if self.ws is not None:
@@ -378,12 +391,11 @@ class _HttpProtocol(asyncio.Protocol):
     # -- requests ------------------------------------------------------------------------------
 
     def _arm(self, timer: int) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = self.loop.call_later(self.server.timer_s[timer], self._expire)
+        self.deadline = self.loop.time() + self.server.timer_s[timer]
 
-    def _expire(self) -> None:
-        self.timer = None
+    def expire(self) -> None:
+        """The deadline passed (see :meth:`ASGIServer._sweep`): 408 if a request was arriving; close."""
+        self.deadline = 0.0
         if self.cycle is not None or self.closed:
             return
         data = self.http.timeout(self.server._clock.line())
@@ -405,9 +417,7 @@ class _HttpProtocol(asyncio.Protocol):
                 self._arm(self.http.timer if self.http.timer != KEEP else IDLE_TIMER)
             return
         ev = self.pending.popleft()
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.deadline = 0.0
         srv = self.server
         if type(ev) is not Request:
             assert isinstance(ev, HttpError)

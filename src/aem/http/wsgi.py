@@ -236,6 +236,16 @@ class _Responder:
         self.headers = [(n, v) for n, v in headers]
         return self.write
 
+    def content_length(self) -> int | None:
+        """The ``Content-Length`` the app announced, or None."""
+        for name, value in self.headers:
+            if len(name) == 14 and name.lower() == "content-length":
+                try:
+                    return int(value)
+                except ValueError:
+                    return None
+        return None
+
     def _start(self) -> None:
         if not self.sent:
             if not self.status:
@@ -287,7 +297,29 @@ def _handle(app: Any, chan: socket.socket, msg: bytes) -> None:
             if isinstance(result, FileWrapper) and resp.send_file(result):
                 chan.sendall(M_END)
                 return
-            for chunk in result:
+            it = iter(result)
+            want = resp.content_length()
+            if not resp.sent and want is not None and want <= CHUNK:
+                # a small body of announced length (Flask, Django ...): gather it, one message
+                parts: list[bytes] = []
+                got = 0
+                for chunk in it:
+                    if type(chunk) is not bytes:
+                        raise TypeError(f"a WSGI body chunk is bytes, not {type(chunk).__name__}")
+                    parts.append(chunk)
+                    got += len(chunk)
+                    if got >= want or resp.sent:
+                        break
+                if not resp.sent:
+                    data = b"".join(parts)
+                    rest = next(it, None)
+                    if rest is None:
+                        chan.sendall(M_WHOLE + marshal.dumps((resp.status, resp.headers, data)))
+                        return
+                    parts = [data, rest]
+                for chunk in parts:
+                    resp.write(chunk)
+            for chunk in it:
                 if chunk:
                     resp.write(chunk)
             resp._start()
