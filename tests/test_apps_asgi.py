@@ -32,7 +32,7 @@ def marks(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def star(tmp_path_factory: pytest.TempPathFactory, marks: Path) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp("star")
-    with serve(tmp, "starlette_app:app", "--root-path", "", env={"AEM_TEST_MARKS": str(marks)}) as s:
+    with serve(tmp, "starlette_app:app", "--status", env={"AEM_TEST_MARKS": str(marks)}) as s:
         yield s
 
 
@@ -364,3 +364,14 @@ def test_reload_restarts_on_a_source_change(tmp_path: Path) -> None:
             assert s.stop() == 0
     finally:
         mod.unlink()
+
+
+def test_status_page_counts_app_requests(star: Served) -> None:
+    before = json.loads(star.get("/_aem/status?format=json")[2])
+    for _ in range(3):
+        star.get("/json")
+    after = json.loads(star.get("/_aem/status?format=json")[2])
+    assert after["server"]["requests"] - before["server"]["requests"] == 4
+    assert after["server"]["responses"]["2xx"] >= 4
+    status, headers, body = star.get("/_aem/status")
+    assert status == 200 and headers["content-type"].startswith("text/html") and b"requests" in body

@@ -26,7 +26,7 @@ def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def flask(tmp_path_factory: pytest.TempPathFactory, data_file: Path) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp("flask")
-    with serve(tmp, "flask_app:app", "--workers", "2", "--timeout", "1.5", wait=WAIT,
+    with serve(tmp, "flask_app:app", "--workers", "2", "--timeout", "1.5", "--status", wait=WAIT,
                env={"AEM_TEST_FILE": str(data_file)}) as s:
         yield s
 
@@ -154,3 +154,13 @@ def test_graceful_sigterm_lets_the_wsgi_request_finish(tmp_path: Path) -> None:
         t.join(10)
         assert results == [(200, b"slept")]
         assert s.proc.wait(10) == 0
+
+
+def test_status_page_counts_app_requests_and_shows_the_workers(flask: Served) -> None:
+    before = json.loads(flask.get("/_aem/status", headers={"Accept": "application/json"})[2])
+    for _ in range(5):
+        flask.get("/")
+    after = json.loads(flask.get("/_aem/status", headers={"Accept": "application/json"})[2])
+    assert after["server"]["requests"] - before["server"]["requests"] == 6
+    assert after["capsules"]["workers"] == 2
+    assert after["pid"] == flask.proc.pid

@@ -73,7 +73,7 @@ def _serve_app(args: argparse.Namespace) -> int:
                     access_log=args.access_log and not args.quiet,
                     graceful_timeout=args.graceful_timeout, limit_concurrency=args.limit_concurrency,
                     timeout_keep_alive=args.timeout_keep_alive, timeout=args.timeout,
-                    root_path=args.root_path, lifespan=args.lifespan)
+                    root_path=args.root_path, lifespan=args.lifespan, status=args.status)
     try:
         return serve_app(cfg)
     except ValueError as e:

@@ -63,6 +63,7 @@ class AppConfig:
     timeout: float = 30.0
     root_path: str = ""
     lifespan: str = "auto"
+    status: bool = False
 
     def check(self) -> None:
         """Raise ``ValueError`` for an option out of range."""
@@ -117,14 +118,14 @@ def serve_app(cfg: AppConfig) -> int:
         return _reloader(cfg)
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    logging.basicConfig(level=getattr(logging, cfg.log_level.upper(), logging.INFO)
-                        if cfg.log_level != "trace" else logging.DEBUG)
     try:
         app = load_app(cfg.app)
         interface = detect_interface(app) if cfg.interface == "auto" else cfg.interface
     except (ImportError, ValueError) as e:
         print(f"aem serve: cannot load {cfg.app!r}: {e}", file=sys.stderr)
         return 1
+    logging.basicConfig(level=getattr(logging, cfg.log_level.upper(), logging.INFO)
+                        if cfg.log_level != "trace" else logging.DEBUG)
     if interface == "aem":
         from . import serve as serve_aem
 
@@ -132,7 +133,7 @@ def serve_app(cfg: AppConfig) -> int:
             print("aem serve: --uds is for asgi and wsgi apps", file=sys.stderr)
             return 1
         reason = serve_aem(app, host=cfg.host, port=cfg.port, root=cfg.root,
-                                quiet=not cfg.access_log)
+                           quiet=not cfg.access_log, status_page=cfg.status)
         _log(cfg, f"stopped ({reason})")
         return 0
     if interface == "asgi" and cfg.workers > 1:
@@ -185,7 +186,8 @@ def _server(cfg: AppConfig, app: Any, interface: str, reuse_port: bool = False) 
                       timeout_keep_alive=cfg.timeout_keep_alive,
                       limit_concurrency=cfg.limit_concurrency,
                       lifespan=cfg.lifespan if interface == "asgi" else "off",
-                      access_log=sys.stdout if cfg.access_log else None)
+                      access_log=sys.stdout if cfg.access_log else None,
+                      status_page=cfg.status, pool=app if isinstance(app, WSGIWorkers) else None)
 
 
 async def _serve_one(cfg: AppConfig, app: Any, interface: str, reuse_port: bool = False,

@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, TextIO
 from urllib.parse import unquote
 
+from . import status as _status
 from .protocol import (
     CONTINUE,
     CONTINUE_RESPONSE,
@@ -87,7 +88,10 @@ class ASGIServer:
     ``timeout_keep_alive``: seconds an idle keep-alive connection stays open.
     ``limit_concurrency``: app calls in progress beyond which requests get 503.
     ``lifespan``: ``"auto"`` (run it; an app that does not support it is
-    fine), ``"on"`` (its failure is fatal) or ``"off"``.
+    fine), ``"on"`` (its failure is fatal) or ``"off"``.  ``status_page``:
+    answer ``/_aem/status`` (see :mod:`aem.http.status`) with these counters,
+    the engine's, and ``pool``'s (an object with ``stats()``, e.g. the WSGI
+    workers).
     """
 
     def __init__(self, app: ASGIApp, *, host: str = "127.0.0.1", port: int = 8000,
@@ -96,7 +100,7 @@ class ASGIServer:
                  header_timeout: float = 10.0, body_timeout: float = 30.0,
                  limit_concurrency: int | None = None, lifespan: str = "auto",
                  access_log: TextIO | None = None, error_log: TextIO | None = None,
-                 server_name: str = "aem") -> None:
+                 server_name: str = "aem", status_page: bool = False, pool: object = None) -> None:
         if lifespan not in ("auto", "on", "off"):
             raise ValueError("lifespan is 'auto', 'on' or 'off'")
         if timeout_keep_alive <= 0 or header_timeout <= 0 or body_timeout <= 0:
@@ -115,6 +119,8 @@ class ASGIServer:
         self.access_log = access_log
         self.error_log = error_log if error_log is not None else sys.stderr
         self.server_name = server_name
+        self.status_page = status_page
+        self.pool = pool
         self.state: dict[str, Any] = {}
         self.stats = _Stats()
         self.shutting_down = False
@@ -435,6 +441,10 @@ class _HttpProtocol(asyncio.Protocol):
 
             self.ws = WebSocketSession(self, req)
             return
+        if srv.status_page and req.target.startswith(_status.PATH) and req.path == _status.PATH:
+            self.status_response(req)
+            self._next()
+            return
         lim = srv.limit_concurrency
         if lim is not None and srv.stats.active >= lim:
             self.simple(req, 503, b"503 Service Unavailable\n")
@@ -449,6 +459,19 @@ class _HttpProtocol(asyncio.Protocol):
         self.transport.write(first + second)
         self.server.stats.responses[status // 100] += 1
         self.server_log(req, status, len(body))
+
+    def status_response(self, req: Request) -> None:
+        """``/_aem/status``: the server's counters (app requests included), engine, pool."""
+        data = _status.collect(self.server.status(), self.server.pool)
+        if _status.wants_json(req.headers.get("accept"), req.query):
+            body, ctype = _status.render_json(data), "application/json"
+        else:
+            body, ctype = _status.render_html(data), "text/html; charset=utf-8"
+        first, second = self.http.response(req, 200, [("Content-Type", ctype), ("Cache-Control", "no-store")],
+                                           body, self.server._clock.line())
+        self.transport.write(first + second)
+        self.server.stats.responses[2] += 1
+        self.server_log(req, 200, len(body))
 
     def server_log(self, req: Request, status: int, length: int) -> None:
         log = self.server.access_log
