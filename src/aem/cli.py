@@ -73,7 +73,8 @@ def _serve_app(args: argparse.Namespace) -> int:
                     access_log=args.access_log and not args.quiet,
                     graceful_timeout=args.graceful_timeout, limit_concurrency=args.limit_concurrency,
                     timeout_keep_alive=args.timeout_keep_alive, timeout=args.timeout,
-                    root_path=args.root_path, lifespan=args.lifespan, status=args.status)
+                    root_path=args.root_path, lifespan=args.lifespan, status=args.status,
+                    max_body=args.max_body)
     try:
         return serve_app(cfg)
     except ValueError as e:
@@ -105,6 +106,8 @@ def _add_app_options(p: argparse.ArgumentParser) -> None:
                    help="seconds a WSGI app call may take; then its worker is killed and the client gets 504")
     p.add_argument("--root-path", default="",
                    help="the ASGI root_path / WSGI SCRIPT_NAME the app is mounted at")
+    p.add_argument("--max-body", type=int, default=1 << 20,
+                   help="the largest request body an app is given, in bytes (larger: 413)")
     p.add_argument("--lifespan", default="auto", choices=["auto", "on", "off"],
                    help="ASGI lifespan events (default: auto)")
 

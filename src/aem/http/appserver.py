@@ -64,6 +64,7 @@ class AppConfig:
     root_path: str = ""
     lifespan: str = "auto"
     status: bool = False
+    max_body: int = 1 << 20
 
     def check(self) -> None:
         """Raise ``ValueError`` for an option out of range."""
@@ -79,6 +80,8 @@ class AppConfig:
             raise ValueError("--limit-concurrency must be >= 1")
         if self.root is not None and not os.path.isdir(self.root):
             raise ValueError(f"--root {self.root!r} is not a directory")
+        if self.max_body < 0:
+            raise ValueError("--max-body must be >= 0")
         if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
             raise ValueError("--log-level is one of critical, error, warning, info, debug, trace")
 
@@ -182,7 +185,8 @@ def _server(cfg: AppConfig, app: Any, interface: str, reuse_port: bool = False) 
     if cfg.root is not None:
         app = _static(app, cfg.root)
     return ASGIServer(app, host=cfg.host, port=cfg.port, uds=cfg.uds, reuse_port=reuse_port,
-                      root_path=cfg.root_path, limits=Limits(),
+                      root_path=cfg.root_path,
+                      limits=Limits(max_body=cfg.max_body, max_buffered=max(64 << 20, 4 * cfg.max_body)),
                       timeout_keep_alive=cfg.timeout_keep_alive,
                       limit_concurrency=cfg.limit_concurrency,
                       lifespan=cfg.lifespan if interface == "asgi" else "off",
