@@ -50,3 +50,17 @@ def test_soak_runs_quick(tmp_path: Path) -> None:
     rows = json.loads((tmp_path / "results.json").read_text())["suites"]["soak"]["rows"]
     metrics = {r["metric"]: r["value"] for r in rows}
     assert metrics["requests/s (median run)"] > 0 and metrics["socket errors + non-2xx/3xx"] == 0
+
+
+def test_asyncio_suite_runs_quick(tmp_path: Path) -> None:
+    """aem bench asyncio --quick: every case has aem.EventLoop beside asyncio (and uvloop)."""
+    p = run_script(f"from aem.cli import main; raise SystemExit(main(['bench', 'asyncio', '--quick', "
+                   f"'--out', {str(tmp_path)!r}]))", timeout=300)
+    assert p.returncode == 0, p.stderr
+    rows = json.loads((tmp_path / "results.json").read_text())["suites"]["asyncio"]["rows"]
+    cases = {r["case"] for r in rows}
+    assert any(c.startswith("call_soon") for c in cases) and any(c.startswith("TCP echo") for c in cases)
+    for case in cases:
+        variants = {r["variant"] for r in rows if r["case"] == case}
+        assert "aem.EventLoop" in variants and "asyncio" in variants, case
+    assert all(r["value"] == r["value"] and r["value"] > 0 for r in rows)

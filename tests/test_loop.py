@@ -261,31 +261,93 @@ def test_unix_streams_and_connect_accepted_socket(lr: LoopRunner, tmp_path: Any)
 
 
 def test_protocol_flow_control(lr: LoopRunner) -> None:
-    async def main() -> tuple[bool, bool]:
+    async def main() -> tuple[bool, bool, int, int]:
         a, b = socket.socketpair()
         b.setblocking(False)
         paused = asyncio.Event()
+        resumed = asyncio.Event()
 
         class P(asyncio.Protocol):
             def pause_writing(self) -> None:
                 paused.set()
 
+            def resume_writing(self) -> None:
+                resumed.set()
+
         tr, _ = await lr.loop.connect_accepted_socket(P, a)
         tr.set_write_buffer_limits(high=64 * 1024)
+        written = 0
         while not paused.is_set():
             tr.write(b"x" * 65536)
-        assert tr.get_write_buffer_size() > 0
+            written += 65536
+        assert tr.get_write_buffer_size() > 64 * 1024
         total = 0
-        while tr.get_write_buffer_size():
+        while total < written:
             try:
                 total += len(b.recv(1 << 20))
             except BlockingIOError:
                 await asyncio.sleep(0.001)
+        await asyncio.wait_for(resumed.wait(), 5)
+        left = tr.get_write_buffer_size()
         tr.close()
         b.close()
-        return paused.is_set(), total > 64 * 1024
+        return paused.is_set(), resumed.is_set(), total - written, left
 
-    assert lr.run(main()) == (True, True)
+    assert lr.run(main()) == (True, True, 0, 0)
+
+
+def test_writes_of_one_turn_arrive_in_order_and_close_sends_them(lr: LoopRunner) -> None:
+    async def main() -> bytes:
+        a, b = socket.socketpair()
+        tr, _ = await lr.loop.connect_accepted_socket(asyncio.Protocol, a)
+        buf = bytearray(b"mutable")
+        tr.write(b"one,")
+        tr.write(buf)
+        buf[:] = b"CHANGED"  # the transport kept what was written, not the caller's buffer
+        tr.writelines([b",two", memoryview(b",three")])
+        size = tr.get_write_buffer_size()
+        tr.write_eof()
+        tr.close()
+        b.setblocking(False)
+        chunks = []
+        while True:
+            try:
+                data = b.recv(65536)
+            except BlockingIOError:
+                await asyncio.sleep(0.001)
+                continue
+            if not data:
+                break
+            chunks.append(data)
+        b.close()
+        assert size in (0, len(b"one,mutable,two,three"))
+        return b"".join(chunks)
+
+    assert lr.run(main()) == b"one,mutable,two,three"
+
+
+def test_abort_drops_what_was_not_sent(lr: LoopRunner) -> None:
+    async def main() -> tuple[bytes, bool]:
+        a, b = socket.socketpair()
+        lost = lr.loop.create_future()
+
+        class P(asyncio.Protocol):
+            def connection_lost(self, exc: Exception | None) -> None:
+                lost.set_result(exc)
+
+        tr, _ = await lr.loop.connect_accepted_socket(P, a)
+        tr.write(b"never sent" if lr.kind == "aem" else b"")
+        tr.abort()
+        await lost
+        b.setblocking(False)
+        try:
+            data = b.recv(100)
+        except BlockingIOError:
+            data = b"?"
+        b.close()
+        return data, tr.is_closing()
+
+    assert lr.run(main()) == (b"", True)
 
 
 def test_udp_endpoint_and_sock_datagram_methods(lr: LoopRunner) -> None:
@@ -657,3 +719,185 @@ def test_handles_are_asyncios_own(lr: LoopRunner) -> None:
     h.cancel()
     t.cancel()
     assert "cancelled" in repr(t)
+
+
+def test_handles_in_reference_cycles_are_collected(lr: LoopRunner) -> None:
+    """Handles the loop keeps away from the GC while queued are tracked again when they leave."""
+    import gc
+    import weakref
+
+    class Owner:
+        def __init__(self, loop: asyncio.AbstractEventLoop, delay: float | None) -> None:
+            self.handle = (loop.call_soon(self.fire) if delay is None
+                           else loop.call_later(delay, self.fire))
+
+        def fire(self) -> None:
+            pass
+
+    async def main() -> list[Any]:
+        ran, cancelled = Owner(lr.loop, None), Owner(lr.loop, 0.001)
+        later = Owner(lr.loop, 100)
+        later.handle.cancel()
+        await asyncio.sleep(0.01)
+        assert gc.is_tracked(ran.handle) and gc.is_tracked(cancelled.handle)
+        return [weakref.ref(ran), weakref.ref(cancelled), weakref.ref(later)]
+
+    refs = lr.run(main())
+    lr.loop.run_until_complete(asyncio.sleep(0))
+    for _ in range(3):
+        gc.collect()
+    assert [r() for r in refs][:2] == [None, None]
+
+
+def test_asynchronous_delivery_does_not_break_a_running_loop() -> None:
+    """aem.start() delivers aem events to the main thread between the loop's turns too."""
+    seen: list[str] = []
+
+    async def main() -> bytes:
+        aem.register(aem.Timer(0.002, 0.002), lambda ev: seen.append("tick"))
+        server = await asyncio.start_server(_echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        got = b""
+        for i in range(20):
+            writer.write(b"%02d" % i)
+            got += await reader.readexactly(2)
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 0.003:  # busy in a callback: async delivery interrupts it
+                pass
+            await asyncio.sleep(0.001)
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+        return got
+
+    aem.start()
+    try:
+        got = _aem_run(main())
+    finally:
+        aem.stop()
+    assert got == b"".join(b"%02d" % i for i in range(20))
+    assert len(seen) >= 5
+
+
+def test_children_are_reaped_through_pidfds_never_sigchld() -> None:
+    async def main() -> tuple[int, int, Any]:
+        threads = threading.active_count()
+        p = await asyncio.create_subprocess_exec(sys.executable, "-c", "raise SystemExit(5)")
+        rc = await p.wait()
+        return rc, threading.active_count() - threads, signal.getsignal(signal.SIGCHLD)
+
+    before = signal.getsignal(signal.SIGCHLD)
+    rc, new_threads, during = _aem_run(main())
+    assert rc == 5 and new_threads == 0
+    assert during == before == signal.getsignal(signal.SIGCHLD)
+    assert not aem._core.signal_routed(signal.SIGCHLD)
+
+
+def test_signal_handlers_use_the_engines_routing() -> None:
+    async def main() -> tuple[bool, bool]:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGUSR2, print)
+        routed = aem._core.signal_routed(signal.SIGUSR2)
+        loop.remove_signal_handler(signal.SIGUSR2)
+        return routed, aem._core.signal_routed(signal.SIGUSR2)
+
+    assert _aem_run(main()) == (True, False)
+
+
+def test_closing_the_loop_leaves_nothing_in_the_engine() -> None:
+    loop = aem.new_event_loop()
+    try:
+        async def main() -> None:
+            server = await asyncio.start_server(_echo, "127.0.0.1", 0)
+            loop.add_signal_handler(signal.SIGUSR1, print)
+            loop.call_later(100, print)
+            server.close()
+            await server.wait_closed()
+
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    stats = loop.engine.stats()
+    assert stats["registered"] == 0 and stats["internal"] == 0
+    assert not aem._core.signal_routed(signal.SIGUSR1)
+
+
+# -- the stream transport's C paths: bad input and failures ---------------------------------------
+
+
+def test_transport_write_refuses_bad_input(lr: LoopRunner) -> None:
+    async def main() -> None:
+        a, b = socket.socketpair()
+        tr, _ = await lr.loop.connect_accepted_socket(asyncio.Protocol, a)
+        with pytest.raises(TypeError, match="bytes-like"):
+            tr.write("text")  # type: ignore[arg-type]
+        tr.write(b"")
+        assert tr.get_write_buffer_size() == 0
+        tr.write_eof()
+        with pytest.raises(RuntimeError, match="write_eof"):
+            tr.write(b"late")
+        tr.close()
+        await asyncio.sleep(0.01)
+        b.close()
+
+    lr.run(main())
+
+
+def test_a_raising_data_received_closes_the_transport(lr: LoopRunner) -> None:
+    async def main() -> Any:
+        a, b = socket.socketpair()
+        lost = lr.loop.create_future()
+
+        class P(asyncio.Protocol):
+            def data_received(self, data: bytes) -> None:
+                raise ValueError("bad protocol")
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                lost.set_result(exc)
+
+        tr, _ = await lr.loop.connect_accepted_socket(P, a)
+        b.sendall(b"x")
+        exc = await lost
+        b.close()
+        return exc, tr.is_closing()
+
+    exc, closing = lr.run(main())
+    (ctx,) = lr.expect_errors(1)
+    assert "data_received() call failed" in ctx["message"] and isinstance(ctx["exception"], ValueError)
+    assert isinstance(exc, ValueError) and closing
+
+
+def test_peer_reset_and_broken_pipe_reach_connection_lost(lr: LoopRunner) -> None:
+    import struct
+
+    async def main() -> tuple[Any, Any]:
+        results = []
+        for mode in ("reset-on-read", "write-to-closed"):
+            lsock = socket.create_server(("127.0.0.1", 0))
+            c = socket.create_connection(lsock.getsockname())
+            s, _ = lsock.accept()
+            lsock.close()
+            lost = lr.loop.create_future()
+
+            class P(asyncio.Protocol):
+                def __init__(self, lost: asyncio.Future[Any]) -> None:
+                    self.lost = lost
+
+                def connection_lost(self, exc: Exception | None) -> None:
+                    self.lost.set_result(exc)
+
+            tr, _ = await lr.loop.connect_accepted_socket(lambda lost=lost: P(lost), s)
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            c.close()  # RST
+            if mode == "write-to-closed":
+                await asyncio.sleep(0.01)
+                for _ in range(5):
+                    tr.write(b"y" * 1000)
+                    await asyncio.sleep(0.005)
+            results.append(await asyncio.wait_for(lost, 5))
+        return results[0], results[1]
+
+    on_read, on_write = lr.run(main())
+    assert isinstance(on_read, ConnectionError) and isinstance(on_write, ConnectionError)

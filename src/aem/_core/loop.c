@@ -24,8 +24,11 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <errno.h>
+#include <sys/socket.h>
 #include <time.h>
 
+#include "loop.h"
 #include "pyaem.h"
 
 /* Offsets of asyncio.Handle / asyncio.TimerHandle slots (same for every loop). */
@@ -48,6 +51,10 @@ typedef struct {
     PyObject *process_events; /* loop._process_events */
     PyObject *report;         /* loop._aem_report(handle, exc) */
     PyObject *run_debug;      /* loop._aem_run_debug(handle) */
+    EngineObject *engine;     /* fast path: the engine turn itself instead of select() (or NULL) */
+    PyObject *fd_to_key;      /* the selector's fd -> SelectorKey (with engine) */
+    PyObject *remove_fd[2];   /* loop._remove_reader, loop._remove_writer (with engine) */
+    PyObject *to_flush;       /* transports that wrote during this turn (a list, or NULL) */
     PyObject **ring;          /* ready handles: ring[(head + i) % cap], i < len; cap a power of 2 */
     Py_ssize_t head, len, cap;
     tent *heap;
@@ -59,7 +66,7 @@ typedef struct {
 } LoopCoreObject;
 
 static PyTypeObject *LoopCore_Type;
-static PyObject *str_stopping;
+static PyObject *str_stopping, *str_flush;
 
 static inline double now_s(void) {
     struct timespec ts;
@@ -98,12 +105,39 @@ static int read_offsets(PyObject *handle_type, PyObject *timer_type) {
     return 0;
 }
 
+static inline int is_cancelled(PyObject *h) { return SLOT(h, off_cancelled) == Py_True; }
+
+/* While a handle made here waits in the ring or the heap, it and its own copy of the
+ * context are hidden from the cyclic GC: the loop's reference keeps them alive anyway, and
+ * a million scheduled handles would otherwise be walked by every collection (measured: the
+ * GC costs more than everything else in scheduling 1M callbacks).  When a handle leaves the
+ * loop it is tracked again, with its context, always: deallocators (the context's) expect a
+ * tracked object. */
+static inline void hide(PyObject *h, int own_context) {
+    PyObject_GC_UnTrack(h);
+    if (own_context) PyObject_GC_UnTrack(SLOT(h, off_context));
+}
+
+static inline void unhide(PyObject *h) {
+    if (PyObject_GC_IsTracked(h)) return;
+    PyObject *ctx = SLOT(h, off_context);
+    if (ctx && !PyObject_GC_IsTracked(ctx)) PyObject_GC_Track(ctx);
+    PyObject_GC_Track(h);
+}
+
+/* Drop the loop's reference to a handle that leaves it. */
+static inline void release(PyObject *h) {
+    unhide(h);
+    Py_DECREF(h);
+}
+
 /* A new handle of `type` with every slot of asyncio.Handle set (steals nothing). */
 static PyObject *new_handle(LoopCoreObject *self, PyTypeObject *type, PyObject *callback,
                             PyObject *args, PyObject *context) {
     PyObject *h = type->tp_alloc(type, 0);
     if (!h) return NULL;
-    if (context == NULL || context == Py_None) {
+    int own_context = context == NULL || context == Py_None;
+    if (own_context) {
         context = PyContext_CopyCurrent();
         if (!context) {
             Py_DECREF(h);
@@ -119,10 +153,9 @@ static PyObject *new_handle(LoopCoreObject *self, PyTypeObject *type, PyObject *
     SLOT(h, off_cancelled) = Py_NewRef(Py_False);
     SLOT(h, off_repr) = Py_NewRef(Py_None);
     SLOT(h, off_source_tb) = Py_NewRef(Py_None);
+    if (type == self->handle_type) hide(h, own_context);  /* timers: hidden once fully made */
     return h;
 }
-
-static inline int is_cancelled(PyObject *h) { return SLOT(h, off_cancelled) == Py_True; }
 
 /* ---- the ready ring ---------------------------------------------------------------------------- */
 
@@ -154,10 +187,7 @@ static PyObject *ring_pop(LoopCoreObject *self) {  /* returns the reference */
 }
 
 static void ring_clear(LoopCoreObject *self) {
-    while (self->len) {
-        PyObject *h = ring_pop(self);
-        Py_DECREF(h);
-    }
+    while (self->len) release(ring_pop(self));
 }
 
 /* ---- the timer heap ------------------------------------------------------------------------------ */
@@ -219,10 +249,7 @@ static PyObject *heap_pop(LoopCoreObject *self) {  /* returns the reference */
 }
 
 static void heap_clear(LoopCoreObject *self) {
-    while (self->hlen) {
-        PyObject *h = heap_pop(self);
-        Py_DECREF(h);
-    }
+    while (self->hlen) release(heap_pop(self));
     self->cancelled = 0;
 }
 
@@ -234,7 +261,7 @@ static void heap_prune(LoopCoreObject *self) {
             PyObject *h = self->heap[i].handle;
             if (is_cancelled(h)) {
                 Py_SETREF(SLOT(h, off_scheduled), Py_NewRef(Py_False));
-                Py_DECREF(h);
+                release(h);
             } else {
                 self->heap[k++] = self->heap[i];
             }
@@ -246,8 +273,7 @@ static void heap_prune(LoopCoreObject *self) {
     }
     while (self->hlen && is_cancelled(self->heap[0].handle)) {
         self->cancelled--;
-        PyObject *h = heap_pop(self);
-        Py_DECREF(h);
+        release(heap_pop(self));
     }
 }
 
@@ -326,6 +352,7 @@ static PyObject *schedule(LoopCoreObject *self, double when, PyObject *when_obj,
     if (!h) return NULL;
     SLOT(h, off_when) = when_obj;  /* the reference is the caller's, given to the handle */
     SLOT(h, off_scheduled) = Py_NewRef(Py_False);
+    hide(h, context == NULL || context == Py_None);
     if (heap_push(self, when, Py_NewRef(h)) < 0) {
         Py_DECREF(h);
         return NULL;
@@ -449,6 +476,65 @@ static int run_handle(LoopCoreObject *self, PyObject *h) {
     return rr ? 0 : -1;
 }
 
+/* End of a turn: every transport that wrote sends what it wrote, in one writev (its _aem_flush). */
+static int flush_writes(LoopCoreObject *self) {
+    while (self->to_flush) {
+        PyObject *list = self->to_flush;
+        self->to_flush = NULL;
+        Py_ssize_t n = PyList_GET_SIZE(list);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *item = PyList_GET_ITEM(list, i);
+            if (aem_stream_check(item)) {
+                if (aem_stream_flush(item) < 0) {
+                    Py_DECREF(list);
+                    return -1;
+                }
+                continue;
+            }
+            PyObject *r = PyObject_CallMethodNoArgs(item, str_flush);
+            if (!r) {
+                Py_DECREF(list);
+                return -1;
+            }
+            Py_DECREF(r);
+        }
+        Py_DECREF(list);
+    }
+    return 0;
+}
+
+int aem_loop_flush_later(PyObject *core, PyObject *obj) {
+    LoopCoreObject *self = (LoopCoreObject *)core;
+    if (!self->to_flush && !(self->to_flush = PyList_New(0))) return -1;
+    return PyList_Append(self->to_flush, obj);
+}
+
+/* flush_later(transport): call transport._aem_flush() at the end of this turn. */
+static PyObject *core_flush_later(LoopCoreObject *self, PyObject *transport) {
+    if (aem_loop_flush_later((PyObject *)self, transport) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* stream_io(transport, fd) -> the StreamIO of a stream transport of this loop (loop_stream.c). */
+static PyObject *core_stream_io(LoopCoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "stream_io(transport, fd)");
+        return NULL;
+    }
+    long fd = PyLong_AsLong(args[1]);
+    if (fd == -1 && PyErr_Occurred()) return NULL;
+    if (fd < 0 || fd > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "bad file descriptor");
+        return NULL;
+    }
+    return aem_stream_new((PyObject *)self, args[0], (int)fd);
+}
+
+/* flush_now(): what flush_later queued, now (the loop stops with writes pending, ...). */
+static PyObject *core_flush_now(LoopCoreObject *self, PyObject *unused) {
+    return flush_writes(self) < 0 ? NULL : Py_NewRef(Py_None);
+}
+
 /* _run_once(): one iteration of asyncio's loop (BaseEventLoop._run_once). */
 static PyObject *core_run_once(LoopCoreObject *self, PyObject *unused) {
     heap_prune(self);
@@ -460,6 +546,17 @@ static PyObject *core_run_once(LoopCoreObject *self, PyObject *unused) {
         stopping = PyObject_IsTrue(s);
         Py_DECREF(s);
         if (stopping < 0) return NULL;
+    }
+    if (self->engine) {  /* one engine turn: the loop's wakers queue the ready fds' handles */
+        int ms = -1;
+        if (self->len || stopping) {
+            ms = 0;
+        } else if (self->hlen) {
+            double t = self->heap[0].when - now_s();
+            ms = t <= 0 ? 0 : t > 86400 ? 86400000 : (int)(t * 1e3 + 0.999999);
+        }
+        if (aem_py_engine_turn(self->engine, ms) < 0) return NULL;
+        goto collected;
     }
     if (self->len || stopping) {
         timeout = PyFloat_FromDouble(0.0);
@@ -481,12 +578,13 @@ static PyObject *core_run_once(LoopCoreObject *self, PyObject *unused) {
     } else {
         Py_DECREF(events);
     }
+collected:;
     double end = now_s() + self->clock_resolution;
     while (self->hlen && self->heap[0].when < end) {
         PyObject *h = heap_pop(self);
         if (is_cancelled(h)) {
             self->cancelled--;
-            Py_DECREF(h);
+            release(h);
         } else if (ring_push(self, h) < 0) {
             return NULL;
         }
@@ -495,10 +593,163 @@ static PyObject *core_run_once(LoopCoreObject *self, PyObject *unused) {
     for (Py_ssize_t i = 0; i < ntodo && self->len; i++) {
         PyObject *h = ring_pop(self);
         int rc = is_cancelled(h) ? 0 : run_handle(self, h);
-        Py_DECREF(h);
+        release(h);
         if (rc < 0) return NULL;
     }
+    return flush_writes(self) < 0 ? NULL : Py_NewRef(Py_None);
+}
+
+/* ---- the engine fast path: wakers -------------------------------------------------------------------- */
+
+/* _attach_engine(engine, fd_to_key, remove_reader, remove_writer): from now on a turn is one
+ * engine turn, and the selector registers wakers (below) as the handlers of the loop's fds. */
+static PyObject *core_attach_engine(LoopCoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4 || !PyObject_TypeCheck(args[0], AemEngine_Type) || !PyDict_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "_attach_engine(engine, fd_to_key: dict, remove_reader, remove_writer)");
+        return NULL;
+    }
+    Py_XSETREF(self->engine, (EngineObject *)Py_NewRef(args[0]));
+    Py_XSETREF(self->fd_to_key, Py_NewRef(args[1]));
+    Py_XSETREF(self->remove_fd[0], Py_NewRef(args[2]));
+    Py_XSETREF(self->remove_fd[1], Py_NewRef(args[3]));
     Py_RETURN_NONE;
+}
+
+/* A waker is the engine handler of one direction of one fd of the loop: when the engine
+ * delivers, it queues the reader's (or writer's) handle of the fd's selector key, as
+ * asyncio's _process_events does. */
+typedef struct {
+    PyObject_HEAD
+    LoopCoreObject *core;
+    PyObject *fd;     /* int: the key in fd_to_key */
+    int write;
+} WakerObject;
+
+static PyTypeObject *Waker_Type;
+
+static PyObject *waker_call(WakerObject *w, PyObject *args, PyObject *kwds) {
+    LoopCoreObject *c = w->core;
+    if (!c->fd_to_key) Py_RETURN_NONE;
+    PyObject *key = PyDict_GetItemWithError(c->fd_to_key, w->fd);  /* borrowed */
+    if (!key) {
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_NONE;  /* unregistered meanwhile */
+    }
+    if (!PyTuple_Check(key) || PyTuple_GET_SIZE(key) < 4) {
+        PyErr_SetString(PyExc_TypeError, "selector key is not a SelectorKey");
+        return NULL;
+    }
+    PyObject *data = PyTuple_GET_ITEM(key, 3);
+    if (!PyTuple_Check(data) || PyTuple_GET_SIZE(data) != 2) Py_RETURN_NONE;
+    PyObject *h = PyTuple_GET_ITEM(data, w->write);
+    if (h == Py_None) Py_RETURN_NONE;
+    if (!PyObject_TypeCheck(h, c->handle_type)) {
+        PyErr_SetString(PyExc_TypeError, "selector key data holds no asyncio.Handle");
+        return NULL;
+    }
+    if (is_cancelled(h)) {
+        PyObject *fileobj = Py_NewRef(PyTuple_GET_ITEM(key, 0));
+        PyObject *r = PyObject_CallOneArg(c->remove_fd[w->write], fileobj);
+        Py_DECREF(fileobj);
+        return r;
+    }
+    if (ring_push(c, Py_NewRef(h)) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* waker(fd, write) -> the engine handler for fd's readiness to read (write=False) or write. */
+static PyObject *core_waker(LoopCoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyLong_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "waker(fd: int, write: bool)");
+        return NULL;
+    }
+    int write = PyObject_IsTrue(args[1]);
+    if (write < 0) return NULL;
+    WakerObject *w = PyObject_GC_New(WakerObject, Waker_Type);
+    if (!w) return NULL;
+    w->core = (LoopCoreObject *)Py_NewRef(self);
+    w->fd = Py_NewRef(args[0]);
+    w->write = write;
+    PyObject_GC_Track(w);
+    return (PyObject *)w;
+}
+
+static int waker_traverse(WakerObject *w, visitproc visit, void *arg) {
+    Py_VISIT(Py_TYPE(w));
+    Py_VISIT(w->core);
+    Py_VISIT(w->fd);
+    return 0;
+}
+
+static int waker_clear(WakerObject *w) {
+    Py_CLEAR(w->core);
+    Py_CLEAR(w->fd);
+    return 0;
+}
+
+static void waker_dealloc(WakerObject *w) {
+    PyTypeObject *tp = Py_TYPE(w);
+    PyObject_GC_UnTrack(w);
+    waker_clear(w);
+    PyObject_GC_Del(w);
+    Py_DECREF(tp);
+}
+
+static PyType_Slot waker_slots[] = {
+    {Py_tp_doc, "The engine handler of one direction of one fd of an aem.EventLoop."},
+    {Py_tp_call, waker_call},
+    {Py_tp_dealloc, waker_dealloc},
+    {Py_tp_traverse, waker_traverse},
+    {Py_tp_clear, waker_clear},
+    {0, NULL},
+};
+
+static PyType_Spec waker_spec = {
+    .name = "aem._core.LoopWaker",
+    .basicsize = sizeof(WakerObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = waker_slots,
+};
+
+/* ---- socket reads for the transports ------------------------------------------------------------------ */
+
+/* recv(fd, max_size) -> bytes: read into one shared buffer (the GIL is held throughout), then copy
+ * out exactly what came.  socket.recv(max_size) allocates max_size bytes (256 KiB for asyncio's
+ * transports: an mmap and its page faults on every read) and shrinks them. b"" at EOF; OSError
+ * (BlockingIOError ...) on failure. */
+#define RECV_BUF (256 * 1024)
+static char *recv_buf;
+
+char *aem_loop_recv_buffer(size_t *size) {
+    if (!recv_buf && !(recv_buf = PyMem_RawMalloc(RECV_BUF))) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    *size = RECV_BUF;
+    return recv_buf;
+}
+
+static PyObject *core_recv(LoopCoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "recv(fd, max_size)");
+        return NULL;
+    }
+    long fd = PyLong_AsLong(args[0]);
+    if (fd == -1 && PyErr_Occurred()) return NULL;
+    Py_ssize_t max = PyLong_AsSsize_t(args[1]);
+    if (max == -1 && PyErr_Occurred()) return NULL;
+    if (max <= 0) {
+        PyErr_SetString(PyExc_ValueError, "max_size must be positive");
+        return NULL;
+    }
+    if (max > RECV_BUF) max = RECV_BUF;
+    if (!recv_buf && !(recv_buf = PyMem_RawMalloc(RECV_BUF))) return PyErr_NoMemory();
+    ssize_t n;
+    do {
+        n = recv((int)fd, recv_buf, (size_t)max, 0);
+    } while (n < 0 && errno == EINTR && PyErr_CheckSignals() == 0);
+    if (n < 0) return PyErr_Occurred() ? NULL : PyErr_SetFromErrno(PyExc_OSError);
+    return PyBytes_FromStringAndSize(recv_buf, n);
 }
 
 /* ---- the rest: sizes, clearing, state ----------------------------------------------------------------- */
@@ -523,7 +774,9 @@ static PyObject *core_popleft(LoopCoreObject *self, PyObject *unused) {
         PyErr_SetString(PyExc_IndexError, "pop from an empty ready queue");
         return NULL;
     }
-    return ring_pop(self);
+    PyObject *h = ring_pop(self);
+    unhide(h);
+    return h;
 }
 
 static PyObject *core_timers(LoopCoreObject *self, PyObject *unused) {
@@ -581,6 +834,11 @@ static int core_traverse(LoopCoreObject *self, visitproc visit, void *arg) {
     Py_VISIT(self->process_events);
     Py_VISIT(self->report);
     Py_VISIT(self->run_debug);
+    Py_VISIT(self->engine);
+    Py_VISIT(self->to_flush);
+    Py_VISIT(self->fd_to_key);
+    Py_VISIT(self->remove_fd[0]);
+    Py_VISIT(self->remove_fd[1]);
     for (Py_ssize_t i = 0; i < self->len; i++) Py_VISIT(self->ring[(self->head + i) & (self->cap - 1)]);
     for (Py_ssize_t i = 0; i < self->hlen; i++) Py_VISIT(self->heap[i].handle);
     return 0;
@@ -596,6 +854,11 @@ static int core_clear_refs(LoopCoreObject *self) {
     Py_CLEAR(self->process_events);
     Py_CLEAR(self->report);
     Py_CLEAR(self->run_debug);
+    Py_CLEAR(self->engine);
+    Py_CLEAR(self->to_flush);
+    Py_CLEAR(self->fd_to_key);
+    Py_CLEAR(self->remove_fd[0]);
+    Py_CLEAR(self->remove_fd[1]);
     return 0;
 }
 
@@ -623,6 +886,17 @@ static PyMethodDef core_methods[] = {
     {"_timer_handle_cancelled", (PyCFunction)core_timer_cancelled, METH_O, "A scheduled timer was cancelled."},
     {"time", (PyCFunction)core_time, METH_NOARGS, "time() -> float: the loop's clock (CLOCK_MONOTONIC)."},
     {"_run_once", (PyCFunction)core_run_once, METH_NOARGS, "One iteration of the loop."},
+    {"flush_later", (PyCFunction)core_flush_later, METH_O,
+     "flush_later(transport): transport._aem_flush() at the end of this turn."},
+    {"stream_io", (PyCFunction)(void (*)(void))core_stream_io, METH_FASTCALL,
+     "stream_io(transport, fd) -> the C reads and coalesced writes of a stream transport."},
+    {"flush_now", (PyCFunction)core_flush_now, METH_NOARGS, "Run the flushes flush_later queued, now."},
+    {"_attach_engine", (PyCFunction)(void (*)(void))core_attach_engine, METH_FASTCALL,
+     "_attach_engine(engine, fd_to_key, remove_reader, remove_writer): turns are engine turns."},
+    {"waker", (PyCFunction)(void (*)(void))core_waker, METH_FASTCALL,
+     "waker(fd, write) -> the engine handler that queues fd's reader (or writer) handle."},
+    {"recv", (PyCFunction)(void (*)(void))core_recv, METH_FASTCALL,
+     "recv(fd, max_size) -> bytes: one read of a socket, into a shared buffer."},
     {"append", (PyCFunction)core_append, METH_O, "Queue a ready handle."},
     {"popleft", (PyCFunction)core_popleft, METH_NOARGS, "Take the first ready handle."},
     {"clear", (PyCFunction)core_clear, METH_NOARGS, "Drop every ready handle."},
@@ -662,7 +936,11 @@ static PyType_Spec core_spec = {
 
 int aem_loop_init_type(PyObject *module) {
     str_stopping = PyUnicode_InternFromString("_stopping");
-    if (!str_stopping) return -1;
+    str_flush = PyUnicode_InternFromString("_aem_flush");
+    if (!str_stopping || !str_flush) return -1;
+    if (aem_stream_init_type(module) < 0) return -1;
+    Waker_Type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &waker_spec, NULL);
+    if (!Waker_Type) return -1;
     LoopCore_Type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &core_spec, NULL);
     if (!LoopCore_Type) return -1;
     return PyModule_AddObjectRef(module, "LoopCore", (PyObject *)LoopCore_Type);

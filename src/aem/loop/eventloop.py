@@ -24,6 +24,7 @@ from typing import Any
 from .. import _core
 from ..engine import Engine, current
 from .selector import EngineSelector
+from .transports import SocketTransport
 
 __all__ = ["EventLoop", "EventLoopPolicy", "install", "new_event_loop"]
 
@@ -51,6 +52,8 @@ class EventLoop(_UnixLoop):  # type: ignore[misc]
                               self._process_events, self._aem_report, self._aem_run_debug,
                               self._clock_resolution)
         self._core = core
+        core._attach_engine(self._engine, self._selector._fd_to_key, self._remove_reader, self._remove_writer)
+        self._selector.attach(core)
         # asyncio's own methods keep working on these: `_ready` is the C ready queue,
         # `_scheduled` a view of the C timer heap.
         self._ready = core
@@ -125,6 +128,10 @@ class EventLoop(_UnixLoop):  # type: ignore[misc]
                                base_events._format_handle(handle), dt)  # type: ignore[attr-defined]
         finally:
             self._current_handle = None  # type: ignore[assignment]
+
+    def _make_socket_transport(self, sock: Any, protocol: Any, waiter: Any = None, *, extra: Any = None,
+                               server: Any = None) -> Any:
+        return SocketTransport(self, sock, protocol, waiter, extra, server)
 
     # -- signals: the engine's signal routing ------------------------------------------------
 

@@ -35,6 +35,17 @@ class EngineSelector(_SelectorImpl):  # type: ignore[misc]
         self._eids: dict[int, list[int]] = {}
         #: fd -> EVENT_* mask seen ready during the current turn
         self._ready: dict[int, int] = {}
+        #: the loop's C core once attached: its wakers are the fds' handlers (no select() then)
+        self._core: _core.LoopCore | None = None
+
+    def attach(self, core: _core.LoopCore) -> None:
+        """Hand readiness straight to ``core`` (an aem.EventLoop's): its wakers become the
+        engine handlers of the fds, and the core runs engine turns itself."""
+        self._core = core
+        for fd, (r, w) in list(self._eids.items()):
+            events = (_READ if r else 0) | (_WRITE if w else 0)
+            self._disarm(fd, events)
+            self._arm(fd, events)
 
     def _on_read(self, ev: Any) -> None:
         fd = ev.fd
@@ -47,12 +58,14 @@ class EngineSelector(_SelectorImpl):  # type: ignore[misc]
     def _arm(self, fd: int, events: int) -> None:
         eids = self._eids.setdefault(fd, [0, 0])
         engine = self._engine
+        core = self._core
         try:
             if events & _READ and not eids[0]:
-                eids[0] = engine._add(_core.K_READABLE, fd, _core.EPOLLIN, self._on_read, 0, 0, None, 0, True)
+                on_read = core.waker(fd, False) if core is not None else self._on_read
+                eids[0] = engine._add(_core.K_READABLE, fd, _core.EPOLLIN, on_read, 0, 0, None, 0, True)
             if events & _WRITE and not eids[1]:
-                eids[1] = engine._add(_core.K_WRITABLE, fd, _core.EPOLLOUT, self._on_write, 0, 0, None, 0,
-                                      True)
+                on_write = core.waker(fd, True) if core is not None else self._on_write
+                eids[1] = engine._add(_core.K_WRITABLE, fd, _core.EPOLLOUT, on_write, 0, 0, None, 0, True)
         except ValueError as exc:  # not watchable by epoll (a regular file): as selectors.EpollSelector
             self._disarm(fd, _READ | _WRITE)
             raise PermissionError(1, str(exc)) from None

@@ -1,0 +1,111 @@
+"""The loop's socket transport: asyncio's own, with its hot paths made cheaper.
+
+:class:`SocketTransport` is asyncio's ``_SelectorSocketTransport`` (so a real
+``asyncio.Transport`` with all its semantics: flow control, ``write_eof``,
+buffered protocols, ``sendfile``) with two changes:
+
+* reading a ready socket goes through the loop's C core: one read into a
+  shared buffer, copied out at its exact size, instead of
+  ``socket.recv(256 KiB)`` allocating 256 KiB per read;
+* writes are coalesced: what is written during one loop turn goes out at the
+  end of the turn in one ``send``/``sendmsg`` (a ``writev``), not one ``send``
+  per ``write()``.  Both are C (``aem._core.StreamIO``).  The first write of a turn is kept as is (no copy of
+  ``bytes``); later ones are appended to asyncio's buffer.  Everything that
+  looks at the buffer (``get_write_buffer_size``, flow control, ``close``,
+  ``write_eof``, ``sendfile``, ``abort``) sees the pending bytes.
+"""
+
+from __future__ import annotations
+
+import socket
+from asyncio import BufferedProtocol, selector_events
+from typing import Any
+
+_SelectorSocketTransport: Any = selector_events._SelectorSocketTransport  # type: ignore[attr-defined]
+
+
+class SocketTransport(_SelectorSocketTransport):  # type: ignore[misc]
+    """A TCP or Unix stream transport of :class:`aem.EventLoop`.
+
+    ``write`` and the reader callback are the C methods of the transport's
+    ``StreamIO`` (aem/_core/loop_stream.c), set on the instance; the rest is
+    asyncio's, plus the few ``_aem_*`` methods the C side calls on uncommon paths.
+    """
+
+    def __init__(self, loop: Any, sock: Any, protocol: Any, waiter: Any = None, extra: Any = None,
+                 server: Any = None) -> None:
+        io = loop._core.stream_io(self, sock.fileno())
+        self._io = io
+        self._read_ready = io.read_ready  # asyncio's __init__ registers this reader
+        self.write = io.write
+        super().__init__(loop, sock, protocol, waiter, extra, server)
+
+    def set_protocol(self, protocol: Any) -> None:
+        """Set the protocol (a BufferedProtocol is read through asyncio's Python path)."""
+        super().set_protocol(protocol)
+        self._io.set_buffered(isinstance(protocol, BufferedProtocol))
+
+    # -- what the C side hands back on uncommon paths ----------------------------------------------
+
+    def _aem_write_lost(self, data: Any) -> None:
+        """write() on a lost connection: asyncio's accounting (and warning)."""
+        super().write(data)
+
+    def _aem_flush_failed(self, exc: BaseException) -> None:
+        self._buffer.clear()
+        self._fatal_error(exc, "Fatal write error on socket transport")
+        if self._empty_waiter is not None and not self._empty_waiter.done():
+            self._empty_waiter.set_exception(exc)
+
+    def _aem_flush_partial(self) -> None:
+        """The socket took part of the turn's writes: the rest waits for writability."""
+        self._loop._add_writer(self._sock_fd, self._write_ready)
+        self._maybe_pause_protocol()
+
+    def _aem_flush_done(self) -> None:
+        """Everything was sent and someone waits for that (flow control, close, write_eof, sendfile)."""
+        self._maybe_resume_protocol()
+        if self._empty_waiter is not None and not self._empty_waiter.done():
+            self._empty_waiter.set_result(None)
+        if self._closing:
+            self._call_connection_lost(None)
+        elif self._eof:
+            self._sock.shutdown(socket.SHUT_WR)
+
+    # -- asyncio's methods that must see the pending first write ----------------------------------------
+
+    def _spill(self) -> None:
+        """Move the pending first write into asyncio's buffer (in front)."""
+        first = self._io.take_first()
+        if first is not None:
+            self._buffer[:0] = first
+
+    def get_write_buffer_size(self) -> int:
+        """Bytes written and not yet sent."""
+        return len(self._buffer) + int(self._io.pending())
+
+    def close(self) -> None:
+        """Close once what was written is sent (asyncio's semantics)."""
+        self._spill()
+        super().close()
+
+    def write_eof(self) -> None:
+        """Shut the write side down once what was written is sent."""
+        self._spill()
+        super().write_eof()
+
+    def _make_empty_waiter(self) -> Any:
+        self._spill()
+        return super()._make_empty_waiter()
+
+    def _force_close(self, exc: BaseException | None) -> None:
+        self._io.take_first()
+        super()._force_close(exc)
+
+    def _call_connection_lost(self, exc: BaseException | None) -> None:
+        try:
+            super()._call_connection_lost(exc)
+        finally:
+            self._io.detach()  # no cycle left through the C side
+            self.__dict__.pop("write", None)
+            self.__dict__.pop("_read_ready", None)
