@@ -156,10 +156,14 @@ def test_shutdown_cancel_futures_cancels_what_did_not_start(executor: cf.Executo
 
 def test_shutdown_without_wait_returns_at_once(executor: cf.Executor) -> None:
     fut = executor.submit(sleep_then, 5, 0.5)
+    workers = list((getattr(executor, "_processes", None) or {}).values())
     t0 = time.monotonic()
     executor.shutdown(wait=False)
     assert time.monotonic() - t0 < 0.4
     assert fut.result(timeout=10) == 5
+    executor.shutdown(wait=True)  # CapsulePool: waits for the background close
+    for w in workers:  # ProcessPoolExecutor forgot its workers: join them here
+        w.join(10)
 
 
 def test_a_killed_worker(executor: cf.Executor, tmp_path: Path) -> None:

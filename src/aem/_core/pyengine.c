@@ -1423,7 +1423,7 @@ static PyObject *engine_describe(EngineObject *self, PyObject *eid_obj) {
                          (long long)(r->kind == AEM_K_TIMER ? aem_timers_deadline(&self->core, slot) : -1));
 }
 
-/* _handlers(flag_mask) -> [(eid, handler, flags)] of the registrations with any of those flags. */
+/* _handlers(flag_mask) -> [(eid, handler, flags, source)] of the registrations with any of those flags. */
 static PyObject *engine_handlers(EngineObject *self, PyObject *arg) {
     unsigned long mask = PyLong_AsUnsignedLong(arg);
     if (mask == (unsigned long)-1 && PyErr_Occurred()) return NULL;
@@ -1434,8 +1434,10 @@ static PyObject *engine_handlers(EngineObject *self, PyObject *arg) {
     for (uint32_t s = 0; s < e->nslots; s++) {
         aem_reg *r = aem_slot(e, s);
         if (r->state == AEM_S_FREE || is_internal(r) || !(r->flags & mask)) continue;
-        PyObject *item = Py_BuildValue("(KOI)", (unsigned long long)aem_eid_of(s, r->gen),
-                                       (PyObject *)r->handler, (unsigned)(r->flags & AEM_F__PUBLIC));
+        uint64_t eid = aem_eid_of(s, r->gen);
+        target_t t = target_of(r, eid, r->priority);
+        PyObject *item = Py_BuildValue("(KOIO)", (unsigned long long)eid, (PyObject *)r->handler,
+                                       (unsigned)(r->flags & AEM_F__PUBLIC), t.source ? t.source : Py_None);
         if (!item || PyList_Append(out, item) < 0) {
             Py_XDECREF(item);
             Py_DECREF(out);

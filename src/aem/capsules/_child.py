@@ -8,13 +8,16 @@ import os
 import pickle
 import signal
 import socket
+import struct
 import sys
 import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from .. import _core
+from .._core import CloseEvent
 from ..sources import UserEvent
-from ._handoff import FdRef, rebuild, recv, release, send
+from ._handoff import NATIVE, FdRef, ProcessEvent, decode, rebuild, release, send
 
 
 def report_error(chan: socket.socket, err: str) -> None:
@@ -77,6 +80,14 @@ def _rehearsal_handler(ev: Any) -> None:
         raise AssertionError(ev)
 
 
+def _rehearsal_record(eid: int, payload: int) -> bytes:
+    """A native record of a UserEvent with an int payload (see handoff.h)."""
+    header = struct.pack("=IBBBBIIQqQQqqq", 0x484D4541, 1, _core.HANDOFF_RUN, _core.K_USER, 1, 0, 0,
+                         eid, 0, 0, 0, payload, 0, 0)
+    assert len(header) == _core.HANDOFF_HEADER
+    return header
+
+
 def warm(chan: socket.socket, table: dict[int, Callable[[Any], object]],
          channel_fds: tuple[int, ...] = ()) -> None:
     """Take a fresh capsule's first-touch costs off the latency path, then say "ready".
@@ -84,22 +95,28 @@ def warm(chan: socket.socket, table: dict[int, Callable[[Any], object]],
     After fork, every page the hand-off path touches is still shared with the template:
     the first event would pay its copy-on-write faults (CPython writes the reference
     counts of every object it reads) and the first run of cold code.  The capsule pays
-    them now, while idle: it sends itself a dummy event through the real path (pickle,
-    ``sendmsg`` with an fd, ``recvmsg``, unpickle, rebuild, run, release), and touches
-    the handlers it knows."""
+    them now, while idle: it sends itself dummy events through the real paths (the
+    native record, and the pickled message with an fd: ``recvmsg``, parse or unpickle,
+    rebuild, run, release; the receive buffer is touched whole), and touches the
+    handlers it knows."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         attrs = {"eid": 0, "time_ns": 0, "payload": (0, b"", "rehearsal", None), "fd": None,
                  "_source_blob": None}
         for _ in range(2):
+            _core.handoff_send(a.fileno(), _rehearsal_record(0, 1))
+            native = _core.handoff_recv(b.fileno(), {})
+            assert native is not None and native[0] == _core.HANDOFF_RUN
+            run_handler(_rehearsal_handler, native[2])
+            release_native(native[2])
             fd = os.dup(b.fileno())
             try:
                 send(a, ("run", 0, None, "PayloadEvent", attrs), [fd])
             finally:
                 os.close(fd)
-            msg = recv(b)
-            assert msg is not None
-            (_op, _eid, _blob, kind, got), fds = msg
+            raw = _core.handoff_recv(b.fileno(), {})
+            assert raw is not None and raw[0] == 0
+            (_op, _eid, _blob, kind, got), fds = decode(raw[1], raw[2])
             got["fd"] = FdRef(0)
             event = rebuild(kind, got, fds)
             run_handler(_rehearsal_handler, event)
@@ -118,32 +135,71 @@ def warm(chan: socket.socket, table: dict[int, Callable[[Any], object]],
     send(chan, ("ready",))
 
 
+def release_native(event: Any) -> None:
+    """After the handler of a native event: the capsule's copy of its fd is closed, unless kept."""
+    if event.kept:
+        return
+    fd = getattr(event, "fd", None)
+    if isinstance(fd, int) and fd >= 0 and type(event) is not CloseEvent:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _next_event(chan: socket.socket, table: dict[int, Callable[[Any], object]],
+                sources: dict[int, Any]) -> tuple[str, int, Any, Callable[[Any], object] | None] | None:
+    """The next message: (op, eid, event, handler), ("call", 0, blob, None), or None at the end."""
+    got = _core.handoff_recv(chan.fileno(), sources)
+    if got is None:
+        return None
+    if got[0]:  # a native record, already an event
+        op, eid, event = got
+        return ("run" if op == _core.HANDOFF_RUN else "keep"), eid, event, table.get(eid)
+    (op, eid, blob, kind, attrs), fds = decode(got[1], got[2])
+    if op == "call":
+        return op, 0, blob, None
+    handler = table.get(eid) if blob is None else pickle.loads(blob)
+    if handler is not None:
+        table[eid] = handler
+    if kind == NATIVE:  # a native record sent with the handler: this capsule did not know it
+        try:
+            _op, _eid, event = _core._handoff_parse(attrs, fds, sources)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return op, eid, event, handler
+    return op, eid, rebuild(kind, attrs, fds), handler
+
+
 def capsule_main(chan: socket.socket, table: dict[int, Callable[[Any], object]],
-                 rehearse: bool = False, channel_fds: tuple[int, ...] = ()) -> NoReturn:
+                 rehearse: bool = False, channel_fds: tuple[int, ...] = (),
+                 sources: dict[int, Any] | None = None) -> NoReturn:
     """Wait for events on ``chan`` and run them; exit after one unless attached (keepalive).
 
-    ``rehearse``: a capsule of a pool warms up first (see :func:`warm`)."""
+    ``rehearse``: a capsule of a pool warms up first (see :func:`warm`).  ``sources``: the
+    template's registrations' sources by event id (native events get theirs from it)."""
     code = 0
+    known = sources if sources is not None else {}
     try:
         if rehearse:
             warm(chan, table, channel_fds)
         while True:
-            msg = recv(chan)
+            msg = _next_event(chan, table, known)
             if msg is None:  # the parent is gone or released us
                 break
-            (op, eid, blob, kind, attrs), fds = msg
+            op, eid, event, handler = msg
             if op == "call":  # an executor's call: answer, then wait for the next one
-                send(chan, ("result", *run_call(blob)))
+                send(chan, ("result", *run_call(event)))
                 continue
-            handler = table.get(eid) if blob is None else pickle.loads(blob)
             err: str | None
             if handler is None:
                 err = f"capsule: no handler for event {eid}"
             else:
-                table[eid] = handler
-                event = rebuild(kind, attrs, fds)
                 err = run_handler(handler, event)
+            if isinstance(event, ProcessEvent):
                 release(event)
+            else:
+                release_native(event)
             if op == "run":
                 if err is not None:
                     report_error(chan, err)
@@ -161,4 +217,3 @@ def capsule_main(chan: socket.socket, table: dict[int, Callable[[Any], object]],
             sys.stdout.flush()
             sys.stderr.flush()
     os._exit(code)
-

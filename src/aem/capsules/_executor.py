@@ -82,6 +82,7 @@ class ExecutorPart(cf.Executor):
         self._workers = set()
         self._workers_idle = deque()
         self._shutdown_called = False
+        self._finisher: threading.Thread | None = None
 
     # -- the Executor API ------------------------------------------------------------------------
 
@@ -117,7 +118,8 @@ class ExecutorPart(cf.Executor):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """No new calls; ``cancel_futures`` cancels those not started.  The pool closes (see
-        :meth:`close`) once the calls submitted finished: now with ``wait``, else in the background."""
+        :meth:`close`) once the calls submitted finished: now with ``wait``, else in the
+        background (a later ``shutdown(wait=True)`` waits for that too)."""
         with self._lock:
             self._shutdown_called = True
             if cancel_futures:
@@ -127,13 +129,16 @@ class ExecutorPart(cf.Executor):
             futures = [c.future for c in self._calls] + [w.call.future for w in self._workers if w.call]
         if wait:
             cf.wait(futures)
+            if self._finisher is not None:  # an earlier shutdown(wait=False): wait for it too
+                self._finisher.join()
             self.close()
-        else:
+        elif self._finisher is None:
             def finish() -> None:
                 cf.wait(futures)
                 self.close()
 
-            threading.Thread(target=finish, daemon=True, name="aem-capsule-shutdown").start()
+            self._finisher = threading.Thread(target=finish, daemon=True, name="aem-capsule-shutdown")
+            self._finisher.start()
 
     # -- bookkeeping (with the pool's lock) --------------------------------------------------------
 

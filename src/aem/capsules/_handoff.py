@@ -22,6 +22,8 @@ from .._core import AemError
 from ..vmtable import TBL_VZONE, Block, by_id
 
 MAX_INLINE = 60 * 1024  # larger messages travel in a memfd
+#: The kind of an event that travels as a native record (see _core/handoff.c).
+NATIVE = "native"
 FDS_MAX = 16
 
 
@@ -247,6 +249,11 @@ def recv(sock: socket.socket, flags: int = 0) -> tuple[Any, list[int]] | None:
             arr = array.array("i")
             arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
             fds.extend(arr)
+    return decode(data, fds)
+
+
+def decode(data: bytes, fds: list[int]) -> tuple[Any, list[int]]:
+    """A pickled message as :func:`send` wrote it (inline, or in a memfd) and its fds."""
     if data[:1] == b"M":
         memfd = fds.pop()
         try:
@@ -256,7 +263,6 @@ def recv(sock: socket.socket, flags: int = 0) -> tuple[Any, list[int]] | None:
             os.close(memfd)
         return pickle.loads(data), fds
     return pickle.loads(data[1:]), fds
-
 
 
 def signal_name(signum: int) -> str:

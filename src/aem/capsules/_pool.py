@@ -21,9 +21,20 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .. import _core
-from .._core import AemError
+from .._core import (
+    AemError,
+    ChildExitEvent,
+    FileChangeEvent,
+    PayloadEvent,
+    ReadEvent,
+    SignalEvent,
+    TimerEvent,
+)
+from ..vmtable import TBL_VZONE, Block
 from ._executor import Call, ExecutorPart
 from ._handoff import (
+    NATIVE,
+    OwnedFd,
     Passed,
     close_socks,
     discard,
@@ -38,6 +49,14 @@ from ._template import template_main
 
 if TYPE_CHECKING:
     from ..engine import Engine
+
+def send_message(sock: socket.socket, msg: Any, fds: list[int]) -> None:
+    """A native record (bytes) or a pickled message (a tuple) onto a capsule's socket."""
+    if isinstance(msg, bytes):
+        _core.handoff_send(sock.fileno(), msg, fds[0] if fds else -1)
+    else:
+        send(sock, msg, fds)
+
 
 #: Events with at least this priority may use a pool's reserve capsules.
 RESERVE_PRIORITY = 100
@@ -82,9 +101,17 @@ class Activation:
     flags: int
     priority: int
     since: float = field(default_factory=time.monotonic)
+    record: bytes | None = None  # the native record (kind is NATIVE)
 
 
 pools: weakref.WeakSet[CapsulePool] = weakref.WeakSet()
+
+#: Events that travel without an fd (see CapsulePool._fast).
+_FDLESS = frozenset({PayloadEvent, TimerEvent, SignalEvent, ChildExitEvent, FileChangeEvent})
+
+# os.getpid() is a system call: activations read this (kept right across fork).
+_pid = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
 
 
 class CapsulePool(ExecutorPart):
@@ -234,9 +261,16 @@ class CapsulePool(ExecutorPart):
     def _activate(self, eid: int, handler: Callable[[Any], object], event: Any, flags: int,
                   priority: int) -> None:
         """Hand the event to a capsule (or queue it until one is free). Never blocks on a process."""
-        self._check_open()
-        kind, attrs, socks = event_state(event)
-        act = Activation(eid, handler, kind, attrs, socks, flags, priority)
+        if self._closed or self._pid != _pid[0]:
+            self._check_open()
+        if not flags & _core.EVF_KEEPALIVE and type(event) in _FDLESS:
+            encoded = _core.handoff_encode(event, _core.HANDOFF_RUN)
+            if encoded is not None and self._fast(eid, handler, flags, priority, encoded[0]):
+                return
+        act = self._native(eid, handler, event, flags, priority)
+        if act is None:  # the pickled path
+            kind, attrs, socks = event_state(event)
+            act = Activation(eid, handler, kind, attrs, socks, flags, priority)
         with self._lock:
             self._counters["activations"] += 1
             # An occurrence never overtakes an earlier one of the same event still waiting.
@@ -247,6 +281,48 @@ class CapsulePool(ExecutorPart):
                 return
             self._pending.append(act)
         self._wake()  # no capsule was free: the manager makes more
+
+    def _fast(self, eid: int, handler: Callable[[Any], object], flags: int, priority: int,
+              record: bytes) -> bool:
+        """The common case, straight: a native record without fd, to an idle capsule of the
+        live template, nothing waiting.  False: take the general path."""
+        with self._lock:
+            t = self._templates[-1] if self._templates else None
+            idle = self._idle
+            if (self._pending or t is None or not t.alive or t.retired or eid not in t.table or not idle
+                    or (priority < self.reserve_priority and len(idle) <= self.reserve)):
+                return False
+            cap = idle.popleft()
+            if cap.template is not t:
+                idle.appendleft(cap)
+                return False
+            self._counters["activations"] += 1
+            cap.job, cap.flags, cap.state = eid, flags, "busy"
+            try:
+                _core.handoff_send(cap.chan.fileno(), record, -1)
+            except OSError as e:  # it died before taking it: this event failed (once)
+                cap.state, cap.job = "dead", 0
+                self._fail(Activation(eid, handler, NATIVE, {}, [], flags, priority, record=record),
+                           f"capsule {cap.pid} could not take the event: {e}")
+            return True
+
+    def _native(self, eid: int, handler: Callable[[Any], object], event: Any, flags: int,
+                priority: int) -> Activation | None:
+        """The event as a native record (see handoff.c), or None when it needs pickling.
+
+        A VZONE block travels by reference on the pickled path (no copy at all)."""
+        if type(event) is ReadEvent:
+            data = event.data
+            if isinstance(data, Block) and data.vmtable.zone == TBL_VZONE:
+                return None
+        encoded = _core.handoff_encode(event, _core.HANDOFF_KEEP if flags & _core.EVF_KEEPALIVE
+                                       else _core.HANDOFF_RUN)
+        if encoded is None:
+            return None
+        record, fdobj = encoded
+        socks: list[Passed] = [] if fdobj is None else [fdobj] if isinstance(fdobj, socket.socket) \
+            else [OwnedFd(fdobj)]
+        return Activation(eid, handler, NATIVE, {}, socks, flags, priority, record=record)
 
     def _dispatch(self, act: Activation) -> bool:
         """With the lock: give ``act`` to a capsule if one may take it (False: it waits)."""
@@ -297,14 +373,19 @@ class CapsulePool(ExecutorPart):
         return blob
 
     def _send_to(self, cap: Capsule, act: Activation, attach: bool) -> None:
-        blob = None if act.eid in cap.template.table else self._blob(act)
-        msg = ("keep" if attach else "run", act.eid, blob, act.kind, act.attrs)
+        msg: Any
+        if act.record is not None and act.eid in cap.template.table:
+            msg = act.record  # the native record, as it is
+        else:  # pickled: with the handler if the template does not know it
+            blob = None if act.eid in cap.template.table else self._blob(act)
+            msg = ("keep" if attach else "run", act.eid, blob, act.kind,
+                   act.record if act.record is not None else act.attrs)
         fds = [s.fileno() for s in act.socks]
         if cap.backlog:
             cap.backlog.append((msg, fds, act.socks))
             return
         try:
-            send(cap.chan, msg, fds)
+            send_message(cap.chan, msg, fds)
         except BlockingIOError:
             cap.backlog.append((msg, fds, act.socks))
             return
@@ -340,8 +421,9 @@ class CapsulePool(ExecutorPart):
     # -- the template --------------------------------------------------------------------------------
 
     def _start_template(self, extra: dict[int, Callable[[Any], object]] | None = None) -> None:
-        handlers = {} if self._engine.closed else {
-            eid: h for eid, h, _f in self._engine._handlers(_core.EVF_CAPSULE)}
+        known = [] if self._engine.closed else self._engine._handlers(_core.EVF_CAPSULE)
+        handlers = {eid: h for eid, h, _f, _src in known}
+        sources = {eid: src for eid, _h, _f, src in known if src is not None}
         handlers.update(extra or {})
         keep_fds = () if self._engine.closed else (self._engine._user_channel().fileno(),)
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -354,7 +436,7 @@ class CapsulePool(ExecutorPart):
             raise
         if pid == 0:  # the template
             parent_end.close()
-            template_main(child_end, handlers, keep_fds)
+            template_main(child_end, handlers, keep_fds, sources)
         child_end.close()
         parent_end.setblocking(False)
         self._templates.append(Template(pid, parent_end, frozenset(handlers)))
@@ -575,7 +657,7 @@ class CapsulePool(ExecutorPart):
         with contextlib.suppress(OSError):
             cap.chan.close()
         for msg, _fds, socks in cap.backlog:
-            discard(msg[4], socks)
+            discard(msg[4] if isinstance(msg, tuple) and isinstance(msg[4], dict) else {}, socks)
         if cap in self._workers:
             self._worker_exited(cap, code, errors)
         elif cap.state in ("warming", "broken"):  # it died before it was ever ready: back off
@@ -615,7 +697,7 @@ class CapsulePool(ExecutorPart):
         while cap.backlog:
             msg, fds, socks = cap.backlog[0]
             try:
-                send(cap.chan, msg, fds)
+                send_message(cap.chan, msg, fds)
             except BlockingIOError:
                 return
             except OSError:

@@ -20,7 +20,7 @@ from ._handoff import flush_stdio, recv, send
 
 
 def template_main(ctl: socket.socket, table: dict[int, Callable[[Any], object]],
-                   keep_fds: tuple[int, ...]) -> NoReturn:
+                  keep_fds: tuple[int, ...], sources: dict[int, Any] | None = None) -> NoReturn:
     """The zygote: forks capsules on request, reaps everything below it, reports exits.
 
     ``keep_fds``: the application's fds capsules keep (the engine's UserEvent
@@ -105,7 +105,7 @@ def template_main(ctl: socket.socket, table: dict[int, Callable[[Any], object]],
                         os._exit(1)
                     chan = socket.socket(fileno=fds[0])
                     ctl.close()
-                    capsule_main(chan, table, rehearse=True, channel_fds=keep_fds)
+                    capsule_main(chan, table, rehearse=True, channel_fds=keep_fds, sources=sources)
                 for fd in fds:
                     os.close(fd)
                 children.add(pid)
