@@ -104,6 +104,15 @@ def test_other_protocols_and_versions_are_505(line: bytes) -> None:
         assert only_error(feed_all(line, chunks=[cut])).status == 505
 
 
+def test_rtsp_among_pipelined_http10_requests() -> None:
+    ka = b"Connection: keep-alive\r\n\r\n"
+    stream = (b"GET /a HTTP/1.0\r\n" + ka + b"GET /b HTTP/1.0\r\n" + ka
+              + b"GET /b RTSP/1.0\r\n" + ka)
+    events = feed_all(stream)
+    assert [type(e) for e in events] == [Request, Request, HttpError] and events[-1].status == 505
+    assert [type(e) for e in feed_all(stream, chunks=[30, 7, 40])] == [Request, Request, HttpError]
+
+
 def test_http_1_x_is_answered_as_1_1() -> None:
     """Regression (issue 9): HTTP/1.2 got 505; RFC 9112 §2.5 reads 1.x as 1.1."""
     [req] = feed_all(b"GET / HTTP/1.2\r\nHost: h\r\n\r\n")

@@ -743,6 +743,52 @@ def test_cli_status_page_is_an_option(tmp_path: Path) -> None:
         proc.wait()
 
 
+LOOPBACK_STATUS_SCRIPT = textwrap.dedent("""
+    import sys
+    from aem.http import HTTPServer
+    server = HTTPServer(root=sys.argv[1], host="0.0.0.0", port=0)   # status_page="loopback"
+    server.start()
+    with open(sys.argv[2], "w") as f:
+        f.write(str(server.port))
+    server.run()
+""")
+
+
+def _non_loopback_address() -> str | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))     # no packet is sent: only picks the local address
+            addr = str(s.getsockname()[0])
+        except OSError:
+            return None
+    return None if addr.startswith("127.") or addr == "0.0.0.0" else addr
+
+
+def test_status_page_by_default_only_for_this_machine(tmp_path: Path) -> None:
+    addr = _non_loopback_address()
+    if addr is None:
+        pytest.skip("no non-loopback IPv4 address on this machine")
+    root = tmp_path / "root"
+    (root / "_aem").mkdir(parents=True)
+    (root / "_aem" / "status").write_bytes(b"the file\n")
+    proc, port = _start(tmp_path, LOOPBACK_STATUS_SCRIPT, [str(root)])
+    try:
+        status, h, _ = get(port, "/_aem/status")
+        assert status == 200 and h["content-type"].startswith("text/html")
+        c = socket.create_connection((addr, port), timeout=5)
+        try:
+            c.sendall(b"GET /_aem/status HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := c.recv(65536):
+                data += chunk
+        finally:
+            c.close()
+        assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"\r\n\r\nthe file\n")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_cli_static_server_answers_405_before_the_body(tmp_path: Path) -> None:
     """Regression (issue 9): a body was buffered in full even when the answer was 405."""
     (tmp_path / "f.txt").write_bytes(b"file\n")

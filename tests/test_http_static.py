@@ -343,3 +343,16 @@ def test_if_match_and_if_unmodified_since_give_412(tree: tuple[Path, StaticFiles
         r.close()
     assert _open_fds() == before
     assert precondition_failed(Headers([(b"If-Match", b'"a"')]), 0, '"b"')
+
+
+def test_cache_fast_key_only_for_normal_paths(tmp_path: Path) -> None:
+    (tmp_path / "bc").write_bytes(b"bc")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "index.html").write_bytes(b"index")
+    sf = StaticFiles(tmp_path)
+    assert sf.respond("GET", "/bc", H(), now=1.0).body == b"bc"
+    assert sf.respond("GET", "abc", H(), now=1.0).status == 404      # not "/bc" from the cache
+    assert sf.respond("GET", "/d/", H(), now=1.0).body == b"index"
+    assert sf.respond("GET", "/d", H(), now=1.0).status == 301         # "d" is not "d/"
+    assert sf.respond("GET", "/d/", H(), now=1.0).body == b"index"     # from the cache
+    assert sorted(sf.cache) == ["bc", "d/"]

@@ -39,3 +39,17 @@ def test_json_is_asked_for_by_query_or_accept() -> None:
     assert not status.wants_json(None, "")
     data = status.collect({"requests": 3})
     assert json.loads(status.render_json(data))["server"] == {"requests": 3}
+
+
+def test_who_sees_the_page() -> None:
+    import pytest
+
+    from aem.http import HTTPServer
+    from aem.http.server import _is_loopback
+
+    assert _is_loopback(("127.0.0.1", 5)) and _is_loopback(("::1", 5, 0, 0))
+    assert _is_loopback(("127.8.9.10", 1)) and _is_loopback("")     # a Unix socket peer
+    assert not _is_loopback(("10.1.2.3", 5)) and not _is_loopback(("2001:db8::1", 5, 0, 0))
+    assert not _is_loopback(("not an address", 1))
+    with pytest.raises(ValueError):
+        HTTPServer(status_page="everyone", port=0)

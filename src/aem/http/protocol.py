@@ -330,10 +330,10 @@ class RequestParser:
     """
 
     __slots__ = (
-        "_begins", "_body", "_body_len", "_budget", "_data", "_discard", "_events", "_head_raw",
-        "_head_size", "_headers", "_keep_alive", "_limits", "_max_body", "_max_head",
+        "_begins", "_body", "_body_len", "_budget", "_cursor", "_data", "_discard", "_events",
+        "_head_raw", "_head_size", "_headers", "_host", "_keep_alive", "_limits", "_max_body", "_max_head",
         "_max_headers", "_max_url", "_method", "_parser", "_partial", "_partial_len", "_progress",
-        "_stall", "_url", "_version", "_wants_body", "dead", "phase", "timer",
+        "_stall", "_url", "_version", "_wants_body", "_window", "dead", "phase", "timer",
     )
 
     def __init__(self, limits: Limits | None = None, *, budget: BodyBudget | None = None,
@@ -368,6 +368,9 @@ class RequestParser:
         self._keep_alive = True
         self._begins = 0
         self._data: bytes | bytearray | memoryview = b""   # the feed being parsed
+        self._window: bytes | None = None                   # see _not_http
+        self._cursor = 0                                     # see _not_http
+        self._host = b""                                     # the last valid Host value
         # Bytes fed since the stream was last between requests at the end of a feed
         # (to find where a request line began, on rare paths only).
         self._partial: list[bytes] = []
@@ -425,7 +428,11 @@ class RequestParser:
                 lname = name.lower()
                 if lname == b"host":
                     hosts += 1
-                    host_ok = host_ok and _HOST.match(value) is not None
+                    if value != self._host:  # a connection sends the same Host again and again
+                        if _HOST.match(value) is None:
+                            host_ok = False
+                        else:
+                            self._host = value
                 elif lname == b"content-length":
                     n = int(value)
                     if n > self._max_body:
@@ -464,10 +471,28 @@ class RequestParser:
             self._events.append(CONTINUE)
 
     def _not_http(self) -> bool:
-        """True if the request line of a "1.0" request names another protocol (RTSP/1.0)."""
-        window = b"".join(self._partial) + bytes(self._data)  # rare path: HTTP/1.0 only
+        """True if the request line of a "1.0" request names another protocol (RTSP/1.0).
+
+        llhttp reports RTSP/1.0 as version 1.0; its line is looked for in the
+        bytes since the stream was last idle — a window built, and scanned for
+        the protocol names, once per feed, however many HTTP/1.0 requests it holds.
+        """
+        window = self._window
+        if window is None:
+            window = self._window = b"".join(self._partial) + bytes(self._data)
+            if b"RTSP/" not in window and b"ICE/" not in window:
+                self._window = window = b""
+        if not window:
+            return False
+        # this request's line is the first "<url> HTTP|RTSP|ICE/1.0" after the previous one's
         line = b" " + self._url + b" "
-        return (line + b"RTSP/") in window or (line + b"ICE/") in window
+        found = [(i, proto) for proto in (b"HTTP/1.0", b"RTSP/1.0", b"ICE/1.0")
+                 if (i := window.find(line + proto, self._cursor)) >= 0]
+        if not found:
+            return False
+        pos, proto = min(found)
+        self._cursor = pos + len(line)
+        return proto != b"HTTP/1.0"
 
     def on_body(self, body: bytes) -> None:
         self._progress = True
@@ -520,6 +545,7 @@ class RequestParser:
         self._begins = 0
         self._progress = False
         self._data = data
+        self._window = None
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -546,6 +572,7 @@ class RequestParser:
             if self._partial_len:
                 self._partial.clear()
                 self._partial_len = 0
+            self._cursor = 0
             return events
         if phase == HEAD:
             if self._begins == 0:  # every byte of this feed belongs to the same head

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import errno
 import heapq
+import ipaddress
 import itertools
 import os
 import resource
@@ -110,6 +111,16 @@ def raise_nofile_limit() -> int:
         except (ValueError, OSError):
             pass
     return soft
+
+
+def _is_loopback(addr: Any) -> bool:
+    """True for a client on this machine (a loopback address or a Unix socket)."""
+    if not isinstance(addr, tuple) or not addr:
+        return True
+    try:
+        return ipaddress.ip_address(str(addr[0]).partition("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def _no_body(method: str, target: str) -> bool:
@@ -368,10 +379,11 @@ class HTTPServer:
 
     ``app(request)`` (see :mod:`aem.http.app`) is asked first; when it
     returns None, or there is no app, the static files under ``root``
-    answer; without a root, 404.  With ``status_page=True``,
-    ``/_aem/status`` shows the process's statistics (see
-    :mod:`aem.http.status`); off by default, and then that path is an
-    ordinary one.
+    answer; without a root, 404.  ``status_page``: who sees the process's
+    statistics at ``/_aem/status`` (see :mod:`aem.http.status`) —
+    ``"loopback"`` (the default: clients on this machine only), ``True``
+    (everyone) or ``False`` (no one); for the others that path is an ordinary
+    one (``aem serve`` turns the page off unless given ``--status``).
 
     ``host``/``port`` (port 0: any free port; see :attr:`port`) or a ready
     listening ``sock``.  ``access_log``: a text stream for one line per
@@ -393,7 +405,8 @@ class HTTPServer:
                  limits: Limits | None = None, timeouts: Timeouts | None = None,
                  access_log: TextIO | None = None, error_log: TextIO | None = None,
                  server_name: str = "aem", backlog: int = 4096, reuse_port: bool = False,
-                 engine: aem.Engine | None = None, pool: object = None, status_page: bool = False,
+                 engine: aem.Engine | None = None, pool: object = None,
+                 status_page: bool | str = "loopback",
                  read_size: int = 65536) -> None:
         self.app = app
         self.static = StaticFiles(root) if root is not None else None
@@ -404,6 +417,8 @@ class HTTPServer:
         self.error_log = error_log if error_log is not None else sys.stderr
         self.engine: aem.Engine = engine if engine is not None else aem.current()
         self.pool = pool
+        if status_page not in (True, False, "loopback"):
+            raise ValueError(f"status_page is True, False or 'loopback', not {status_page!r}")
         self.status_page = status_page
         self.read_size = read_size
         self.server_name = server_name
@@ -629,7 +644,8 @@ class HTTPServer:
         req.client = conn.addr
         self.requests += 1
         target = req.target
-        if self.status_page and target.startswith(_STATUS_PATH) and req.path == _STATUS_PATH:
+        if (self.status_page and target.startswith(_STATUS_PATH) and req.path == _STATUS_PATH
+                and (self.status_page is True or _is_loopback(conn.addr))):
             self._status_response(conn, req)
             return
         if self.app is not None:

@@ -336,12 +336,19 @@ class StaticFiles:
             if method == "OPTIONS":
                 return StaticResponse(204, [("Allow", ALLOW)])
             return _text(405, f"{method} is not allowed here", [("Allow", ALLOW)])
+        cached = self.cache_ttl > 0 and not _conditional(headers.raw)
+        if (cached and path[:1] == "/" and "%" not in path and "/." not in path
+                and "//" not in path):
+            # already in normal form (the usual case): the key without decoding or splitting
+            hit = self.cache.get(path[1:])
+            if hit is not None and hit.expires > (time.time() if now is None else now):
+                return hit.response
         segs = _segments(path)
         if isinstance(segs, StaticResponse):
             return segs
         slash = path.endswith("/")
         key: str | None = None
-        if self.cache_ttl > 0 and not _conditional(headers.raw):
+        if cached:
             key = "/".join(segs) + "/" if slash and segs else "/".join(segs)
             hit = self.cache.get(key)
             if hit is not None:

@@ -12,9 +12,11 @@ separators), and a sentence instead of an empty table (:data:`EMPTY`).
 :func:`render_json` gives the same data as JSON, at ``?format=json`` or for
 ``Accept: application/json`` (:func:`wants_json`).
 
-The page is an option of the server (``HTTPServer(status_page=True)``,
-``aem serve --status``), off by default: it tells anyone who can reach the
-server about the process, and when it is off the path is an ordinary one.
+The page tells whoever sees it about the process, so who sees it is the
+server's option: ``HTTPServer(status_page="loopback")`` (the default: clients
+on this machine), ``True`` (everyone), ``False`` (no one); ``aem serve``
+shows it only with ``--status``.  For whoever does not see it, the path is an
+ordinary one (a file there is served).
 """
 
 from __future__ import annotations
