@@ -164,3 +164,25 @@ def test_status_page_counts_app_requests_and_shows_the_workers(flask: Served) ->
     assert after["server"]["requests"] - before["server"]["requests"] == 6
     assert after["capsules"]["workers"] == 2
     assert after["pid"] == flask.proc.pid
+
+
+def test_chunked_request_body_and_big_request_head(flask: Served) -> None:
+    out = raw(flask.port, b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                          b"Connection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200") and out.endswith(b"hello world")
+    big = {f"X-Big-{i}": "v" * 150 for i in range(90)}   # ~15 KiB of header fields
+    status, _, body = flask.get("/echo", method="POST", body=b"b" * 40_000, headers=big)
+    assert status == 200 and body == b"b" * 40_000
+
+
+def test_slow_reader_gets_a_big_stream_whole(flask: Served) -> None:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", flask.port), timeout=10) as c:
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        c.sendall(b"GET /bigstream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        time.sleep(0.5)                  # the front holds a bounded part meanwhile
+        got = 0
+        while chunk := c.recv(1 << 20):
+            got += len(chunk)
+    assert got > 200 * 65536

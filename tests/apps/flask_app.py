@@ -87,3 +87,12 @@ def write_app(environ, start_response):  # type: ignore[no-untyped-def]
     write = start_response("200 OK", [("Content-Type", "text/plain")])
     write(b"written ")
     return [b"and ", b"returned"]
+
+
+@app.route("/bigstream")
+def bigstream() -> Response:
+    def gen() -> Iterator[bytes]:
+        for _ in range(200):
+            yield b"x" * 65536
+
+    return Response(gen(), mimetype="application/octet-stream")

@@ -85,7 +85,10 @@ class ASGIServer:
 
     ``sock``: a listening socket, or ``host``/``port`` (``reuse_port`` for
     several processes on one port), or ``uds`` (a Unix socket path).
-    ``timeout_keep_alive``: seconds an idle keep-alive connection stays open.
+    ``timeout_keep_alive``: seconds an idle keep-alive connection stays open;
+    ``header_timeout``/``body_timeout``: a request head / body arriving too
+    slowly (408); ``send_timeout``: the longest a client may take none of a
+    streamed response (then the connection is dropped).
     ``limit_concurrency``: app calls in progress beyond which requests get 503.
     ``lifespan``: ``"auto"`` (run it; an app that does not support it is
     fine), ``"on"`` (its failure is fatal) or ``"off"``.  ``status_page``:
@@ -97,13 +100,13 @@ class ASGIServer:
     def __init__(self, app: ASGIApp, *, host: str = "127.0.0.1", port: int = 8000,
                  uds: str | None = None, sock: socket.socket | None = None, reuse_port: bool = False,
                  root_path: str = "", limits: Limits | None = None, timeout_keep_alive: float = 5.0,
-                 header_timeout: float = 10.0, body_timeout: float = 30.0,
+                 header_timeout: float = 10.0, body_timeout: float = 30.0, send_timeout: float = 30.0,
                  limit_concurrency: int | None = None, lifespan: str = "auto",
                  access_log: TextIO | None = None, error_log: TextIO | None = None,
                  server_name: str = "aem", status_page: bool = False, pool: object = None) -> None:
         if lifespan not in ("auto", "on", "off"):
             raise ValueError("lifespan is 'auto', 'on' or 'off'")
-        if timeout_keep_alive <= 0 or header_timeout <= 0 or body_timeout <= 0:
+        if min(timeout_keep_alive, header_timeout, body_timeout, send_timeout) <= 0:
             raise ValueError("timeouts must be > 0 seconds")
         if limit_concurrency is not None and limit_concurrency < 1:
             raise ValueError("limit_concurrency must be >= 1")
@@ -115,6 +118,7 @@ class ASGIServer:
         # by RequestParser.timer: KEEP, IDLE_TIMER, HEADER_TIMER, BODY_TIMER
         self.timer_s = (0.0, timeout_keep_alive, header_timeout, body_timeout)
         self.limit_concurrency = limit_concurrency
+        self.send_timeout = send_timeout
         self.lifespan_mode = lifespan
         self.access_log = access_log
         self.error_log = error_log if error_log is not None else sys.stderr
@@ -359,9 +363,19 @@ class _HttpProtocol(asyncio.Protocol):
             self.drained.set_result(None)
 
     async def drain(self) -> None:
+        """Wait while the client does not take the output; past ``send_timeout``, drop it."""
         if self.write_paused and not self.closed:
             self.drained = self.loop.create_future()
-            await self.drained
+            stuck = self.loop.call_later(self.server.send_timeout, self._stuck)
+            try:
+                await self.drained
+            finally:
+                stuck.cancel()
+
+    def _stuck(self) -> None:
+        self.server.log_error("aem serve: a client took none of a response for "
+                              f"{self.server.send_timeout:g} s: connection dropped")
+        self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self.ws is not None:

@@ -46,8 +46,12 @@ import aem
 
 __all__ = ["FileWrapper", "WSGIWorkers", "load_app", "worker_main"]
 
-CHUNK = 64 * 1024       # one message's payload at most
+CHUNK = 64 * 1024       # one message's body payload at most
+FIRST = 32 * 1024       # body bytes that ride in the request message (its head may be ~25 KiB)
+RECV = 1 << 18          # receive buffer: larger than any message (the socket's send buffer bounds them)
 _FDS = socket.CMSG_SPACE(array.array("i").itemsize)
+
+_INBOX_MAX = 16         # worker messages the front holds before it stops reading that worker
 
 # message kinds, front → worker
 M_REQUEST = b"Q"        # marshal(request fields) + first body chunk
@@ -117,7 +121,7 @@ class _Input(io.RawIOBase):
     def _fill(self) -> bool:
         if not self.more:
             return False
-        msg = self.chan.recv(CHUNK + 16)
+        msg = self.chan.recv(RECV)
         if not msg or msg[:1] != M_BODY:
             raise ConnectionError("the front closed the request body")
         if len(msg) == 1:
@@ -164,7 +168,7 @@ class _Input(io.RawIOBase):
 
 
 def _environ(fields: tuple[Any, ...], body: _Input) -> dict[str, Any]:
-    (method, scheme, root_path, raw_path, query, headers, server, client, version) = fields
+    (method, scheme, root_path, raw_path, query, headers, server, client, version, length) = fields
     path = raw_path
     if b"%" in path:
         from urllib.parse import unquote_to_bytes
@@ -190,6 +194,7 @@ def _environ(fields: tuple[Any, ...], body: _Input) -> dict[str, Any]:
         "wsgi.multiprocess": True,
         "wsgi.run_once": False,
         "wsgi.file_wrapper": FileWrapper,
+        "wsgi.input_terminated": True,
     }
     if client:
         env["REMOTE_ADDR"] = client[0]
@@ -205,6 +210,8 @@ def _environ(fields: tuple[Any, ...], body: _Input) -> dict[str, Any]:
             env[key] += ("; " if key == "HTTP_COOKIE" else ",") + text
         else:
             env[key] = text
+    if length and "CONTENT_LENGTH" not in env:   # a chunked body, decoded by the front
+        env["CONTENT_LENGTH"] = str(length)
     return env
 
 
@@ -350,7 +357,7 @@ def worker_main(ev: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the front decides when we stop
     try:
         while True:
-            msg = chan.recv(CHUNK + 4096)
+            msg = chan.recv(RECV)
             if not msg:
                 break
             if msg[:1] == M_REQUEST:
@@ -368,7 +375,7 @@ def worker_main(ev: Any) -> None:
 class _Worker:
     """The front's end of one worker's channel."""
 
-    __slots__ = ("busy", "chan", "dead", "inbox", "loop", "pid", "pool", "waiter")
+    __slots__ = ("busy", "chan", "dead", "inbox", "loop", "pid", "pool", "reading", "waiter")
 
     def __init__(self, pool: WSGIWorkers, chan: socket.socket) -> None:
         self.pool = pool
@@ -379,13 +386,14 @@ class _Worker:
         self.dead = False
         self.inbox: collections.deque[tuple[bytes, int]] = collections.deque()
         self.waiter: asyncio.Future[None] | None = None
+        self.reading = True
         self.loop.add_reader(chan.fileno(), self._readable)
 
     def _readable(self) -> None:
         chan = self.chan
         while True:
             try:
-                data, anc, _flags, _addr = chan.recvmsg(CHUNK + 4096, _FDS)
+                data, anc, _flags, _addr = chan.recvmsg(RECV, _FDS)
             except BlockingIOError:
                 break
             except OSError:
@@ -406,6 +414,12 @@ class _Worker:
                 self.pool._ready(self)
                 continue
             self.inbox.append((data, fd))
+            if len(self.inbox) >= _INBOX_MAX:
+                # the client is slower than the app: leave the rest in the socket (the
+                # worker blocks in send) until the front has passed these on
+                self.reading = False
+                self.loop.remove_reader(chan.fileno())
+                break
         w = self.waiter
         if w is not None and not w.done():
             w.set_result(None)
@@ -415,7 +429,8 @@ class _Worker:
         if self.dead:
             return
         self.dead = True
-        self.loop.remove_reader(self.chan.fileno())
+        if self.reading:
+            self.loop.remove_reader(self.chan.fileno())
         self.chan.close()
         while self.inbox:
             _, fd = self.inbox.popleft()
@@ -426,15 +441,6 @@ class _Worker:
         if w is not None and not w.done():
             w.set_result(None)
 
-    def kill(self) -> None:
-        """Past the timeout: SIGKILL; the channel's EOF follows."""
-        if self.pid and not self.dead:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.gone()
-
     async def next(self) -> tuple[bytes, int] | None:
         """The worker's next message (and its fd, or -1); None if the worker is gone."""
         while not self.inbox:
@@ -443,7 +449,11 @@ class _Worker:
             self.waiter = self.loop.create_future()
             await self.waiter
             self.waiter = None
-        return self.inbox.popleft()
+        item = self.inbox.popleft()
+        if not self.reading and not self.dead and len(self.inbox) < _INBOX_MAX // 2:
+            self.reading = True
+            self.loop.add_reader(self.chan.fileno(), self._readable)
+        return item
 
 
 class WSGIWorkers:
@@ -605,21 +615,28 @@ class WSGIWorkers:
         fields = (scope["method"], scope["scheme"], scope["root_path"], scope["raw_path"],
                   scope["query_string"], scope["headers"],
                   tuple(scope["server"]) if scope["server"] else None,
-                  tuple(scope["client"]) if scope["client"] else None, scope["http_version"])
+                  tuple(scope["client"]) if scope["client"] else None, scope["http_version"], len(body))
         w = await self._acquire()
-        timer = self.loop.call_later(self.timeout, self._hung, w)
+        # --timeout bounds how long the worker keeps the front waiting for its next message (the
+        # app call until its head, then each chunk); not the time the client takes to read
+        timer: asyncio.TimerHandle | None = self.loop.call_later(self.timeout, self._hung, w)
         started = False
+        clean = False        # the worker's answer was read to its end: it may take the next request
         try:
-            first = body[:CHUNK]
-            more = len(body) > CHUNK
+            first = body[:FIRST]
+            more = len(body) > FIRST
             w.chan.send(M_REQUEST + marshal.dumps((fields, first, more)))
             if more:
                 view = memoryview(body)
-                for i in range(CHUNK, len(body), CHUNK):
+                for i in range(FIRST, len(body), CHUNK):
                     await self.loop.sock_sendall(w.chan, M_BODY + view[i:i + CHUNK])
                 await self.loop.sock_sendall(w.chan, M_BODY)
             while True:
+                if timer is None:
+                    timer = self.loop.call_later(self.timeout, self._hung, w)
                 item = await w.next()
+                timer.cancel()
+                timer = None
                 if item is None:
                     if started:
                         raise ConnectionError("the WSGI worker died during the response")
@@ -630,6 +647,7 @@ class WSGIWorkers:
                 data, fd = item
                 kind = data[:1]
                 if kind == M_WHOLE:
+                    clean = True
                     status, headers, payload = marshal.loads(data[1:])
                     await send({"type": "http.response.start", "status": status,
                                 "headers": _encode(headers)})
@@ -648,29 +666,39 @@ class WSGIWorkers:
                         await send({"type": "http.response.zerocopysend", "file": f, "offset": offset,
                                     "count": count, "more_body": True})
                 elif kind == M_END:
+                    clean = True
                     await send({"type": "http.response.body", "body": b""})
                     break
                 elif kind == M_FAIL:
+                    clean = True
                     if started:
                         raise RuntimeError("the WSGI app failed during its response")
                     await _plain(send, 500, b"500 Internal Server Error\n")
                     break
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
+            if not clean and not w.dead:
+                # cancelled or failed mid-answer: what the worker still sends would be read as
+                # the next request's answer — end it (the pool starts another)
+                self._kill(w)
             self._release(w)
 
-    def _hung(self, w: _Worker) -> None:
-        self.killed += 1
-        w.pid = -w.pid if w.pid > 0 else w.pid   # remember: this one timed out
-        pid = -w.pid
-        print(f"aem serve: WSGI worker {pid} took longer than {self.timeout:g} s: killed",
-              file=sys.stderr, flush=True)
+    def _kill(self, w: _Worker) -> None:
+        pid = abs(w.pid)
         if pid:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         w.gone()
+
+    def _hung(self, w: _Worker) -> None:
+        self.killed += 1
+        w.pid = -w.pid if w.pid > 0 else w.pid   # remember: this one timed out
+        print(f"aem serve: WSGI worker {-w.pid} took longer than {self.timeout:g} s: killed",
+              file=sys.stderr, flush=True)
+        self._kill(w)
 
     @staticmethod
     def _timed_out(w: _Worker) -> bool:
