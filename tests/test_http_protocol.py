@@ -118,6 +118,17 @@ def test_http_1_x_is_answered_as_1_1() -> None:
     [req] = feed_all(b"GET / HTTP/1.2\r\nHost: h\r\n\r\n")
     assert req.version == "1.1" and req.keep_alive
     assert only_error(feed_all(b"GET / HTTP/1.2\r\n\r\n")).status == 400  # Host as for 1.1
+    # after other requests in the same feed, split anywhere, and again on the same connection
+    stream = (b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n\r\nGET /2 HTTP/1.2\r\nHost: h\r\n\r\n"
+              b"POST /3 HTTP/1.9\r\nHost: h\r\nContent-Length: 2\r\n\r\nab"
+              b"GET /4 HTTP/1.1\r\nHost: h\r\n\r\n")
+    for cut in range(1, len(stream), 7):
+        events = feed_all(stream, chunks=[cut])
+        assert [(e.target, e.version, e.body) for e in events] == [
+            ("/1", "1.1", b""), ("/2", "1.1", b""), ("/3", "1.1", b"ab"), ("/4", "1.1", b"")]
+    for line in (b"GET / HTTP/2.1\r\nHost: h\r\n\r\n", b"GET / HTTP/9.9\r\nHost: h\r\n\r\n"):
+        assert only_error(feed_all(line)).status == 505
+        assert only_error(feed_all(b"GET / HTTP/1.2\r\nHost: h\r\n\r\n" + line)).status == 505
 
 
 def test_versions() -> None:
@@ -597,3 +608,27 @@ def test_connection_errors_and_timeouts() -> None:
     c.receive(b"GET / HT")
     assert c.timer == HEADER_TIMER and c.resume_timer() == HEADER_TIMER
     assert (c.timeout(DATE) or b"").startswith(b"HTTP/1.1 408 ")
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(_request_strategy, min_size=1, max_size=5),
+       st.lists(st.integers(min_value=1, max_value=40), max_size=30))
+def test_dropped_bodies_do_not_depend_on_the_split(reqs: list, cuts: list[int]) -> None:
+    """With no body wanted, every request is delivered at its head and the stream goes on."""
+    stream = b"".join(_encode(m, p, h, b, False) for m, p, h, b in reqs)
+
+    def run(chunks: list[int] | None) -> list:
+        budget = BodyBudget(0)     # nothing may be buffered: dropped bodies take no budget
+        p = RequestParser(budget=budget, wants_body=lambda m, t: False)
+        out, pos = [], 0
+        for n in chunks or []:
+            out += p.feed(stream[pos:pos + n])
+            pos += n
+        out += p.feed(stream[pos:])
+        assert budget.used == 0
+        return [(e.method, e.target, e.body, e.keep_alive) for e in out]
+
+    whole = run(None)
+    assert whole == run(cuts)
+    assert [t for _, t, _, _ in whole] == [f"/{p}" for _, p, _, _ in reqs]
+    assert all(body == b"" and keep for _, _, body, keep in whole)

@@ -356,3 +356,24 @@ def test_cache_fast_key_only_for_normal_paths(tmp_path: Path) -> None:
     assert sf.respond("GET", "/d", H(), now=1.0).status == 301         # "d" is not "d/"
     assert sf.respond("GET", "/d/", H(), now=1.0).body == b"index"     # from the cache
     assert sorted(sf.cache) == ["bc", "d/"]
+
+
+def test_out_of_descriptors_is_503_not_404(tree: tuple[Path, StaticFiles],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 9: with the fd limit reached, every file answered 404 (as if missing)."""
+    import errno
+
+    _, sf = tree
+    real_open = os.open
+
+    def no_fds(*a: object, **k: object) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(os, "open", no_fds)
+    for path in ("/a.txt", "/sub/"):
+        r = sf.respond("GET", path, H())
+        assert r.status == 503 and b"file descriptors" in r.body
+    monkeypatch.setattr(os, "open", real_open)
+    r = sf.respond("GET", "/a.txt", H())
+    assert r.status == 200
+    r.close()

@@ -82,6 +82,7 @@ REASONS: Final[dict[int, str]] = {
 #: The interim response sent when a client asked for ``Expect: 100-continue``.
 CONTINUE_RESPONSE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
+_HTTP_1X = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [^ \r\n]+ HTTP/1\.[0-9]\r?\n")
 _TOKEN_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,64} [\x21-\x7e]")
 _METHOD_STR = {m.encode(): m for m in IMPLEMENTED_METHODS}
 
@@ -294,7 +295,7 @@ class BodyBudget:
 _DEFAULT_LIMITS = Limits()
 # len(b"host"), len(b"expect"), len(b"connection"), len(b"content-length"),
 # len(b"transfer-encoding")
-_SPECIAL_LENGTHS = frozenset({4, 6, 14, 17})
+_SPECIAL_LENGTHS = frozenset({4, 6, 10, 14, 17})
 # Host = uri-host [ ":" port ] (RFC 9110 §7.2, RFC 3986 §3.2.2); not empty
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]+)(?::[0-9]*)?\Z")
 
@@ -331,9 +332,10 @@ class RequestParser:
 
     __slots__ = (
         "_begins", "_body", "_body_len", "_budget", "_cursor", "_data", "_discard", "_events",
-        "_head_raw", "_head_size", "_headers", "_host", "_keep_alive", "_limits", "_max_body", "_max_head",
-        "_max_headers", "_max_url", "_method", "_parser", "_partial", "_partial_len", "_progress",
-        "_stall", "_url", "_version", "_wants_body", "_window", "dead", "phase", "timer",
+        "_head_raw", "_head_size", "_headers", "_host", "_keep_alive", "_lenient", "_limits",
+        "_max_body", "_max_head", "_max_headers", "_max_url", "_method", "_parser", "_partial",
+        "_partial_len", "_progress", "_stall", "_url", "_version", "_wants_body", "_window",
+        "dead", "phase", "timer",
     )
 
     def __init__(self, limits: Limits | None = None, *, budget: BodyBudget | None = None,
@@ -346,9 +348,10 @@ class RequestParser:
         self._budget = budget
         self._wants_body = wants_body
         self._parser = httptools.HttpRequestParser(self)
-        # any HTTP/d.d reaches on_headers_complete, which answers 505 itself
-        # (llhttp would refuse HTTP/1.2, which RFC 9112 §2.5 says to treat as 1.1)
-        self._parser.set_dangerous_leniencies(lenient_version=True)
+        # llhttp refuses HTTP/1.2, which RFC 9112 §2.5 says to read as 1.1: on the first such
+        # request the connection's parser is replaced by one that reads any HTTP/d.d (and
+        # on_headers_complete answers 505 for the versions that are not 1.x)
+        self._lenient = False
         self._events: list[Event] = []
         self.phase = IDLE
         self.timer = KEEP
@@ -370,7 +373,7 @@ class RequestParser:
         self._data: bytes | bytearray | memoryview = b""   # the feed being parsed
         self._window: bytes | None = None                   # see _not_http
         self._cursor = 0                                     # see _not_http
-        self._host = b""                                     # the last valid Host value
+        self._host: bytes | None = None                      # the last valid Host value
         # Bytes fed since the stream was last between requests at the end of a feed
         # (to find where a request line began, on rare paths only).
         self._partial: list[bytes] = []
@@ -407,22 +410,12 @@ class RequestParser:
         p = self._parser
         self.phase = BODY
         self._head_raw = 0
-        version = p.get_http_version()
-        if version != "1.1":
-            if version == "1.0":
-                if self._not_http():
-                    raise _Reject(505, "only HTTP/1.1 and HTTP/1.0 are supported")
-            elif version[:2] == "1." and len(version) == 3:
-                version = "1.1"  # HTTP/1.x, x > 1: answered as 1.1 (RFC 9112 §2.5)
-            else:
-                raise _Reject(505, f"HTTP/{version} is not supported (HTTP/1.1 and 1.0 are)")
-        method = _METHOD_STR.get(p.get_method())
-        keep = p.should_keep_alive()
         expect: bytes | None = None
         te: bytes | None = None
         hosts = 0
         host_ok = True
-        has_body = False
+        length = -1
+        connection = False
         for name, value in self._headers:
             if len(name) in _SPECIAL_LENGTHS:
                 lname = name.lower()
@@ -434,14 +427,32 @@ class RequestParser:
                         else:
                             self._host = value
                 elif lname == b"content-length":
-                    n = int(value)
-                    if n > self._max_body:
-                        raise _Reject(413, f"body larger than {self._max_body} bytes")
-                    has_body = n > 0
+                    length = int(value)
+                elif lname == b"connection":
+                    connection = True
                 elif lname == b"expect":
                     expect = value
                 elif lname == b"transfer-encoding":
                     te = value if te is None else te + b"," + value
+        keep = p.should_keep_alive()
+        if keep and not connection and not self._lenient:
+            # strict llhttp reads only 0.9, 1.0, 1.1 and 2.0, and keeps only 1.1 alive by
+            # default (asking it for the version string costs more than this whole callback)
+            version = "1.1"
+        else:
+            version = p.get_http_version()
+            if version != "1.1":
+                if version == "1.0":
+                    if self._not_http():
+                        raise _Reject(505, "only HTTP/1.1 and HTTP/1.0 are supported")
+                elif version[:2] == "1." and len(version) == 3:
+                    version = "1.1"  # HTTP/1.x, x > 1: answered as 1.1 (RFC 9112 §2.5)
+                else:
+                    raise _Reject(505, f"HTTP/{version} is not supported (HTTP/1.1 and 1.0 are)")
+        method = _METHOD_STR.get(p.get_method())
+        if length > self._max_body:
+            raise _Reject(413, f"body larger than {self._max_body} bytes")
+        has_body = length > 0
         if hosts != 1 and (hosts > 1 or version == "1.1"):
             raise _Reject(400, "no Host field" if hosts == 0 else "more than one Host field")
         if not host_ok:
@@ -565,7 +576,14 @@ class RequestParser:
             return self._fail(status, "unknown method" if status == 501 else "malformed request",
                               (("Allow", ALLOW_METHODS),) if status == 501 else ())
         except httptools.HttpParserError as e:
-            return self._fail(400, str(e) or "malformed request")
+            detail = str(e) or "malformed request"
+            if detail != "Invalid HTTP version":
+                return self._fail(400, detail)
+            other_version = True
+        else:
+            other_version = False
+        if other_version:  # (outside the except clause: it parses again)
+            return self._other_version(data, phase0, events)
         phase = self.phase
         if phase == IDLE:
             self.timer = IDLE_TIMER
@@ -620,6 +638,25 @@ class RequestParser:
         self._events.append(HttpError(status, detail, headers))
         return self._events
 
+    def _other_version(self, data: bytes | bytearray | memoryview, phase0: int,
+                       events: list[Event]) -> list[Event]:
+        """A request line with a version strict llhttp refuses: 1.x is read again as 1.1."""
+        if self._lenient or (phase0 != IDLE and self._partial_len >= 16384):
+            return self._fail(505, "only HTTP/1.1 and HTTP/1.0 are supported")
+        window = b"".join(self._partial) + bytes(data) if phase0 != IDLE else bytes(data)
+        start = _last_message_offset(window, False)
+        if not _HTTP_1X.match(window, start):
+            return self._fail(505, "only HTTP/1.1 and HTTP/1.0 are supported")
+        # re-read from that request on, with a parser that takes any version
+        self._lenient = True
+        self._parser = httptools.HttpRequestParser(self)
+        self._parser.set_dangerous_leniencies(lenient_version=True)
+        self.phase = IDLE
+        self._partial.clear()
+        self._partial_len = 0
+        self._cursor = 0
+        return events + self.feed(window[start:])
+
     def _unknown_method_status(self, data: bytes | bytearray | memoryview, phase0: int) -> int:
         """501 if the offending request starts with a method-like token, else 400."""
         if phase0 == IDLE and self._begins <= 1:
@@ -628,7 +665,8 @@ class RequestParser:
             return 400
         else:
             window = b"".join(self._partial) + bytes(data)
-            start = _last_message_start(window[:16384])
+            window = window[:16384]
+            start = window[_last_message_offset(window, self._lenient):][:80]
         return 501 if _TOKEN_LINE.match(start) else 400
 
 
@@ -644,7 +682,7 @@ def _check_transfer_coding(te: bytes, version: str) -> None:
         raise _Reject(400, "chunked applied more than once")
 
 
-def _completed(window: bytes) -> int:
+def _completed(window: bytes, lenient: bool) -> int:
     """How many requests of ``window`` a fresh parser completes (errors end the count)."""
     count = 0
 
@@ -654,7 +692,8 @@ def _completed(window: bytes) -> int:
             count += 1
 
     p = httptools.HttpRequestParser(_Probe())
-    p.set_dangerous_leniencies(lenient_version=True)
+    if lenient:
+        p.set_dangerous_leniencies(lenient_version=True)
     try:
         p.feed_data(window)
     except httptools.HttpParserError:
@@ -662,23 +701,26 @@ def _completed(window: bytes) -> int:
     return count
 
 
-def _last_message_start(window: bytes) -> bytes:
-    """The bytes from where the last request began in ``window``.
+def _last_message_offset(window: bytes, lenient: bool) -> int:
+    """Where the last request of ``window`` begins (after the CRLFs that may precede it).
 
     The start is the shortest prefix holding every request that completes:
     found by bisection, a few whole parses rather than one per byte.
     """
-    total = _completed(window)
-    if total == 0:
-        return window[:80]
-    lo, hi = 0, len(window)   # _completed(window[:hi]) == total
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if _completed(window[:mid]) >= total:
-            hi = mid
-        else:
-            lo = mid + 1
-    return window[hi:hi + 80].lstrip(b"\r\n")
+    total = _completed(window, lenient)
+    lo, hi = 0, len(window)   # _completed(window[:hi], lenient) == total
+    if total:
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if _completed(window[:mid], lenient) >= total:
+                hi = mid
+            else:
+                lo = mid + 1
+    else:
+        hi = 0
+    while window[hi:hi + 1] in (b"\r", b"\n") and hi < len(window):
+        hi += 1
+    return hi
 
 
 # -- responses ------------------------------------------------------------------------------
@@ -798,20 +840,19 @@ class Connection:
     each call (see :class:`DateClock`), so nothing here reads a clock.
     """
 
-    __slots__ = ("_ok_prefix", "_server_line", "closing", "parser")
+    __slots__ = ("_ok_prefix", "_server_line", "closing", "parser", "receive")
 
     def __init__(self, limits: Limits | None = None, *, budget: BodyBudget | None = None,
                  wants_body: Callable[[str, str], bool] | None = None,
                  server_name: str = "aem") -> None:
         self.parser = RequestParser(limits, budget=budget, wants_body=wants_body)
+        #: ``receive(data)``: the events completed by the received bytes ``data``
+        #: (:meth:`RequestParser.feed`: never raises; sets ``parser.timer``).
+        self.receive = self.parser.feed
         #: True once the response after which the connection ends has been produced.
         self.closing = False
         self._server_line = f"Server: {server_name}\r\n".encode("latin-1")
         self._ok_prefix = b"HTTP/1.1 200 OK\r\n" + self._server_line
-
-    def receive(self, data: bytes | bytearray | memoryview) -> list[Event]:
-        """The events completed by ``data`` (never raises; see :meth:`RequestParser.feed`)."""
-        return self.parser.feed(data)
 
     @property
     def timer(self) -> int:
@@ -828,12 +869,6 @@ class Connection:
         phase = self.parser.phase
         return IDLE_TIMER if phase == IDLE else HEADER_TIMER if phase == HEAD else BODY_TIMER
 
-    def _keep(self, req: Request) -> bool:
-        if req.keep_alive and not self.closing:
-            return True
-        self.closing = True
-        return False
-
     def response(self, req: Request, status: int, headers: list[tuple[str, str]], body: bytes,
                  date_line: bytes) -> tuple[bytes, bytes]:
         """The bytes answering ``req``: ``(first, second)``, to be sent in that order.
@@ -842,7 +877,9 @@ class Connection:
         Raises ``ValueError`` / ``UnicodeEncodeError`` for a header field that
         cannot be sent (CR/LF, a bad name, not latin-1).
         """
-        keep = self._keep(req)
+        keep = req.keep_alive and not self.closing
+        if not keep:
+            self.closing = True
         n = len(body)
         if (status == 200 and keep and len(headers) == 1 and n < _SMALL
                 and req.version == "1.1" and req.method != "HEAD"):
@@ -868,7 +905,12 @@ class Connection:
         Returns the head and whether the content follows it (not for HEAD,
         204, 304).
         """
-        keep = self._keep(req)
+        keep = req.keep_alive and not self.closing
+        if not keep:
+            self.closing = True
+        if status == 200:   # the usual case
+            return render_head(200, headers, length, keep, req.version, date_line,
+                               self._server_line), length > 0 and req.method != "HEAD"
         no_length = status < 200 or status == 204 or status == 304
         head = render_head(status, headers, None if no_length else length, keep, req.version,
                            date_line, self._server_line)

@@ -191,7 +191,7 @@ class _Conn:
             return
         if self.weid or self.lingering:
             return
-        timer = http.timer
+        timer = http.parser.timer
         if timer == KEEP:
             return
         dl = ev.time_ns + srv._timer_ns[timer]

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import calendar
 import datetime
+import errno
 import html
 import mimetypes
 import os
@@ -261,6 +262,8 @@ class CacheEntry:
         return len(self.body) + len(self.head) + 2 * len(self.key) + len(self.path) + _ENTRY_COST
 
 
+_OPEN_ERRORS = {403: "forbidden", 404: "not found",
+                503: "the server is out of file descriptors; try again"}
 _ENTRY_COST = 512   # the objects of an entry besides its strings, roughly
 
 
@@ -389,7 +392,7 @@ class StaticFiles:
         target = os.path.join(self.root, *segs)
         fd, st, real = self._open(target)
         if fd < 0:
-            return _text(-fd, "not found" if fd == -404 else "forbidden")
+            return _text(-fd, _OPEN_ERRORS[-fd])
         if stat.S_ISDIR(st.st_mode):
             os.close(fd)
             if not slash:
@@ -401,6 +404,8 @@ class StaticFiles:
                 return self._file(ifd, ist, ireal, self.index, headers, key, now)
             if ifd >= 0:
                 os.close(ifd)
+            elif ifd == -503:
+                return _text(503, _OPEN_ERRORS[503])
             if not self.listing:
                 return _text(403, "directory listing is disabled")
             return self._listing(target, "/" + "/".join(segs) + ("/" if segs else ""))
@@ -417,8 +422,9 @@ class StaticFiles:
             return -404, _NO_STAT, ""
         except PermissionError:
             return -403, _NO_STAT, ""
-        except OSError:
-            return -404, _NO_STAT, ""
+        except OSError as e:
+            # out of descriptors is the server's trouble, not a missing file
+            return (-503 if e.errno in (errno.EMFILE, errno.ENFILE) else -404), _NO_STAT, ""
         try:
             try:
                 real = os.readlink(f"/proc/self/fd/{fd}")
