@@ -901,3 +901,30 @@ def test_peer_reset_and_broken_pipe_reach_connection_lost(lr: LoopRunner) -> Non
 
     on_read, on_write = lr.run(main())
     assert isinstance(on_read, ConnectionError) and isinstance(on_write, ConnectionError)
+
+
+def test_loops_in_several_threads_at_once() -> None:
+    """The first open loop runs on the process engine; a loop of another thread gets its own."""
+    results: list[Any] = []
+
+    def worker() -> None:
+        async def m() -> tuple[bool, bool]:
+            loop = asyncio.get_running_loop()
+            await asyncio.sleep(0.03)
+            ev = await aem.wait(aem.Timer(0.005))  # on the thread loop's own engine
+            return loop.engine is aem.current(), isinstance(ev, aem.TimerEvent)
+
+        with asyncio.Runner(loop_factory=aem.new_event_loop) as r:
+            results.append(r.run(m()))
+
+    async def main() -> bool:
+        t = threading.Thread(target=worker)
+        t.start()
+        for _ in range(10):
+            await asyncio.sleep(0.01)
+        await asyncio.get_running_loop().run_in_executor(None, t.join)
+        return asyncio.get_running_loop().engine is aem.current()  # type: ignore[attr-defined,no-any-return]
+
+    assert _aem_run(main()) is True
+    assert results == [(False, True)]
+    assert _aem_run(main()) is True  # the process engine is free again for the next loop

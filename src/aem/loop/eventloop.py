@@ -15,7 +15,9 @@ two things the engine does natively taken from it:
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
+import weakref
 from asyncio import base_events, events, format_helpers, unix_events
 from asyncio.log import logger
 from collections.abc import Iterator
@@ -40,10 +42,26 @@ class EventLoop(_UnixLoop):  # type: ignore[misc]
     Everything else is asyncio's: it runs unmodified asyncio programs.  aem
     registrations made in the same process are delivered by the same engine
     turns that run the loop's callbacks.
+
+    The process has one engine (the one ``aem.register`` uses) and one thread
+    at a time can wait on it: the first loop made while no other is open runs
+    on it; a loop made while another is open (another thread's loop) gets an
+    engine of its own, closed with the loop.  ``engine=`` chooses explicitly.
     """
 
     def __init__(self, engine: Engine | None = None) -> None:
-        self._engine = engine if engine is not None else current()
+        global _process_engine_loop
+        self._own_engine = False
+        if engine is None:
+            pid, ref = _process_engine_loop
+            user = ref() if ref is not None and pid == os.getpid() else None
+            if user is None or user.is_closed():
+                engine = current()
+                _process_engine_loop = (os.getpid(), weakref.ref(self))
+            else:  # another open loop (another thread's) turns the process engine: one of our own
+                engine = Engine()
+                self._own_engine = True
+        self._engine = engine
         self._signal_eids: dict[int, int] = {}
         self._child_eids: dict[int, int] = {}
         self._core: _core.LoopCore | None = None
@@ -197,8 +215,6 @@ class EventLoop(_UnixLoop):  # type: ignore[misc]
         return transp
 
     def _watch_child(self, pid: int, transp: Any) -> None:
-        import os
-
         pidfd = os.pidfd_open(pid)
 
         def exited(ev: Any) -> None:
@@ -223,7 +239,12 @@ class EventLoop(_UnixLoop):  # type: ignore[misc]
         for eid in self._signal_eids.values():
             self._engine._remove(eid)
         self._signal_eids.clear()
+        if self._own_engine and self._closed and not self._engine.closed:
+            self._engine.close()
 
+
+#: The open loop that runs on the process engine (the first one made while none was open).
+_process_engine_loop: tuple[int, weakref.ref[EventLoop] | None] = (0, None)
 
 #: C core methods the loop always uses.
 _ALWAYS_C = ("_run_once", "_add_callback", "_timer_handle_cancelled", "time")
