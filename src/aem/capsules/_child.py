@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import pickle
 import signal
@@ -131,7 +130,6 @@ def warm(chan: socket.socket, table: dict[int, Callable[[Any], object]],
         socket.socket(fileno=os.dup(fd)).close()
     for handler in table.values():  # their objects and code: this process's own pages now
         getattr(handler, "__code__", None)
-    gc.collect()
     send(chan, ("ready",))
 
 

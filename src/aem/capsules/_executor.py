@@ -44,6 +44,12 @@ class RemoteTraceback(Exception):
 class Call:
     future: cf.Future[Any]
     blob: bytes
+    started: bool = False  # set_running_or_notify_cancel() done
+
+
+#: Calls a worker may hold at once when every worker is busy (sent ahead: no round trip
+#: between two calls).  A worker that dies fails only the one it was running.
+PIPELINE = 2
 
 
 def _chunks(size: int, iterables: tuple[Iterable[Any], ...]) -> Iterator[tuple[tuple[Any, ...], ...]]:
@@ -74,13 +80,11 @@ class ExecutorPart(cf.Executor):
     _closed: bool
     _calls: deque[Call]
     _workers: set[Capsule]
-    _workers_idle: deque[Capsule]
     _shutdown_called: bool
 
     def _init_executor(self) -> None:
         self._calls = deque()
         self._workers = set()
-        self._workers_idle = deque()
         self._shutdown_called = False
         self._finisher: threading.Thread | None = None
 
@@ -126,7 +130,7 @@ class ExecutorPart(cf.Executor):
                 for call in self._calls:
                     call.future.cancel()
                 self._calls.clear()
-            futures = [c.future for c in self._calls] + [w.call.future for w in self._workers if w.call]
+            futures = [c.future for c in self._calls] + [c.future for w in self._workers for c in w.calls]
         if wait:
             cf.wait(futures)
             if self._finisher is not None:  # an earlier shutdown(wait=False): wait for it too
@@ -152,20 +156,33 @@ class ExecutorPart(cf.Executor):
         raise NotImplementedError
 
     def _take_worker(self) -> Capsule | None:
-        if self._workers_idle:
-            return self._workers_idle.popleft()
-        if len(self._workers) >= self.size:
-            return None
-        cap = self._take_idle(0)
-        if cap is None:
+        """A worker that may take one more call: an idle one, else a new one while there are
+        fewer than ``size``, else — all ``size`` busy — the least loaded, up to PIPELINE calls."""
+        least: Capsule | None = None
+        for w in self._workers:
+            if w.state == "worker" and (least is None or len(w.calls) < len(least.calls)):
+                least = w
+        if least is not None and not least.calls:
+            return least
+        if len(self._workers) < self.size:
+            cap = self._take_idle(0)
+            if cap is not None:
+                cap.state = "worker"
+                self._workers.add(cap)
+                self._wake()  # the manager watches the new worker's socket from now on
+                return cap
             self._wake()  # the manager makes more capsules
-            return None
-        self._workers.add(cap)
-        self._wake()  # the manager watches the new worker's socket from now on
-        return cap
+            if self._workers_pending():
+                return None  # more workers are coming: no call waits behind another meanwhile
+        if least is not None and len(least.calls) < PIPELINE:
+            return least
+        return None
+
+    def _workers_pending(self) -> bool:  # pragma: no cover - CapsulePool's
+        raise NotImplementedError
 
     def _dispatch_calls(self) -> None:
-        """Give waiting calls to free workers."""
+        """Give waiting calls to workers."""
         while self._calls:
             call = self._calls[0]
             if call.future.cancelled():
@@ -175,32 +192,36 @@ class ExecutorPart(cf.Executor):
             if cap is None:
                 return
             self._calls.popleft()
-            if not call.future.set_running_or_notify_cancel():
-                self._workers_idle.append(cap)
-                continue
-            cap.state, cap.call = "working", call
+            if not call.started:
+                if not call.future.set_running_or_notify_cancel():
+                    continue
+                call.started = True
             try:
                 send(cap.chan, ("call", 0, call.blob, None, None))
+            except BlockingIOError:  # its socket is full: the call waits for the next answer
+                self._calls.appendleft(call)
+                return
             except OSError as e:  # it died before taking it: this call failed (its exit follows)
-                cap.call = None
                 call.future.set_exception(AemError(f"capsule {cap.pid} could not take the call: {e}"))
+                continue
+            cap.calls.append(call)
 
     def _call_done(self, cap: Capsule) -> None:
-        """The manager: a working capsule's socket is readable (its answer, or its end)."""
-        try:
-            msg = recv(cap.chan)
-        except BlockingIOError:
-            return
-        except OSError:
-            msg = None
-        if msg is None:
-            cap.state = "broken"  # it died: its exit, reported by the template, fails the call
-            return
-        (op, ok, payload), _fds = msg
-        call, cap.call = cap.call, None
-        cap.state = "worker"
-        self._workers_idle.append(cap)
-        if call is not None and op == "result":
+        """The manager: a worker's socket is readable (its answers, or its end)."""
+        while cap.calls:
+            try:
+                msg = recv(cap.chan)
+            except BlockingIOError:
+                break
+            except OSError:
+                msg = None
+            if msg is None:
+                cap.state = "broken"  # it died: its exit, reported by the template, fails the call
+                return
+            (op, ok, payload), _fds = msg
+            if op != "result":
+                continue
+            call = cap.calls.popleft()
             try:
                 good, value = _outcome(ok, payload)
             except Exception as e:  # the result could not be unpickled here
@@ -212,17 +233,42 @@ class ExecutorPart(cf.Executor):
         self._dispatch_calls()
 
     def _worker_exited(self, cap: Capsule, code: int, errors: list[str]) -> None:
-        """A worker ended: only the call it was running fails."""
+        """A worker ended: the call it was running fails; calls queued behind it go back to
+        the queue (they never started)."""
         self._workers.discard(cap)
-        if cap in self._workers_idle:
-            self._workers_idle.remove(cap)
-        call, cap.call = cap.call, None
-        if call is not None and not call.future.done():
-            why = signal_name(-code) if code < 0 else f"exit code {code}"
-            text = errors[-1] if errors else ""
-            call.future.set_exception(AemError(f"capsule {cap.pid} running this call ended ({why})"
-                                               + (f": {text}" if text else "")))
+        cap.state = "worker"
+        self._call_done_quietly(cap)  # answers it sent before it died
+        if cap.calls:
+            running = cap.calls.popleft()
+            if not running.future.done():
+                why = signal_name(-code) if code < 0 else f"exit code {code}"
+                text = errors[-1] if errors else ""
+                running.future.set_exception(AemError(f"capsule {cap.pid} running this call ended ({why})"
+                                                      + (f": {text}" if text else "")))
+            self._calls.extendleft(reversed(cap.calls))
+            cap.calls.clear()
+        cap.state = "broken"
         self._dispatch_calls()
+
+    def _call_done_quietly(self, cap: Capsule) -> None:
+        while cap.calls:
+            try:
+                msg = recv(cap.chan)
+            except OSError:
+                return
+            if msg is None:
+                return
+            (op, ok, payload), _fds = msg
+            if op == "result":
+                call = cap.calls.popleft()
+                try:
+                    good, value = _outcome(ok, payload)
+                except Exception as e:
+                    good, value = False, e
+                if good:
+                    call.future.set_result(value)
+                else:
+                    call.future.set_exception(value)
 
     def _fail_calls(self, why: str) -> None:
         """The pool closes: calls not started are cancelled, running ones fail."""
@@ -230,8 +276,9 @@ class ExecutorPart(cf.Executor):
             waiting.future.cancel()
         self._calls.clear()
         for cap in self._workers:
-            call, cap.call = cap.call, None
-            if call is not None and not call.future.done():
-                call.future.set_exception(AemError(why))
+            for i, call in enumerate(cap.calls):
+                if not call.future.done():
+                    call.future.set_exception(AemError(why if i == 0 else
+                                                       "the capsule pool was closed before the call ran"))
+            cap.calls.clear()
         self._workers.clear()
-        self._workers_idle.clear()

@@ -71,14 +71,14 @@ class Capsule:
     chan: socket.socket
     template: Template
     pid: int = 0
-    # starting, warming, idle, busy, attached (events); working, worker (executor calls);
+    # starting, warming, idle, busy, attached (events); worker (executor calls);
     # broken (dying), released
     state: str = "starting"
     job: int = 0
     flags: int = 0
     errors: list[str] = field(default_factory=list)
     backlog: deque[tuple[Any, list[int], list[Passed]]] = field(default_factory=deque)
-    call: Call | None = None  # the executor call it runs
+    calls: deque[Call] = field(default_factory=deque)  # executor calls sent to it, oldest first
 
 
 @dataclass
@@ -263,9 +263,11 @@ class CapsulePool(ExecutorPart):
         """Hand the event to a capsule (or queue it until one is free). Never blocks on a process."""
         if self._closed or self._pid != _pid[0]:
             self._check_open()
-        if not flags & _core.EVF_KEEPALIVE and type(event) in _FDLESS:
-            encoded = _core.handoff_encode(event, _core.HANDOFF_RUN)
-            if encoded is not None and self._fast(eid, handler, flags, priority, encoded[0]):
+        if type(event) in _FDLESS:
+            keep = flags & _core.EVF_KEEPALIVE
+            encoded = _core.handoff_encode(event, _core.HANDOFF_KEEP if keep else _core.HANDOFF_RUN)
+            if encoded is not None and (self._fast_attached(eid, encoded[0]) if keep
+                                        else self._fast(eid, handler, flags, priority, encoded[0])):
                 return
         act = self._native(eid, handler, event, flags, priority)
         if act is None:  # the pickled path
@@ -304,6 +306,22 @@ class CapsulePool(ExecutorPart):
                 cap.state, cap.job = "dead", 0
                 self._fail(Activation(eid, handler, NATIVE, {}, [], flags, priority, record=record),
                            f"capsule {cap.pid} could not take the event: {e}")
+            return True
+
+    def _fast_attached(self, eid: int, record: bytes) -> bool:
+        """A keepalive occurrence, straight to its attached capsule when nothing waits before it."""
+        with self._lock:
+            cap = self._attached.get(eid)
+            if cap is None or cap.backlog or self._pending or eid not in cap.template.table:
+                return False
+            try:
+                _core.handoff_send(cap.chan.fileno(), record, -1)
+            except BlockingIOError:  # its socket is full: queued, the manager sends it
+                cap.backlog.append((record, [], []))
+                self._wake()
+            except OSError:  # it died: the general path reports this occurrence as failed
+                return False
+            self._counters["activations"] += 1
             return True
 
     def _native(self, eid: int, handler: Callable[[Any], object], event: Any, flags: int,
@@ -499,7 +517,7 @@ class CapsulePool(ExecutorPart):
                 want[fd] = select.POLLIN
             # every worker, busy or not: a call handed to it by another thread is answered
             # without waking this thread first
-            working = {c.chan.fileno(): c for c in self._workers if c.state in ("working", "worker")}
+            working = {c.chan.fileno(): c for c in self._workers if c.state == "worker"}
             for fd in working:
                 want[fd] = select.POLLIN
             backlogged = {c.chan.fileno(): c for c in self._capsules.values() if c.backlog}
@@ -525,7 +543,7 @@ class CapsulePool(ExecutorPart):
                 if cap.state == "warming" and ready.get(fd):
                     self._warmed(cap)
             for fd, cap in working.items():
-                if cap.state in ("working", "worker") and ready.get(fd):
+                if cap.state == "worker" and ready.get(fd):
                     self._call_done(cap)
             for fd, cap in backlogged.items():
                 if cap.backlog and ready.get(fd, 0) & (select.POLLOUT | select.POLLERR | select.POLLHUP):
@@ -583,6 +601,10 @@ class CapsulePool(ExecutorPart):
             return
         cap.state = "idle"
         self._idle.append(cap)
+
+    def _workers_pending(self) -> bool:
+        """Capsules on their way (starting, warming) that could become workers."""
+        return any(c.state in ("starting", "warming") for c in self._capsules.values())
 
     def _templates_starting(self) -> bool:
         return False
