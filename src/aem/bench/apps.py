@@ -85,14 +85,19 @@ def _servers(interface: str, workers: int) -> list[Server]:
 
 
 def _unpin(servers: Sequence[Server]) -> None:
-    """Let a multi-worker server use every CPU."""
+    """Let a multi-worker server use every CPU (every thread of every process of it)."""
     cpus = set(range(os.cpu_count() or 1))
     for s in servers:
         for pid in s.pids():
             try:
-                os.sched_setaffinity(pid, cpus)
+                tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
             except OSError:
-                pass
+                continue
+            for tid in tids:
+                try:
+                    os.sched_setaffinity(tid, cpus)
+                except OSError:
+                    pass
 
 
 def _record(ctx: Context, case: str, name: str, runs: list[tuple[object, float]]) -> None:
