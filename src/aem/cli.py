@@ -103,7 +103,8 @@ def _add_app_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout-keep-alive", type=float, default=5.0,
                    help="seconds an idle keep-alive connection stays open (apps)")
     p.add_argument("--timeout", type=float, default=30.0,
-                   help="seconds a WSGI app call may take; then its worker is killed and the client gets 504")
+                   help="seconds a WSGI worker may keep the front waiting (for its response head, then "
+                        "for each chunk); then it is killed and replaced, the client gets 504")
     p.add_argument("--root-path", default="",
                    help="the ASGI root_path / WSGI SCRIPT_NAME the app is mounted at")
     p.add_argument("--max-body", type=int, default=1 << 20,
