@@ -928,3 +928,19 @@ def test_loops_in_several_threads_at_once() -> None:
     assert _aem_run(main()) is True
     assert results == [(False, True)]
     assert _aem_run(main()) is True  # the process engine is free again for the next loop
+
+
+def test_closing_the_loop_closes_its_event_iterators() -> None:
+    loop = aem.new_event_loop()
+    try:
+        async def main() -> Any:
+            it = aem.events(aem.Timer(0.001, 0.001))
+            await it.__anext__()
+            return it
+
+        it = loop.run_until_complete(main())
+        assert aem.stats()["registered"] == 1
+    finally:
+        loop.close()
+    assert aem.stats()["registered"] == 0
+    assert it._eid is None  # type: ignore[attr-defined]

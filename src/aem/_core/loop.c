@@ -18,6 +18,8 @@
  * (slow-callback warnings) and the loop's Python call_soon/call_at (source
  * tracebacks).
  *
+ * The fds' side (wakers, reads) is loop_fd.c; the stream transport's I/O is loop_stream.c.
+ *
  * Ties: timers due at the same instant run in the order they were scheduled.
  * Errors: functions return 0 or a negative value with a Python exception set.
  */
@@ -29,41 +31,6 @@
 #include <time.h>
 
 #include "loop.h"
-#include "pyaem.h"
-
-/* Offsets of asyncio.Handle / asyncio.TimerHandle slots (same for every loop). */
-static Py_ssize_t off_callback = -1, off_args, off_cancelled, off_loop, off_source_tb, off_repr,
-                  off_context, off_scheduled, off_when;
-
-#define SLOT(o, off) (*(PyObject **)((char *)(o) + (off)))
-
-typedef struct {
-    double when;
-    uint64_t seq;
-    PyObject *handle;   /* a TimerHandle (owned) */
-} tent;
-
-typedef struct {
-    PyObject_HEAD
-    PyObject *loop;           /* the aem.EventLoop (the handles' _loop) */
-    PyTypeObject *handle_type, *timer_type;
-    PyObject *select;         /* selector.select */
-    PyObject *process_events; /* loop._process_events */
-    PyObject *report;         /* loop._aem_report(handle, exc) */
-    PyObject *run_debug;      /* loop._aem_run_debug(handle) */
-    EngineObject *engine;     /* fast path: the engine turn itself instead of select() (or NULL) */
-    PyObject *fd_to_key;      /* the selector's fd -> SelectorKey (with engine) */
-    PyObject *remove_fd[2];   /* loop._remove_reader, loop._remove_writer (with engine) */
-    PyObject *to_flush;       /* transports that wrote during this turn (a list, or NULL) */
-    PyObject **ring;          /* ready handles: ring[(head + i) % cap], i < len; cap a power of 2 */
-    Py_ssize_t head, len, cap;
-    tent *heap;
-    Py_ssize_t hlen, hcap;
-    uint64_t seq;
-    Py_ssize_t cancelled;     /* cancelled timers still in the heap */
-    double clock_resolution;
-    int closed, debug;
-} LoopCoreObject;
 
 static PyTypeObject *LoopCore_Type;
 static PyObject *str_stopping, *str_flush;
@@ -73,6 +40,9 @@ static inline double now_s(void) {
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
+
+Py_ssize_t off_callback = -1, off_args, off_cancelled, off_loop, off_source_tb, off_repr, off_context,
+    off_scheduled, off_when;
 
 /* ---- slot offsets --------------------------------------------------------------------------- */
 
@@ -105,7 +75,6 @@ static int read_offsets(PyObject *handle_type, PyObject *timer_type) {
     return 0;
 }
 
-static inline int is_cancelled(PyObject *h) { return SLOT(h, off_cancelled) == Py_True; }
 
 /* While a handle made here waits in the ring or the heap, it and its own copy of the
  * context are hidden from the cyclic GC: the loop's reference keeps them alive anyway, and
@@ -159,7 +128,7 @@ static PyObject *new_handle(LoopCoreObject *self, PyTypeObject *type, PyObject *
 
 /* ---- the ready ring ---------------------------------------------------------------------------- */
 
-static int ring_push(LoopCoreObject *self, PyObject *h) {  /* takes a new reference */
+int aem_loop_ring_push(LoopCoreObject *self, PyObject *h) {  /* takes a new reference */
     if (self->len == self->cap) {
         Py_ssize_t cap = self->cap ? self->cap * 2 : 1024;
         PyObject **r = PyMem_Malloc(sizeof(PyObject *) * (size_t)cap);
@@ -316,7 +285,7 @@ static int parse_cb(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, 
 static PyObject *soon(LoopCoreObject *self, PyObject *callback, PyObject *tuple, PyObject *context) {
     PyObject *h = new_handle(self, self->handle_type, callback, tuple, context);
     if (!h) return NULL;
-    if (ring_push(self, Py_NewRef(h)) < 0) {
+    if (aem_loop_ring_push(self, Py_NewRef(h)) < 0) {
         Py_DECREF(h);
         return NULL;
     }
@@ -415,7 +384,7 @@ static PyObject *core_add_callback(LoopCoreObject *self, PyObject *h) {
         PyErr_SetString(PyExc_TypeError, "_add_callback() needs an asyncio.Handle");
         return NULL;
     }
-    if (!is_cancelled(h) && ring_push(self, Py_NewRef(h)) < 0) return NULL;
+    if (!is_cancelled(h) && aem_loop_ring_push(self, Py_NewRef(h)) < 0) return NULL;
     Py_RETURN_NONE;
 }
 
@@ -536,7 +505,7 @@ static PyObject *core_flush_now(LoopCoreObject *self, PyObject *unused) {
 }
 
 /* _run_once(): one iteration of asyncio's loop (BaseEventLoop._run_once). */
-static PyObject *core_run_once(LoopCoreObject *self, PyObject *unused) {
+static PyObject *one_turn(LoopCoreObject *self) {
     heap_prune(self);
     PyObject *timeout;
     int stopping = 0;
@@ -585,7 +554,7 @@ collected:;
         if (is_cancelled(h)) {
             self->cancelled--;
             release(h);
-        } else if (ring_push(self, h) < 0) {
+        } else if (aem_loop_ring_push(self, h) < 0) {
             return NULL;
         }
     }
@@ -597,6 +566,24 @@ collected:;
         if (rc < 0) return NULL;
     }
     return flush_writes(self) < 0 ? NULL : Py_NewRef(Py_None);
+}
+
+/* _run_once(): turns of the loop, as asyncio's run_forever runs them (`while True: _run_once();
+ * if _stopping: break`), up to TURNS_PER_CALL of them while the loop is not stopping: the
+ * Python-level loop around each turn is most of what a turn costs when a callback is all it runs. */
+#define TURNS_PER_CALL 256
+
+static PyObject *core_run_once(LoopCoreObject *self, PyObject *unused) {
+    for (int k = 0;; k++) {
+        PyObject *r = one_turn(self);
+        if (!r || k + 1 == TURNS_PER_CALL) return r;
+        Py_DECREF(r);
+        PyObject *s = PyObject_GetAttr(self->loop, str_stopping);
+        if (!s) return NULL;
+        int stopping = PyObject_IsTrue(s);
+        Py_DECREF(s);
+        if (stopping) return stopping < 0 ? NULL : Py_NewRef(Py_None);
+    }
 }
 
 /* ---- the engine fast path: wakers -------------------------------------------------------------------- */
@@ -615,141 +602,13 @@ static PyObject *core_attach_engine(LoopCoreObject *self, PyObject *const *args,
     Py_RETURN_NONE;
 }
 
-/* A waker is the engine handler of one direction of one fd of the loop: when the engine
- * delivers, it queues the reader's (or writer's) handle of the fd's selector key, as
- * asyncio's _process_events does. */
-typedef struct {
-    PyObject_HEAD
-    LoopCoreObject *core;
-    PyObject *fd;     /* int: the key in fd_to_key */
-    int write;
-} WakerObject;
-
-static PyTypeObject *Waker_Type;
-
-static PyObject *waker_call(WakerObject *w, PyObject *args, PyObject *kwds) {
-    LoopCoreObject *c = w->core;
-    if (!c->fd_to_key) Py_RETURN_NONE;
-    PyObject *key = PyDict_GetItemWithError(c->fd_to_key, w->fd);  /* borrowed */
-    if (!key) {
-        if (PyErr_Occurred()) return NULL;
-        Py_RETURN_NONE;  /* unregistered meanwhile */
-    }
-    if (!PyTuple_Check(key) || PyTuple_GET_SIZE(key) < 4) {
-        PyErr_SetString(PyExc_TypeError, "selector key is not a SelectorKey");
-        return NULL;
-    }
-    PyObject *data = PyTuple_GET_ITEM(key, 3);
-    if (!PyTuple_Check(data) || PyTuple_GET_SIZE(data) != 2) Py_RETURN_NONE;
-    PyObject *h = PyTuple_GET_ITEM(data, w->write);
-    if (h == Py_None) Py_RETURN_NONE;
-    if (!PyObject_TypeCheck(h, c->handle_type)) {
-        PyErr_SetString(PyExc_TypeError, "selector key data holds no asyncio.Handle");
-        return NULL;
-    }
-    if (is_cancelled(h)) {
-        PyObject *fileobj = Py_NewRef(PyTuple_GET_ITEM(key, 0));
-        PyObject *r = PyObject_CallOneArg(c->remove_fd[w->write], fileobj);
-        Py_DECREF(fileobj);
-        return r;
-    }
-    if (ring_push(c, Py_NewRef(h)) < 0) return NULL;
-    Py_RETURN_NONE;
-}
-
 /* waker(fd, write) -> the engine handler for fd's readiness to read (write=False) or write. */
 static PyObject *core_waker(LoopCoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2 || !PyLong_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "waker(fd: int, write: bool)");
-        return NULL;
-    }
-    int write = PyObject_IsTrue(args[1]);
-    if (write < 0) return NULL;
-    WakerObject *w = PyObject_GC_New(WakerObject, Waker_Type);
-    if (!w) return NULL;
-    w->core = (LoopCoreObject *)Py_NewRef(self);
-    w->fd = Py_NewRef(args[0]);
-    w->write = write;
-    PyObject_GC_Track(w);
-    return (PyObject *)w;
-}
-
-static int waker_traverse(WakerObject *w, visitproc visit, void *arg) {
-    Py_VISIT(Py_TYPE(w));
-    Py_VISIT(w->core);
-    Py_VISIT(w->fd);
-    return 0;
-}
-
-static int waker_clear(WakerObject *w) {
-    Py_CLEAR(w->core);
-    Py_CLEAR(w->fd);
-    return 0;
-}
-
-static void waker_dealloc(WakerObject *w) {
-    PyTypeObject *tp = Py_TYPE(w);
-    PyObject_GC_UnTrack(w);
-    waker_clear(w);
-    PyObject_GC_Del(w);
-    Py_DECREF(tp);
-}
-
-static PyType_Slot waker_slots[] = {
-    {Py_tp_doc, "The engine handler of one direction of one fd of an aem.EventLoop."},
-    {Py_tp_call, waker_call},
-    {Py_tp_dealloc, waker_dealloc},
-    {Py_tp_traverse, waker_traverse},
-    {Py_tp_clear, waker_clear},
-    {0, NULL},
-};
-
-static PyType_Spec waker_spec = {
-    .name = "aem._core.LoopWaker",
-    .basicsize = sizeof(WakerObject),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_DISALLOW_INSTANTIATION,
-    .slots = waker_slots,
-};
-
-/* ---- socket reads for the transports ------------------------------------------------------------------ */
-
-/* recv(fd, max_size) -> bytes: read into one shared buffer (the GIL is held throughout), then copy
- * out exactly what came.  socket.recv(max_size) allocates max_size bytes (256 KiB for asyncio's
- * transports: an mmap and its page faults on every read) and shrinks them. b"" at EOF; OSError
- * (BlockingIOError ...) on failure. */
-#define RECV_BUF (256 * 1024)
-static char *recv_buf;
-
-char *aem_loop_recv_buffer(size_t *size) {
-    if (!recv_buf && !(recv_buf = PyMem_RawMalloc(RECV_BUF))) {
-        PyErr_NoMemory();
-        return NULL;
-    }
-    *size = RECV_BUF;
-    return recv_buf;
+    return aem_loop_waker(self, args, nargs);
 }
 
 static PyObject *core_recv(LoopCoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "recv(fd, max_size)");
-        return NULL;
-    }
-    long fd = PyLong_AsLong(args[0]);
-    if (fd == -1 && PyErr_Occurred()) return NULL;
-    Py_ssize_t max = PyLong_AsSsize_t(args[1]);
-    if (max == -1 && PyErr_Occurred()) return NULL;
-    if (max <= 0) {
-        PyErr_SetString(PyExc_ValueError, "max_size must be positive");
-        return NULL;
-    }
-    if (max > RECV_BUF) max = RECV_BUF;
-    if (!recv_buf && !(recv_buf = PyMem_RawMalloc(RECV_BUF))) return PyErr_NoMemory();
-    ssize_t n;
-    do {
-        n = recv((int)fd, recv_buf, (size_t)max, 0);
-    } while (n < 0 && errno == EINTR && PyErr_CheckSignals() == 0);
-    if (n < 0) return PyErr_Occurred() ? NULL : PyErr_SetFromErrno(PyExc_OSError);
-    return PyBytes_FromStringAndSize(recv_buf, n);
+    return aem_loop_recv(args, nargs);
 }
 
 /* ---- the rest: sizes, clearing, state ----------------------------------------------------------------- */
@@ -765,7 +624,7 @@ static PyObject *core_clear_timers(LoopCoreObject *self, PyObject *unused) {
 }
 
 static PyObject *core_append(LoopCoreObject *self, PyObject *h) {
-    if (ring_push(self, Py_NewRef(h)) < 0) return NULL;
+    if (aem_loop_ring_push(self, Py_NewRef(h)) < 0) return NULL;
     Py_RETURN_NONE;
 }
 
@@ -939,8 +798,7 @@ int aem_loop_init_type(PyObject *module) {
     str_flush = PyUnicode_InternFromString("_aem_flush");
     if (!str_stopping || !str_flush) return -1;
     if (aem_stream_init_type(module) < 0) return -1;
-    Waker_Type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &waker_spec, NULL);
-    if (!Waker_Type) return -1;
+    if (aem_loop_waker_init_type(module) < 0) return -1;
     LoopCore_Type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &core_spec, NULL);
     if (!LoopCore_Type) return -1;
     return PyModule_AddObjectRef(module, "LoopCore", (PyObject *)LoopCore_Type);

@@ -1,14 +1,61 @@
-/* loop.h — between the loop's core (loop.c) and its stream I/O (loop_stream.c). */
+/* loop.h — shared by the parts of aem.EventLoop's C core: loop.c (handles, queues, the turn),
+ * loop_fd.c (wakers, reads), loop_stream.c (the stream transport's I/O). */
 #ifndef AEM_LOOP_H
 #define AEM_LOOP_H
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <stdint.h>
+
+#include "pyaem.h"
+
+/* Offsets of asyncio.Handle / asyncio.TimerHandle slots (same for every loop). */
+extern Py_ssize_t off_callback, off_args, off_cancelled, off_loop, off_source_tb, off_repr, off_context,
+    off_scheduled, off_when;
+
+#define SLOT(o, off) (*(PyObject **)((char *)(o) + (off)))
+
+typedef struct {
+    double when;
+    uint64_t seq;
+    PyObject *handle;   /* a TimerHandle (owned) */
+} tent;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *loop;           /* the aem.EventLoop (the handles' _loop) */
+    PyTypeObject *handle_type, *timer_type;
+    PyObject *select;         /* selector.select */
+    PyObject *process_events; /* loop._process_events */
+    PyObject *report;         /* loop._aem_report(handle, exc) */
+    PyObject *run_debug;      /* loop._aem_run_debug(handle) */
+    EngineObject *engine;     /* fast path: the engine turn itself instead of select() (or NULL) */
+    PyObject *fd_to_key;      /* the selector's fd -> SelectorKey (with engine) */
+    PyObject *remove_fd[2];   /* loop._remove_reader, loop._remove_writer (with engine) */
+    PyObject *to_flush;       /* transports that wrote during this turn (a list, or NULL) */
+    PyObject **ring;          /* ready handles: ring[(head + i) % cap], i < len; cap a power of 2 */
+    Py_ssize_t head, len, cap;
+    tent *heap;
+    Py_ssize_t hlen, hcap;
+    uint64_t seq;
+    Py_ssize_t cancelled;     /* cancelled timers still in the heap */
+    double clock_resolution;
+    int closed, debug;
+} LoopCoreObject;
+
+static inline int is_cancelled(PyObject *h) { return SLOT(h, off_cancelled) == Py_True; }
+
+/* loop.c: queue a ready handle (takes the reference). Returns 0 or -1. */
+int aem_loop_ring_push(LoopCoreObject *self, PyObject *h);
 /* loop.c: queue obj to be flushed at the end of this loop turn. Returns 0 or -1. */
 int aem_loop_flush_later(PyObject *core, PyObject *obj);
-/* loop.c: the shared read buffer (RECV_BUF bytes), or NULL with MemoryError set. */
-char *aem_loop_recv_buffer(size_t *size);
+
+/* loop_fd.c */
+int aem_loop_waker_init_type(PyObject *module);
+PyObject *aem_loop_waker(LoopCoreObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *aem_loop_recv(PyObject *const *args, Py_ssize_t nargs);
+char *aem_loop_recv_buffer(size_t *size);   /* the shared read buffer, or NULL (MemoryError) */
 
 /* loop_stream.c */
 int aem_stream_init_type(PyObject *module);

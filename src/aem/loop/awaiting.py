@@ -69,6 +69,7 @@ class _Occurrences:
         self._waiter: asyncio.Future[None] | None = None
         self.dropped = 0
         self._eid: int | None = self._loop.engine.register(source, self._deliver)
+        self._loop._aem_iterators.add(self)
 
     def _deliver(self, ev: Event) -> None:
         if self._maxlen is not None and len(self._queue) >= self._maxlen:

@@ -64,6 +64,8 @@ class EventLoop(_UnixLoop):  # type: ignore[misc]
         self._engine = engine
         self._signal_eids: dict[int, int] = {}
         self._child_eids: dict[int, int] = {}
+        #: open aem.events() iterators of this loop: closed (unregistered) with the loop
+        self._aem_iterators: weakref.WeakSet[Any] = weakref.WeakSet()
         self._core: _core.LoopCore | None = None
         super().__init__(EngineSelector(self._engine))
         core = _core.LoopCore(self, events.Handle, events.TimerHandle, self._selector.select,
@@ -231,8 +233,12 @@ class EventLoop(_UnixLoop):  # type: ignore[misc]
     def close(self) -> None:
         """Close the loop: its descriptors, signal handlers and child watches leave the engine."""
         super().close()
-        if self._core is not None and self._closed:
+        if not self._closed:
+            return
+        if self._core is not None:
             self._core._set_state(closed=True)
+        for it in list(self._aem_iterators):
+            it.close()
         for eid in self._child_eids.values():
             self._engine._remove(eid)
         self._child_eids.clear()

@@ -1,0 +1,156 @@
+/* loop_fd.c — the fds of aem.EventLoop: the engine handlers that queue their handles
+ * (wakers) and the socket read into the loop's shared buffer.
+ *
+ * A waker replaces asyncio's select() + _process_events(): the engine delivers a
+ * readiness occurrence to it during the loop's engine turn and it queues the reader's
+ * (or writer's) handle of the fd's selector key straight into the loop's ready ring.
+ *
+ * Errors: functions return 0 or NULL/-1 with a Python exception set.
+ */
+#define _GNU_SOURCE
+#include "loop.h"
+
+#include <errno.h>
+#include <sys/socket.h>
+
+/* A waker is the engine handler of one direction of one fd of the loop: when the engine
+ * delivers, it queues the reader's (or writer's) handle of the fd's selector key, as
+ * asyncio's _process_events does. */
+typedef struct {
+    PyObject_HEAD
+    LoopCoreObject *core;
+    PyObject *fd;     /* int: the key in fd_to_key */
+    int write;
+} WakerObject;
+
+static PyTypeObject *Waker_Type;
+
+static PyObject *waker_call(WakerObject *w, PyObject *args, PyObject *kwds) {
+    LoopCoreObject *c = w->core;
+    if (!c->fd_to_key) Py_RETURN_NONE;
+    PyObject *key = PyDict_GetItemWithError(c->fd_to_key, w->fd);  /* borrowed */
+    if (!key) {
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_NONE;  /* unregistered meanwhile */
+    }
+    if (!PyTuple_Check(key) || PyTuple_GET_SIZE(key) < 4) {
+        PyErr_SetString(PyExc_TypeError, "selector key is not a SelectorKey");
+        return NULL;
+    }
+    PyObject *data = PyTuple_GET_ITEM(key, 3);
+    if (!PyTuple_Check(data) || PyTuple_GET_SIZE(data) != 2) Py_RETURN_NONE;
+    PyObject *h = PyTuple_GET_ITEM(data, w->write);
+    if (h == Py_None) Py_RETURN_NONE;
+    if (!PyObject_TypeCheck(h, c->handle_type)) {
+        PyErr_SetString(PyExc_TypeError, "selector key data holds no asyncio.Handle");
+        return NULL;
+    }
+    if (is_cancelled(h)) {
+        PyObject *fileobj = Py_NewRef(PyTuple_GET_ITEM(key, 0));
+        PyObject *r = PyObject_CallOneArg(c->remove_fd[w->write], fileobj);
+        Py_DECREF(fileobj);
+        return r;
+    }
+    if (aem_loop_ring_push(c, Py_NewRef(h)) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* waker(fd, write) -> the engine handler for fd's readiness to read (write=False) or write. */
+PyObject *aem_loop_waker(LoopCoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyLong_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "waker(fd: int, write: bool)");
+        return NULL;
+    }
+    int write = PyObject_IsTrue(args[1]);
+    if (write < 0) return NULL;
+    WakerObject *w = PyObject_GC_New(WakerObject, Waker_Type);
+    if (!w) return NULL;
+    w->core = (LoopCoreObject *)Py_NewRef(self);
+    w->fd = Py_NewRef(args[0]);
+    w->write = write;
+    PyObject_GC_Track(w);
+    return (PyObject *)w;
+}
+
+static int waker_traverse(WakerObject *w, visitproc visit, void *arg) {
+    Py_VISIT(Py_TYPE(w));
+    Py_VISIT(w->core);
+    Py_VISIT(w->fd);
+    return 0;
+}
+
+static int waker_clear(WakerObject *w) {
+    Py_CLEAR(w->core);
+    Py_CLEAR(w->fd);
+    return 0;
+}
+
+static void waker_dealloc(WakerObject *w) {
+    PyTypeObject *tp = Py_TYPE(w);
+    PyObject_GC_UnTrack(w);
+    waker_clear(w);
+    PyObject_GC_Del(w);
+    Py_DECREF(tp);
+}
+
+static PyType_Slot waker_slots[] = {
+    {Py_tp_doc, "The engine handler of one direction of one fd of an aem.EventLoop."},
+    {Py_tp_call, waker_call},
+    {Py_tp_dealloc, waker_dealloc},
+    {Py_tp_traverse, waker_traverse},
+    {Py_tp_clear, waker_clear},
+    {0, NULL},
+};
+
+static PyType_Spec waker_spec = {
+    .name = "aem._core.LoopWaker",
+    .basicsize = sizeof(WakerObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = waker_slots,
+};
+
+/* ---- socket reads for the transports ------------------------------------------------------------------ */
+
+/* recv(fd, max_size) -> bytes: read into one shared buffer (the GIL is held throughout), then copy
+ * out exactly what came.  socket.recv(max_size) allocates max_size bytes (256 KiB for asyncio's
+ * transports: an mmap and its page faults on every read) and shrinks them. b"" at EOF; OSError
+ * (BlockingIOError ...) on failure. */
+#define RECV_BUF (256 * 1024)
+static char *recv_buf;
+
+char *aem_loop_recv_buffer(size_t *size) {
+    if (!recv_buf && !(recv_buf = PyMem_RawMalloc(RECV_BUF))) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    *size = RECV_BUF;
+    return recv_buf;
+}
+
+PyObject *aem_loop_recv(PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "recv(fd, max_size)");
+        return NULL;
+    }
+    long fd = PyLong_AsLong(args[0]);
+    if (fd == -1 && PyErr_Occurred()) return NULL;
+    Py_ssize_t max = PyLong_AsSsize_t(args[1]);
+    if (max == -1 && PyErr_Occurred()) return NULL;
+    if (max <= 0) {
+        PyErr_SetString(PyExc_ValueError, "max_size must be positive");
+        return NULL;
+    }
+    if (max > RECV_BUF) max = RECV_BUF;
+    if (!recv_buf && !(recv_buf = PyMem_RawMalloc(RECV_BUF))) return PyErr_NoMemory();
+    ssize_t n;
+    do {
+        n = recv((int)fd, recv_buf, (size_t)max, 0);
+    } while (n < 0 && errno == EINTR && PyErr_CheckSignals() == 0);
+    if (n < 0) return PyErr_Occurred() ? NULL : PyErr_SetFromErrno(PyExc_OSError);
+    return PyBytes_FromStringAndSize(recv_buf, n);
+}
+
+int aem_loop_waker_init_type(PyObject *module) {
+    Waker_Type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &waker_spec, NULL);
+    return Waker_Type ? 0 : -1;
+}
