@@ -1,36 +1,18 @@
 """Regression tests for capsule bugs found by trying them (issue 8, item 3): each one is the
-exact reproducer of its bug."""
+exact reproducer of its bug.  (A capsule killed by a real-time signal: see
+test_capsules.test_killed_busy_capsule_is_reported_and_replaced.)"""
 
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 import aem
-from conftest import run_script
-
-
-def run_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out waiting for events"
-        aem.run(timeout=0.05)
-
-
-@pytest.fixture
-def pool() -> Iterator[aem.CapsulePool]:
-    p = aem.CapsulePool(size=2, reserve=0)
-    try:
-        assert p.wait_ready(10)
-        yield p
-    finally:
-        p.close()
+from conftest import run_script, run_until
 
 
 def test_pool_fills_when_the_application_has_fds_beyond_1024() -> None:
@@ -64,35 +46,6 @@ def test_pool_fills_when_the_application_has_fds_beyond_1024() -> None:
     if p.stdout.strip() == "skip":
         pytest.skip("the hard fd limit is below 2048")
     assert p.stdout.split() == ["True", "True", "1"], p.stderr
-
-
-def test_capsule_killed_by_a_realtime_signal_is_reported_and_replaced(pool: aem.CapsulePool) -> None:
-    # signal.Signals(-code) raised for SIGRTMIN+1: the manager thread died, no ChildExit
-    results = aem.UserEvent()
-    started: list[int] = []
-    aem.register(results, lambda ev: started.append(ev.payload))
-
-    def slow(ev: Any) -> None:
-        ev.payload.fire(os.getpid())
-        time.sleep(30)
-
-    exits: list[Any] = []
-    ue = aem.UserEvent()
-    eid = aem.register(ue, slow, flags=aem.EVF_CAPSULE, pool=pool)
-    aem.register(aem.ChildExit(job=eid), exits.append)
-    pool.refresh()
-    assert pool.wait_ready(10)
-    ue.fire(results)
-    run_until(lambda: bool(started))
-    os.kill(started[0], signal.SIGRTMIN + 1)
-    run_until(lambda: bool(exits))
-    assert exits[0].returncode == -(signal.SIGRTMIN + 1)
-    assert "SIGRTMIN+1" in exits[0].error
-    assert pool.wait_ready(10), "the pool refilled"
-    ue.fire(results)  # and it still works
-    run_until(lambda: len(started) == 2)
-    os.kill(started[1], signal.SIGKILL)
-    run_until(lambda: len(exits) == 2)
 
 
 def test_registration_checks_the_pool() -> None:

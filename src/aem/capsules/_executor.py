@@ -208,16 +208,22 @@ class ExecutorPart(cf.Executor):
 
     def _call_done(self, cap: Capsule) -> None:
         """The manager: a worker's socket is readable (its answers, or its end)."""
+        if not self._take_answers(cap):
+            cap.state = "broken"  # it died: its exit, reported by the template, fails the call
+            return
+        self._dispatch_calls()
+
+    def _take_answers(self, cap: Capsule) -> bool:
+        """Complete the futures of the answers waiting on a worker's socket; False at its end."""
         while cap.calls:
             try:
                 msg = recv(cap.chan)
             except BlockingIOError:
-                break
+                return True
             except OSError:
-                msg = None
+                return False
             if msg is None:
-                cap.state = "broken"  # it died: its exit, reported by the template, fails the call
-                return
+                return False
             (op, ok, payload), _fds = msg
             if op != "result":
                 continue
@@ -230,14 +236,13 @@ class ExecutorPart(cf.Executor):
                 call.future.set_result(value)
             else:
                 call.future.set_exception(value)
-        self._dispatch_calls()
+        return True
 
     def _worker_exited(self, cap: Capsule, code: int, errors: list[str]) -> None:
         """A worker ended: the call it was running fails; calls queued behind it go back to
         the queue (they never started)."""
         self._workers.discard(cap)
-        cap.state = "worker"
-        self._call_done_quietly(cap)  # answers it sent before it died
+        self._take_answers(cap)  # answers it sent before it died
         if cap.calls:
             running = cap.calls.popleft()
             if not running.future.done():
@@ -249,26 +254,6 @@ class ExecutorPart(cf.Executor):
             cap.calls.clear()
         cap.state = "broken"
         self._dispatch_calls()
-
-    def _call_done_quietly(self, cap: Capsule) -> None:
-        while cap.calls:
-            try:
-                msg = recv(cap.chan)
-            except OSError:
-                return
-            if msg is None:
-                return
-            (op, ok, payload), _fds = msg
-            if op == "result":
-                call = cap.calls.popleft()
-                try:
-                    good, value = _outcome(ok, payload)
-                except Exception as e:
-                    good, value = False, e
-                if good:
-                    call.future.set_result(value)
-                else:
-                    call.future.set_exception(value)
 
     def _fail_calls(self, why: str) -> None:
         """The pool closes: calls not started are cancelled, running ones fail."""

@@ -728,7 +728,11 @@ class CapsulePool(ExecutorPart):
             close_socks(socks)
 
     def _release(self, cap: Capsule) -> None:
-        """Let a capsule go: closing its socket makes it exit."""
+        """Let a capsule go: closing its socket makes it exit (one still warming up, which does
+        not read its socket yet, is ended by its template at once)."""
+        if cap.pid and cap.state in ("starting", "warming") and cap.template.alive:
+            with contextlib.suppress(OSError):
+                send(cap.template.ctl, ("kill", cap.pid, signal.SIGKILL))
         cap.state = "released"
         self._capsules.pop(cap.token, None)
         if cap.pid:
