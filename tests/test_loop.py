@@ -994,3 +994,37 @@ def test_io_is_polled_on_every_turn_once_turns_take_longer_than_the_time_bound(l
     spin = 2 * aem._core.LOOP_POLL_NS * 1e-9
     for write_at in (3, 20):
         assert _turns_until_served(lr, write_at, spin) == 1
+
+
+def test_io_ready_when_run_forever_starts_is_served_in_its_first_turn(lr: LoopRunner) -> None:
+    # As in asyncio: the turn that runs the first callback also polls, even right after a
+    # chain of callbacks (the poll skipping never carries over from one run to the next).
+    loop = lr.loop
+    a, b = socket.socketpair()
+    seen: list[str] = []
+    try:
+        loop.add_reader(a.fileno(), lambda: seen.append("read"))
+        for _ in range(3):
+            seen.clear()
+            _chain(loop, 10)
+            b.send(b"x")
+            loop.call_soon(loop.stop)
+            loop.run_forever()
+            assert seen == ["read"]
+            a.recv(1)
+        loop.remove_reader(a.fileno())
+    finally:
+        a.close()
+        b.close()
+
+
+def _chain(loop: asyncio.AbstractEventLoop, n: int) -> None:
+    """Run a chain of n callbacks, each scheduling the next, then stop."""
+    left = [n]
+
+    def step() -> None:
+        left[0] -= 1
+        loop.call_soon(step if left[0] else loop.stop)
+
+    loop.call_soon(step)
+    loop.run_forever()

@@ -511,11 +511,13 @@ static PyObject *core_flush_now(LoopCoreObject *self, PyObject *unused) {
  * costs -- is skipped, but never for more than LOOP_POLL_TURNS turns in a row nor past
  * LOOP_POLL_NS nanoseconds since the last poll: a fd that becomes ready while callbacks keep
  * coming is served at most LOOP_POLL_TURNS turns (or one turn after LOOP_POLL_NS) later. Timers
- * are still moved to the ready queue on every turn.  asyncio's loop polls on every turn. */
-static PyObject *one_turn(LoopCoreObject *self, int stopping) {
+ * are still moved to the ready queue on every turn.  asyncio's loop polls on every turn.  The
+ * first turn of each _run_once call always polls: what was ready when run_forever started (or
+ * when Python code ran between the calls) is served in that first turn, as asyncio serves it. */
+static PyObject *one_turn(LoopCoreObject *self, int stopping, int must_poll) {
     heap_prune(self);
     double now = now_s();
-    if (self->len && !stopping && self->skipped + 1 < LOOP_POLL_TURNS &&
+    if (self->len && !stopping && !must_poll && self->skipped + 1 < LOOP_POLL_TURNS &&
         now - self->last_poll < LOOP_POLL_NS * 1e-9) {
         self->skipped++;
         goto collected;
@@ -595,7 +597,7 @@ static PyObject *core_run_once(LoopCoreObject *self, PyObject *unused) {
         int stopping = is_stopping(self);
         if (stopping < 0) return NULL;
         if (stopping && k > 0) Py_RETURN_NONE;
-        PyObject *r = one_turn(self, stopping);
+        PyObject *r = one_turn(self, stopping, k == 0);
         if (!r || k + 1 == TURNS_PER_CALL) return r;
         Py_DECREF(r);
     }
