@@ -42,7 +42,7 @@ def test_no_stray_public_names() -> None:
     """Every public name of ``aem`` is one of its explicit re-exports (or a submodule, or
     ``__version__``): no ``annotations`` from a ``__future__`` import, no helper leaking."""
     tree = ast.parse(Path(aem.__file__).read_text())
-    reexported = {alias.asname for node in tree.body if isinstance(node, ast.ImportFrom)
+    reexported = {alias.asname for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
                   for alias in node.names if alias.asname}
     public = {n for n in dir(aem) if not n.startswith("_")
               and not isinstance(getattr(aem, n), types.ModuleType)}

@@ -18,9 +18,7 @@ General layout:
 Every public name is re-exported here, explicitly.
 """
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any
+import typing as _typing
 
 from ._core import EPOLLIN as EPOLLIN
 from ._core import EPOLLOUT as EPOLLOUT
@@ -101,7 +99,7 @@ from .vmtable import VMTable as VMTable
 from .vmtable import VMTableError as VMTableError
 from .vmtable import vmtable as vmtable
 
-if TYPE_CHECKING:  # asyncio on the engine (aem.loop) is imported on first use: asyncio is heavy
+if _typing.TYPE_CHECKING:  # asyncio on the engine (aem.loop) is imported on first use: asyncio is heavy
     from .loop import EventLoop as EventLoop
     from .loop import EventLoopPolicy as EventLoopPolicy
     from .loop import events as events
@@ -112,12 +110,16 @@ if TYPE_CHECKING:  # asyncio on the engine (aem.loop) is imported on first use: 
 _LOOP_NAMES = frozenset({"EventLoop", "EventLoopPolicy", "events", "install", "new_event_loop", "wait"})
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _typing.Any:
     if name in _LOOP_NAMES:
         from . import loop
 
         return getattr(loop, name)
     raise AttributeError(f"module 'aem' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _LOOP_NAMES)
 
 
 __version__ = "0.1.0"
