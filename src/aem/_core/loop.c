@@ -579,8 +579,12 @@ collected:;
     return flush_writes(self) < 0 ? NULL : Py_NewRef(Py_None);
 }
 
+/* loop._stopping, read from the loop's __dict__ (a fraction of getattr()'s cost, twice a turn). */
 static int is_stopping(LoopCoreObject *self) {
-    PyObject *s = PyObject_GetAttr(self->loop, str_stopping);
+    PyObject *s = self->loop_dict ? PyDict_GetItemWithError(self->loop_dict, str_stopping) : NULL;
+    if (s) return PyObject_IsTrue(s);
+    if (PyErr_Occurred()) return -1;
+    s = PyObject_GetAttr(self->loop, str_stopping);
     if (!s) return -1;
     int stopping = PyObject_IsTrue(s);
     Py_DECREF(s);
@@ -691,6 +695,8 @@ static int core_init(LoopCoreObject *self, PyObject *args, PyObject *kwds) {
     }
     if (read_offsets(ht, tt) < 0) return -1;
     Py_XSETREF(self->loop, Py_NewRef(loop));
+    Py_XSETREF(self->loop_dict, PyObject_GenericGetDict(loop, NULL));
+    if (!self->loop_dict) PyErr_Clear();  /* no __dict__: _stopping read by getattr() */
     Py_XSETREF(self->handle_type, (PyTypeObject *)Py_NewRef(ht));
     Py_XSETREF(self->timer_type, (PyTypeObject *)Py_NewRef(tt));
     Py_XSETREF(self->select, Py_NewRef(sel));
@@ -704,6 +710,7 @@ static int core_init(LoopCoreObject *self, PyObject *args, PyObject *kwds) {
 static int core_traverse(LoopCoreObject *self, visitproc visit, void *arg) {
     Py_VISIT(Py_TYPE(self));
     Py_VISIT(self->loop);
+    Py_VISIT(self->loop_dict);
     Py_VISIT(self->handle_type);
     Py_VISIT(self->timer_type);
     Py_VISIT(self->select);
@@ -724,6 +731,7 @@ static int core_clear_refs(LoopCoreObject *self) {
     ring_clear(self);
     heap_clear(self);
     Py_CLEAR(self->loop);
+    Py_CLEAR(self->loop_dict);
     Py_CLEAR(self->handle_type);
     Py_CLEAR(self->timer_type);
     Py_CLEAR(self->select);

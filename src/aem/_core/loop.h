@@ -25,6 +25,7 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     PyObject *loop;           /* the aem.EventLoop (the handles' _loop) */
+    PyObject *loop_dict;      /* its __dict__, where _stopping is read (or NULL) */
     PyTypeObject *handle_type, *timer_type;
     PyObject *select;         /* selector.select */
     PyObject *process_events; /* loop._process_events */
