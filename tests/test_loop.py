@@ -944,3 +944,87 @@ def test_closing_the_loop_closes_its_event_iterators() -> None:
         loop.close()
     assert aem.stats()["registered"] == 0
     assert it._eid is None  # type: ignore[attr-defined]
+
+
+def _turns_until_served(lr: LoopRunner, write_at: int, spin_s: float) -> int:
+    """An endless call_soon chain (each callback one loop turn, spinning spin_s); at turn
+    write_at a byte makes a watched fd readable: how many turns later its reader ran."""
+    loop = lr.loop
+    a, b = socket.socketpair()
+    turn = [0]
+    served: list[int] = []
+
+    def on_readable() -> None:
+        a.recv(1)
+        served.append(turn[0])
+        loop.stop()
+
+    def step() -> None:
+        turn[0] += 1
+        end = time.monotonic() + spin_s
+        while time.monotonic() < end:
+            pass
+        if turn[0] == write_at:
+            b.send(b"x")
+        if turn[0] < 100_000:  # a backstop: the test fails rather than hangs
+            loop.call_soon(step)
+        else:
+            loop.stop()
+
+    try:
+        loop.add_reader(a.fileno(), on_readable)
+        loop.call_soon(step)
+        loop.run_forever()
+        loop.remove_reader(a.fileno())
+    finally:
+        a.close()
+        b.close()
+    assert served, "the readable fd was never served while callbacks kept coming"
+    return served[0] - write_at
+
+
+def test_io_is_polled_within_the_bound_during_an_endless_callback_chain(lr: LoopRunner) -> None:
+    # aem.EventLoop skips the poll while callbacks are ready, but at most LOOP_POLL_TURNS turns
+    # in a row; asyncio's loop polls on every turn.
+    for write_at in (1, 5, 50, 333):
+        assert 1 <= _turns_until_served(lr, write_at, 0.0) <= aem._core.LOOP_POLL_TURNS
+
+
+def test_io_is_polled_on_every_turn_once_turns_take_longer_than_the_time_bound(lr: LoopRunner) -> None:
+    spin = 2 * aem._core.LOOP_POLL_NS * 1e-9
+    for write_at in (3, 20):
+        assert _turns_until_served(lr, write_at, spin) == 1
+
+
+def test_io_ready_when_run_forever_starts_is_served_in_its_first_turn(lr: LoopRunner) -> None:
+    # As in asyncio: the turn that runs the first callback also polls, even right after a
+    # chain of callbacks (the poll skipping never carries over from one run to the next).
+    loop = lr.loop
+    a, b = socket.socketpair()
+    seen: list[str] = []
+    try:
+        loop.add_reader(a.fileno(), lambda: seen.append("read"))
+        for _ in range(3):
+            seen.clear()
+            _chain(loop, 10)
+            b.send(b"x")
+            loop.call_soon(loop.stop)
+            loop.run_forever()
+            assert seen == ["read"]
+            a.recv(1)
+        loop.remove_reader(a.fileno())
+    finally:
+        a.close()
+        b.close()
+
+
+def _chain(loop: asyncio.AbstractEventLoop, n: int) -> None:
+    """Run a chain of n callbacks, each scheduling the next, then stop."""
+    left = [n]
+
+    def step() -> None:
+        left[0] -= 1
+        loop.call_soon(step if left[0] else loop.stop)
+
+    loop.call_soon(step)
+    loop.run_forever()

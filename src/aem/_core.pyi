@@ -318,6 +318,11 @@ def _vmt_latency(pool_size: int, fill: float, count: int, seed: int = 1,
                  zone: int = 0) -> tuple[list[float], float, int]: ...
 def _vmt_frag(pool_size: int, seed: int = 1, free_ratio: float = 0.4,
               min_block: int = 64) -> dict[str, float]: ...
+#: aem.EventLoop polls for I/O at least every LOOP_POLL_TURNS turns while callbacks are ready ...
+LOOP_POLL_TURNS: int
+#: ... and on the first turn that starts LOOP_POLL_NS nanoseconds or more after the last poll.
+LOOP_POLL_NS: int
+
 class LoopCore:
     """The hot core of aem.EventLoop (loop.c)."""
     def __init__(self, loop: Any, handle_type: type, timer_type: type, select: Callable[[Any], Any],

@@ -504,33 +504,43 @@ static PyObject *core_flush_now(LoopCoreObject *self, PyObject *unused) {
     return flush_writes(self) < 0 ? NULL : Py_NewRef(Py_None);
 }
 
-/* _run_once(): one iteration of asyncio's loop (BaseEventLoop._run_once). */
-static PyObject *one_turn(LoopCoreObject *self) {
+/* _run_once(): one iteration of asyncio's loop (BaseEventLoop._run_once).
+ *
+ * Bounded poll skipping: while callbacks are ready (and the loop is not stopping) the wait for
+ * I/O -- a non-blocking engine turn, one epoll_wait(0) syscall, most of what a one-callback turn
+ * costs -- is skipped, but never for more than LOOP_POLL_TURNS turns in a row nor past
+ * LOOP_POLL_NS nanoseconds since the last poll: a fd that becomes ready while callbacks keep
+ * coming is served at most LOOP_POLL_TURNS turns (or one turn after LOOP_POLL_NS) later. Timers
+ * are still moved to the ready queue on every turn.  asyncio's loop polls on every turn.  The
+ * first turn of each _run_once call always polls: what was ready when run_forever started (or
+ * when Python code ran between the calls) is served in that first turn, as asyncio serves it. */
+static PyObject *one_turn(LoopCoreObject *self, int stopping, int must_poll) {
     heap_prune(self);
-    PyObject *timeout;
-    int stopping = 0;
-    if (!self->len) {
-        PyObject *s = PyObject_GetAttr(self->loop, str_stopping);
-        if (!s) return NULL;
-        stopping = PyObject_IsTrue(s);
-        Py_DECREF(s);
-        if (stopping < 0) return NULL;
+    double now = now_s();
+    if (self->len && !stopping && !must_poll && self->skipped + 1 < LOOP_POLL_TURNS &&
+        now - self->last_poll < LOOP_POLL_NS * 1e-9) {
+        self->skipped++;
+        goto collected;
     }
+    self->skipped = 0;
+    self->last_poll = now;
+    PyObject *timeout;
     if (self->engine) {  /* one engine turn: the loop's wakers queue the ready fds' handles */
         int ms = -1;
         if (self->len || stopping) {
             ms = 0;
         } else if (self->hlen) {
-            double t = self->heap[0].when - now_s();
+            double t = self->heap[0].when - now;
             ms = t <= 0 ? 0 : t > 86400 ? 86400000 : (int)(t * 1e3 + 0.999999);
         }
         if (aem_py_engine_turn(self->engine, ms) < 0) return NULL;
+        now = now_s();
         goto collected;
     }
     if (self->len || stopping) {
         timeout = PyFloat_FromDouble(0.0);
     } else if (self->hlen) {
-        double t = self->heap[0].when - now_s();
+        double t = self->heap[0].when - now;
         timeout = PyFloat_FromDouble(t < 0 ? 0 : t > 86400 ? 86400 : t);
     } else {
         timeout = Py_NewRef(Py_None);
@@ -547,8 +557,9 @@ static PyObject *one_turn(LoopCoreObject *self) {
     } else {
         Py_DECREF(events);
     }
+    now = now_s();
 collected:;
-    double end = now_s() + self->clock_resolution;
+    double end = now + self->clock_resolution;
     while (self->hlen && self->heap[0].when < end) {
         PyObject *h = heap_pop(self);
         if (is_cancelled(h)) {
@@ -568,6 +579,18 @@ collected:;
     return flush_writes(self) < 0 ? NULL : Py_NewRef(Py_None);
 }
 
+/* loop._stopping, read from the loop's __dict__ (a fraction of getattr()'s cost, twice a turn). */
+static int is_stopping(LoopCoreObject *self) {
+    PyObject *s = self->loop_dict ? PyDict_GetItemWithError(self->loop_dict, str_stopping) : NULL;
+    if (s) return PyObject_IsTrue(s);
+    if (PyErr_Occurred()) return -1;
+    s = PyObject_GetAttr(self->loop, str_stopping);
+    if (!s) return -1;
+    int stopping = PyObject_IsTrue(s);
+    Py_DECREF(s);
+    return stopping;
+}
+
 /* _run_once(): turns of the loop, as asyncio's run_forever runs them (`while True: _run_once();
  * if _stopping: break`), up to TURNS_PER_CALL of them while the loop is not stopping: the
  * Python-level loop around each turn is most of what a turn costs when a callback is all it runs. */
@@ -575,14 +598,12 @@ collected:;
 
 static PyObject *core_run_once(LoopCoreObject *self, PyObject *unused) {
     for (int k = 0;; k++) {
-        PyObject *r = one_turn(self);
+        int stopping = is_stopping(self);
+        if (stopping < 0) return NULL;
+        if (stopping && k > 0) Py_RETURN_NONE;
+        PyObject *r = one_turn(self, stopping, k == 0);
         if (!r || k + 1 == TURNS_PER_CALL) return r;
         Py_DECREF(r);
-        PyObject *s = PyObject_GetAttr(self->loop, str_stopping);
-        if (!s) return NULL;
-        int stopping = PyObject_IsTrue(s);
-        Py_DECREF(s);
-        if (stopping) return stopping < 0 ? NULL : Py_NewRef(Py_None);
     }
 }
 
@@ -674,6 +695,8 @@ static int core_init(LoopCoreObject *self, PyObject *args, PyObject *kwds) {
     }
     if (read_offsets(ht, tt) < 0) return -1;
     Py_XSETREF(self->loop, Py_NewRef(loop));
+    Py_XSETREF(self->loop_dict, PyObject_GenericGetDict(loop, NULL));
+    if (!self->loop_dict) PyErr_Clear();  /* no __dict__: _stopping read by getattr() */
     Py_XSETREF(self->handle_type, (PyTypeObject *)Py_NewRef(ht));
     Py_XSETREF(self->timer_type, (PyTypeObject *)Py_NewRef(tt));
     Py_XSETREF(self->select, Py_NewRef(sel));
@@ -687,6 +710,7 @@ static int core_init(LoopCoreObject *self, PyObject *args, PyObject *kwds) {
 static int core_traverse(LoopCoreObject *self, visitproc visit, void *arg) {
     Py_VISIT(Py_TYPE(self));
     Py_VISIT(self->loop);
+    Py_VISIT(self->loop_dict);
     Py_VISIT(self->handle_type);
     Py_VISIT(self->timer_type);
     Py_VISIT(self->select);
@@ -707,6 +731,7 @@ static int core_clear_refs(LoopCoreObject *self) {
     ring_clear(self);
     heap_clear(self);
     Py_CLEAR(self->loop);
+    Py_CLEAR(self->loop_dict);
     Py_CLEAR(self->handle_type);
     Py_CLEAR(self->timer_type);
     Py_CLEAR(self->select);
@@ -801,5 +826,8 @@ int aem_loop_init_type(PyObject *module) {
     if (aem_loop_waker_init_type(module) < 0) return -1;
     LoopCore_Type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &core_spec, NULL);
     if (!LoopCore_Type) return -1;
+    if (PyModule_AddIntConstant(module, "LOOP_POLL_TURNS", LOOP_POLL_TURNS) < 0 ||
+        PyModule_AddIntConstant(module, "LOOP_POLL_NS", LOOP_POLL_NS) < 0)
+        return -1;
     return PyModule_AddObjectRef(module, "LoopCore", (PyObject *)LoopCore_Type);
 }

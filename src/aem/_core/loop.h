@@ -25,6 +25,7 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     PyObject *loop;           /* the aem.EventLoop (the handles' _loop) */
+    PyObject *loop_dict;      /* its __dict__, where _stopping is read (or NULL) */
     PyTypeObject *handle_type, *timer_type;
     PyObject *select;         /* selector.select */
     PyObject *process_events; /* loop._process_events */
@@ -41,8 +42,19 @@ typedef struct {
     uint64_t seq;
     Py_ssize_t cancelled;     /* cancelled timers still in the heap */
     double clock_resolution;
+    double last_poll;         /* when the last turn polled for I/O (CLOCK_MONOTONIC, s) */
+    int skipped;              /* turns in a row that skipped the poll (callbacks were ready) */
     int closed, debug;
 } LoopCoreObject;
+
+/* Bounded poll skipping (loop.c, one_turn): with callbacks ready, poll for I/O at least every
+ * LOOP_POLL_TURNS turns and on the first turn starting LOOP_POLL_NS or more after the last poll. */
+#ifndef LOOP_POLL_TURNS
+#define LOOP_POLL_TURNS 32
+#endif
+#ifndef LOOP_POLL_NS
+#define LOOP_POLL_NS 100000
+#endif
 
 static inline int is_cancelled(PyObject *h) { return SLOT(h, off_cancelled) == Py_True; }
 

@@ -55,6 +55,17 @@ static PyObject *waker_call(WakerObject *w, PyObject *args, PyObject *kwds) {
     Py_RETURN_NONE;
 }
 
+/* The engine's fast path (pyengine.c, deliver_one): a waker runs without an Event object
+ * nor an argument tuple.  Its errors go to the engine's error handler with event None. */
+int aem_loop_is_waker(PyObject *handler) { return Waker_Type && Py_IS_TYPE(handler, Waker_Type); }
+
+int aem_loop_wake(PyObject *waker) {
+    PyObject *r = waker_call((WakerObject *)waker, NULL, NULL);
+    if (!r) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
 /* waker(fd, write) -> the engine handler for fd's readiness to read (write=False) or write. */
 PyObject *aem_loop_waker(LoopCoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2 || !PyLong_Check(args[0])) {

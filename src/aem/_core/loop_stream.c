@@ -29,6 +29,7 @@ typedef struct {
     PyObject_HEAD
     PyObject *core;       /* the loop's LoopCore */
     PyObject *transport;  /* the SocketTransport */
+    PyObject *dict;       /* the transport's __dict__, where its state is read (or NULL) */
     PyObject *first;      /* the first write of this turn, not yet sent (bytes), or NULL */
     int fd;
     int flush_queued;
@@ -41,17 +42,29 @@ static PyObject *s_conn_lost, *s_buffer, *s_eof, *s_empty_waiter, *s_high_water,
     *s_flush_failed, *s_flush_partial, *s_flush_done, *s_protocol_paused, *s_closing,
     *m_read_error, *m_proto_error;
 
-/* getattr(transport, name) is true? 1/0, -1 on error. */
-static int attr_true(PyObject *t, PyObject *name) {
-    PyObject *v = PyObject_GetAttr(t, name);
+/* transport.<name> (a new reference): asyncio's transport state is in instance attributes, read
+ * straight from the transport's __dict__ (a third of the cost of getattr(), which first looks
+ * the name up along the class's MRO); a name not there is looked up by getattr(). */
+static PyObject *tattr(StreamIOObject *io, PyObject *name) {
+    if (io->dict) {
+        PyObject *v = PyDict_GetItemWithError(io->dict, name);
+        if (v) return Py_NewRef(v);
+        if (PyErr_Occurred()) return NULL;
+    }
+    return PyObject_GetAttr(io->transport, name);
+}
+
+/* transport.<name> is true? 1/0, -1 on error. */
+static int attr_true(StreamIOObject *io, PyObject *name) {
+    PyObject *v = tattr(io, name);
     if (!v) return -1;
     int r = PyObject_IsTrue(v);
     Py_DECREF(v);
     return r;
 }
 
-static int attr_not_none(PyObject *t, PyObject *name) {
-    PyObject *v = PyObject_GetAttr(t, name);
+static int attr_not_none(StreamIOObject *io, PyObject *name) {
+    PyObject *v = tattr(io, name);
     if (!v) return -1;
     int r = v != Py_None;
     Py_DECREF(v);
@@ -89,7 +102,7 @@ static PyObject *io_read_ready(StreamIOObject *io, PyObject *unused) {
         Py_DECREF(cb);
         return r;
     }
-    int lost = attr_true(t, s_conn_lost);
+    int lost = attr_true(io, s_conn_lost);
     if (lost) return lost < 0 ? NULL : Py_NewRef(Py_None);
     size_t cap;
     char *buf = aem_loop_recv_buffer(&cap);
@@ -107,7 +120,7 @@ static PyObject *io_read_ready(StreamIOObject *io, PyObject *unused) {
     if (n == 0) return call_method0(t, s_on_eof);
     PyObject *data = PyBytes_FromStringAndSize(buf, n);
     if (!data) return NULL;
-    PyObject *proto = PyObject_GetAttr(t, s_protocol);
+    PyObject *proto = tattr(io, s_protocol);
     if (!proto) {
         Py_DECREF(data);
         return NULL;
@@ -134,12 +147,12 @@ static PyObject *io_write(StreamIOObject *io, PyObject *data) {
         PyErr_SetString(PyExc_RuntimeError, "the transport is gone");
         return NULL;
     }
-    int r = attr_true(t, s_eof);
+    int r = attr_true(io, s_eof);
     if (r) {
         if (r > 0) PyErr_SetString(PyExc_RuntimeError, "Cannot call write() after write_eof()");
         return NULL;
     }
-    r = attr_not_none(t, s_empty_waiter);
+    r = attr_not_none(io, s_empty_waiter);
     if (r) {
         if (r > 0) PyErr_SetString(PyExc_RuntimeError, "unable to write; sendfile is in progress");
         return NULL;
@@ -147,9 +160,9 @@ static PyObject *io_write(StreamIOObject *io, PyObject *data) {
     Py_ssize_t len = PyObject_Length(data);
     if (len < 0) return NULL;
     if (len == 0) Py_RETURN_NONE;
-    r = attr_true(t, s_conn_lost);
+    r = attr_true(io, s_conn_lost);
     if (r) return r < 0 ? NULL : PyObject_CallMethodOneArg(t, s_write_lost, data);
-    PyObject *buffer = PyObject_GetAttr(t, s_buffer);
+    PyObject *buffer = tattr(io, s_buffer);
     if (!buffer) return NULL;
     Py_ssize_t blen = PyObject_Length(buffer);
     if (blen < 0) goto fail;
@@ -167,7 +180,7 @@ static PyObject *io_write(StreamIOObject *io, PyObject *data) {
         }
     }
     Py_DECREF(buffer);
-    PyObject *hw = PyObject_GetAttr(t, s_high_water);
+    PyObject *hw = tattr(io, s_high_water);
     if (!hw) return NULL;
     Py_ssize_t high = PyLong_AsSsize_t(hw);
     Py_DECREF(hw);
@@ -197,12 +210,12 @@ int aem_stream_flush(PyObject *obj) {
         return 0;
     }
     Py_INCREF(t);
-    int lost = attr_true(t, s_conn_lost);
+    int lost = attr_true(io, s_conn_lost);
     if (lost) {
         rc = lost < 0 ? -1 : 0;
         goto done;
     }
-    buffer = PyObject_GetAttr(t, s_buffer);
+    buffer = tattr(io, s_buffer);
     if (!buffer) goto done;
     if (!PyByteArray_Check(buffer)) {
         PyErr_SetString(PyExc_TypeError, "the transport's buffer is not a bytearray");
@@ -261,10 +274,10 @@ int aem_stream_flush(PyObject *obj) {
     int more = 0;
     PyObject *flags[] = {s_protocol_paused, s_closing, s_eof};
     for (int i = 0; i < 3 && !more; i++) {
-        more = attr_true(t, flags[i]);
+        more = attr_true(io, flags[i]);
         if (more < 0) goto done;
     }
-    if (!more && (more = attr_not_none(t, s_empty_waiter)) < 0) goto done;
+    if (!more && (more = attr_not_none(io, s_empty_waiter)) < 0) goto done;
     if (more) {
         r = call_method0(t, s_flush_done);
         rc = r ? 0 : -1;
@@ -298,6 +311,7 @@ static PyObject *io_set_buffered(StreamIOObject *io, PyObject *arg) {
 
 static PyObject *io_detach(StreamIOObject *io, PyObject *unused) {
     Py_CLEAR(io->transport);
+    Py_CLEAR(io->dict);
     Py_CLEAR(io->first);
     Py_RETURN_NONE;
 }
@@ -307,6 +321,8 @@ PyObject *aem_stream_new(PyObject *core, PyObject *transport, int fd) {
     if (!io) return NULL;
     io->core = Py_NewRef(core);
     io->transport = Py_NewRef(transport);
+    io->dict = PyObject_GenericGetDict(transport, NULL);
+    if (!io->dict) PyErr_Clear();  /* no __dict__: every read by getattr() */
     io->first = NULL;
     io->fd = fd;
     io->flush_queued = 0;
@@ -321,12 +337,14 @@ static int io_traverse(StreamIOObject *io, visitproc visit, void *arg) {
     Py_VISIT(Py_TYPE(io));
     Py_VISIT(io->core);
     Py_VISIT(io->transport);
+    Py_VISIT(io->dict);
     return 0;
 }
 
 static int io_clear(StreamIOObject *io) {
     Py_CLEAR(io->core);
     Py_CLEAR(io->transport);
+    Py_CLEAR(io->dict);
     Py_CLEAR(io->first);
     return 0;
 }

@@ -1082,6 +1082,18 @@ static int deliver_one(EngineObject *self, aem_occ *o) {
     default:
         break;
     }
+    if ((kind == AEM_K_READABLE || kind == AEM_K_WRITABLE) && aem_loop_is_waker(t.handler) &&
+        !(t.flags & (AEM_F_FORK | AEM_F_CAPSULE)) && (!t.ctor || t.ctor == Py_None) &&
+        (!t.dtor || t.dtor == Py_None)) {  /* aem.EventLoop's fd readiness: no Event object */
+        if (finished) finish(self, &t);
+        int was_delivering = self->delivering;
+        self->delivering = 1;
+        rc = aem_loop_wake(t.handler);
+        if (rc < 0) rc = report(self, NULL);
+        self->delivering = was_delivering;
+        self->core.stats.delivered[kind]++;
+        goto done;
+    }
     ev = aem_event_new(kind, t.eid, o->time_ns, t.source);
     if (!ev) {
         rc = -1;
