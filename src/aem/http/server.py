@@ -58,6 +58,7 @@ import aem
 
 from . import status as _status
 from .app import App, Response
+from .fast import FastPath
 from .protocol import (
     _LINES,
     CONTINUE,
@@ -165,7 +166,11 @@ class _Conn:
             return
         srv = self.server
         try:
-            events = self.parser.feed(ev.data)
+            data = ev.data
+            p = self.parser
+            if srv._fast is not None and p.phase == IDLE and not self.out and not p.dead:
+                data = srv._fast(self, data)  # the native path (.fast): what it leaves
+            events = p.feed(data) if data else None
             if events:
                 srv._dispatch(self, events)
                 if self.closed:
@@ -173,8 +178,7 @@ class _Conn:
         except Exception as e:
             srv._internal_error(self, e)
             return
-        p = self.parser
-        if self.weid or self.lingering:
+        if self.closed or self.weid or self.lingering:
             return
         if p.phase == IDLE:
             dl = ev.time_ns + srv._idle_ns
@@ -380,7 +384,8 @@ class HTTPServer:
     (default stderr).  ``engine``: the aem engine to run on (default: the
     process's).  ``reuse_port`` sets ``SO_REUSEPORT`` (several processes on
     one port).  ``pool``: a capsule pool whose statistics the status page
-    shows.
+    shows.  ``fast_path=False`` turns off the native per-request path
+    (:mod:`.fast`; it is also off while an ``access_log`` is kept).
 
     Raises ``OSError`` when the address cannot be bound and
     ``NotADirectoryError`` for a root that is not a directory.
@@ -395,7 +400,7 @@ class HTTPServer:
                  access_log: TextIO | None = None, error_log: TextIO | None = None,
                  server_name: str = "aem", backlog: int = 4096, reuse_port: bool = False,
                  engine: aem.Engine | None = None, pool: object = None, status_page: bool = True,
-                 read_size: int = 65536) -> None:
+                 read_size: int = 65536, fast_path: bool = True) -> None:
         self.app = app
         self.static = StaticFiles(root) if root is not None else None
         self.host = host
@@ -407,6 +412,8 @@ class HTTPServer:
         self.pool = pool
         self.status_page = status_page
         self.read_size = read_size
+        self.fast_path = fast_path
+        self._fast: Callable[[_Conn, Any], Any] | None = None
         self._server_line = f"Server: {server_name}\r\n".encode("latin-1")
         self._ok_prefix = b"HTTP/1.1 200 OK\r\n" + self._server_line
         self._sock = sock
@@ -484,6 +491,8 @@ class HTTPServer:
         self._accept_eid = eng.register(aem.Accept(self._sock), self._on_accept)
         self._timer_eid = eng.register(aem.Timer(self._tick, interval=self._tick), self._sweep)
         self._prev_error_handler = eng.set_error_handler(self._on_engine_error)
+        if self.fast_path and self.access_log is None:
+            self._fast = FastPath(self).serve
         self._started = True
 
     def run(self, timeout: float | None = None) -> str:
@@ -627,6 +636,7 @@ class HTTPServer:
         if target.startswith(_STATUS_PATH) and self.status_page and req.path == _STATUS_PATH:
             self._status_response(conn, req, keep)
             return
+        result = None
         if self.app is not None:
             try:
                 result = self.app(req)
@@ -635,18 +645,23 @@ class HTTPServer:
                 self._log_error(f"aem.http: exception in the app for {req.method} {target}:\n"
                                 + traceback.format_exc())
                 result = Response(b"500 Internal Server Error\n", 500)
-            if result is not None:
-                if type(result) is not Response:
-                    if isinstance(result, (bytes, str)):
-                        result = Response(result)
-                    else:
-                        self.app_errors += 1
-                        self._log_error(f"aem.http: the app returned {type(result).__name__} for "
-                                        f"{req.method} {target}: expected a Response")
-                        result = Response(b"500 Internal Server Error\n", 500)
-                assert isinstance(result, Response)
-                self._send(conn, req, result.status, result.headers, result.body, keep)
-                return
+        self._answer(conn, req, result, keep)
+
+    def _answer(self, conn: _Conn, req: Request, result: object, keep: bool) -> None:
+        """Answer ``req`` with what the app returned (None: the static files, or 404)."""
+        target = req.target
+        if result is not None:
+            if type(result) is not Response:
+                if isinstance(result, (bytes, str)):
+                    result = Response(result)
+                else:
+                    self.app_errors += 1
+                    self._log_error(f"aem.http: the app returned {type(result).__name__} for "
+                                    f"{req.method} {target}: expected a Response")
+                    result = Response(b"500 Internal Server Error\n", 500)
+            assert isinstance(result, Response)
+            self._send(conn, req, result.status, result.headers, result.body, keep)
+            return
         if self.static is not None:
             sr = self.static.respond(req.method, req.path, req.headers, req.query, self.now)
             st = sr.status

@@ -1,0 +1,166 @@
+"""AEMhttpd's native per-request path: the glue between the server and ``aem._core.HttpFast``.
+
+For a complete, simple request head at the start of what a connection read
+(``GET``/``HEAD``, origin-form target, ``HTTP/1.1``, one valid ``Host``, no
+body, no ``Transfer-Encoding``/``Content-Length``/``Connection``/``Expect``/
+``Upgrade``; see ``src/aem/_core/http_parse.h``), C parses the head in one
+pass and answers it:
+
+* with no app, a small file from the fast path's cache is written with no
+  Python at all;
+* with an app, the app is called once with a ready :class:`~.protocol.Request`,
+  and a plain :class:`~.app.Response` (status 200..599 but 204/304, ``str``
+  header pairs) is serialised in C; when it returns None, the cached file;
+* the responses of a batch of pipelined requests leave in one ``send()``.
+
+Anything else — a partial or unusual head, a status-page request, an app
+exception or unusual result, a file not in the cache, a send that would
+block — goes the full way: the request (if the app already saw it) through
+:meth:`HTTPServer._answer`, the remaining bytes through httptools.  The fast
+path may defer, never accept what the full path rejects, and writes the same
+bytes (``tests/test_http_fast_diff.py`` checks both paths on generated and
+mutated requests).
+
+It is off when an access log is kept (the C path writes no log lines).
+
+The file cache is the server's small-file cache seen through :func:`cached_file`,
+the one place that knows its shape: an entry is copied here (keyed by the
+canonical target, ``(expiry, head after the Date line, body)``) after the full
+path served the file, and expires with the entry it was copied from.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from typing import TYPE_CHECKING, Any
+
+from aem import _core
+
+from . import status as _status
+from .app import Response
+from .protocol import _STATUS_LINES, Request, render_head
+
+if TYPE_CHECKING:
+    from .server import HTTPServer, _Conn
+    from .static import StaticFiles
+
+__all__ = ["FastPath", "cached_file"]
+
+MAX_ENTRIES = 1024   # files in the fast path's cache (all dropped when full)
+_OK = b"HTTP/1.1 200 OK\r\n"
+
+
+def cached_file(static: StaticFiles, path: str) -> tuple[float, list[tuple[str, str]], bytes] | None:
+    """The static files' cache entry for ``path``: (expiry, header fields, body), or None.
+
+    The narrow interface to :class:`~.static.StaticFiles`' small-file cache
+    (today a dict ``path -> (expiry, StaticResponse)``); only 200 responses
+    with their whole body in memory qualify.
+    """
+    hit = static._cache.get(path)
+    if hit is None:
+        return None
+    expiry, sr = hit
+    if sr.status != 200 or sr.fd >= 0 or len(sr.body) != sr.length:
+        return None
+    return expiry, sr.headers, sr.body
+
+
+_PATH_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~/")
+
+
+def _canonical(target: str) -> bool:
+    """The targets the C path looks up in its cache (``AEM_HTTP_CANONICAL``)."""
+    if not target.startswith("/") or not _PATH_CHARS.issuperset(target):
+        return False
+    segs = target.split("/")[1:]
+    return all(s not in (".", "..") for s in segs) and all(segs[:-1])
+
+
+class FastPath:
+    """The fast path of one :class:`~.server.HTTPServer` (built by it at ``start()``).
+
+    ``serve(conn, data)`` (the C method) answers what it can of ``data`` and
+    returns the bytes left for the full parser.
+    """
+
+    __slots__ = ("_bytes", "_core", "_server", "serve")
+
+    def __init__(self, server: HTTPServer) -> None:
+        lim = server.limits
+        self._server = server
+        self._core = _core.HttpFast(
+            server, server.app, Request, Response, _STATUS_LINES, server._by_class,
+            server._server_line, _status.PATH.rsplit("/", 1)[0].encode() + b"/", self._slow,
+            lim.max_request_line, lim.max_header_size, lim.max_headers)
+        self._bytes = 0
+        self.serve = self._core.serve
+
+    @property
+    def cache(self) -> dict[str, tuple[float, bytes, bytes]]:
+        """The fast path's file cache: ``{target: (expiry, head after Date, body)}``."""
+        cache: dict[str, tuple[float, bytes, bytes]] = self._core.cache
+        return cache
+
+    def _slow(self, conn: _Conn, rest: Any, pending: bytes | None, req: Request | None,
+              result: object, exc: BaseException | None, err: int) -> Any:
+        """What the C path hands back; returns the bytes left for the full parser."""
+        srv = self._server
+        if err:
+            srv.resets += 1
+            conn.close()
+            return b""
+        if pending is not None:
+            conn.out.append(pending)
+            conn.out_len += len(pending)
+            conn._block()
+        if req is not None:
+            now = time.time()
+            if now >= srv._date_next:
+                srv._date = srv._clock.line(now)
+                srv._date_next = int(now) + 1
+            srv.now = now
+            if exc is not None:
+                srv.app_errors += 1
+                srv._log_error(f"aem.http: exception in the app for {req.method} {req.target}:\n"
+                               + "".join(traceback.format_exception(exc)))
+                result = Response(b"500 Internal Server Error\n", 500)
+            srv._answer(conn, req, result, True)
+            if result is None and srv.static is not None:
+                self._remember(srv.static, req.target, now)
+            if not conn.weid:
+                out = conn.out
+                if len(out) > 1 and not conn.files:
+                    out[:] = [b"".join(out)]  # type: ignore[arg-type]
+                if conn.flush() and conn.eof:
+                    conn.close()
+        if conn.closed:
+            return b""
+        if conn.weid:
+            # the client does not take what is sent: what follows waits (as in the full path)
+            if rest:
+                events = conn.parser.feed(rest)
+                if events:
+                    conn.backlog = events
+            return b""
+        return rest
+
+    def _remember(self, static: StaticFiles, target: str, now: float) -> None:
+        """Copy the static files' cache entry for ``target`` into the fast path's cache."""
+        if static.cache_ttl <= 0 or not _canonical(target):
+            return
+        entry = cached_file(static, target)
+        if entry is None or entry[0] <= now:
+            return
+        expiry, fields, body = entry
+        cache = self.cache
+        if len(cache) >= MAX_ENTRIES or self._bytes + len(body) > static.cache_max_bytes:
+            cache.clear()
+            self._bytes = 0
+        head = render_head(200, fields, len(body), True, "1.1", b"", b"")
+        old = cache.get(target)
+        if old is not None:
+            self._bytes -= len(old[2])
+        cache[target] = (expiry, head[len(_OK):], body)
+        self._bytes += len(body)
