@@ -13,6 +13,8 @@
 #include "pyaem.h"
 #include "http_parse.h"
 
+#include <structmember.h>
+
 #include <errno.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -31,6 +33,7 @@ typedef struct {
     aem_http_field *fields;
     char *out;
     size_t out_len, out_cap;
+    Py_ssize_t answered;          /* requests answered here from start to end */
     time_t date_sec;
     char date[64];
     size_t date_len;
@@ -245,21 +248,10 @@ PyDoc_STRVAR(serve_doc,
 "Answer the simple requests at the start of data on conn (conn.fd, conn.addr); return\n"
 "the bytes left for the full parser (b'' when all were answered).");
 
-static PyObject *fast_serve(HttpFastObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "serve(conn, data) takes 2 arguments");
-        return NULL;
-    }
-    PyObject *conn = args[0], *data = args[1];
+/* One pass over data (see serve); *again when the glue asks for another pass on what it returns. */
+static PyObject *serve_buf(HttpFastObject *self, PyObject *conn, int fd, PyObject *data, int *again) {
     Py_buffer view;
     if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) return NULL;
-    PyObject *fdo = PyObject_GetAttr(conn, str_fd);
-    int fd = fdo ? (int)PyLong_AsLong(fdo) : -1;
-    Py_XDECREF(fdo);
-    if (fd == -1 && PyErr_Occurred()) {
-        PyBuffer_Release(&view);
-        return NULL;
-    }
     const char *buf = view.buf;
     size_t len = (size_t)view.len, pos = 0, nreq = 0, sent = 0;
     PyObject *addr = NULL, *req = NULL, *result = NULL, *exc = NULL, *pending = NULL, *ret = NULL;
@@ -333,6 +325,7 @@ static PyObject *fast_serve(HttpFastObject *self, PyObject *const *args, Py_ssiz
             failed = 1;
             break;
         }
+        self->answered++;
         if (self->out_len > HIGH_WATER) {
             pending = flush_out(self, fd, &sent, &err);
             if (pending || err) break;
@@ -340,12 +333,13 @@ static PyObject *fast_serve(HttpFastObject *self, PyObject *const *args, Py_ssiz
     }
     if (self->out_len && !failed) pending = flush_out(self, fd, &sent, &err);
     self->out_len = 0;
-    PyBuffer_Release(&view);
     Py_XDECREF(addr);
+    PyObject *rest = NULL;
     if (!failed && (add_attr(self->server, str_requests, nreq) < 0 || add_attr(self->server, str_bytes_out, sent) < 0))
         failed = 1;
-    if (failed) goto out;
-    PyObject *rest = pos == 0 ? Py_NewRef(data) : PyBytes_FromStringAndSize(buf + pos, (Py_ssize_t)(len - pos));
+    if (!failed)
+        rest = pos == 0 ? Py_NewRef(data) : PyBytes_FromStringAndSize(buf + pos, (Py_ssize_t)(len - pos));
+    PyBuffer_Release(&view);
     if (!rest) goto out;
     if (!req && !pending && !err) {
         ret = rest;
@@ -359,12 +353,38 @@ static PyObject *fast_serve(HttpFastObject *self, PyObject *const *args, Py_ssiz
         Py_DECREF(errno_obj);
     }
     Py_DECREF(rest);
+    if (ret && PyTuple_CheckExact(ret) && PyTuple_GET_SIZE(ret) == 2) {  /* (rest, again) */
+        PyObject *t = ret;
+        ret = Py_NewRef(PyTuple_GET_ITEM(t, 0));
+        *again = PyObject_IsTrue(PyTuple_GET_ITEM(t, 1)) == 1;
+        Py_DECREF(t);
+    }
 out:
     Py_XDECREF(req);
     Py_XDECREF(result);
     Py_XDECREF(exc);
     Py_XDECREF(pending);
     return ret;
+}
+
+static PyObject *fast_serve(HttpFastObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "serve(conn, data) takes 2 arguments");
+        return NULL;
+    }
+    PyObject *conn = args[0];
+    PyObject *fdo = PyObject_GetAttr(conn, str_fd);
+    int fd = fdo ? (int)PyLong_AsLong(fdo) : -1;
+    Py_XDECREF(fdo);
+    if (fd == -1 && PyErr_Occurred()) return NULL;
+    PyObject *data = Py_NewRef(args[1]);
+    for (;;) {  /* a pass per request the glue answers, iteratively */
+        int again = 0;
+        PyObject *rest = serve_buf(self, conn, fd, data, &again);
+        Py_DECREF(data);
+        if (!rest || !again) return rest;
+        data = rest;
+    }
 }
 
 static int fast_init(HttpFastObject *self, PyObject *args, PyObject *kwds) {
@@ -463,6 +483,12 @@ static PyObject *fast_get_cache(HttpFastObject *self, void *closure) {
     return Py_NewRef(self->cache);
 }
 
+static PyMemberDef fast_members[] = {
+    {"answered", T_PYSSIZET, offsetof(HttpFastObject, answered), READONLY,
+     "Requests answered by the native path from start to end (no Python but the app)."},
+    {NULL},
+};
+
 static PyMethodDef fast_methods[] = {
     {"serve", (PyCFunction)(void (*)(void))fast_serve, METH_FASTCALL, serve_doc},
     {NULL},
@@ -483,6 +509,7 @@ static PyType_Slot fast_slots[] = {
     {Py_tp_clear, fast_clear},
     {Py_tp_methods, fast_methods},
     {Py_tp_getset, fast_getset},
+    {Py_tp_members, fast_members},
     {Py_tp_doc, "AEMhttpd's native per-request path (see aem.http.fast, which builds it)."},
     {0, NULL},
 };

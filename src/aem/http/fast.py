@@ -39,7 +39,7 @@ from aem import _core
 
 from . import status as _status
 from .app import Response
-from .protocol import _STATUS_LINES, Request, render_head
+from .protocol import _STATUS_LINES, IDLE, Request, render_head
 
 if TYPE_CHECKING:
     from .server import HTTPServer, _Conn
@@ -105,7 +105,10 @@ class FastPath:
 
     def _slow(self, conn: _Conn, rest: Any, pending: bytes | None, req: Request | None,
               result: object, exc: BaseException | None, err: int) -> Any:
-        """What the C path hands back; returns the bytes left for the full parser."""
+        """What the C path hands back; returns the bytes left for the full parser.
+
+        ``(rest, True)`` asks the C path to go on with ``rest``.
+        """
         srv = self._server
         if err:
             srv.resets += 1
@@ -137,14 +140,16 @@ class FastPath:
                     conn.close()
         if conn.closed:
             return b""
-        if conn.weid:
-            # the client does not take what is sent: what follows waits (as in the full path)
-            if rest:
-                events = conn.parser.feed(rest)
-                if events:
-                    conn.backlog = events
-            return b""
-        return rest
+        if not conn.weid:
+            p = conn.parser
+            # back to the C path for the rest when nothing waits (no recursion: C loops)
+            return rest, bool(rest) and not conn.out and p.phase == IDLE and not p.dead
+        # the client does not take what is sent: what follows waits (as in the full path)
+        if rest:
+            events = conn.parser.feed(rest)
+            if events:
+                conn.backlog = events
+        return b""
 
     def _remember(self, static: StaticFiles, target: str, now: float) -> None:
         """Copy the static files' cache entry for ``target`` into the fast path's cache."""
