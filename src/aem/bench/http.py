@@ -63,8 +63,11 @@ ANCHORS = ("asyncio", "uvloop", "granian", "nginx")
 
 # -- the servers (each runs in its own process) ------------------------------------------------
 
-def serve_aem(port: int, root: str, idle_timeout: float = 15.0) -> None:
-    """AEMhttpd: the hello app in front of the static files under ``root``."""
+def serve_aem(port: int, root: str, idle_timeout: float = 15.0, fast_path: bool = True) -> None:
+    """AEMhttpd: the hello app in front of the static files under ``root``.
+
+    ``fast_path=False`` (the ``aem-full`` row): every request through httptools.
+    """
     import aem.http
     from aem.http import Response, Timeouts
 
@@ -74,7 +77,8 @@ def serve_aem(port: int, root: str, idle_timeout: float = 15.0) -> None:
         return None
 
     t = Timeouts(idle=idle_timeout, header=max(10.0, idle_timeout))
-    aem.http.serve(app, port=port, root=root, quiet=True, timeouts=t, backlog=65535)
+    aem.http.serve(app, port=port, root=root, quiet=True, timeouts=t, backlog=65535,
+                   fast_path=fast_path)
 
 
 def _protocol_server(kind: str, port: int, root: str) -> None:
@@ -338,14 +342,15 @@ def proc_cpu(pid: int) -> float:
 
 def make_servers(tmp: Path, root: Path, kinds: Sequence[str],
                  idle_timeout: float = 15.0) -> list[Server]:
-    """Server objects (not started) for ``kinds`` among aem, asyncio, uvloop, granian, nginx,
-    select, poll; kinds whose software is missing are left out."""
+    """Server objects (not started) for ``kinds`` among aem, aem-full (no native fast path),
+    asyncio, uvloop, granian, nginx, select, poll; kinds whose software is missing are left
+    out."""
     py = sys.executable
     servers = []
     for kind in kinds:
         port = free_port()
-        if kind == "aem":
-            argv = [py, "-m", "aem.bench.http", "serve", "aem", str(port), str(root),
+        if kind in ("aem", "aem-full"):
+            argv = [py, "-m", "aem.bench.http", "serve", kind, str(port), str(root),
                     str(idle_timeout)]
         elif kind in ("asyncio", "uvloop", "select", "poll"):
             if kind == "uvloop" and not _importable("uvloop"):
@@ -513,7 +518,7 @@ def run(ctx: Context) -> None:
     with tempfile.TemporaryDirectory(prefix="aem-bench-http-") as td:
         tmp = Path(td)
         root = make_root(tmp)
-        servers = make_servers(tmp, root, ("aem", *ANCHORS))
+        servers = make_servers(tmp, root, ("aem", "aem-full", *ANCHORS))
         started: list[Server] = []
         try:
             started = start_servers(ctx, servers, tmp)
@@ -599,8 +604,8 @@ def main(argv: Sequence[str]) -> int:
     """``python -m aem.bench.http serve KIND PORT ROOT [IDLE_TIMEOUT]``: run one server."""
     if len(argv) >= 4 and argv[0] == "serve":
         kind, port, root = argv[1], int(argv[2]), argv[3]
-        if kind == "aem":
-            serve_aem(port, root, float(argv[4]) if len(argv) > 4 else 15.0)
+        if kind in ("aem", "aem-full"):
+            serve_aem(port, root, float(argv[4]) if len(argv) > 4 else 15.0, kind == "aem")
         elif kind in ("asyncio", "uvloop"):
             _protocol_server(kind, port, root)
         else:
