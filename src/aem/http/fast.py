@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import time
 import traceback
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aem import _core
@@ -96,6 +97,13 @@ class FastPath:
             lim.max_request_line, lim.max_header_size, lim.max_headers)
         self._bytes = 0
         self.serve = self._core.serve
+
+    def handler(self, conn: _Conn) -> Callable[[Any], None]:
+        """The handler of ``conn``'s ``aem.Read``: the engine runs the C path on the bytes
+        first, before any event exists; what is left reaches ``conn.on_read``."""
+        hook: Callable[[Any], None] = _core.HttpReadHook(self._core, conn, conn.on_read,
+                                                         self._server._idle_ns)
+        return hook
 
     @property
     def cache(self) -> dict[str, tuple[float, bytes, bytes]]:

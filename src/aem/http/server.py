@@ -413,6 +413,7 @@ class HTTPServer:
         self.status_page = status_page
         self.read_size = read_size
         self.fast_path = fast_path
+        self._fastpath: FastPath | None = None
         self._fast: Callable[[_Conn, Any], Any] | None = None
         self._server_line = f"Server: {server_name}\r\n".encode("latin-1")
         self._ok_prefix = b"HTTP/1.1 200 OK\r\n" + self._server_line
@@ -492,7 +493,8 @@ class HTTPServer:
         self._timer_eid = eng.register(aem.Timer(self._tick, interval=self._tick), self._sweep)
         self._prev_error_handler = eng.set_error_handler(self._on_engine_error)
         if self.fast_path and self.access_log is None:
-            self._fast = FastPath(self).serve
+            self._fastpath = FastPath(self)
+            self._fast = self._fastpath.serve
         self._started = True
 
     def run(self, timeout: float | None = None) -> str:
@@ -551,7 +553,8 @@ class HTTPServer:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = _Conn(self, sock, ev.addr)
         try:
-            conn.eid = self.engine.register(aem.Read(sock, self.read_size), conn.on_read)
+            handler = conn.on_read if self._fastpath is None else self._fastpath.handler(conn)
+            conn.eid = self.engine.register(aem.Read(sock, self.read_size), handler)
         except Exception:
             sock.close()
             raise
