@@ -59,6 +59,10 @@ SERVER_SCRIPT = textwrap.dedent("""
             return Response(b"y" * 70000)
         if t == "/echo":
             return Response(repr(req.raw_headers) + req.method + req.version)
+        if t.startswith("/req"):
+            return Response(repr((req.method, req.target, req.version, req.raw_headers, req.body,
+                                  req.keep_alive, type(req.client).__name__, dict(req.headers),
+                                  req.path, req.query)))
         if t == "/answered":
             return Response(str(servers[0]._fast.__self__.answered))
         return None
@@ -144,7 +148,8 @@ def same(ports: tuple[int, int], data: bytes) -> bytes:
 
 TARGETS = [
     b"/hello", b"/boom", b"/bytes", b"/json", b"/created", b"/empty", b"/odd", b"/split",
-    b"/latin", b"/wide", b"/big", b"/echo", b"/4k.bin", b"/a.txt", b"/", b"/index.html",
+    b"/latin", b"/wide", b"/big", b"/echo", b"/req", b"/req?a=b&c=%20", b"/4k.bin", b"/a.txt",
+    b"/", b"/index.html",
     b"/sub", b"/sub/", b"/list/", b"/large.bin", b"/nope", b"//a.txt", b"/./a.txt", b"/%61.txt",
     b"/a.txt?x=1", b"/a.txt#f", b"/sub/../a.txt", b"/_aem/status", b"/index.html/",
     b"http://h/a.txt", b"*", b"/a%zz", b"/a%2", b"/" + b"x" * 300, b"/a b", b"/\x7f", b"/\xff",
@@ -269,3 +274,22 @@ def test_the_fast_path_answers_simple_requests(ports: tuple[int, int]) -> None:
     assert out.count(b"Hello, world!") == 3 and out.endswith(b"0123456789")
     # /answered itself, 3 hellos, and the file (from the second request on: the first fills the cache)
     assert answered() - before >= 1 + 3 + 1
+
+
+def test_requests_are_built_like_the_full_paths() -> None:
+    """The C path fills a Request's slots directly only for a class shaped like Request."""
+    from aem import _core
+    from aem.http import Request, Response
+
+    class Other:
+        __slots__ = ("method", "target")
+
+        def __init__(self, *args: object) -> None:
+            self.method, self.target = args[0], args[1]
+
+    def make(rt: type) -> _core.HttpFast:
+        return _core.HttpFast(None, None, rt, Response, {}, [0] * 6, b"Server: x\r\n", b"/_aem/",
+                              print, 100, 100, 10)
+
+    assert make(Request).direct_requests == 1
+    assert make(Other).direct_requests == 0

@@ -33,7 +33,10 @@ typedef struct {
     aem_http_field *fields;
     char *out;
     size_t out_len, out_cap;
+    Py_ssize_t req_off[8];        /* the Request's slots (REQ_SLOTS), when filled directly */
+    int req_direct;
     Py_ssize_t answered;          /* requests answered here from start to end */
+    int slowed;                   /* the last pass called the glue */
     time_t date_sec;
     char date[64];
     size_t date_len;
@@ -168,7 +171,16 @@ static int emit_response(HttpFastObject *self, PyObject *resp, int head_only) {
         out_put(self, v, (size_t)nv);
         out_put(self, "\r\n", 2);
     }
-    self->out_len += (size_t)snprintf(self->out + self->out_len, 40, "Content-Length: %zu\r\n\r\n", nb);
+    out_put(self, "Content-Length: ", 16);
+    char digits[24];
+    int nd = 0;
+    size_t v = nb;
+    do {
+        digits[nd++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    while (nd) self->out[self->out_len++] = digits[--nd];
+    out_put(self, "\r\n\r\n", 4);
     if (!head_only) out_put(self, PyBytes_AS_STRING(body), nb);
     rc = (int)st;
 done:
@@ -178,22 +190,61 @@ done:
     return rc;
 }
 
+/* Request.__init__ stores its arguments in these slots (and None in _headers); when the
+ * class has exactly these __slots__, the object is filled in directly, without running
+ * __init__ (a Python frame per request).  Any other shape: the class is called. */
+static const char *const REQ_SLOTS[8] = {"method", "target", "version", "raw_headers",
+                                         "body", "keep_alive", "client", "_headers"};
+
+static void find_request_slots(HttpFastObject *self) {
+    self->req_direct = 0;
+    PyTypeObject *tp = (PyTypeObject *)self->request_type;
+    if (!PyType_Check(tp) || tp->tp_new != PyBaseObject_Type.tp_new || tp->tp_dictoffset ||
+        tp->tp_base != &PyBaseObject_Type)
+        return;
+    PyObject *slots = PyDict_GetItemString(tp->tp_dict, "__slots__");
+    if (!slots || !PyTuple_Check(slots) || PyTuple_GET_SIZE(slots) != 8) return;
+    for (int i = 0; i < 8; i++) {
+        PyObject *d = PyDict_GetItemString(tp->tp_dict, REQ_SLOTS[i]);
+        if (!d || !Py_IS_TYPE(d, &PyMemberDescr_Type)) return;
+        PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
+        if (m->type != T_OBJECT_EX || (m->flags & READONLY)) return;
+        self->req_off[i] = m->offset;
+    }
+    self->req_direct = 1;
+}
+
+static PyObject *new_request(HttpFastObject *self, PyObject *const *args) {
+    if (!self->req_direct) return PyObject_Vectorcall(self->request_type, args, 7, NULL);
+    PyTypeObject *tp = (PyTypeObject *)self->request_type;
+    PyObject *obj = tp->tp_alloc(tp, 0);
+    if (!obj) return NULL;
+    for (int i = 0; i < 8; i++)
+        *(PyObject **)((char *)obj + self->req_off[i]) = Py_NewRef(i < 7 ? args[i] : Py_None);
+    return obj;
+}
+
 static PyObject *make_request(HttpFastObject *self, const aem_http_req *req, PyObject *target, PyObject *addr) {
     PyObject *raw = PyList_New(req->nfields);
     if (!raw) return NULL;
     for (int i = 0; i < req->nfields; i++) {
         const aem_http_field *f = &self->fields[i];
-        PyObject *pair = Py_BuildValue("(y#y#)", f->name, (Py_ssize_t)f->name_len, f->value,
-                                       (Py_ssize_t)f->value_len);
-        if (!pair) {
+        PyObject *pair = PyTuple_New(2);
+        PyObject *k = pair ? PyBytes_FromStringAndSize(f->name, (Py_ssize_t)f->name_len) : NULL;
+        PyObject *v = k ? PyBytes_FromStringAndSize(f->value, (Py_ssize_t)f->value_len) : NULL;
+        if (!v) {
+            Py_XDECREF(k);
+            Py_XDECREF(pair);
             Py_DECREF(raw);
             return NULL;
         }
+        PyTuple_SET_ITEM(pair, 0, k);
+        PyTuple_SET_ITEM(pair, 1, v);
         PyList_SET_ITEM(raw, i, pair);
     }
     PyObject *args[7] = {req->method == AEM_HTTP_GET ? self->s_get : self->s_head, target, self->s_version,
                          raw, self->s_empty, Py_True, addr};
-    PyObject *r = PyObject_Vectorcall(self->request_type, args, 7, NULL);
+    PyObject *r = new_request(self, args);
     Py_DECREF(raw);
     return r;
 }
@@ -345,6 +396,7 @@ static PyObject *serve_buf(HttpFastObject *self, PyObject *conn, int fd, PyObjec
         ret = rest;
         goto out;
     }
+    self->slowed = 1;
     PyObject *errno_obj = PyLong_FromLong(err);
     if (errno_obj) {
         PyObject *a[7] = {conn, rest, pending ? pending : Py_None, req ? req : Py_None,
@@ -367,6 +419,20 @@ out:
     return ret;
 }
 
+/* serve(conn, data) on the socket fd; *slowed when the glue ran. */
+static PyObject *serve_fd(HttpFastObject *self, PyObject *conn, int fd, PyObject *data, int *slowed) {
+    Py_INCREF(data);
+    for (;;) {  /* a pass per request the glue answers, iteratively */
+        int again = 0;
+        self->slowed = 0;
+        PyObject *rest = serve_buf(self, conn, fd, data, &again);
+        *slowed |= self->slowed;
+        Py_DECREF(data);
+        if (!rest || !again) return rest;
+        data = rest;
+    }
+}
+
 static PyObject *fast_serve(HttpFastObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "serve(conn, data) takes 2 arguments");
@@ -377,15 +443,10 @@ static PyObject *fast_serve(HttpFastObject *self, PyObject *const *args, Py_ssiz
     int fd = fdo ? (int)PyLong_AsLong(fdo) : -1;
     Py_XDECREF(fdo);
     if (fd == -1 && PyErr_Occurred()) return NULL;
-    PyObject *data = Py_NewRef(args[1]);
-    for (;;) {  /* a pass per request the glue answers, iteratively */
-        int again = 0;
-        PyObject *rest = serve_buf(self, conn, fd, data, &again);
-        Py_DECREF(data);
-        if (!rest || !again) return rest;
-        data = rest;
-    }
+    int slowed = 0;
+    return serve_fd(self, conn, fd, args[1], &slowed);
 }
+
 
 /* (defined below) */
 static PyObject *aem_http_fast_type;
@@ -466,8 +527,8 @@ int aem_http_read_hook(PyObject *hook, int fd, const char *data, size_t n, int64
         *rest = bytes;
         return 0;
     }
-    PyObject *args[2] = {h->conn, bytes};
-    PyObject *r = fast_serve(h->fast, args, 2);
+    int slowed = 0;
+    PyObject *r = serve_fd(h->fast, h->conn, fd, bytes, &slowed);
     Py_DECREF(bytes);
     if (!r) {
         if (!PyErr_ExceptionMatches(PyExc_Exception)) return -1;
@@ -495,8 +556,7 @@ int aem_http_read_hook(PyObject *hook, int fd, const char *data, size_t n, int64
     }
     Py_DECREF(r);
     /* all answered: unless the glue moved the connection on (blocked, closed), re-arm */
-    idle = conn_idle(h);
-    if (idle < 0) return -1;
+    if (slowed && (idle = conn_idle(h)) < 0) return -1;
     if (idle && conn_rearm(h, time_ns) < 0) return -1;
     return 1;
 }
@@ -595,6 +655,7 @@ static int fast_init(HttpFastObject *self, PyObject *args, PyObject *kwds) {
     Py_XSETREF(self->server, Py_NewRef(server));
     Py_XSETREF(self->app, Py_NewRef(app));
     Py_XSETREF(self->request_type, Py_NewRef(rt));
+    find_request_slots(self);
     Py_XSETREF(self->response_type, Py_NewRef(respt));
     Py_XSETREF(self->status_lines, Py_NewRef(lines));
     Py_XSETREF(self->by_class, Py_NewRef(by_class));
@@ -663,6 +724,8 @@ static PyObject *fast_get_cache(HttpFastObject *self, void *closure) {
 }
 
 static PyMemberDef fast_members[] = {
+    {"direct_requests", T_INT, offsetof(HttpFastObject, req_direct), READONLY,
+     "True when Requests are filled in directly (the class has Request's __slots__)."},
     {"answered", T_PYSSIZET, offsetof(HttpFastObject, answered), READONLY,
      "Requests answered by the native path from start to end (no Python but the app)."},
     {NULL},
