@@ -460,12 +460,36 @@ static PyObject *aem_http_fast_type;
  * the app's.  What is left is delivered as usual: the hook is callable, and calls the
  * connection's on_read(event). */
 
+enum { S_OUT, S_LINGERING, S_DEADLINE, S_CHECK, S_PHASE, S_DEAD, S__COUNT };
+
 typedef struct {
     PyObject_HEAD
     HttpFastObject *fast;
     PyObject *conn, *on_read, *parser;
     int64_t idle_ns;
+    Py_ssize_t off[S__COUNT];   /* the attributes' slot offsets (-1: by name) */
 } HttpReadHookObject;
+
+/* The offset of a plain __slots__ attribute of tp (read and written in place), or -1. */
+static Py_ssize_t slot_offset(PyTypeObject *tp, PyObject *name) {
+    PyObject *d = _PyType_Lookup(tp, name);
+    if (!d || !Py_IS_TYPE(d, &PyMemberDescr_Type)) return -1;
+    PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
+    return m->type == T_OBJECT_EX && !(m->flags & READONLY) ? m->offset : -1;
+}
+
+static PyObject *hook_get(HttpReadHookObject *h, int which, PyObject *obj, PyObject *name) {
+    if (h->off[which] < 0) return PyObject_GetAttr(obj, name);
+    PyObject *v = *(PyObject **)((char *)obj + h->off[which]);
+    if (!v) PyErr_SetObject(PyExc_AttributeError, name);
+    return Py_XNewRef(v);
+}
+
+static int hook_set(HttpReadHookObject *h, int which, PyObject *obj, PyObject *name, PyObject *v) {
+    if (h->off[which] < 0) return PyObject_SetAttr(obj, name, v);
+    Py_XSETREF(*(PyObject **)((char *)obj + h->off[which]), Py_NewRef(v));
+    return 0;
+}
 
 PyTypeObject *aem_http_hook_type;
 static PyObject *str_out, *str_lingering, *str_phase, *str_dead, *str_deadline, *str_check, *str_schedule,
@@ -473,22 +497,22 @@ static PyObject *str_out, *str_lingering, *str_phase, *str_dead, *str_deadline, 
 
 /* True when conn is between requests with nothing queued: the state the fast path starts from. */
 static int conn_idle(HttpReadHookObject *h) {
-    PyObject *v = PyObject_GetAttr(h->conn, str_out);
+    PyObject *v = hook_get(h, S_OUT, h->conn, str_out);
     if (!v) return -1;
     int ok = PyList_CheckExact(v) && PyList_GET_SIZE(v) == 0;
     Py_DECREF(v);
     if (!ok) return 0;
-    v = PyObject_GetAttr(h->conn, str_lingering);
+    v = hook_get(h, S_LINGERING, h->conn, str_lingering);
     if (!v) return -1;
     ok = v == Py_False;
     Py_DECREF(v);
     if (!ok) return 0;
-    v = PyObject_GetAttr(h->parser, str_phase);
+    v = hook_get(h, S_PHASE, h->parser, str_phase);
     if (!v) return -1;
     ok = PyLong_CheckExact(v) && PyLong_AsLong(v) == 0;
     Py_DECREF(v);
     if (!ok) return 0;
-    v = PyObject_GetAttr(h->parser, str_dead);
+    v = hook_get(h, S_DEAD, h->parser, str_dead);
     if (!v) return -1;
     ok = v == Py_False;
     Py_DECREF(v);
@@ -498,11 +522,11 @@ static int conn_idle(HttpReadHookObject *h) {
 /* The idle deadline after a read answered in full (as _Conn.on_read sets it). */
 static int conn_rearm(HttpReadHookObject *h, int64_t time_ns) {
     PyObject *dl = PyLong_FromLongLong(time_ns + h->idle_ns);
-    if (!dl || PyObject_SetAttr(h->conn, str_deadline, dl) < 0) {
+    if (!dl || hook_set(h, S_DEADLINE, h->conn, str_deadline, dl) < 0) {
         Py_XDECREF(dl);
         return -1;
     }
-    PyObject *check = PyObject_GetAttr(h->conn, str_check);
+    PyObject *check = hook_get(h, S_CHECK, h->conn, str_check);
     int rc = 0;
     if (!check) rc = -1;
     else if (PyObject_RichCompareBool(dl, check, Py_LT) == 1) {
@@ -578,6 +602,9 @@ static int hook_init(HttpReadHookObject *self, PyObject *args, PyObject *kwds) {
     Py_XSETREF(self->on_read, Py_NewRef(on_read));
     Py_XSETREF(self->parser, parser);
     self->idle_ns = idle_ns;
+    PyObject *names[S__COUNT] = {str_out, str_lingering, str_deadline, str_check, str_phase, str_dead};
+    for (int i = 0; i < S__COUNT; i++)
+        self->off[i] = slot_offset(Py_TYPE(i < S_PHASE ? conn : parser), names[i]);
     return 0;
 }
 
