@@ -34,6 +34,7 @@ typedef struct {
     char *out;
     size_t out_len, out_cap;
     Py_ssize_t req_off[8];        /* the Request's slots (REQ_SLOTS), when filled directly */
+    Py_ssize_t resp_off[3];       /* Response's status, headers, body slots (-1: by name) */
     int req_direct;
     Py_ssize_t answered;          /* requests answered here from start to end */
     int slowed;                   /* the last pass called the glue */
@@ -41,6 +42,14 @@ typedef struct {
     char date[64];
     size_t date_len;
 } HttpFastObject;
+
+/* The offset of a plain __slots__ attribute of tp (read and written in place), or -1. */
+static Py_ssize_t slot_offset(PyTypeObject *tp, PyObject *name) {
+    PyObject *d = _PyType_Lookup(tp, name);
+    if (!d || !Py_IS_TYPE(d, &PyMemberDescr_Type)) return -1;
+    PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
+    return m->type == T_OBJECT_EX && !(m->flags & READONLY) ? m->offset : -1;
+}
 
 static PyObject *str_fd, *str_addr, *str_status, *str_headers, *str_body, *str_requests, *str_bytes_out;
 
@@ -129,10 +138,17 @@ static int field_ok(PyObject *item, const char **name, Py_ssize_t *nn, const cha
 
 /* Serialise an app's Response as the full path does for a kept-alive HTTP/1.1 request.
  * The status; 0 when it is not a plain case (the glue answers it); -1 on error. */
+static PyObject *resp_get(HttpFastObject *self, PyObject *resp, int i, PyObject *name) {
+    if (self->resp_off[i] < 0) return PyObject_GetAttr(resp, name);
+    PyObject *v = *(PyObject **)((char *)resp + self->resp_off[i]);
+    if (!v) PyErr_SetObject(PyExc_AttributeError, name);
+    return Py_XNewRef(v);
+}
+
 static int emit_response(HttpFastObject *self, PyObject *resp, int head_only) {
-    PyObject *status = PyObject_GetAttr(resp, str_status);
-    PyObject *headers = status ? PyObject_GetAttr(resp, str_headers) : NULL;
-    PyObject *body = headers ? PyObject_GetAttr(resp, str_body) : NULL;
+    PyObject *status = resp_get(self, resp, 0, str_status);
+    PyObject *headers = status ? resp_get(self, resp, 1, str_headers) : NULL;
+    PyObject *body = headers ? resp_get(self, resp, 2, str_body) : NULL;
     int rc = -1;
     if (!body) goto done;
     rc = 0;
@@ -470,13 +486,6 @@ typedef struct {
     Py_ssize_t off[S__COUNT];   /* the attributes' slot offsets (-1: by name) */
 } HttpReadHookObject;
 
-/* The offset of a plain __slots__ attribute of tp (read and written in place), or -1. */
-static Py_ssize_t slot_offset(PyTypeObject *tp, PyObject *name) {
-    PyObject *d = _PyType_Lookup(tp, name);
-    if (!d || !Py_IS_TYPE(d, &PyMemberDescr_Type)) return -1;
-    PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
-    return m->type == T_OBJECT_EX && !(m->flags & READONLY) ? m->offset : -1;
-}
 
 static PyObject *hook_get(HttpReadHookObject *h, int which, PyObject *obj, PyObject *name) {
     if (h->off[which] < 0) return PyObject_GetAttr(obj, name);
@@ -684,6 +693,8 @@ static int fast_init(HttpFastObject *self, PyObject *args, PyObject *kwds) {
     Py_XSETREF(self->request_type, Py_NewRef(rt));
     find_request_slots(self);
     Py_XSETREF(self->response_type, Py_NewRef(respt));
+    PyObject *rnames[3] = {str_status, str_headers, str_body};
+    for (int i = 0; i < 3; i++) self->resp_off[i] = slot_offset((PyTypeObject *)respt, rnames[i]);
     Py_XSETREF(self->status_lines, Py_NewRef(lines));
     Py_XSETREF(self->by_class, Py_NewRef(by_class));
     Py_XSETREF(self->server_line, Py_NewRef(sline));

@@ -21,6 +21,14 @@ path may defer, never accept what the full path rejects, and writes the same
 bytes (``tests/test_http_fast_diff.py`` checks both paths on generated and
 mutated requests).
 
+Where it runs: a connection's ``aem.Read`` is registered with the handler
+:meth:`FastPath.handler` returns, an ``aem._core.HttpReadHook``; the engine
+recognises it and runs the C path on the bytes it read before any event
+object exists (no Python frame for a cached file; one, the app's, for an app
+request), moving the connection's idle deadline itself; only what is left
+reaches ``_Conn.on_read``, which also tries the C path (one call) when it gets
+bytes while the connection is between requests.
+
 It is off when an access log is kept (the C path writes no log lines).
 
 The file cache is the server's small-file cache seen through :func:`cached_file`,
