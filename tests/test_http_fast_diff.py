@@ -19,6 +19,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -293,3 +294,32 @@ def test_requests_are_built_like_the_full_paths() -> None:
 
     assert make(Request).direct_requests == 1
     assert make(Other).direct_requests == 0
+
+
+def test_counters_count_what_the_c_path_answers(tmp_path: Path) -> None:
+    """requests, responses by class and bytes_out include the C path's answers."""
+    from aem.http import HTTPServer, Response
+    from aem.http.server import _Conn
+
+    (tmp_path / "f.txt").write_bytes(b"file\n")
+    server = HTTPServer(lambda r: Response("hi") if r.target == "/hi" else None,
+                        root=tmp_path, port=0)
+    server.start()
+    a, b = socket.socketpair()
+    try:
+        a.setblocking(False)
+        conn = _Conn(server, a, ("127.0.0.1", 1))
+        assert server._fast is not None
+        rest = server._fast(conn, b"GET /hi HTTP/1.1\r\nHost: a\r\n\r\n" * 3
+                            + b"GET /f.txt HTTP/1.1\r\nHost: a\r\n\r\nGET /hi HTTP/1.0\r\n\r\n")
+        assert rest == b"GET /hi HTTP/1.0\r\n\r\n"  # HTTP/1.0: the full path's
+        out = b.recv(1 << 16)
+        assert out.count(b"HTTP/1.1 200 OK") == 4 and out.endswith(b"file\n")
+        stats = server.stats()
+        assert stats["requests"] == 4 and stats["responses"] == {"2xx": 4}
+        assert stats["bytes_out"] == len(out)
+        assert server._fastpath is not None and server._fastpath._core.answered == 3
+    finally:
+        a.close()
+        b.close()
+        server.close()

@@ -26,6 +26,7 @@
 typedef struct {
     PyObject_HEAD
     PyObject *server, *app, *request_type, *response_type, *status_lines, *slow, *cache, *by_class;
+    PyObject *server_dict;        /* the server's __dict__, where its counters live (or NULL) */
     PyObject *server_line;        /* bytes */
     PyObject *status_prefix;      /* bytes: targets starting with it go to the full path */
     PyObject *s_get, *s_head, *s_version, *s_empty;
@@ -287,8 +288,21 @@ static PyObject *flush_out(HttpFastObject *self, int fd, size_t *sent, int *err)
     return pending;
 }
 
-static int add_attr(PyObject *obj, PyObject *name, size_t n) {
+static int add_attr(HttpFastObject *self, PyObject *name, size_t n) {
     if (!n) return 0;
+    PyObject *obj = self->server;
+    if (self->server_dict) {  /* a plain attribute: straight in the instance dict */
+        PyObject *v = PyDict_GetItemWithError(self->server_dict, name);
+        if (v && PyLong_CheckExact(v)) {
+            long long now = PyLong_AsLongLong(v);
+            if (now == -1 && PyErr_Occurred()) return -1;
+            PyObject *s = PyLong_FromLongLong(now + (long long)n);
+            int rc = s ? PyDict_SetItem(self->server_dict, name, s) : -1;
+            Py_XDECREF(s);
+            return rc;
+        }
+        if (PyErr_Occurred()) return -1;
+    }
     PyObject *v = PyObject_GetAttr(obj, name);
     if (!v) return -1;
     PyObject *d = PyLong_FromSize_t(n);
@@ -402,7 +416,7 @@ static PyObject *serve_buf(HttpFastObject *self, PyObject *conn, int fd, PyObjec
     self->out_len = 0;
     Py_XDECREF(addr);
     PyObject *rest = NULL;
-    if (!failed && (add_attr(self->server, str_requests, nreq) < 0 || add_attr(self->server, str_bytes_out, sent) < 0))
+    if (!failed && (add_attr(self, str_requests, nreq) < 0 || add_attr(self, str_bytes_out, sent) < 0))
         failed = 1;
     if (!failed)
         rest = pos == 0 ? Py_NewRef(data) : PyBytes_FromStringAndSize(buf + pos, (Py_ssize_t)(len - pos));
@@ -689,6 +703,11 @@ static int fast_init(HttpFastObject *self, PyObject *args, PyObject *kwds) {
     PyMem_Free(self->fields);
     self->fields = fields;
     Py_XSETREF(self->server, Py_NewRef(server));
+    Py_CLEAR(self->server_dict);
+    if (!_PyType_Lookup(Py_TYPE(server), str_requests) && !_PyType_Lookup(Py_TYPE(server), str_bytes_out)) {
+        PyObject **dictptr = _PyObject_GetDictPtr(server);
+        if (dictptr && *dictptr && PyDict_CheckExact(*dictptr)) self->server_dict = Py_NewRef(*dictptr);
+    }
     Py_XSETREF(self->app, Py_NewRef(app));
     Py_XSETREF(self->request_type, Py_NewRef(rt));
     find_request_slots(self);
@@ -725,10 +744,12 @@ static int fast_traverse(HttpFastObject *self, visitproc visit, void *arg) {
     Py_VISIT(self->slow);
     Py_VISIT(self->cache);
     Py_VISIT(self->by_class);
+    Py_VISIT(self->server_dict);
     return 0;
 }
 
 static int fast_clear(HttpFastObject *self) {
+    Py_CLEAR(self->server_dict);
     Py_CLEAR(self->server);
     Py_CLEAR(self->app);
     Py_CLEAR(self->request_type);
