@@ -5,7 +5,8 @@
  *   event.c      aem.Event and its subclasses
  *   pyengine.c   aem._core.Engine: registration, delivery, run, async delivery
  *   vmtable*.c   the buddy allocator and its Python face
- *   http_*.c     AEMhttpd's native per-request path (a strict head parser, a responder)
+ *   http_*.c     AEMhttpd's native per-request path: a strict head parser, a responder,
+ *                the engine's read hook
  */
 #include "pyaem.h"
 
