@@ -6,8 +6,11 @@ LIB is http_parse.c + http_parse_fuzz.c built with clang
 ``-fsanitize=fuzzer-no-link`` (coverage for libFuzzer); it checks the
 parser's promises itself (abort on a broken one).  Here, every head it accepts
 must also be a complete, valid request to httptools (the full path's parser)
-with the same method, target and header fields, and ``aem._core.http_parse``
-(the production build) must agree with it.
+with the same method, target and header fields; the full path's own parser
+(``aem.http.protocol.RequestParser``, with its Host, version and framing
+rules and its default limits, the same as ``http_parse``'s) must read it as one
+kept-alive HTTP/1.1 request, no error, with the same fields; and
+``aem._core.http_parse`` (the production build) must agree with it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import atheris  # noqa: E402
 import httptools  # noqa: E402
 
 from aem import _core  # noqa: E402
+from aem.http.protocol import Request, RequestParser  # noqa: E402
 
 
 class _Probe:
@@ -59,6 +63,12 @@ def test_one_input(data: bytes) -> None:
     assert parser.get_method().decode() == method and parser.get_http_version() == "1.1"
     assert parser.should_keep_alive()
     assert probe.url == target and probe.headers == fields, (data, probe.headers, fields)
+    # never accept what the full path rejects: its parser takes the head as one plain request
+    events = RequestParser().feed(data[:head_len])
+    assert len(events) == 1 and type(events[0]) is Request, (data, events)
+    req = events[0]
+    assert (req.method, req.target.encode("latin-1"), req.version) == (method, target, "1.1"), data
+    assert req.keep_alive and req.body == b"" and req.raw_headers == fields, data
 
 
 if __name__ == "__main__":
