@@ -100,3 +100,24 @@ def run_script(code: str, timeout: float = 30, **kw: object) -> subprocess.Compl
     env["PYTHONPATH"] = AEM_PATH
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
                           text=True, timeout=timeout, env=env, **kw)  # type: ignore[call-overload]
+
+
+def run_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Dispatch on the process engine until ``cond()`` holds (fails after ``timeout``)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out waiting for events"
+        aem.run(timeout=0.05)
+
+
+@pytest.fixture
+def pool() -> Iterator[aem.CapsulePool]:
+    """A capsule pool of 2, ready; closed after the test."""
+    p = aem.CapsulePool(size=2, reserve=0)
+    try:
+        assert p.wait_ready(10)
+        yield p
+    finally:
+        p.close()

@@ -20,6 +20,7 @@ Two ways to deliver, same registrations:
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import pickle
 import signal
@@ -30,7 +31,7 @@ import traceback
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 from . import _core, sources
 from ._core import AemError, Event, UnknownEventError
@@ -57,6 +58,39 @@ _CHANNEL_PRIORITY = 2**31 - 1
 _CHANNEL_BATCH = 256
 #: The largest datagram read from the channel (a larger payload is refused at fire()).
 _CHANNEL_DATAGRAM_MAX = 1 << 20
+
+
+class ProcessSupport(Protocol):
+    """What runs handlers in other processes (EVF_FORK, EVF_CAPSULE): ``aem.capsules``
+    registers itself with :func:`set_process_support` when it is imported."""
+
+    def spawn(self, engine: Engine, eid: int, handler: Handler, event: Event, flags: int, pool: Any,
+              priority: int) -> None:
+        """Run ``handler(event)`` of registration ``eid`` in another process."""
+
+    def check_pool(self, pool: Any) -> None:
+        """Raise if ``pool`` (the ``pool=`` of a registration) cannot run handlers."""
+
+    def end_job(self, engine: Engine, eid: int, kill: bool) -> None:
+        """Registration ``eid`` is gone; with ``kill`` (EVJOBSHTDN), end its processes."""
+
+    def stats(self) -> dict[str, int]:
+        """Counters for :func:`stats` (under ``"capsules"``)."""
+
+
+_process_support: ProcessSupport | None = None
+
+
+def set_process_support(support: ProcessSupport) -> None:
+    """Install what runs EVF_FORK / EVF_CAPSULE handlers (called by ``aem.capsules`` at import)."""
+    global _process_support
+    _process_support = support
+
+
+def _support() -> ProcessSupport:
+    if _process_support is None:
+        raise AemError("EVF_FORK/EVF_CAPSULE need process support: import aem.capsules")
+    return _process_support
 
 
 class _Terminated(BaseException):
@@ -87,7 +121,8 @@ class Engine(_core.Engine):
         self._channel: tuple[socket.socket, socket.socket] | None = None
         #: job eid -> eids of the ChildExit(job=...) registrations listening to it
         self._jobs: dict[int, set[int]] = {}
-        self._set_hooks(spawn=self._spawn, unregister=self._on_unregister)
+        self._set_hooks(spawn=self._spawn, unregister=self._on_unregister,
+                        pool=lambda pool: _support().check_pool(pool))
         _engines.add(self)
 
     # -- registration ----------------------------------------------------------------
@@ -97,16 +132,13 @@ class Engine(_core.Engine):
 
     def _spawn(self, eid: int, handler: Handler, event: Event, flags: int, pool: Any,
                priority: int) -> None:
-        """Run an EVF_FORK / EVF_CAPSULE handler in another process (see aem.capsules).
+        """Run an EVF_FORK / EVF_CAPSULE handler in another process (the process support's spawn).
 
-        The first call imports aem.capsules and makes its ``spawn`` the hook itself, so
-        later activations go straight there (one Python frame less on their path)."""
-        import functools
-
-        from . import capsules
-
-        self._set_hooks(spawn=functools.partial(capsules.spawn, self))
-        capsules.spawn(self, eid, handler, event, flags, pool, priority)
+        The first call makes the support's ``spawn`` the hook itself: later activations go
+        straight there (one Python frame less on their path)."""
+        spawn = functools.partial(_support().spawn, self)
+        self._set_hooks(spawn=spawn)
+        spawn(eid, handler, event, flags, pool, priority)
 
     def _on_unregister(self, eid: int, job_listener: bool, shutdown: bool) -> None:
         if job_listener:
@@ -115,9 +147,8 @@ class Engine(_core.Engine):
                 if not eids:
                     del self._jobs[job]
             return
-        capsules = sys.modules.get("aem.capsules")
-        if capsules is not None:
-            capsules.end_job(self, eid, kill=shutdown)
+        if _process_support is not None:
+            _process_support.end_job(self, eid, shutdown)
 
     def _listen_to_job(self, job: int, handler: Handler, flags: int, priority: int, obj: Any) -> int:
         """Register a ChildExit(job=...) listener (see aem.sources.SourceHost).
@@ -435,9 +466,8 @@ def stats() -> dict[str, Any]:
     """Counters of the process's engine (registered, delivered, queued, errors, per source ...),
     with those of its capsule pools under ``"capsules"``."""
     out = current().stats()
-    capsules = sys.modules.get("aem.capsules")
-    if capsules is not None:
-        out["capsules"] = capsules.pool_stats()
+    if _process_support is not None:
+        out["capsules"] = _process_support.stats()
     return out
 
 

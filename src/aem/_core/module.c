@@ -26,6 +26,7 @@ PyObject *aem_set_parent_death_signal(PyObject *module, PyObject *arg);
 int aem_vmtable_module_init(PyObject *module);
 int aem_vmtable_bench_init(PyObject *module);  /* vmtable_bench.c */
 int aem_http_fast_init(PyObject *module);
+int aem_handoff_init(PyObject *module);
 
 static PyObject *set_types(PyObject *module, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"timer", NULL};
@@ -92,6 +93,7 @@ PyMODINIT_FUNC PyInit__core(void) {
     if (aem_vmtable_module_init(m) < 0) goto fail;
     if (aem_vmtable_bench_init(m) < 0) goto fail;
     if (aem_http_fast_init(m) < 0) goto fail;
+    if (aem_handoff_init(m) < 0) goto fail;
 
     ADD_INT("K_TIMER", AEM_K_TIMER);
     ADD_INT("K_READABLE", AEM_K_READABLE);

@@ -69,6 +69,7 @@ typedef struct EngineObject {
     PyObject *payload_hook; /* makes Read payloads (vmtable); NULL: bytes */
     PyObject *unregister_hook; /* told of each unregistration (jobs, capsules) */
     PyObject *failures;     /* eid -> consecutive engine-side failures (a dict; NULL until one) */
+    PyObject *pool_hook;    /* checks the pool= of a registration (raises if unusable) */
     aem_doorbell doorbell;
     int async_on;
     pthread_t main_thread;

@@ -237,6 +237,7 @@ static int engine_traverse(EngineObject *self, visitproc visit, void *arg) {
     Py_VISIT(self->payload_hook);
     Py_VISIT(self->unregister_hook);
     Py_VISIT(self->failures);
+    Py_VISIT(self->pool_hook);
     if (!self->closed) {
         aem_engine *e = &self->core;
         for (uint32_t s = 0; s < e->nslots; s++) {
@@ -255,6 +256,7 @@ static int engine_clear(EngineObject *self) {
     Py_CLEAR(self->payload_hook);
     Py_CLEAR(self->unregister_hook);
     Py_CLEAR(self->failures);
+    Py_CLEAR(self->pool_hook);
     if (!self->closed) release_all(self);
     return 0;
 }
@@ -340,6 +342,11 @@ static int prepare(EngineObject *self, PyObject *handler, unsigned long flags, P
     if (pool != Py_None && !(flags & AEM_F_CAPSULE)) {
         PyErr_SetString(PyExc_ValueError, "pool= is only used with EVF_CAPSULE");
         return -1;
+    }
+    if (pool != Py_None && self->pool_hook && self->pool_hook != Py_None) {
+        PyObject *ok = PyObject_CallOneArg(self->pool_hook, pool);
+        if (!ok) return -1;
+        Py_DECREF(ok);
     }
     *flags_out = (uint16_t)flags;
     if (ctor != Py_None || dtor != Py_None || pool != Py_None) {
@@ -1532,7 +1539,7 @@ static PyObject *engine_describe(EngineObject *self, PyObject *eid_obj) {
                          (long long)(r->kind == AEM_K_TIMER ? aem_timers_deadline(&self->core, slot) : -1));
 }
 
-/* _handlers(flag_mask) -> [(eid, handler, flags)] of the registrations with any of those flags. */
+/* _handlers(flag_mask) -> [(eid, handler, flags, source)] of the registrations with any of those flags. */
 static PyObject *engine_handlers(EngineObject *self, PyObject *arg) {
     unsigned long mask = PyLong_AsUnsignedLong(arg);
     if (mask == (unsigned long)-1 && PyErr_Occurred()) return NULL;
@@ -1543,8 +1550,10 @@ static PyObject *engine_handlers(EngineObject *self, PyObject *arg) {
     for (uint32_t s = 0; s < e->nslots; s++) {
         aem_reg *r = aem_slot(e, s);
         if (r->state == AEM_S_FREE || is_internal(r) || !(r->flags & mask)) continue;
-        PyObject *item = Py_BuildValue("(KOI)", (unsigned long long)aem_eid_of(s, r->gen),
-                                       (PyObject *)r->handler, (unsigned)(r->flags & AEM_F__PUBLIC));
+        uint64_t eid = aem_eid_of(s, r->gen);
+        target_t t = target_of(r, eid, r->priority);
+        PyObject *item = Py_BuildValue("(KOIO)", (unsigned long long)eid, (PyObject *)r->handler,
+                                       (unsigned)(r->flags & AEM_F__PUBLIC), t.source ? t.source : Py_None);
         if (!item || PyList_Append(out, item) < 0) {
             Py_XDECREF(item);
             Py_DECREF(out);
@@ -1568,10 +1577,12 @@ static PyObject *engine_set_error_handler(EngineObject *self, PyObject *fn) {
 }
 
 static PyObject *engine_set_hooks(EngineObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"spawn", "payload", "unregister", NULL};
-    PyObject *spawn = NULL, *payload = NULL, *unreg = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|OOO:_set_hooks", kwlist, &spawn, &payload, &unreg))
+    static char *kwlist[] = {"spawn", "payload", "unregister", "pool", NULL};
+    PyObject *spawn = NULL, *payload = NULL, *unreg = NULL, *pool = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|OOOO:_set_hooks", kwlist, &spawn, &payload, &unreg,
+                                     &pool))
         return NULL;
+    if (pool) Py_XSETREF(self->pool_hook, Py_NewRef(pool));
     if (spawn) Py_XSETREF(self->spawn_hook, Py_NewRef(spawn));
     if (payload) Py_XSETREF(self->payload_hook, Py_NewRef(payload));
     if (unreg) Py_XSETREF(self->unregister_hook, Py_NewRef(unreg));

@@ -1,0 +1,217 @@
+"""What runs in a capsule or an EVF_FORK child: the handler runner and the capsule's loop."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import signal
+import socket
+import struct
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from .. import _core
+from .._core import CloseEvent
+from ..sources import UserEvent
+from ._handoff import NATIVE, FdRef, ProcessEvent, decode, rebuild, release, send
+
+
+def report_error(chan: socket.socket, err: str) -> None:
+    """Tell the parent a handler raised, without ever blocking on it (the parent reads
+    these when the process ends; beyond what the socket holds they are dropped)."""
+    with contextlib.suppress(OSError):
+        send(chan, ("error", err), flags=socket.MSG_DONTWAIT)
+
+
+def child_signals() -> None:
+    """Signals in a process aem created: SIGTERM ends it (EVJOBSHTDN sends it); SIGINT —
+    Ctrl-C reaches the whole process group — is left to the application, which ends
+    its processes itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def error_text(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc)).rstrip()
+
+
+def run_handler(handler: Callable[[Any], object], event: Any) -> str | None:
+    """Run ``handler(event)``; the exception as text, or None."""
+    try:
+        handler(event)
+    except SystemExit as e:
+        return None if e.code in (None, 0) else error_text(e)
+    except BaseException as e:
+        return error_text(e)
+    return None
+
+
+
+# ---- the capsule process ------------------------------------------------------------------------
+
+
+def run_chunk(fn: Callable[..., Any], chunk: tuple[tuple[Any, ...], ...]) -> list[Any]:
+    """A chunk of ``Executor.map`` calls, run in one go."""
+    return [fn(*args) for args in chunk]
+
+
+def run_call(blob: bytes) -> tuple[bool, Any]:
+    """An executor call: (True, its result pickled) or (False, (its exception pickled or
+    None, its traceback as text))."""
+    try:
+        fn, args, kwargs = pickle.loads(blob)
+        return True, pickle.dumps(fn(*args, **kwargs), protocol=5)
+    except BaseException as e:
+        tb = error_text(e)
+        try:
+            exc_blob: bytes | None = pickle.dumps(e, protocol=5)
+        except Exception:
+            exc_blob = None
+        return False, (exc_blob, tb)
+
+
+def _rehearsal_handler(ev: Any) -> None:
+    """The handler of the dummy event a capsule runs before it reports itself ready."""
+    if ev.payload is not None and ev.fd < 0:  # pragma: no cover - never true
+        raise AssertionError(ev)
+
+
+def _rehearsal_record(eid: int, payload: int) -> bytes:
+    """A native record of a UserEvent with an int payload (see handoff.h)."""
+    header = struct.pack("=IBBBBIIQqQQqqq", 0x484D4541, 1, _core.HANDOFF_RUN, _core.K_USER, 1, 0, 0,
+                         eid, 0, 0, 0, payload, 0, 0)
+    assert len(header) == _core.HANDOFF_HEADER
+    return header
+
+
+def warm(chan: socket.socket, table: dict[int, Callable[[Any], object]],
+         channel_fds: tuple[int, ...] = ()) -> None:
+    """Take a fresh capsule's first-touch costs off the latency path, then say "ready".
+
+    After fork, every page the hand-off path touches is still shared with the template:
+    the first event would pay its copy-on-write faults (CPython writes the reference
+    counts of every object it reads) and the first run of cold code.  The capsule pays
+    them now, while idle: it sends itself dummy events through the real paths (the
+    native record, and the pickled message with an fd: ``recvmsg``, parse or unpickle,
+    rebuild, run, release; the receive buffer is touched whole), and touches the
+    handlers it knows."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        attrs = {"eid": 0, "time_ns": 0, "payload": (0, b"", "rehearsal", None), "fd": None,
+                 "_source_blob": None}
+        for _ in range(2):
+            _core.handoff_send(a.fileno(), _rehearsal_record(0, 1))
+            native = _core.handoff_recv(b.fileno(), {})
+            assert native is not None and native[0] == _core.HANDOFF_RUN
+            run_handler(_rehearsal_handler, native[2])
+            release_native(native[2])
+            fd = os.dup(b.fileno())
+            try:
+                send(a, ("run", 0, None, "PayloadEvent", attrs), [fd])
+            finally:
+                os.close(fd)
+            raw = _core.handoff_recv(b.fileno(), {})
+            assert raw is not None and raw[0] == 0
+            (_op, _eid, _blob, kind, got), fds = decode(raw[1], raw[2])
+            got["fd"] = FdRef(0)
+            event = rebuild(kind, got, fds)
+            run_handler(_rehearsal_handler, event)
+            release(event)
+    finally:
+        a.close()
+        b.close()
+    # results usually go back through a UserEvent in the payload: rebuild one, and wrap an
+    # inherited channel fd the way a rebuilt UserEvent does
+    pickle.loads(pickle.dumps(UserEvent(), protocol=5))
+    for fd in channel_fds:
+        socket.socket(fileno=os.dup(fd)).close()
+    for handler in table.values():  # their objects and code: this process's own pages now
+        getattr(handler, "__code__", None)
+    send(chan, ("ready",))
+
+
+def release_native(event: Any) -> None:
+    """After the handler of a native event: the capsule's copy of its fd is closed, unless kept."""
+    if event.kept:
+        return
+    fd = getattr(event, "fd", None)
+    if isinstance(fd, int) and fd >= 0 and type(event) is not CloseEvent:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _next_event(chan: socket.socket, table: dict[int, Callable[[Any], object]],
+                sources: dict[int, Any]) -> tuple[str, int, Any, Callable[[Any], object] | None] | None:
+    """The next message: (op, eid, event, handler), ("call", 0, blob, None), or None at the end."""
+    got = _core.handoff_recv(chan.fileno(), sources)
+    if got is None:
+        return None
+    if got[0]:  # a native record, already an event
+        op, eid, event = got
+        return ("run" if op == _core.HANDOFF_RUN else "keep"), eid, event, table.get(eid)
+    (op, eid, blob, kind, attrs), fds = decode(got[1], got[2])
+    if op == "call":
+        return op, 0, blob, None
+    handler = table.get(eid) if blob is None else pickle.loads(blob)
+    if handler is not None:
+        table[eid] = handler
+    if kind == NATIVE:  # a native record sent with the handler: this capsule did not know it
+        try:
+            _op, _eid, event = _core._handoff_parse(attrs, fds, sources)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return op, eid, event, handler
+    return op, eid, rebuild(kind, attrs, fds), handler
+
+
+def capsule_main(chan: socket.socket, table: dict[int, Callable[[Any], object]],
+                 rehearse: bool = False, channel_fds: tuple[int, ...] = (),
+                 sources: dict[int, Any] | None = None) -> NoReturn:
+    """Wait for events on ``chan`` and run them; exit after one unless attached (keepalive).
+
+    ``rehearse``: a capsule of a pool warms up first (see :func:`warm`).  ``sources``: the
+    template's registrations' sources by event id (native events get theirs from it)."""
+    code = 0
+    known = sources if sources is not None else {}
+    try:
+        if rehearse:
+            warm(chan, table, channel_fds)
+        while True:
+            msg = _next_event(chan, table, known)
+            if msg is None:  # the parent is gone or released us
+                break
+            op, eid, event, handler = msg
+            if op == "call":  # an executor's call: answer, then wait for the next one
+                send(chan, ("result", *run_call(event)))
+                continue
+            err: str | None
+            if handler is None:
+                err = f"capsule: no handler for event {eid}"
+            else:
+                err = run_handler(handler, event)
+            if isinstance(event, ProcessEvent):
+                release(event)
+            else:
+                release_native(event)
+            if op == "run":
+                if err is not None:
+                    report_error(chan, err)
+                code = 0 if err is None else 1
+                break
+            if err is not None:  # attached: report, go on
+                print(f"aem capsule {os.getpid()}: handler of event {eid} raised:\n{err}", file=sys.stderr)
+                report_error(chan, err)
+                code = 1
+    except BaseException as e:  # a capsule never lets an exception escape
+        report_error(chan, error_text(e))
+        code = 1
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,327 @@
+"""``CapsulePool`` as a ``concurrent.futures.Executor`` (parent side).
+
+``submit(fn, *args)`` hands the call to a *worker*: a capsule taken from the pool
+that, unlike an event's capsule, stays alive and takes the next call (as a
+``ProcessPoolExecutor`` worker does).  At most ``size`` capsules are workers.
+A call travels pickled (``fn`` by reference, like ``ProcessPoolExecutor``); its
+result or exception comes back on the worker's socket, read by the pool's
+manager thread, which completes the future.  A worker that dies fails only the
+future of the call it was running; the pool replaces it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import functools
+import itertools
+import pickle
+import select
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .._core import AemError
+from ._child import run_chunk
+from ._handoff import recv, send, signal_name
+
+if TYPE_CHECKING:
+    from ._pool import Capsule
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a capsule (set as the exception's ``__cause__``)."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+@dataclass
+class Call:
+    future: cf.Future[Any]
+    blob: bytes
+    started: bool = False  # set_running_or_notify_cancel() done
+    worker: Capsule | None = None  # the worker it was sent to
+
+
+class CallFuture(cf.Future[Any]):
+    """A call's future: a thread that waits for it reads the worker's answer itself (no
+    hand-off through the pool's manager thread on the way back)."""
+
+    def __init__(self, pool: ExecutorPart) -> None:
+        super().__init__()
+        self._pool: ExecutorPart | None = pool
+        self._call: Call | None = None
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._wait_here(timeout)
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._wait_here(timeout)
+        return super().exception(timeout)
+
+    def _wait_here(self, timeout: float | None) -> None:
+        pool, call = self._pool, self._call
+        if pool is not None and call is not None and not self.done():
+            pool._await_call(call, timeout)
+
+
+#: Calls a worker may hold at once when every worker is busy (sent ahead: no round trip
+#: between two calls).  A worker that dies fails only the one it was running.
+PIPELINE = 2
+
+
+def _chunks(size: int, iterables: tuple[Iterable[Any], ...]) -> Iterator[tuple[tuple[Any, ...], ...]]:
+    it = zip(*iterables, strict=False)
+    while chunk := tuple(itertools.islice(it, size)):
+        yield chunk
+
+
+def _outcome(ok: bool, payload: Any) -> tuple[bool, Any]:
+    """A worker's answer, unpickled: (True, result) or (False, exception with its remote traceback)."""
+    if ok:
+        return True, pickle.loads(payload)
+    exc_blob, tb = payload
+    exc: BaseException
+    try:
+        exc = pickle.loads(exc_blob) if exc_blob is not None else AemError(tb.splitlines()[-1])
+    except Exception:
+        exc = AemError(tb.splitlines()[-1] if tb else "the call failed")
+    exc.__cause__ = RemoteTraceback(tb)
+    return False, exc
+
+
+class ExecutorPart(cf.Executor):
+    """The executor half of :class:`CapsulePool` (its state is made by ``_init_executor``)."""
+
+    size: int
+    _lock: threading.RLock
+    _closed: bool
+    _calls: deque[Call]
+    _workers: set[Capsule]
+    _shutdown_called: bool
+
+    def _init_executor(self) -> None:
+        self._calls = deque()
+        self._workers = set()
+        self._shutdown_called = False
+        self._finisher: threading.Thread | None = None
+
+    # -- the Executor API ------------------------------------------------------------------------
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
+        """Run ``fn(*args, **kwargs)`` in a capsule; its Future.
+
+        ``fn`` and its arguments are pickled (a module-level function travels by
+        reference).  Raises ``RuntimeError`` after :meth:`shutdown` or :meth:`close`."""
+        with self._lock:
+            if self._shutdown_called or self._closed:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+        fut: cf.Future[Any] = CallFuture(self)
+        try:
+            blob = pickle.dumps((fn, args, kwargs), protocol=5)
+        except Exception as e:  # the call cannot travel: its future says why
+            fut.set_exception(e)
+            return fut
+        call = Call(fut, blob)
+        fut._call = call  # type: ignore[attr-defined]
+        with self._lock:
+            self._calls.append(call)
+            self._dispatch_calls()
+        return fut
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
+            chunksize: int = 1) -> Iterator[Any]:
+        """Like ``ProcessPoolExecutor.map``: results in order; ``chunksize`` calls travel together."""
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        if chunksize == 1:
+            return super().map(fn, *iterables, timeout=timeout)
+        chunks = super().map(functools.partial(run_chunk, fn), _chunks(chunksize, iterables),
+                             timeout=timeout)
+        return itertools.chain.from_iterable(chunks)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """No new calls; ``cancel_futures`` cancels those not started.  The pool closes (see
+        :meth:`close`) once the calls submitted finished: now with ``wait``, else in the
+        background (a later ``shutdown(wait=True)`` waits for that too)."""
+        with self._lock:
+            self._shutdown_called = True
+            if cancel_futures:
+                for call in self._calls:
+                    call.future.cancel()
+                self._calls.clear()
+            futures = [c.future for c in self._calls] + [c.future for w in self._workers for c in w.calls]
+        if wait:
+            cf.wait(futures)
+            if self._finisher is not None:  # an earlier shutdown(wait=False): wait for it too
+                self._finisher.join()
+            self.close()
+        elif self._finisher is None:
+            def finish() -> None:
+                cf.wait(futures)
+                self.close()
+
+            self._finisher = threading.Thread(target=finish, daemon=True, name="aem-capsule-shutdown")
+            self._finisher.start()
+
+    # -- bookkeeping (with the pool's lock) --------------------------------------------------------
+
+    def close(self, timeout: float = 2.0) -> None:  # pragma: no cover - CapsulePool's
+        raise NotImplementedError
+
+    def _take_idle(self, priority: int) -> Capsule | None:  # pragma: no cover - CapsulePool's
+        raise NotImplementedError
+
+    def _wake(self) -> None:  # pragma: no cover - CapsulePool's
+        raise NotImplementedError
+
+    def _take_worker(self) -> Capsule | None:
+        """A worker that may take one more call: an idle one, else a new one while there are
+        fewer than ``size``, else — all ``size`` busy — the least loaded, up to PIPELINE calls."""
+        least: Capsule | None = None
+        for w in self._workers:
+            if w.state == "worker" and (least is None or len(w.calls) < len(least.calls)):
+                least = w
+        if least is not None and not least.calls:
+            return least
+        if len(self._workers) < self.size:
+            cap = self._take_idle(0)
+            if cap is not None:
+                cap.state = "worker"
+                self._workers.add(cap)
+                self._wake()  # the manager watches the new worker's socket from now on
+                return cap
+            self._wake()  # the manager makes more capsules
+            if self._workers_pending():
+                return None  # more workers are coming: no call waits behind another meanwhile
+        if least is not None and len(least.calls) < PIPELINE:
+            return least
+        return None
+
+    def _workers_pending(self) -> bool:  # pragma: no cover - CapsulePool's
+        raise NotImplementedError
+
+    def _dispatch_calls(self) -> None:
+        """Give waiting calls to workers."""
+        while self._calls:
+            call = self._calls[0]
+            if call.future.cancelled():
+                self._calls.popleft()
+                continue
+            cap = self._take_worker()
+            if cap is None:
+                return
+            self._calls.popleft()
+            if not call.started:
+                if not call.future.set_running_or_notify_cancel():
+                    continue
+                call.started = True
+            try:
+                send(cap.chan, ("call", 0, call.blob, None, None))
+            except BlockingIOError:  # its socket is full: the call waits for the next answer
+                self._calls.appendleft(call)
+                return
+            except OSError as e:  # it died before taking it: this call failed (its exit follows)
+                call.future.set_exception(AemError(f"capsule {cap.pid} could not take the call: {e}"))
+                continue
+            cap.calls.append(call)
+            call.worker = cap
+
+    def _call_done(self, cap: Capsule) -> None:
+        """The manager: a worker's socket is readable (its answers, or its end)."""
+        if not self._take_answers(cap):
+            cap.state = "broken"  # it died: its exit, reported by the template, fails the call
+            return
+        self._dispatch_calls()
+
+    def _take_answers(self, cap: Capsule) -> bool:
+        """Complete the futures of the answers waiting on a worker's socket; False at its end."""
+        while cap.calls:
+            try:
+                msg = recv(cap.chan)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if msg is None:
+                return False
+            (op, ok, payload), _fds = msg
+            if op != "result":
+                continue
+            call = cap.calls.popleft()
+            try:
+                good, value = _outcome(ok, payload)
+            except Exception as e:  # the result could not be unpickled here
+                good, value = False, e
+            if good:
+                call.future.set_result(value)
+            else:
+                call.future.set_exception(value)
+        return True
+
+    def _await_call(self, call: Call, timeout: float | None) -> None:
+        """In the thread waiting for ``call``: read its worker's answers until it is done (or
+        the time is up, or the worker is gone: the manager then completes it)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            cap = call.worker
+            if cap is None or cap.state != "worker" or call.future.done():
+                return
+            cap.waiters += 1  # the manager leaves this worker's answers to us meanwhile
+        poller = select.poll()
+        try:
+            poller.register(cap.chan.fileno(), select.POLLIN)
+            while True:
+                with self._lock:
+                    if cap.state != "worker" or cap.chan.fileno() < 0:
+                        return
+                    self._call_done(cap)
+                    if call.future.done():
+                        return
+                wait = 50.0 if deadline is None else min(50.0, (deadline - time.monotonic()) * 1000)
+                if wait <= 0:
+                    return
+                poller.poll(wait)
+        finally:
+            with self._lock:
+                cap.waiters -= 1
+            if not call.future.done():
+                self._wake()  # the manager watches this worker again
+
+    def _worker_exited(self, cap: Capsule, code: int, errors: list[str]) -> None:
+        """A worker ended: the call it was running fails; calls queued behind it go back to
+        the queue (they never started)."""
+        self._workers.discard(cap)
+        self._take_answers(cap)  # answers it sent before it died
+        if cap.calls:
+            running = cap.calls.popleft()
+            if not running.future.done():
+                why = signal_name(-code) if code < 0 else f"exit code {code}"
+                text = errors[-1] if errors else ""
+                running.future.set_exception(AemError(f"capsule {cap.pid} running this call ended ({why})"
+                                                      + (f": {text}" if text else "")))
+            self._calls.extendleft(reversed(cap.calls))
+            cap.calls.clear()
+        cap.state = "broken"
+        self._dispatch_calls()
+
+    def _fail_calls(self, why: str) -> None:
+        """The pool closes: calls not started are cancelled, running ones fail."""
+        for waiting in self._calls:
+            waiting.future.cancel()
+        self._calls.clear()
+        for cap in self._workers:
+            for i, call in enumerate(cap.calls):
+                if not call.future.done():
+                    call.future.set_exception(AemError(why if i == 0 else
+                                                       "the capsule pool was closed before the call ran"))
+            cap.calls.clear()
+        self._workers.clear()
