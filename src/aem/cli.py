@@ -109,6 +109,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import aem
     import aem.http
 
+    if args.app is not None:
+        return _serve_app(args)
+    args.root = args.root or "."
     if not os.path.isdir(args.root):
         print(f"aem serve: --root {args.root!r} is not a directory", file=sys.stderr)
         return 2
@@ -129,6 +132,55 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 1
     print(f"aem serve: stopped ({reason})", file=sys.stderr)
     return 0
+
+
+def _serve_app(args: argparse.Namespace) -> int:
+    from aem.http.appserver import AppConfig, serve_app
+
+    cfg = AppConfig(app=args.app, interface=args.interface, workers=args.workers, root=args.root,
+                    host=args.host, port=args.port, uds=args.uds, reload=args.reload,
+                    reload_dirs=args.reload_dir or [], log_level=args.log_level,
+                    access_log=args.access_log and not args.quiet,
+                    graceful_timeout=args.graceful_timeout, limit_concurrency=args.limit_concurrency,
+                    timeout_keep_alive=args.timeout_keep_alive, timeout=args.timeout,
+                    root_path=args.root_path, lifespan=args.lifespan, status=args.status,
+                    max_body=args.max_body)
+    try:
+        return serve_app(cfg)
+    except ValueError as e:
+        print(f"aem serve: {e}", file=sys.stderr)
+        return 2
+
+
+def _add_app_options(p: argparse.ArgumentParser) -> None:
+    """The options of ``aem serve module:app`` (see docs/apps.md)."""
+    p.add_argument("app", nargs="?", default=None,
+                   help="module:app — an ASGI, WSGI or aem app to serve (default: only static files)")
+    p.add_argument("--interface", default="auto", choices=["auto", "asgi", "wsgi", "aem"],
+                   help="the app's interface (default: detected)")
+    p.add_argument("--uds", default=None, help="listen on this Unix socket instead of host:port")
+    p.add_argument("--reload", action="store_true", help="restart when a .py file changes (development)")
+    p.add_argument("--reload-dir", action="append", default=None,
+                   help="directory to watch with --reload (default: the current one; repeatable)")
+    p.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+    p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+                   help="one line per request on stdout (default: on)")
+    p.add_argument("--graceful-timeout", type=float, default=30.0,
+                   help="seconds requests in progress may take to finish after SIGTERM")
+    p.add_argument("--limit-concurrency", type=int, default=None,
+                   help="app calls in progress beyond which requests get 503")
+    p.add_argument("--timeout-keep-alive", type=float, default=5.0,
+                   help="seconds an idle keep-alive connection stays open (apps)")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds a WSGI worker may keep the front waiting (for its response head, then "
+                        "for each chunk); then it is killed and replaced, the client gets 504")
+    p.add_argument("--root-path", default="",
+                   help="the ASGI root_path / WSGI SCRIPT_NAME the app is mounted at")
+    p.add_argument("--max-body", type=int, default=1 << 20,
+                   help="the largest request body an app is given, in bytes (larger: 413)")
+    p.add_argument("--lifespan", default="auto", choices=["auto", "on", "off"],
+                   help="ASGI lifespan events (default: auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_bench)
 
     p = sub.add_parser("serve", help="AEMhttpd: serve the files of a directory over HTTP/1.1")
-    p.add_argument("--root", default=".", help="directory to serve (default: the current one)")
+    p.add_argument("--root", default=None,
+                   help="directory of static files (default: the current one; with an app: none)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     p.add_argument("--workers", type=int, default=1,
@@ -175,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status", action="store_true",
                    help="answer /_aem/status with the process's live statistics (off by default: "
                         "anyone who reaches the server can read them)")
+    _add_app_options(p)
     p.set_defaults(fn=_cmd_serve)
     return parser
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from ._harness import Context, print_table, progress, write_report
 
 #: Every suite, in the order ``aem bench`` runs them when none is named.
-SUITES: tuple[str, ...] = ("dispatch", "delivery", "timers", "vmtable", "capsules", "http", "idle", "asyncio")
+SUITES: tuple[str, ...] = ("dispatch", "delivery", "timers", "vmtable", "capsules", "http", "idle", "asyncio",
+                          "apps")
 #: Suites run only when named (long).
 EXTRA_SUITES: tuple[str, ...] = ("soak",)
 

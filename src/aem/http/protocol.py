@@ -75,7 +75,8 @@ REASONS: Final[dict[int, str]] = {
     414: "URI Too Long", 415: "Unsupported Media Type", 416: "Range Not Satisfiable",
     417: "Expectation Failed", 422: "Unprocessable Content", 429: "Too Many Requests",
     431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented",
-    502: "Bad Gateway", 503: "Service Unavailable", 505: "HTTP Version Not Supported",
+    502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
+    505: "HTTP Version Not Supported",
 }
 
 #: The interim response sent when a client asked for ``Expect: 100-continue``.

@@ -1,0 +1,211 @@
+"""``aem bench apps``: ASGI and WSGI apps on ``aem serve`` beside uvicorn, granian and gunicorn.
+
+The same app code for every server (:mod:`aem.bench._app_targets`):
+Starlette for ASGI, Flask for WSGI.  Cases:
+
+* ``asgi hello`` / ``asgi json``, 1 and 2 workers: ``aem serve --interface
+  asgi`` vs ``uvicorn --loop uvloop --http httptools`` and ``granian
+  --interface asgi``; wrk, 64 keep-alive connections;
+* ``wsgi hello``, 1 and 2 workers: ``aem serve --interface wsgi`` (the app
+  in capsules) vs ``gunicorn`` sync workers (which close the connection after
+  each response: that is how sync workers serve);
+* ``wsgi fast p99 (N conns) + /slow``, 2 workers: wrk on ``/hello`` with 1
+  and with 4 connections while one client keeps asking ``/slow`` (sleeps
+  100 ms) one request after another; the p99 of the fast requests with the
+  slow client and without it (the ratio is what the issue's target is
+  about).  With 1 fast connection a worker is always free for it; with 4 the
+  fast load alone needs both workers, so the slow handler's worker is missed.
+
+Figures: req/s (wrk), server CPU µs per request (utime+stime of the server's
+process tree over the run, divided by the requests served), p50/p99.  With 1
+worker every server runs on CPU 0 and wrk on CPU 1; with 2 workers the
+servers may use both CPUs (wrk shares them: the figures are then for the
+machine as a whole).  Rounds are interleaved after a warm-up; medians.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+from ._harness import Context, aem_pythonpath
+from .http import Server, free_port, have_wrk, run_wrk, start_servers
+
+TARGETS = "aem.bench._app_targets"
+CONNECTIONS = 64
+WSGI_CONNECTIONS = 16
+
+
+def _exe(name: str) -> str | None:
+    found = shutil.which(name)
+    if found is None:
+        cand = Path(sys.executable).with_name(name)
+        found = str(cand) if cand.exists() else None
+    return found
+
+
+def _servers(interface: str, workers: int) -> list[Server]:
+    py = sys.executable
+    app = f"{TARGETS}:{interface}_app"
+    env = {"PYTHONPATH": aem_pythonpath()}
+    out: list[Server] = []
+    port = free_port()
+    out.append(Server("aem", [py, "-m", "aem.cli", "serve", app, "--interface", interface,
+                              "--workers", str(workers), "--port", str(port), "--no-access-log",
+                              "--log-level", "warning"], port, env))
+    if interface == "asgi":
+        uv = _exe("uvicorn")
+        if uv is not None:
+            port = free_port()
+            out.append(Server("uvicorn", [uv, app, "--loop", "uvloop", "--http", "httptools",
+                                          "--workers", str(workers), "--port", str(port),
+                                          "--no-access-log", "--log-level", "warning"], port, env))
+        gr = _exe("granian")
+        if gr is not None:
+            port = free_port()
+            out.append(Server("granian", [gr, "--interface", "asgi", "--workers", str(workers),
+                                          "--port", str(port), "--no-ws", "--log-level", "warning",
+                                          app], port, env))
+    else:
+        gu = _exe("gunicorn")
+        if gu is not None:
+            port = free_port()
+            out.append(Server("gunicorn", [gu, "-k", "sync", "-w", str(workers), "-b",
+                                           f"127.0.0.1:{port}", "--log-level", "warning", app],
+                              port, env))
+    return out
+
+
+def _unpin(servers: Sequence[Server]) -> None:
+    """Let a multi-worker server use every CPU (every thread of every process of it)."""
+    cpus = set(range(os.cpu_count() or 1))
+    for s in servers:
+        for pid in s.pids():
+            try:
+                tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+            except OSError:
+                continue
+            for tid in tids:
+                try:
+                    os.sched_setaffinity(tid, cpus)
+                except OSError:
+                    pass
+
+
+def _record(ctx: Context, case: str, name: str, runs: list[tuple[object, float]]) -> None:
+    rps = [r.rps for r, _ in runs]  # type: ignore[attr-defined]
+    cpu_us = [cpu * 1e6 / r.requests if r.requests else float("nan")  # type: ignore[attr-defined]
+              for r, cpu in runs]
+    errors = sum(r.errors for r, _ in runs)  # type: ignore[attr-defined]
+    ctx.record(case, name, "req/s", statistics.median(rps), "req/s", "higher", rps,
+               f"{errors} errors/non-2xx" if errors else "")
+    ctx.record(case, name, "server CPU/req", statistics.median(cpu_us), "µs", "lower", cpu_us)
+    for metric, attr in (("p50 latency", "p50_us"), ("p99 latency", "p99_us")):
+        vals = [getattr(r, attr) for r, _ in runs if getattr(r, attr) == getattr(r, attr)]
+        if vals:
+            ctx.record(case, name, metric, statistics.median(vals), "µs", "lower", vals)
+
+
+def _throughput(ctx: Context, servers: list[Server], cases: Sequence[tuple[str, str]], conns: int,
+                seconds: float, rounds: int, warmup: int) -> None:
+    for case, path in cases:
+        results: dict[str, list[tuple[object, float]]] = {s.name: [] for s in servers}
+        for r in range(warmup + rounds):
+            for s in servers:
+                c0 = s.cpu_seconds()
+                res = run_wrk(s.port, path, seconds, conns)
+                cpu = s.cpu_seconds() - c0
+                if r >= warmup:
+                    results[s.name].append((res, cpu))
+        for s in servers:
+            if results[s.name]:
+                _record(ctx, case, s.name, results[s.name])
+
+
+def _slow_client(port: int, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/slow", timeout=10) as r:
+                r.read()
+        except OSError:
+            time.sleep(0.01)
+
+
+def _p99_with_slow(ctx: Context, servers: list[Server], seconds: float, rounds: int,
+                   warmup: int, conns: Sequence[int] = (1, 4)) -> None:
+    """p99 of ``/hello`` alone and while one client keeps ``/slow`` (100 ms) busy, interleaved."""
+    for n in conns:
+        case = f"wsgi fast p99 ({n} conn{'s' if n > 1 else ''}) + /slow, 2 workers"
+        alone: dict[str, list[float]] = {s.name: [] for s in servers}
+        mixed: dict[str, list[float]] = {s.name: [] for s in servers}
+        for r in range(warmup + rounds):
+            for s in servers:
+                res = run_wrk(s.port, "/hello", seconds, n)
+                stop = threading.Event()
+                t = threading.Thread(target=_slow_client, args=(s.port, stop))
+                t.start()
+                try:
+                    res2 = run_wrk(s.port, "/hello", seconds, n)
+                finally:
+                    stop.set()
+                    t.join(15)
+                if r >= warmup:
+                    alone[s.name].append(res.p99_us)
+                    mixed[s.name].append(res2.p99_us)
+        for s in servers:
+            a = [v for v in alone[s.name] if v == v]
+            m = [v for v in mixed[s.name] if v == v]
+            if a and m:
+                ctx.record(case, s.name, "p99 alone", statistics.median(a), "µs", "lower", a)
+                ctx.record(case, s.name, "p99 with /slow", statistics.median(m), "µs", "lower", m)
+                ctx.record(case, s.name, "p99 ratio slow/alone",
+                           statistics.median(m) / statistics.median(a), "x", "lower")
+
+
+def run(ctx: Context) -> None:
+    """The ``apps`` suite (see the module doc)."""
+    if not have_wrk():
+        ctx.note("wrk is not installed (scripts/install-system-deps.sh): apps suite skipped")
+        return
+    for mod in ("starlette", "flask"):
+        try:
+            __import__(mod)
+        except ImportError:
+            ctx.note(f"{mod} is not installed (pip install 'aem[bench]'): apps suite skipped")
+            return
+    seconds = 1.0 if ctx.quick else 5.0
+    rounds, warmup = (1, 0) if ctx.quick else (3, 1)
+    groups: list[tuple[str, int]] = [("asgi", 1), ("wsgi", 1)] if ctx.quick else [
+        ("asgi", 1), ("asgi", 2), ("wsgi", 1), ("wsgi", 2)]
+    with tempfile.TemporaryDirectory(prefix="aem-bench-apps-") as td:
+        tmp = Path(td)
+        for interface, workers in groups:
+            servers = _servers(interface, workers)
+            try:
+                started = start_servers(ctx, servers, tmp)
+                if workers > 1:
+                    time.sleep(1.0)    # every worker up
+                    _unpin(started)
+                suffix = f", {workers} worker{'s' if workers > 1 else ''}"
+                if interface == "asgi":
+                    cases = [("asgi hello" + suffix, "/hello"), ("asgi json" + suffix, "/json")]
+                    _throughput(ctx, started, cases, CONNECTIONS, seconds, rounds, warmup)
+                else:
+                    _throughput(ctx, started, [("wsgi hello" + suffix, "/hello")], WSGI_CONNECTIONS,
+                                seconds, rounds, warmup)
+                    if workers == 2:
+                        _p99_with_slow(ctx, started, seconds, rounds, warmup)
+            finally:
+                for s in servers:
+                    s.stop()
+    ctx.note("gunicorn sync workers close each connection after its response (wrk reconnects); "
+             "aem, uvicorn and granian keep connections alive")
+    ctx.note("server CPU/req counts the whole process tree (aem: front, template and capsules)")

@@ -1,0 +1,371 @@
+"""``aem serve module:app``: run an ASGI, WSGI or aem app (the uvicorn/gunicorn/granian convention).
+
+* ``asgi``: :class:`aem.http.asgi.ASGIServer` on :class:`aem.EventLoop`;
+  ``workers > 1``: one such server per ``EVF_CAPSULE | EVF_KEEPALIVE``
+  capsule, sharing the port (``SO_REUSEPORT``).
+* ``wsgi``: the same front in this process, the app called in ``workers``
+  capsules (:mod:`aem.http.wsgi`).
+* ``aem``: the app is ``app(request) -> Response`` (:mod:`aem.http.app`),
+  served by :class:`aem.http.HTTPServer`.
+
+``--reload`` runs the server in a child process and starts a new one when a
+``.py`` file under the app's directory changes (inotify, through
+:class:`aem.FileChange`).  SIGTERM/SIGINT: graceful shutdown — stop
+accepting, let requests in progress finish within ``graceful_timeout``, then
+close the connections; lifespan shutdown last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote
+
+import aem
+
+from .asgi import ASGIServer, LifespanFailed
+from .protocol import Limits, Request
+from .static import StaticFiles
+from .wsgi import WSGIWorkers, load_app
+
+__all__ = ["AppConfig", "detect_interface", "serve_app"]
+
+INTERFACES = ("asgi", "wsgi", "aem")
+
+
+@dataclass
+class AppConfig:
+    """The options of ``aem serve module:app`` (see ``aem serve --help``)."""
+
+    app: str
+    interface: str = "auto"
+    workers: int = 1
+    root: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    uds: str | None = None
+    reload: bool = False
+    reload_dirs: list[str] = field(default_factory=list)
+    log_level: str = "info"
+    access_log: bool = True
+    graceful_timeout: float = 30.0
+    limit_concurrency: int | None = None
+    timeout_keep_alive: float = 5.0
+    timeout: float = 30.0
+    root_path: str = ""
+    lifespan: str = "auto"
+    status: bool = False
+    max_body: int = 1 << 20
+
+    def check(self) -> None:
+        """Raise ``ValueError`` for an option out of range."""
+        if self.interface not in ("auto", *INTERFACES):
+            raise ValueError(f"--interface is one of auto, {', '.join(INTERFACES)}")
+        if self.workers < 1:
+            raise ValueError("--workers must be >= 1")
+        if self.graceful_timeout < 0:
+            raise ValueError("--graceful-timeout must be >= 0")
+        if self.timeout <= 0 or self.timeout_keep_alive <= 0:
+            raise ValueError("--timeout and --timeout-keep-alive must be > 0")
+        if self.limit_concurrency is not None and self.limit_concurrency < 1:
+            raise ValueError("--limit-concurrency must be >= 1")
+        if self.root is not None and not os.path.isdir(self.root):
+            raise ValueError(f"--root {self.root!r} is not a directory")
+        if self.max_body < 0:
+            raise ValueError("--max-body must be >= 0")
+        if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
+            raise ValueError("--log-level is one of critical, error, warning, info, debug, trace")
+
+
+def detect_interface(app: Any) -> str:
+    """``"asgi"`` (a coroutine function of scope, receive, send), ``"wsgi"`` (environ,
+    start_response) or ``"aem"`` (request); raises ``ValueError`` when it cannot tell."""
+    if not callable(app):
+        raise ValueError(f"the app is not callable ({type(app).__name__})")
+    call = app if inspect.isfunction(app) or inspect.ismethod(app) else type(app).__call__
+    if inspect.iscoroutinefunction(call) or inspect.iscoroutinefunction(app):
+        return "asgi"
+    try:
+        sig = inspect.signature(app)
+    except (TypeError, ValueError):
+        raise ValueError("cannot tell the app's interface: give --interface") from None
+    params = [p for p in sig.parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    if len(params) == 2:
+        return "wsgi"
+    if len(params) == 1:
+        return "aem"
+    if len(params) == 3:
+        return "asgi"   # e.g. an ASGI app wrapped by a decorator that hides the coroutine
+    raise ValueError("cannot tell the app's interface: give --interface")
+
+
+def _log(cfg: AppConfig, text: str) -> None:
+    if cfg.log_level not in ("critical", "error"):
+        print(f"aem serve: {text}", file=sys.stderr, flush=True)
+
+
+def serve_app(cfg: AppConfig) -> int:
+    """Serve ``cfg.app`` until SIGTERM/SIGINT; the exit status (0, or 1 if it could not start)."""
+    cfg.check()
+    if cfg.reload:
+        return _reloader(cfg)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        app = load_app(cfg.app)
+        interface = detect_interface(app) if cfg.interface == "auto" else cfg.interface
+    except (ImportError, ValueError) as e:
+        print(f"aem serve: cannot load {cfg.app!r}: {e}", file=sys.stderr)
+        return 1
+    logging.basicConfig(level=getattr(logging, cfg.log_level.upper(), logging.INFO)
+                        if cfg.log_level != "trace" else logging.DEBUG)
+    if interface == "aem":
+        from . import serve as serve_aem
+
+        if cfg.uds is not None:
+            print("aem serve: --uds is for asgi and wsgi apps", file=sys.stderr)
+            return 1
+        reason = serve_aem(app, host=cfg.host, port=cfg.port, root=cfg.root,
+                           quiet=not cfg.access_log, status_page=cfg.status)
+        _log(cfg, f"stopped ({reason})")
+        return 0
+    if interface == "asgi" and cfg.workers > 1:
+        return _asgi_workers(cfg, app)
+    target = app if interface == "asgi" else WSGIWorkers(cfg.app, cfg.workers, cfg.timeout)
+    runner = asyncio.Runner(loop_factory=aem.new_event_loop)
+    try:
+        return runner.run(_serve_one(cfg, target, interface))
+    finally:
+        runner.close()
+
+
+def _static(app: Any, root: str) -> Any:
+    """An ASGI app answering GET/HEAD for the files under ``root``, else calling ``app``."""
+    files = StaticFiles(root)
+    base = os.path.realpath(root)
+
+    def is_file(raw_path: bytes) -> bool:
+        rel = unquote(raw_path.decode("latin-1")).lstrip("/")
+        return bool(rel) and os.path.isfile(os.path.join(base, rel))
+
+    async def with_static(scope: Any, receive: Any, send: Any) -> None:
+        # files only (no directory listings, no redirects): everything else is the app's
+        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD") and is_file(scope["raw_path"]):
+            req = Request(scope["method"], scope["raw_path"].decode("latin-1"), scope["http_version"],
+                          list(scope["headers"]))
+            sr = files.respond(scope["method"], req.path, req.headers, "", time.time())
+            if sr.status != 404:
+                headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in sr.headers]
+                headers.append((b"content-length", b"%d" % sr.length))
+                await send({"type": "http.response.start", "status": sr.status, "headers": headers})
+                if sr.fd >= 0:
+                    with os.fdopen(sr.fd, "rb") as f:
+                        sr.fd = -1
+                        await send({"type": "http.response.zerocopysend", "file": f,
+                                    "offset": sr.offset, "count": sr.length})
+                else:
+                    await send({"type": "http.response.body", "body": sr.body})
+                return
+        await app(scope, receive, send)
+
+    return with_static
+
+
+def _server(cfg: AppConfig, app: Any, interface: str, reuse_port: bool = False) -> ASGIServer:
+    if cfg.root is not None:
+        app = _static(app, cfg.root)
+    return ASGIServer(app, host=cfg.host, port=cfg.port, uds=cfg.uds, reuse_port=reuse_port,
+                      root_path=cfg.root_path,
+                      limits=Limits(max_body=cfg.max_body, max_buffered=max(64 << 20, 4 * cfg.max_body)),
+                      timeout_keep_alive=cfg.timeout_keep_alive,
+                      limit_concurrency=cfg.limit_concurrency,
+                      lifespan=cfg.lifespan if interface == "asgi" else "off",
+                      access_log=sys.stdout if cfg.access_log else None,
+                      status_page=cfg.status, pool=app if isinstance(app, WSGIWorkers) else None)
+
+
+async def _serve_one(cfg: AppConfig, app: Any, interface: str, reuse_port: bool = False,
+                     quiet: bool = False) -> int:
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+
+    def on_signal(sig: int) -> None:
+        if not stop.done():
+            stop.set_result(sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    workers = app if isinstance(app, WSGIWorkers) else None
+    try:
+        if workers is not None:
+            await workers.start()
+        server = _server(cfg, app, interface, reuse_port)
+        try:
+            await server.start()
+        except LifespanFailed as e:
+            print(f"aem serve: the app's startup failed: {e}", file=sys.stderr)
+            return 1
+        except OSError as e:
+            where = cfg.uds or f"{cfg.host}:{cfg.port}"
+            print(f"aem serve: cannot listen on {where}: {e.strerror or e}", file=sys.stderr)
+            return 1
+        if not quiet:
+            where = f"unix:{cfg.uds}" if cfg.uds else f"http://{cfg.host}:{server.port}/"
+            extra = f" with {cfg.workers} WSGI workers" if workers is not None else ""
+            _log(cfg, f"{interface} app {cfg.app} on {where}{extra} (pid {os.getpid()})")
+        sig = await stop
+        _log(cfg, f"{signal.Signals(sig).name}: finishing requests in progress "
+                  f"(up to {cfg.graceful_timeout:g} s)")
+        await server.shutdown(cfg.graceful_timeout)
+        return 0
+    finally:
+        if workers is not None:
+            await workers.close()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def _asgi_worker(ev: Any) -> None:
+    """One ASGI worker in its capsule: its own loop and server on the shared port."""
+    cfg, ready = ev.payload
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    app = load_app(cfg.app)
+    ready.fire(os.getpid())
+    runner = asyncio.Runner(loop_factory=aem.new_event_loop)
+    try:
+        runner.run(_serve_one(cfg, app, "asgi", reuse_port=True, quiet=True))
+    finally:
+        runner.close()
+    os._exit(0)
+
+
+def _asgi_workers(cfg: AppConfig, app: Any) -> int:
+    """``--workers N`` for an ASGI app: N servers in capsules on one port (SO_REUSEPORT)."""
+    import socket
+
+    if cfg.uds is not None:
+        print("aem serve: --uds with --workers > 1 is for wsgi apps", file=sys.stderr)
+        return 1
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            probe.bind((cfg.host, cfg.port))
+    except OSError as e:
+        print(f"aem serve: cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    pool = aem.CapsulePool(size=cfg.workers, reserve=0)
+    flags = aem.EVF_CAPSULE | aem.EVF_KEEPALIVE
+    pids: set[int] = set()
+    ready = aem.UserEvent()
+    aem.register(ready, lambda ev: pids.add(ev.payload))
+    stopping = [False]
+    jobs: list[tuple[aem.UserEvent, int]] = []
+    for _ in range(cfg.workers):
+        start = aem.UserEvent()
+        eid = aem.register(start, _asgi_worker, flags=flags, pool=pool)
+
+        def replace(ev: Any, start: aem.UserEvent = start) -> None:
+            pids.discard(ev.pid)
+            if stopping[0]:
+                if not pids:
+                    aem.stop()
+                return
+            _log(cfg, f"worker {ev.pid} ended ({ev.returncode}); starting another")
+            start.fire((cfg, ready))
+
+        aem.register(aem.ChildExit(job=eid), replace)
+        jobs.append((start, eid))
+    for start, _ in jobs:
+        start.fire((cfg, ready))
+    _log(cfg, f"asgi app {cfg.app} on http://{cfg.host}:{cfg.port}/ with {cfg.workers} workers "
+              f"(pid {os.getpid()})")
+
+    def on_signal(ev: Any) -> None:
+        if stopping[0]:
+            return
+        stopping[0] = True
+        _log(cfg, f"stopping {len(pids)} workers (up to {cfg.graceful_timeout:g} s)")
+        for pid in list(pids):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pids.discard(pid)
+        if not pids:
+            aem.stop()
+        aem.register(aem.Timer(cfg.graceful_timeout + 2.0), lambda ev: aem.stop())
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        aem.register(aem.Signal(sig), on_signal)
+    try:
+        aem.current().run(None, until_idle=False)
+    finally:
+        for _, eid in jobs:
+            try:
+                aem.control(eid, aem.EVJOBSHTDN)
+            except (aem.AemError, aem.UnknownEventError):
+                pass
+        pool.close(timeout=2.0)
+    _log(cfg, "stopped")
+    return 0
+
+
+# ---- --reload -------------------------------------------------------------------------------
+
+
+def _child_argv(argv: Sequence[str]) -> list[str]:
+    return [sys.executable, "-m", "aem.cli", *[a for a in argv if a != "--reload"]]
+
+
+def _reloader(cfg: AppConfig) -> int:
+    """Run the server in a child; restart it when a ``.py`` file under the watched dirs changes."""
+    argv = _child_argv(sys.argv[1:])
+    dirs = cfg.reload_dirs or [os.getcwd()]
+    changed = [False]
+
+    def on_change(ev: Any) -> None:
+        name = ev.name or ""
+        if name.endswith(".py"):
+            changed[0] = True
+            aem.stop()
+
+    watches = []
+    for d in dirs:
+        for path, subdirs, _files in os.walk(d):
+            subdirs[:] = [s for s in subdirs if not s.startswith(".") and s != "__pycache__"]
+            watches.append(aem.register(aem.FileChange(path), on_change))
+    stop = [False]
+
+    def on_signal(ev: Any) -> None:
+        stop[0] = True
+        aem.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        aem.register(aem.Signal(sig), on_signal)
+    _log(cfg, f"reloading on changes under {', '.join(dirs)}")
+    while True:
+        child = subprocess.Popen(argv)
+        changed[0] = False
+        while not stop[0] and not changed[0] and child.poll() is None:
+            aem.current().run(0.2, until_idle=False)
+        if changed[0] and not stop[0]:
+            _log(cfg, "a source file changed: restarting")
+        child.send_signal(signal.SIGTERM)
+        try:
+            child.wait(cfg.graceful_timeout + 5)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        if stop[0] or not changed[0]:
+            return 0 if stop[0] else (child.returncode or 0)
+        time.sleep(0.1)

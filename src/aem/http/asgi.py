@@ -1,0 +1,779 @@
+"""ASGI 3 apps on the aem event loop (``aem serve module:app --interface asgi``).
+
+One :class:`asyncio.Protocol` per connection on :class:`aem.EventLoop`; the
+HTTP/1.1 decisions are :class:`aem.http.protocol.Connection`'s (the same
+parser, limits and response framing as AEMhttpd's own server)::
+
+    bytes ──► Connection.receive ──► Request ──► scope + receive/send ──► app task
+    app send(http.response.*) ──► Connection.response / render_head ──► transport
+
+* HTTP: ``http.request`` carries the request body (the parser holds it whole,
+  bounded by ``Limits.max_body``, so it comes as one message); later
+  ``receive()`` calls wait for ``http.disconnect``.  Responses stream: a body
+  sent with ``more_body`` goes out as it comes, with the app's
+  ``Content-Length`` or chunked (HTTP/1.0: delimited by the close).  The
+  ``http.response.zerocopysend`` extension sends a file with ``sendfile``.
+* ``Expect: 100-continue``: the ``100 Continue`` goes out when the head
+  arrives (the body is read before the app runs).
+* WebSockets (``websocket.*``) through ``wsproto``; lifespan
+  (``lifespan.startup``/``shutdown``, ``state``).
+* Pipelined requests are answered in order, one app call at a time per
+  connection.  Graceful shutdown (:meth:`ASGIServer.shutdown`): stop
+  accepting, close idle connections, let in-flight requests finish within the
+  grace period, then close everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, TextIO
+from urllib.parse import unquote
+
+from . import status as _status
+from .protocol import (
+    CONTINUE,
+    CONTINUE_RESPONSE,
+    IDLE_TIMER,
+    KEEP,
+    BodyBudget,
+    Connection,
+    DateClock,
+    HttpError,
+    Limits,
+    Request,
+    body_allowed,
+    render_head,
+)
+
+__all__ = ["ASGIApp", "ASGIServer", "LifespanFailed"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]],
+                   Awaitable[None]]
+
+_ASGI = {"version": "3.0", "spec_version": "2.3"}
+_STRIP = frozenset({b"content-length", b"connection", b"date", b"server", b"transfer-encoding",
+                    b"keep-alive"})
+_PIPELINE_MAX = 16          # parsed requests queued on a connection before reading pauses
+
+
+class LifespanFailed(RuntimeError):
+    """The app reported ``lifespan.startup.failed`` (or raised during startup)."""
+
+
+class _Stats:
+    __slots__ = ("active", "app_errors", "connections", "requests", "responses")
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.requests = 0
+        self.active = 0
+        self.app_errors = 0
+        self.responses = [0] * 6
+
+
+class ASGIServer:
+    """Serve an ASGI 3 app on the running aem event loop.
+
+    ``sock``: a listening socket, or ``host``/``port`` (``reuse_port`` for
+    several processes on one port), or ``uds`` (a Unix socket path).
+    ``timeout_keep_alive``: seconds an idle keep-alive connection stays open;
+    ``header_timeout``/``body_timeout``: a request head / body arriving too
+    slowly (408); ``send_timeout``: the longest a client may take none of a
+    streamed response (then the connection is dropped).
+    ``limit_concurrency``: app calls in progress beyond which requests get 503.
+    ``lifespan``: ``"auto"`` (run it; an app that does not support it is
+    fine), ``"on"`` (its failure is fatal) or ``"off"``.  ``status_page``:
+    answer ``/_aem/status`` (see :mod:`aem.http.status`) with these counters,
+    the engine's, and ``pool``'s (an object with ``stats()``, e.g. the WSGI
+    workers).
+    """
+
+    def __init__(self, app: ASGIApp, *, host: str = "127.0.0.1", port: int = 8000,
+                 uds: str | None = None, sock: socket.socket | None = None, reuse_port: bool = False,
+                 root_path: str = "", limits: Limits | None = None, timeout_keep_alive: float = 5.0,
+                 header_timeout: float = 10.0, body_timeout: float = 30.0, send_timeout: float = 30.0,
+                 limit_concurrency: int | None = None, lifespan: str = "auto",
+                 access_log: TextIO | None = None, error_log: TextIO | None = None,
+                 server_name: str = "aem", status_page: bool = False, pool: object = None) -> None:
+        if lifespan not in ("auto", "on", "off"):
+            raise ValueError("lifespan is 'auto', 'on' or 'off'")
+        if min(timeout_keep_alive, header_timeout, body_timeout, send_timeout) <= 0:
+            raise ValueError("timeouts must be > 0 seconds")
+        if limit_concurrency is not None and limit_concurrency < 1:
+            raise ValueError("limit_concurrency must be >= 1")
+        self.app = app
+        self.host, self.port_wanted, self.uds, self.reuse_port = host, port, uds, reuse_port
+        self.root_path = root_path
+        self.limits = limits or Limits()
+        self.budget = BodyBudget(self.limits.max_buffered)
+        # by RequestParser.timer: KEEP, IDLE_TIMER, HEADER_TIMER, BODY_TIMER
+        self.timer_s = (0.0, timeout_keep_alive, header_timeout, body_timeout)
+        self.limit_concurrency = limit_concurrency
+        self.send_timeout = send_timeout
+        self.lifespan_mode = lifespan
+        self.access_log = access_log
+        self.error_log = error_log if error_log is not None else sys.stderr
+        self.server_name = server_name
+        self.status_page = status_page
+        self.pool = pool
+        self.state: dict[str, Any] = {}
+        self.stats = _Stats()
+        self.shutting_down = False
+        self._sock = sock
+        self._own_sock = sock is None
+        self._server: asyncio.base_events.Server | None = None
+        self._conns: set[_HttpProtocol] = set()
+        self._clock = DateClock()
+        self._lifespan: _Lifespan | None = None
+        self._server_addr: list[Any] | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._tick = min(1.0, min(self.timer_s[1:]) / 4)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def bind(self) -> socket.socket:
+        """The listening socket (made now unless one was given)."""
+        if self._sock is not None:
+            return self._sock
+        if self.uds is not None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                if os.path.exists(self.uds) and not os.path.isdir(self.uds):
+                    os.unlink(self.uds)
+                s.bind(self.uds)
+                s.listen(1024)
+            except BaseException:
+                s.close()
+                raise
+        else:
+            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            s = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if self.reuse_port:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                s.bind((self.host, self.port_wanted))
+                s.listen(1024)
+            except BaseException:
+                s.close()
+                raise
+        self._sock = s
+        return s
+
+    @property
+    def port(self) -> int:
+        """The port listened on (after :meth:`start`)."""
+        s = self._sock
+        if s is None or s.family == socket.AF_UNIX:
+            return self.port_wanted
+        return int(s.getsockname()[1])
+
+    async def start(self) -> None:
+        """Run lifespan startup, then listen.  Raises :class:`LifespanFailed` if the app says so."""
+        if self.lifespan_mode != "off":
+            self._lifespan = _Lifespan(self)
+            await self._lifespan.startup()
+        sock = self.bind()
+        sock.setblocking(False)
+        if sock.family == socket.AF_UNIX:
+            self._server_addr = None
+        else:
+            addr = sock.getsockname()
+            self._server_addr = [addr[0], addr[1]]
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _HttpProtocol(self), sock=sock, backlog=1024)
+        self._sweeper = loop.call_later(self._tick, self._sweep)
+
+    def _sweep(self) -> None:
+        """Every tick: close the connections whose deadline passed (one timer for all of them)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for conn in [c for c in self._conns if 0.0 < c.deadline <= now]:
+            conn.expire()
+        self._sweeper = loop.call_later(self._tick, self._sweep)
+
+    async def shutdown(self, graceful_timeout: float = 30.0) -> None:
+        """Stop accepting; let requests in progress end within ``graceful_timeout``; close.
+
+        Lifespan shutdown comes last.
+        """
+        self.shutting_down = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._conns):
+            conn.shutdown()
+        deadline = time.monotonic() + graceful_timeout
+        while self._conns and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for conn in list(self._conns):
+            conn.abort()
+        if self._lifespan is not None:
+            await self._lifespan.shutdown()
+        if self._own_sock and self._sock is not None:
+            self._sock.close()
+            if self.uds is not None:
+                try:
+                    os.unlink(self.uds)
+                except OSError:
+                    pass
+
+    def status(self) -> dict[str, Any]:
+        """Counters: connections open, requests, app calls in progress, responses by class."""
+        st = self.stats
+        return {"connections": len(self._conns), "accepted": st.connections, "requests": st.requests,
+                "active": st.active, "app_errors": st.app_errors,
+                "responses": {f"{i}xx": n for i, n in enumerate(st.responses) if i and n}}
+
+    def log_error(self, text: str) -> None:
+        try:
+            self.error_log.write(text if text.endswith("\n") else text + "\n")
+            self.error_log.flush()
+        except (OSError, ValueError):
+            pass
+
+
+class _Lifespan:
+    """The lifespan protocol: one app call for the server's life."""
+
+    def __init__(self, server: ASGIServer) -> None:
+        self.server = server
+        self.inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self.started = asyncio.get_running_loop().create_future()
+        self.ended = asyncio.get_running_loop().create_future()
+        self.unsupported = False
+        self.task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        scope = {"type": "lifespan", "asgi": _ASGI, "state": self.server.state}
+        try:
+            await self.server.app(scope, self.inbox.get, self._send)
+        except BaseException as e:
+            if not self.started.done():
+                self.unsupported = True
+                if self.server.lifespan_mode == "on":
+                    self.started.set_exception(LifespanFailed(f"lifespan startup raised {e!r}"))
+                else:
+                    self.started.set_result(None)
+            elif not self.ended.done():
+                self.server.log_error("aem serve: exception in lifespan shutdown:\n"
+                                      + traceback.format_exc())
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+        finally:
+            if not self.started.done():
+                self.started.set_result(None)
+            if not self.ended.done():
+                self.ended.set_result(None)
+
+    async def _send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "lifespan.startup.complete":
+            self.started.set_result(None)
+        elif kind == "lifespan.startup.failed":
+            self.started.set_exception(LifespanFailed(message.get("message", "") or "startup failed"))
+        elif kind in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+            if kind.endswith("failed"):
+                self.server.log_error(f"aem serve: lifespan shutdown failed: {message.get('message', '')}")
+            if not self.ended.done():
+                self.ended.set_result(None)
+        else:
+            raise RuntimeError(f"unexpected lifespan message {kind!r}")
+
+    async def startup(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run())
+        await self.inbox.put({"type": "lifespan.startup"})
+        await self.started
+
+    async def shutdown(self) -> None:
+        if self.unsupported or self.task is None or self.task.done():
+            return
+        await self.inbox.put({"type": "lifespan.shutdown"})
+        try:
+            await asyncio.wait_for(asyncio.shield(self.ended), 30)
+        except TimeoutError:
+            self.task.cancel()
+
+
+class _HttpProtocol(asyncio.Protocol):
+    """One connection: parse, run the app per request (in order), frame the answers."""
+
+    def __init__(self, server: ASGIServer) -> None:
+        self.server = server
+        self.http = Connection(server.limits, budget=server.budget, server_name=server.server_name)
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.loop = asyncio.get_running_loop()
+        self.pending: collections.deque[Request] = collections.deque()
+        self.cycle: _Cycle | None = None
+        self.client: list[Any] | None = None
+        self.server_addr: list[Any] | None = server._server_addr
+        self.deadline = 0.0      # loop.time() after which the connection is closed (0: none)
+        self.closed = False
+        self.eof = False
+        self.paused = False
+        self.write_paused = False
+        self.drained: asyncio.Future[None] | None = None
+        self.ws: Any = None
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        srv = self.server
+        srv._conns.add(self)
+        srv.stats.connections += 1
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = transport.get_extra_info("peername")
+            if peer:
+                self.client = [peer[0], peer[1]]
+        self._arm(IDLE_TIMER)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server._conns.discard(self)
+        self.http.close()
+        self.deadline = 0.0
+        if self.cycle is not None:
+            self.cycle.disconnected()
+        if self.ws is not None:
+            self.ws.connection_lost()
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
+
+    async def drain(self) -> None:
+        """Wait while the client does not take the output; past ``send_timeout``, drop it."""
+        if self.write_paused and not self.closed:
+            self.drained = self.loop.create_future()
+            stuck = self.loop.call_later(self.server.send_timeout, self._stuck)
+            try:
+                await self.drained
+            finally:
+                stuck.cancel()
+
+    def _stuck(self) -> None:
+        self.server.log_error("aem serve: a client took none of a response for "
+                              f"{self.server.send_timeout:g} s: connection dropped")
+        self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        if self.ws is not None:
+            self.ws.data_received(data)
+            return
+        events = self.http.receive(data)
+        for ev in events:
+            if type(ev) is Request:
+                self.pending.append(ev)
+            elif ev is CONTINUE:
+                self.transport.write(CONTINUE_RESPONSE)
+            elif type(ev) is HttpError:
+                self.pending.append(ev)  # type: ignore[arg-type]
+        if self.pending and self.cycle is None:
+            self._next()
+        elif self.cycle is None:
+            t = self.http.timer
+            if t != KEEP:
+                self._arm(t)
+        if len(self.pending) > _PIPELINE_MAX and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool | None:
+        self.eof = True
+        if self.cycle is None and not self.pending:
+            self.transport.close()
+            return None
+        if self.cycle is not None:
+            self.cycle.disconnected()   # the app waiting in receive() learns it now
+        return True  # half-closed: answer what was asked, then close
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def _arm(self, timer: int) -> None:
+        self.deadline = self.loop.time() + self.server.timer_s[timer]
+
+    def expire(self) -> None:
+        """The deadline passed (see :meth:`ASGIServer._sweep`): 408 if a request was arriving; close."""
+        self.deadline = 0.0
+        if self.cycle is not None or self.closed:
+            return
+        data = self.http.timeout(self.server._clock.line())
+        if data is not None:
+            self.transport.write(data)
+        self.transport.close()
+
+    def _next(self) -> None:
+        """Start the next queued request (or arm the idle deadline)."""
+        if self.closed:
+            return
+        if self.paused and len(self.pending) <= _PIPELINE_MAX // 2:
+            self.paused = False
+            self.transport.resume_reading()
+        if not self.pending:
+            if self.http.closing or self.server.shutting_down or self.eof:
+                self.transport.close()
+            else:
+                self._arm(self.http.timer if self.http.timer != KEEP else IDLE_TIMER)
+            return
+        ev = self.pending.popleft()
+        self.deadline = 0.0
+        srv = self.server
+        if type(ev) is not Request:
+            assert isinstance(ev, HttpError)
+            self.transport.write(self.http.error(ev, srv._clock.line()))
+            srv.stats.responses[ev.status // 100] += 1
+            self.pending.clear()
+            self.transport.close()
+            return
+        req = ev
+        srv.stats.requests += 1
+        if srv.shutting_down:
+            self.http.closing = True
+        if _is_websocket(req):
+            from ._websocket import WebSocketSession
+
+            self.ws = WebSocketSession(self, req)
+            return
+        if srv.status_page and req.target.startswith(_status.PATH) and req.path == _status.PATH:
+            self.status_response(req)
+            self._next()
+            return
+        lim = srv.limit_concurrency
+        if lim is not None and srv.stats.active >= lim:
+            self.simple(req, 503, b"503 Service Unavailable\n")
+            self._next()
+            return
+        self.cycle = _Cycle(self, req)
+
+    def simple(self, req: Request, status: int, body: bytes) -> None:
+        """Answer ``req`` with a small plain-text response."""
+        first, second = self.http.response(req, status, [("Content-Type", "text/plain; charset=utf-8")],
+                                           body, self.server._clock.line())
+        self.transport.write(first + second)
+        self.server.stats.responses[status // 100] += 1
+        self.server_log(req, status, len(body))
+
+    def status_response(self, req: Request) -> None:
+        """``/_aem/status``: the server's counters (app requests included), engine, pool."""
+        data = _status.collect(self.server.status(), self.server.pool)
+        if _status.wants_json(req.headers.get("accept"), req.query):
+            body, ctype = _status.render_json(data), "application/json"
+        else:
+            body, ctype = _status.render_html(data), "text/html; charset=utf-8"
+        first, second = self.http.response(req, 200, [("Content-Type", ctype), ("Cache-Control", "no-store")],
+                                           body, self.server._clock.line())
+        self.transport.write(first + second)
+        self.server.stats.responses[2] += 1
+        self.server_log(req, 200, len(body))
+
+    def server_log(self, req: Request, status: int, length: int) -> None:
+        log = self.server.access_log
+        if log is None:
+            return
+        who = self.client[0] if self.client else "-"
+        stamp = time.strftime("[%d/%b/%Y:%H:%M:%S +0000]", time.gmtime())
+        target = req.target if req.target.isprintable() and '"' not in req.target else repr(req.target)
+        try:
+            log.write(f'{who} - - {stamp} "{req.method} {target} HTTP/{req.version}" {status} {length}\n')
+        except (OSError, ValueError):
+            pass
+
+    def cycle_done(self) -> None:
+        self.cycle = None
+        if self.http.closing:
+            self.pending.clear()
+        self._next()
+
+    def shutdown(self) -> None:
+        """Graceful shutdown: close now if idle, else after the response in progress."""
+        if self.ws is not None:
+            self.ws.shutdown()
+        elif self.cycle is None and not self.pending:
+            self.transport.close()
+        else:
+            self.http.closing = True
+
+    def abort(self) -> None:
+        if self.cycle is not None and self.cycle.task is not None:
+            self.cycle.task.cancel()
+        self.transport.abort()
+
+
+def _is_websocket(req: Request) -> bool:
+    if req.method != "GET":
+        return False
+    up = req.headers.get("upgrade")
+    return up is not None and up.lower() == "websocket"
+
+
+def make_scope(conn: _HttpProtocol, req: Request, kind: str) -> dict[str, Any]:
+    """The ASGI scope of ``req`` (``kind``: ``"http"`` or ``"websocket"``)."""
+    target = req.target
+    i = target.find("?")
+    raw_path = target if i < 0 else target[:i]
+    if not raw_path.startswith("/"):
+        raw_path = req.path
+    query = b"" if i < 0 else target[i + 1:].encode("latin-1")
+    root = conn.server.root_path
+    path = unquote(raw_path) if "%" in raw_path else raw_path
+    scope: dict[str, Any] = {
+        "type": kind,
+        "asgi": _ASGI,
+        "http_version": req.version,
+        "scheme": "http" if kind == "http" else "ws",
+        "path": root + path,
+        "raw_path": raw_path.encode("latin-1"),
+        "query_string": query,
+        "root_path": root,
+        "headers": [(n.lower(), v) for n, v in req.raw_headers],
+        "server": conn.server_addr,
+        "client": conn.client,
+        "state": conn.server.state.copy(),
+    }
+    if kind == "http":
+        scope["method"] = req.method
+        scope["extensions"] = {"http.response.zerocopysend": {}}
+    return scope
+
+
+class _Cycle:
+    """One request and its response: the app's ``receive`` and ``send``."""
+
+    __slots__ = ("body_sent", "chunked", "conn", "head_sent", "headers", "length", "req", "request_read",
+                 "response_done", "sent", "status", "task", "waiter", "want_length")
+
+    def __init__(self, conn: _HttpProtocol, req: Request) -> None:
+        self.conn = conn
+        self.req = req
+        self.status = 0
+        self.head_sent = False
+        self.response_done = False
+        self.request_read = False
+        self.chunked = False
+        self.length = 0
+        self.want_length: int | None = None
+        self.sent = 0
+        self.body_sent = False
+        self.waiter: asyncio.Future[None] | None = None
+        self.headers: list[tuple[str, str]] = []
+        conn.server.stats.active += 1
+        scope = make_scope(conn, req, "http")
+        self.task: asyncio.Task[None] | None = conn.loop.create_task(self._run(scope))
+
+    async def _run(self, scope: dict[str, Any]) -> None:
+        conn = self.conn
+        srv = conn.server
+        try:
+            await srv.app(scope, self.receive, self.send)
+        except BaseException as e:
+            srv.stats.app_errors += 1
+            if not isinstance(e, asyncio.CancelledError):
+                srv.log_error(f"aem serve: exception in the app for {self.req.method} {self.req.target}:\n"
+                              + traceback.format_exc())
+            if not self.status and not conn.closed:
+                self._fail(500)
+            elif not self.response_done and not conn.closed:
+                conn.http.closing = True
+                conn.transport.close()
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+        else:
+            if not self.response_done and not conn.closed:
+                if not self.status:
+                    srv.stats.app_errors += 1
+                    srv.log_error(f"aem serve: the app returned no response for {self.req.method} "
+                                  f"{self.req.target}")
+                    self._fail(500)
+                else:
+                    conn.http.closing = True   # a response cut short: the framing is broken
+                    conn.transport.close()
+        finally:
+            srv.stats.active -= 1
+            self.task = None
+            if not conn.closed:
+                conn.cycle_done()
+            else:
+                conn.cycle = None
+
+    def _fail(self, status: int) -> None:
+        self.conn.simple(self.req, status, b"500 Internal Server Error\n")
+        self.response_done = True
+
+    def disconnected(self) -> None:
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def receive(self) -> Message:
+        if not self.request_read:
+            self.request_read = True
+            return {"type": "http.request", "body": self.req.body, "more_body": False}
+        if not self.response_done and not self.conn.closed:
+            self.waiter = self.conn.loop.create_future()
+            await self.waiter
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        conn = self.conn
+        if conn.closed:
+            return
+        if kind == "http.response.start":
+            if self.status:
+                raise RuntimeError("http.response.start sent twice")
+            status = int(message["status"])
+            if not 100 <= status <= 599:
+                raise ValueError(f"status {status} is not an HTTP status code")
+            self.status = status
+            fields: list[tuple[str, str]] = []
+            for name, value in message.get("headers", ()):
+                lname = bytes(name).lower()
+                if lname in _STRIP:
+                    if lname == b"content-length":
+                        self.want_length = int(value)
+                    continue
+                fields.append((bytes(name).decode("latin-1"), bytes(value).decode("latin-1")))
+            self.headers = fields
+            return
+        if kind == "http.response.body":
+            if not self.status:
+                raise RuntimeError("http.response.body before http.response.start")
+            if self.response_done:
+                raise RuntimeError("http.response.body after the response ended")
+            body = message.get("body", b"")
+            more = message.get("more_body", False)
+            self._body(bytes(body) if type(body) is not bytes else body, more)
+            if more:
+                await conn.drain()
+            return
+        if kind == "http.response.zerocopysend":
+            if not self.status:
+                raise RuntimeError("http.response.zerocopysend before http.response.start")
+            await self._sendfile(message)
+            return
+        raise RuntimeError(f"unexpected ASGI message {kind!r} in an http scope")
+
+    def _body(self, body: bytes, more: bool) -> None:
+        conn = self.conn
+        http = conn.http
+        req = self.req
+        date = conn.server._clock.line()
+        if not self.head_sent:
+            self.head_sent = True
+            want = self.want_length
+            if not more and (want is None or want == len(body) or req.method == "HEAD"):
+                if req.method == "HEAD" and want is not None and body_allowed("GET", self.status):
+                    head, _ = http.file_response(req, self.status, self.headers, want, date)
+                    conn.transport.write(head)
+                else:
+                    try:
+                        first, second = http.response(req, self.status, self.headers, body, date)
+                    except (ValueError, UnicodeEncodeError) as e:
+                        self._bad_header(e)
+                        return
+                    conn.transport.write(first + second if second else first)
+                self._done(len(body))
+                return
+            try:
+                self._head(want)
+            except (ValueError, UnicodeEncodeError) as e:
+                self._bad_header(e)
+                return
+        if body and body_allowed(req.method, self.status):
+            self.sent += len(body)
+            if self.chunked:
+                conn.transport.write(b"%x\r\n%s\r\n" % (len(body), body))
+            else:
+                conn.transport.write(body)
+        if not more:
+            if self.chunked:
+                conn.transport.write(b"0\r\n\r\n")
+            elif self.want_length is not None and self.sent != self.want_length and body_allowed(
+                    req.method, self.status):
+                http.closing = True  # the app broke its own Content-Length: end the stream
+            self._done(self.sent)
+
+    def _head(self, length: int | None) -> None:
+        conn = self.conn
+        http = conn.http
+        req = self.req
+        keep = req.keep_alive and not http.closing
+        has_body = body_allowed(req.method, self.status)
+        fields = self.headers
+        if length is None and has_body:
+            if req.version == "1.1":
+                self.chunked = True
+                fields = [*fields, ("Transfer-Encoding", "chunked")]
+            else:
+                keep = False  # HTTP/1.0: the body ends with the connection
+        if not keep:
+            http.closing = True
+        no_length = self.status < 200 or self.status in (204, 304)
+        conn.transport.write(render_head(self.status, fields, None if no_length else length, keep,
+                                         req.version, conn.server._clock.line(),
+                                         http._server_line))
+
+    def _bad_header(self, e: Exception) -> None:
+        conn = self.conn
+        conn.server.stats.app_errors += 1
+        conn.server.log_error(f"aem serve: bad response header for {self.req.method} {self.req.target}: {e}")
+        self.status = 500
+        self._fail(500)
+
+    def _done(self, length: int) -> None:
+        self.response_done = True
+        srv = self.conn.server
+        srv.stats.responses[self.status // 100] += 1
+        self.conn.server_log(self.req, self.status, length)
+        self.disconnected()  # a receive() waiting for the disconnect returns now
+
+    async def _sendfile(self, message: Message) -> None:
+        f = message["file"]
+        offset = int(message.get("offset", 0) or 0)
+        count = message.get("count")
+        more = message.get("more_body", False)
+        conn = self.conn
+        if not self.head_sent:
+            if count is None:
+                count = os.fstat(f.fileno()).st_size - offset
+            self.head_sent = True
+            want = self.want_length
+            if want is None and not more:
+                want = int(count)
+            self._head(want)
+        if count is None:
+            count = os.fstat(f.fileno()).st_size - offset
+        if body_allowed(self.req.method, self.status) and count:
+            if self.chunked:
+                conn.transport.write(b"%x\r\n" % count)
+            await conn.drain()
+            await conn.loop.sendfile(conn.transport, f, offset, count)
+            self.sent += count
+            if self.chunked:
+                conn.transport.write(b"\r\n")
+        if not more:
+            if self.chunked:
+                conn.transport.write(b"0\r\n\r\n")
+            self._done(self.sent)
+
