@@ -5,6 +5,8 @@
  *   event.c      aem.Event and its subclasses
  *   pyengine.c   aem._core.Engine: registration, delivery, run, async delivery
  *   vmtable*.c   the buddy allocator and its Python face
+ *   http_*.c     AEMhttpd's native per-request path: a strict head parser, a responder,
+ *                the engine's read hook
  */
 #include "pyaem.h"
 
@@ -23,6 +25,7 @@ PyObject *aem_set_child_subreaper(PyObject *module, PyObject *arg);
 PyObject *aem_set_parent_death_signal(PyObject *module, PyObject *arg);
 int aem_vmtable_module_init(PyObject *module);
 int aem_vmtable_bench_init(PyObject *module);  /* vmtable_bench.c */
+int aem_http_fast_init(PyObject *module);
 int aem_handoff_init(PyObject *module);
 
 static PyObject *set_types(PyObject *module, PyObject *args, PyObject *kwds) {
@@ -89,6 +92,7 @@ PyMODINIT_FUNC PyInit__core(void) {
     if (aem_loop_init_type(m) < 0) goto fail;
     if (aem_vmtable_module_init(m) < 0) goto fail;
     if (aem_vmtable_bench_init(m) < 0) goto fail;
+    if (aem_http_fast_init(m) < 0) goto fail;
     if (aem_handoff_init(m) < 0) goto fail;
 
     ADD_INT("K_TIMER", AEM_K_TIMER);

@@ -97,4 +97,12 @@ extern PyObject *aem_timer_type;     /* aem.sources.Timer (fast path) */
 extern PyObject *aem_str_attach;     /* "_attach" */
 extern PyObject *aem_str_sockargs, *aem_str_path;
 
+
+/* ---- AEMhttpd's fast path in aem.Read's delivery (http_fast.c) ------------------------ */
+
+/* The type of a Read handler that takes the bytes first (NULL until the module is set up). */
+extern PyTypeObject *aem_http_hook_type;
+/* 1: the bytes were answered; 0: deliver *rest (a new reference) as usual; -1: an exception. */
+int aem_http_read_hook(PyObject *hook, int fd, const char *data, size_t n, int64_t time_ns, PyObject **rest);
+
 #endif

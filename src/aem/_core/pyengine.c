@@ -964,9 +964,25 @@ static int deliver_read(EngineObject *self, const target_t *t, const aem_occ *o,
     }
     /* The bytes leave the scratch buffer before any Python code runs (a nested
      * delivery would reuse it). */
-    PyObject *data = n > 0 ? make_payload(self, self->scratch, n) : PyBytes_FromStringAndSize(NULL, 0);
-    if (!data) return source_failed(self, t);  /* e.g. the process vmtable cannot hold it */
-    source_ok(self, t->eid);
+    PyObject *data;
+    if (n > 0 && aem_http_hook_type && Py_IS_TYPE(t->handler, aem_http_hook_type) &&
+        !(t->flags & (AEM_F_EXTRAS | AEM_F_FORK | AEM_F_CAPSULE))) {
+        /* AEMhttpd's connection: its fast path answers what it can first (http_hook.c) */
+        int was_delivering = self->delivering;
+        self->delivering = 1;
+        int hr = aem_http_read_hook(t->handler, fd, self->scratch, (size_t)n, o->time_ns, &data);
+        self->delivering = was_delivering;
+        if (hr < 0) return report(self, NULL);
+        source_ok(self, t->eid);
+        if (hr > 0) {
+            self->core.stats.delivered[AEM_K_READ]++;
+            return 0;
+        }
+    } else {
+        data = n > 0 ? make_payload(self, self->scratch, n) : PyBytes_FromStringAndSize(NULL, 0);
+        if (!data) return source_failed(self, t);  /* e.g. the process vmtable cannot hold it */
+        source_ok(self, t->eid);
+    }
     EventObject *ev = aem_event_new(AEM_K_READ, t->eid, o->time_ns, t->source);
     if (!ev) {
         Py_DECREF(data);

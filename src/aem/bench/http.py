@@ -25,7 +25,13 @@ The anchors are written here to do the same work as aem's server:
 * ``granian``: one worker, RSGI, the same handler (``response_bytes`` /
   ``response_file``);
 * ``nginx``: one worker process, ``return 200`` for hello and ``root`` with
-  ``sendfile on`` for static files, access log off — the native ceiling.
+  ``sendfile on`` for static files, access log off — the native ceiling;
+* ``floor``: a minimal C epoll server (:data:`FLOOR_C`, compiled here) that
+  only finds the end of each head and answers from memory with one ``recv``
+  and one ``send`` per read — the kernel's share, which no server goes below.
+
+``aem-full`` is AEMhttpd with its native fast path off (every request through
+httptools and Python), to show what the fast path changes in the same run.
 
 Run one server by hand: ``python -m aem.bench.http serve KIND PORT ROOT``.
 """
@@ -58,13 +64,16 @@ PIPELINE = 16
 CONNECTIONS = 64
 SERVER_CPU = 0
 CLIENT_CPU = 1
-ANCHORS = ("asyncio", "uvloop", "granian", "nginx")
+ANCHORS = ("asyncio", "uvloop", "granian", "nginx", "floor")
 
 
 # -- the servers (each runs in its own process) ------------------------------------------------
 
-def serve_aem(port: int, root: str, idle_timeout: float = 15.0) -> None:
-    """AEMhttpd: the hello app in front of the static files under ``root``."""
+def serve_aem(port: int, root: str, idle_timeout: float = 15.0, fast_path: bool = True) -> None:
+    """AEMhttpd: the hello app in front of the static files under ``root``.
+
+    ``fast_path=False`` (the ``aem-full`` row): every request through httptools.
+    """
     import aem.http
     from aem.http import Response, Timeouts
 
@@ -74,7 +83,8 @@ def serve_aem(port: int, root: str, idle_timeout: float = 15.0) -> None:
         return None
 
     t = Timeouts(idle=idle_timeout, header=max(10.0, idle_timeout))
-    aem.http.serve(app, port=port, root=root, quiet=True, timeouts=t, backlog=65535)
+    aem.http.serve(app, port=port, root=root, quiet=True, timeouts=t, backlog=65535,
+                   fast_path=fast_path)
 
 
 def _protocol_server(kind: str, port: int, root: str) -> None:
@@ -212,6 +222,96 @@ http {{
 """
 
 
+#: The raw floor: a minimal C epoll server making the syscalls every server here makes (one
+#: recv and one send per read, epoll_wait) and nothing else — no parsing beyond finding the
+#: end of each head, responses from memory.  What a server costs above it is its own work.
+FLOOR_C = r"""
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+static char hello[256], file_head[256], out[1 << 20], carry[65536][32];
+static size_t hello_len, head_len, carry_len[65536];
+static char body[4096];
+
+int main(int argc, char **argv) {
+    FILE *f = fopen(argv[2], "rb");
+    if (!f || fread(body, 1, sizeof body, f) != sizeof body) return 2;
+    fclose(f);
+    hello_len = (size_t)snprintf(hello, sizeof hello, "HTTP/1.1 200 OK\r\nServer: floor\r\n"
+        "Date: Thu, 01 Jan 1970 00:00:00 GMT\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        "Content-Length: 13\r\n\r\nHello, world!");
+    head_len = (size_t)snprintf(file_head, sizeof file_head, "HTTP/1.1 200 OK\r\nServer: floor\r\n"
+        "Date: Thu, 01 Jan 1970 00:00:00 GMT\r\nContent-Type: application/octet-stream\r\n"
+        "Content-Length: 4096\r\n\r\n");
+    int ls = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0), one = 1;
+    setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((unsigned short)atoi(argv[1])),
+                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    if (bind(ls, (struct sockaddr *)&a, sizeof a) || listen(ls, 65535)) return 1;
+    int ep = epoll_create1(0);
+    struct epoll_event ev = {.events = EPOLLIN, .data.fd = ls}, evs[512];
+    epoll_ctl(ep, EPOLL_CTL_ADD, ls, &ev);
+    static char in[65536 + 32];
+    for (;;) {
+        int n = epoll_wait(ep, evs, 512, -1);
+        for (int i = 0; i < n; i++) {
+            int fd = evs[i].data.fd;
+            if (fd == ls) {
+                int c;
+                while ((c = accept4(ls, NULL, NULL, SOCK_NONBLOCK)) >= 0) {
+                    if (c >= 65536) { close(c); continue; }
+                    setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+                    carry_len[c] = 0;
+                    ev.events = EPOLLIN;
+                    ev.data.fd = c;
+                    epoll_ctl(ep, EPOLL_CTL_ADD, c, &ev);
+                }
+                continue;
+            }
+            size_t k = carry_len[fd];
+            memcpy(in, carry[fd], k);
+            ssize_t r = recv(fd, in + k, 65536, 0);
+            if (r <= 0) { close(fd); continue; }
+            size_t len = k + (size_t)r, start = 0, o = 0;
+            for (size_t j = 3; j < len; j++) {
+                if (in[j] == '\n' && in[j - 1] == '\r' && in[j - 2] == '\n' && in[j - 3] == '\r') {
+                    if (o + head_len + sizeof body > sizeof out) break;
+                    if (memcmp(in + start, "GET /hello ", 11) == 0) {
+                        memcpy(out + o, hello, hello_len); o += hello_len;
+                    } else {
+                        memcpy(out + o, file_head, head_len); o += head_len;
+                        memcpy(out + o, body, sizeof body); o += sizeof body;
+                    }
+                    start = j + 1;
+                }
+            }
+            carry_len[fd] = len - start < 32 ? len - start : 0;
+            memcpy(carry[fd], in + start, carry_len[fd]);
+            if (o && send(fd, out, o, MSG_NOSIGNAL) < 0) close(fd);
+        }
+    }
+}
+"""
+
+
+def floor_binary(tmp: Path) -> str | None:
+    """The raw-floor server, compiled with the C compiler here (None without one)."""
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        return None
+    src, exe = tmp / "floor.c", tmp / "floor-server"
+    src.write_text(FLOOR_C)
+    if subprocess.run([cc, "-O2", "-o", str(exe), str(src)], capture_output=True).returncode:
+        return None
+    return str(exe)
+
+
 def nginx_binary() -> str | None:
     """The nginx executable, or None."""
     found = shutil.which("nginx")
@@ -338,14 +438,15 @@ def proc_cpu(pid: int) -> float:
 
 def make_servers(tmp: Path, root: Path, kinds: Sequence[str],
                  idle_timeout: float = 15.0) -> list[Server]:
-    """Server objects (not started) for ``kinds`` among aem, asyncio, uvloop, granian, nginx,
-    select, poll; kinds whose software is missing are left out."""
+    """Server objects (not started) for ``kinds`` among aem, aem-full (no native fast path),
+    asyncio, uvloop, granian, nginx, select, poll; kinds whose software is missing are left
+    out."""
     py = sys.executable
     servers = []
     for kind in kinds:
         port = free_port()
-        if kind == "aem":
-            argv = [py, "-m", "aem.bench.http", "serve", "aem", str(port), str(root),
+        if kind in ("aem", "aem-full"):
+            argv = [py, "-m", "aem.bench.http", "serve", kind, str(port), str(root),
                     str(idle_timeout)]
         elif kind in ("asyncio", "uvloop", "select", "poll"):
             if kind == "uvloop" and not _importable("uvloop"):
@@ -359,6 +460,11 @@ def make_servers(tmp: Path, root: Path, kinds: Sequence[str],
             argv = [exe, "--interface", "rsgi", "--workers", "1", "--http", "1", "--no-ws",
                     "--host", "127.0.0.1", "--port", str(port), "--backlog", "65535",
                     "--log-level", "warning", "aem.bench.http:rsgi_app"]
+        elif kind == "floor":
+            floor = floor_binary(tmp)
+            if floor is None:
+                continue
+            argv = [floor, str(port), str(root / STATIC_NAME)]
         elif kind == "nginx":
             nginx = nginx_binary()
             if nginx is None:
@@ -513,7 +619,7 @@ def run(ctx: Context) -> None:
     with tempfile.TemporaryDirectory(prefix="aem-bench-http-") as td:
         tmp = Path(td)
         root = make_root(tmp)
-        servers = make_servers(tmp, root, ("aem", *ANCHORS))
+        servers = make_servers(tmp, root, ("aem", "aem-full", *ANCHORS))
         started: list[Server] = []
         try:
             started = start_servers(ctx, servers, tmp)
@@ -599,8 +705,8 @@ def main(argv: Sequence[str]) -> int:
     """``python -m aem.bench.http serve KIND PORT ROOT [IDLE_TIMEOUT]``: run one server."""
     if len(argv) >= 4 and argv[0] == "serve":
         kind, port, root = argv[1], int(argv[2]), argv[3]
-        if kind == "aem":
-            serve_aem(port, root, float(argv[4]) if len(argv) > 4 else 15.0)
+        if kind in ("aem", "aem-full"):
+            serve_aem(port, root, float(argv[4]) if len(argv) > 4 else 15.0, kind == "aem")
         elif kind in ("asyncio", "uvloop"):
             _protocol_server(kind, port, root)
         else:

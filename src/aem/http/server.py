@@ -59,9 +59,12 @@ import aem
 
 from . import status as _status
 from .app import App, Response
+from .fast import FastPath
 from .protocol import (
     CONTINUE,
     CONTINUE_RESPONSE,
+    IDLE,
+    IDLE_TIMER,
     KEEP,
     BodyBudget,
     Connection,
@@ -181,7 +184,11 @@ class _Conn:
         srv = self.server
         http = self.http
         try:
-            events = http.receive(ev.data)
+            data = ev.data
+            p = http.parser
+            if srv._fast is not None and p.phase == IDLE and not self.out and not p.dead:
+                data = srv._fast(self, data)  # the native path (.fast): what it leaves
+            events = http.receive(data) if data else None
             if events:
                 srv._dispatch(self, events)
                 if self.closed:
@@ -189,9 +196,9 @@ class _Conn:
         except Exception as e:
             srv._internal_error(self, e)
             return
-        if self.weid or self.lingering:
+        if self.closed or self.weid or self.lingering:
             return
-        timer = http.parser.timer
+        timer = http.parser.timer if data else IDLE_TIMER
         if timer == KEEP:
             return
         dl = ev.time_ns + srv._timer_ns[timer]
@@ -391,7 +398,8 @@ class HTTPServer:
     (default stderr).  ``engine``: the aem engine to run on (default: the
     process's).  ``reuse_port`` sets ``SO_REUSEPORT`` (several processes on
     one port).  ``pool``: a capsule pool whose statistics the status page
-    shows.
+    shows.  ``fast_path=False`` turns off the native per-request path
+    (:mod:`.fast`; it is also off while an ``access_log`` is kept).
 
     Raises ``OSError`` when the address cannot be bound and
     ``NotADirectoryError`` for a root that is not a directory.
@@ -407,7 +415,7 @@ class HTTPServer:
                  server_name: str = "aem", backlog: int = 4096, reuse_port: bool = False,
                  engine: aem.Engine | None = None, pool: object = None,
                  status_page: bool | str = "loopback",
-                 read_size: int = 65536) -> None:
+                 read_size: int = 65536, fast_path: bool = True) -> None:
         self.app = app
         self.static = StaticFiles(root) if root is not None else None
         self.host = host
@@ -421,6 +429,9 @@ class HTTPServer:
             raise ValueError(f"status_page is True, False or 'loopback', not {status_page!r}")
         self.status_page = status_page
         self.read_size = read_size
+        self.fast_path = fast_path
+        self._fastpath: FastPath | None = None
+        self._fast: Callable[[_Conn, Any], Any] | None = None
         self.server_name = server_name
         self._server_line = f"Server: {server_name}\r\n".encode("latin-1")
         self._budget = BodyBudget(self.limits.max_buffered)
@@ -504,6 +515,9 @@ class HTTPServer:
         self._accept_eid = eng.register(aem.Accept(self._sock), self._on_accept)
         self._timer_eid = eng.register(aem.Timer(self._tick, interval=self._tick), self._sweep)
         self._prev_error_handler = eng.set_error_handler(self._on_engine_error)
+        if self.fast_path and self.access_log is None:
+            self._fastpath = FastPath(self)
+            self._fast = self._fastpath.serve
         self._started = True
 
     def run(self, timeout: float | None = None) -> str:
@@ -562,7 +576,8 @@ class HTTPServer:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = _Conn(self, sock, ev.addr)
         try:
-            conn.eid = self.engine.register(aem.Read(sock, self.read_size), conn.on_read)
+            handler = conn.on_read if self._fastpath is None else self._fastpath.handler(conn)
+            conn.eid = self.engine.register(aem.Read(sock, self.read_size), handler)
         except Exception:
             sock.close()
             raise
@@ -648,6 +663,7 @@ class HTTPServer:
                 and (self.status_page is True or _is_loopback(conn.addr))):
             self._status_response(conn, req)
             return
+        result = None
         if self.app is not None:
             try:
                 result = self.app(req)
@@ -656,18 +672,22 @@ class HTTPServer:
                 self._log_error(f"aem.http: exception in the app for {req.method} {target}:\n"
                                 + traceback.format_exc())
                 result = Response(b"500 Internal Server Error\n", 500)
-            if result is not None:
-                if type(result) is not Response:
-                    if isinstance(result, (bytes, str)):
-                        result = Response(result)
-                    else:
-                        self.app_errors += 1
-                        self._log_error(f"aem.http: the app returned {type(result).__name__} for "
-                                        f"{req.method} {target}: expected a Response")
-                        result = Response(b"500 Internal Server Error\n", 500)
-                assert isinstance(result, Response)
-                self._send(conn, req, result.status, result.headers, result.body)
-                return
+        self._answer(conn, req, result)
+
+    def _answer(self, conn: _Conn, req: Request, result: object) -> None:
+        """Answer ``req`` with what the app returned (None: the static files, or 404)."""
+        if result is not None:
+            if type(result) is not Response:
+                if isinstance(result, (bytes, str)):
+                    result = Response(result)
+                else:
+                    self.app_errors += 1
+                    self._log_error(f"aem.http: the app returned {type(result).__name__} for "
+                                    f"{req.method} {req.target}: expected a Response")
+                    result = Response(b"500 Internal Server Error\n", 500)
+            assert isinstance(result, Response)
+            self._send(conn, req, result.status, result.headers, result.body)
+            return
         if self.static is not None:
             sr = self.static.respond(req.method, req.path, req.headers, req.query, self.now)
             st = sr.status
@@ -682,6 +702,8 @@ class HTTPServer:
                     sr.close()
             else:
                 out.append(head + sr.body if content else head)
+                if st == 200 and self._fastpath is not None:
+                    self._fastpath.remember(self.static, req.target, self.now)
             conn.out_len += len(head) + len(sr.body)
             self._by_class[st // 100] += 1
             if self.access_log is not None:
