@@ -29,8 +29,7 @@ import sys
 import threading
 import traceback
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from . import _core, sources
@@ -235,11 +234,20 @@ class Engine(_core.Engine):
         (Ctrl-C while a handler runs included) propagates out of ``run()``;
         other exceptions of handlers go to the error handler.
         """
-        with self._terminating_signals():
-            try:
-                return str(super().run(timeout, until_idle))
-            except _Terminated:
-                return "terminated"
+        # SIGTERM ends run() cleanly while it runs, if nobody else handles it.  Inline (no
+        # context manager, one disposition check): run() is called in loops.
+        installed = (signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+                     and threading.get_ident() == threading.main_thread().ident
+                     and not _core.signal_routed(signal.SIGTERM))
+        if installed:
+            signal.signal(signal.SIGTERM, _raise_terminated)
+        try:
+            return str(super().run(timeout, until_idle))
+        except _Terminated:
+            return "terminated"
+        finally:
+            if installed:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def keepalive(self) -> str:
         """Block the main thread doing nothing but receive events (AEM's aem_evkeepalive).
@@ -251,21 +259,6 @@ class Engine(_core.Engine):
         if threading.current_thread() is not threading.main_thread():
             raise AemError("keepalive() blocks the main thread: call it from the main thread")
         return self.run(None, until_idle=False)
-
-    @contextmanager
-    def _terminating_signals(self) -> Iterator[None]:
-        """SIGTERM ends run() cleanly while it runs, if nobody else handles it."""
-        installed = False
-        if (threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-                and _core_signal_free(signal.SIGTERM)):
-            signal.signal(signal.SIGTERM, _raise_terminated)
-            installed = True
-        try:
-            yield
-        finally:
-            if installed:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def start(self, signum: int | None = None) -> None:
         """Deliver events asynchronously to the main thread until :meth:`stop`.

@@ -11,6 +11,7 @@
  */
 #define _GNU_SOURCE
 #include "pyengine.h"
+#include "handoff.h"
 #include "vmtable_py.h"
 
 #include <arpa/inet.h>
@@ -168,7 +169,10 @@ int aem_py_call_handler(EngineObject *self, const target_t *t, EventObject *ev) 
         }
         Py_DECREF(res);
     }
-    if (t->flags & (AEM_F_FORK | AEM_F_CAPSULE)) {
+    int sent = (t->flags & AEM_F_CAPSULE) ? aem_handoff_deliver(t->pool, t->eid, t->flags, t->priority, ev) : 0;
+    if (sent) {  /* handed to an idle capsule from C (1), or an error (-1) */
+        res = sent > 0 ? Py_NewRef(Py_None) : NULL;
+    } else if (t->flags & (AEM_F_FORK | AEM_F_CAPSULE)) {
         res = PyObject_CallFunction(self->spawn_hook, "KOOHOi", (unsigned long long)t->eid, t->handler,
                                     event, (unsigned short)(t->flags & AEM_F__PUBLIC),
                                     t->pool ? t->pool : Py_None, (int)t->priority);

@@ -17,6 +17,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
+#include <structmember.h>
 
 #define HO_FDS_MAX 16
 #define HO_BUF (AEM_HO_MAX_DATA + 16 * 1024)
@@ -49,17 +50,21 @@ static int text_of(PyObject *o, const char **s, Py_ssize_t *n) {
     return 1;
 }
 
-static PyObject *handoff_encode(PyObject *mod, PyObject *args) {
-    PyObject *obj;
-    int op;
-    if (!PyArg_ParseTuple(args, "Oi:handoff_encode", &obj, &op)) return NULL;
-    if (op != AEM_HO_RUN && op != AEM_HO_KEEP) {
-        PyErr_SetString(PyExc_ValueError, "op must be 1 (run) or 2 (keep)");
-        return NULL;
-    }
-    if (!PyObject_TypeCheck(obj, AemEvent_Type)) Py_RETURN_NONE;
-    EventObject *ev = (EventObject *)obj;
-    if (ev->dict && PyDict_GET_SIZE(ev->dict) > 0) Py_RETURN_NONE;  /* a constructor's data: pickled */
+/* What one record is made of: the header, its data (borrowed from the event, or
+ * from view, which the caller releases) and what travels as an fd (NULL: the fd
+ * number ev->b; Py_None: nothing; else the socket, borrowed). */
+typedef struct {
+    aem_ho_header h;
+    const char *data;
+    Py_ssize_t dlen;
+    Py_buffer view;
+    PyObject *fdobj;
+} ho_parts;
+
+/* 1: ev encoded into p (release p->view when p->view.obj); 0: ev needs the pickled path. */
+static int encode_parts(EventObject *ev, int op, ho_parts *p) {
+    memset(p, 0, sizeof *p);
+    if (ev->dict && PyDict_GET_SIZE(ev->dict) > 0) return 0;  /* a constructor's data: pickled */
     aem_ho_header h;
     memset(&h, 0, sizeof h);
     h.magic = AEM_HO_MAGIC;
@@ -85,7 +90,7 @@ static PyObject *handoff_encode(PyObject *mod, PyObject *args) {
             data = PyBytes_AS_STRING(o[0]);
             dlen = PyBytes_GET_SIZE(o[0]);
         } else {
-            Py_RETURN_NONE;
+            return 0;
         }
         break;
     case AEM_K_TIMER:
@@ -100,19 +105,19 @@ static PyObject *handoff_encode(PyObject *mod, PyObject *args) {
         fdobj = NULL;  /* the fd number, made below */
         break;
     case AEM_K_ACCEPT:
-        if (!o[0] || o[0] == Py_None) Py_RETURN_NONE;
+        if (!o[0] || o[0] == Py_None) return 0;
         h.flags |= AEM_HO_HAS_FD;
         fdobj = o[0];
         break;
     case AEM_K_READ:
-        if (!o[0] || o[0] == Py_None) Py_RETURN_NONE;
+        if (!o[0] || o[0] == Py_None) return 0;
         if (PyObject_GetBuffer(o[0], &view, PyBUF_SIMPLE) < 0) {
             PyErr_Clear();
-            Py_RETURN_NONE;
+            return 0;
         }
         if (view.len > AEM_HO_MAX_DATA) {
             PyBuffer_Release(&view);
-            Py_RETURN_NONE;
+            return 0;
         }
         data = view.buf;
         dlen = view.len;
@@ -121,34 +126,54 @@ static PyObject *handoff_encode(PyObject *mod, PyObject *args) {
         break;
     case AEM_K_CHILD:
     case AEM_K_JOB:
-        if (!o[0] || !fits_i64(o[0], &h.i0)) Py_RETURN_NONE;
+        if (!o[0] || !fits_i64(o[0], &h.i0)) return 0;
         if (o[1] && o[1] != Py_None) {
-            if (!fits_i64(o[1], &h.i1)) Py_RETURN_NONE;
+            if (!fits_i64(o[1], &h.i1)) return 0;
             h.flags |= AEM_HO_RC;
         }
         if (o[2] && o[2] != Py_None) {
-            if (!fits_i64(o[2], &h.i2)) Py_RETURN_NONE;
+            if (!fits_i64(o[2], &h.i2)) return 0;
             h.flags |= AEM_HO_JOB;
         }
-        if (!text_of(o[3], &data, &dlen) || dlen > AEM_HO_MAX_DATA) Py_RETURN_NONE;
+        if (!text_of(o[3], &data, &dlen) || dlen > AEM_HO_MAX_DATA) return 0;
         if (data) h.flags |= AEM_HO_TEXT;
         break;
     case AEM_K_FILE:
-        if (!text_of(o[0], &data, &dlen) || dlen > AEM_HO_MAX_DATA) Py_RETURN_NONE;
+        if (!text_of(o[0], &data, &dlen) || dlen > AEM_HO_MAX_DATA) return 0;
         if (data) h.flags |= AEM_HO_TEXT;
         break;
     default:
-        Py_RETURN_NONE;  /* Close, pressure, custom, hosted: the pickled path */
+        return 0;  /* Close, pressure, custom, hosted: the pickled path */
     }
     h.data_len = (uint32_t)dlen;
-    PyObject *rec = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)sizeof h + dlen);
-    if (rec) {
-        memcpy(PyBytes_AS_STRING(rec), &h, sizeof h);
-        if (dlen) memcpy(PyBytes_AS_STRING(rec) + sizeof h, data, (size_t)dlen);
+    p->h = h;
+    p->data = data;
+    p->dlen = dlen;
+    p->view = view;
+    p->fdobj = fdobj;
+    return 1;
+}
+
+static PyObject *handoff_encode(PyObject *mod, PyObject *args) {
+    PyObject *obj;
+    int op;
+    if (!PyArg_ParseTuple(args, "Oi:handoff_encode", &obj, &op)) return NULL;
+    if (op != AEM_HO_RUN && op != AEM_HO_KEEP) {
+        PyErr_SetString(PyExc_ValueError, "op must be 1 (run) or 2 (keep)");
+        return NULL;
     }
-    if (view.obj) PyBuffer_Release(&view);
+    if (!PyObject_TypeCheck(obj, AemEvent_Type)) Py_RETURN_NONE;
+    EventObject *ev = (EventObject *)obj;
+    ho_parts p;
+    if (!encode_parts(ev, op, &p)) Py_RETURN_NONE;
+    PyObject *rec = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)sizeof p.h + p.dlen);
+    if (rec) {
+        memcpy(PyBytes_AS_STRING(rec), &p.h, sizeof p.h);
+        if (p.dlen) memcpy(PyBytes_AS_STRING(rec) + sizeof p.h, p.data, (size_t)p.dlen);
+    }
+    if (p.view.obj) PyBuffer_Release(&p.view);
     if (!rec) return NULL;
-    PyObject *fd = fdobj ? Py_NewRef(fdobj) : PyLong_FromUnsignedLongLong(ev->b);
+    PyObject *fd = p.fdobj ? Py_NewRef(p.fdobj) : PyLong_FromUnsignedLongLong(ev->b);
     if (!fd) {
         Py_DECREF(rec);
         return NULL;
@@ -429,6 +454,236 @@ fail:
     return NULL;
 }
 
+/* ---- the idle table (parent): the engine hands events to capsules itself ------- */
+
+/* A pool's idle warm capsules, as the engine's delivery path sees them.  The pool
+ * (Python, its own lock) pushes a capsule's socket when the capsule reports ready
+ * and removes it when it takes it itself; the engine takes the oldest one for a
+ * native, fd-less occurrence (aem_handoff_deliver) and records the take, which the
+ * pool applies later (drain).  Every operation runs with the GIL held and without
+ * releasing it, so a capsule is taken once: either remove() returns True or the
+ * take is in the queue. */
+typedef struct {
+    int fd;
+    unsigned long long token;
+} ho_idle;
+
+typedef struct {
+    unsigned long long token, eid;
+    int flags, err;
+} ho_take;
+
+typedef struct {
+    PyObject_HEAD
+    ho_idle *idle;
+    Py_ssize_t nidle, idle_cap;
+    ho_take *takes;
+    Py_ssize_t ntakes, takes_cap;
+    PyObject *known;  /* frozenset of the eids the capsules' template knows, or NULL */
+    int open, reserve, reserve_priority;
+    pid_t pid;
+} HandoffTable;
+
+static PyTypeObject HandoffTable_Type;
+static PyObject *default_table;  /* the default pool's (pool=None), or NULL */
+
+static int grow(void **arr, Py_ssize_t *cap, Py_ssize_t need, size_t item) {
+    if (need <= *cap) return 0;
+    Py_ssize_t n = *cap ? *cap * 2 : 16;
+    while (n < need) n *= 2;
+    void *p = PyMem_Realloc(*arr, (size_t)n * item);
+    if (!p) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    *arr = p;
+    *cap = n;
+    return 0;
+}
+
+static int table_init(HandoffTable *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"reserve", "reserve_priority", NULL};
+    int reserve = 0, prio = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "ii:HandoffTable", kwlist, &reserve, &prio)) return -1;
+    self->reserve = reserve;
+    self->reserve_priority = prio;
+    self->pid = getpid();
+    return 0;
+}
+
+static void table_dealloc(HandoffTable *self) {
+    PyMem_Free(self->idle);
+    PyMem_Free(self->takes);
+    Py_XDECREF(self->known);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *table_push(HandoffTable *self, PyObject *args) {
+    int fd;
+    unsigned long long token;
+    if (!PyArg_ParseTuple(args, "iK:push", &fd, &token)) return NULL;
+    if (fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "fd must be >= 0");
+        return NULL;
+    }
+    if (grow((void **)&self->idle, &self->idle_cap, self->nidle + 1, sizeof(ho_idle)) < 0) return NULL;
+    self->idle[self->nidle++] = (ho_idle){fd, token};
+    Py_RETURN_NONE;
+}
+
+static void idle_drop(HandoffTable *self, Py_ssize_t i) {
+    memmove(&self->idle[i], &self->idle[i + 1], (size_t)(self->nidle - i - 1) * sizeof(ho_idle));
+    self->nidle--;
+}
+
+static PyObject *table_remove(HandoffTable *self, PyObject *arg) {
+    unsigned long long token = PyLong_AsUnsignedLongLong(arg);
+    if (token == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    for (Py_ssize_t i = 0; i < self->nidle; i++) {
+        if (self->idle[i].token == token) {
+            idle_drop(self, i);
+            Py_RETURN_TRUE;
+        }
+    }
+    Py_RETURN_FALSE;
+}
+
+static PyObject *table_clear(HandoffTable *self, PyObject *unused) {
+    self->nidle = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *table_drain(HandoffTable *self, PyObject *unused) {
+    PyObject *list = PyList_New(self->ntakes);
+    if (!list) return NULL;
+    for (Py_ssize_t i = 0; i < self->ntakes; i++) {
+        ho_take *t = &self->takes[i];
+        PyObject *item = Py_BuildValue("(KKii)", t->token, t->eid, t->flags, t->err);
+        if (!item) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, i, item);
+    }
+    self->ntakes = 0;
+    return list;
+}
+
+static PyObject *table_set_known(HandoffTable *self, PyObject *arg) {
+    if (arg != Py_None && !PyFrozenSet_CheckExact(arg)) {
+        PyErr_SetString(PyExc_TypeError, "known must be a frozenset of event ids or None");
+        return NULL;
+    }
+    Py_XSETREF(self->known, arg == Py_None ? NULL : Py_NewRef(arg));
+    Py_RETURN_NONE;
+}
+
+static PyObject *table_get_idle(HandoffTable *self, void *closure) { return PyLong_FromSsize_t(self->nidle); }
+
+static PyObject *set_default(PyObject *mod, PyObject *arg) {
+    if (arg != Py_None && !PyObject_TypeCheck(arg, &HandoffTable_Type)) {
+        PyErr_SetString(PyExc_TypeError, "expected a HandoffTable or None");
+        return NULL;
+    }
+    Py_XSETREF(default_table, arg == Py_None ? NULL : Py_NewRef(arg));
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef table_methods[] = {
+    {"push", (PyCFunction)table_push, METH_VARARGS, "push(fd, token): an idle capsule's socket, newest last."},
+    {"remove", (PyCFunction)table_remove, METH_O, "remove(token) -> True if it was idle here (False: the engine took it)."},
+    {"clear", (PyCFunction)table_clear, METH_NOARGS, "clear(): no capsule is idle here any more."},
+    {"drain", (PyCFunction)table_drain, METH_NOARGS,
+     "drain() -> [(token, eid, flags, errno)]: the capsules the engine took since the last drain "
+     "(errno 0: the event was sent; else the send failed and the event took the Python path)."},
+    {"set_known", (PyCFunction)table_set_known, METH_O, "set_known(frozenset | None): eids the idle capsules' template knows."},
+    {NULL},
+};
+
+static PyMemberDef table_members[] = {
+    {"open", T_INT, offsetof(HandoffTable, open), 0, "nonzero: the engine may take capsules (nothing waits in the pool)"},
+    {"reserve", T_INT, offsetof(HandoffTable, reserve), 0, "idle capsules kept for priority >= reserve_priority"},
+    {"reserve_priority", T_INT, offsetof(HandoffTable, reserve_priority), 0, NULL},
+    {NULL},
+};
+
+static PyGetSetDef table_getset[] = {
+    {"idle", (getter)table_get_idle, NULL, "how many capsules are idle here", NULL},
+    {NULL},
+};
+
+static PyTypeObject HandoffTable_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "aem._core.HandoffTable",
+    .tp_basicsize = sizeof(HandoffTable),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "HandoffTable(reserve, reserve_priority): a pool's idle capsules, for the engine's delivery path.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)table_init,
+    .tp_dealloc = (destructor)table_dealloc,
+    .tp_methods = table_methods,
+    .tp_members = table_members,
+    .tp_getset = table_getset,
+};
+
+static int record_take(HandoffTable *tbl, const ho_idle *cap, uint64_t eid, int flags, int err) {
+    if (grow((void **)&tbl->takes, &tbl->takes_cap, tbl->ntakes + 1, sizeof(ho_take)) < 0) return -1;
+    tbl->takes[tbl->ntakes++] = (ho_take){cap->token, eid, flags, err};
+    return 0;
+}
+
+int aem_handoff_deliver(PyObject *pool, uint64_t eid, int flags, int priority, EventObject *ev) {
+    static PyObject *table_name;
+    if (flags & (AEM_F_KEEPALIVE | AEM_F_FORK)) return 0;
+    PyObject *obj;
+    if (pool == NULL || pool == Py_None) {
+        obj = Py_XNewRef(default_table);
+    } else {
+        if (!table_name && !(table_name = PyUnicode_InternFromString("_table"))) return -1;
+        obj = PyObject_GetAttr(pool, table_name);
+        if (!obj) {
+            PyErr_Clear();
+            return 0;
+        }
+    }
+    int sent = 0;
+    if (!obj || !PyObject_TypeCheck(obj, &HandoffTable_Type)) goto out;
+    HandoffTable *tbl = (HandoffTable *)obj;
+    if (!tbl->open || tbl->nidle == 0 || !tbl->known) goto out;
+    if (priority < tbl->reserve_priority && tbl->nidle <= tbl->reserve) goto out;
+    if (tbl->pid != getpid()) goto out;
+    PyObject *key = PyLong_FromUnsignedLongLong(eid);
+    if (!key) {
+        sent = -1;
+        goto out;
+    }
+    int known = PySet_Contains(tbl->known, key);
+    Py_DECREF(key);
+    if (known < 0) sent = -1;
+    if (known <= 0) goto out;
+    ho_parts p;
+    if (!encode_parts(ev, AEM_HO_RUN, &p)) goto out;
+    if (p.h.flags & AEM_HO_HAS_FD) {  /* fds keep the Python path (the pool closes its copies) */
+        if (p.view.obj) PyBuffer_Release(&p.view);
+        goto out;
+    }
+    struct iovec iov[2] = {{&p.h, sizeof p.h}, {(void *)p.data, (size_t)p.dlen}};
+    struct msghdr msg = {.msg_iov = iov, .msg_iovlen = p.dlen ? 2 : 1};
+    ho_idle cap = tbl->idle[0];
+    ssize_t n = sendmsg(cap.fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    int err = n < 0 ? errno : 0;
+    if (p.view.obj) PyBuffer_Release(&p.view);
+    idle_drop(tbl, 0);  /* sent, or broken: either way the pool decides what it is now */
+    if (record_take(tbl, &cap, eid, flags, err) < 0) {
+        sent = -1;
+        goto out;
+    }
+    sent = err == 0;  /* a failed send: the event takes the Python path (another capsule) */
+out:
+    Py_XDECREF(obj);
+    return sent;
+}
+
 static PyMethodDef handoff_methods[] = {
     {"handoff_encode", handoff_encode, METH_VARARGS,
      "handoff_encode(event, op) -> (record, fd object) or None\n\n"
@@ -439,6 +694,8 @@ static PyMethodDef handoff_methods[] = {
     {"handoff_recv", handoff_recv, METH_VARARGS,
      "handoff_recv(sockfd, sources=None) -> None | (op, eid, event) | (0, data, fds)\n\n"
      "Receive one message: a native record rebuilt as an event, or the raw message."},
+    {"handoff_set_default", set_default, METH_O,
+     "handoff_set_default(table | None)\n\nThe idle table the engine uses for EVF_CAPSULE registrations without pool=."},
     {"_handoff_parse", handoff_parse_py, METH_VARARGS,
      "_handoff_parse(data, fds, sources=None) -> (op, eid, event)\n\nParse one record (tests)."},
     {NULL},
@@ -446,6 +703,8 @@ static PyMethodDef handoff_methods[] = {
 
 int aem_handoff_init(PyObject *module) {
     if (PyModule_AddFunctions(module, handoff_methods) < 0) return -1;
+    if (PyType_Ready(&HandoffTable_Type) < 0) return -1;
+    if (PyModule_AddObjectRef(module, "HandoffTable", (PyObject *)&HandoffTable_Type) < 0) return -1;
     if (PyModule_AddIntConstant(module, "HANDOFF_RUN", AEM_HO_RUN) < 0) return -1;
     if (PyModule_AddIntConstant(module, "HANDOFF_KEEP", AEM_HO_KEEP) < 0) return -1;
     if (PyModule_AddIntConstant(module, "HANDOFF_HEADER", sizeof(aem_ho_header)) < 0) return -1;

@@ -93,6 +93,7 @@ def default_pool() -> CapsulePool:
     with _default_lock:
         if _default is None or _default.closed or _default._pid != os.getpid():
             _default = CapsulePool(size=os.cpu_count() or 2, reserve=1)
+            _core.handoff_set_default(_default._table)  # the engine hands pool=None events to it
         return _default
 
 
@@ -139,6 +140,7 @@ class _Support:
 def _after_fork_in_child() -> None:
     global _default
     _default = None
+    _core.handoff_set_default(None)
     for pool in list(pools):
         pool._closed = True  # the parent's pools are not ours; their sockets close with us
         for t in pool._templates:

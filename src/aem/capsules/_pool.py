@@ -163,6 +163,10 @@ class CapsulePool(ExecutorPart):
         self._counters = dict(spawned=0, reaped=0, failed=0, refills=0, activations=0, refreshes=0,
                               spawn_failures=0)
         self._closed = False
+        # Idle capsules as the engine's delivery path sees them (handoff.c): it takes one
+        # itself for a native fd-less occurrence; _sync() applies its takes here.
+        self._table = _core.HandoffTable(reserve, reserve_priority)
+        self._table.open = 1
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._init_executor()
         self._start_template()
@@ -175,6 +179,7 @@ class CapsulePool(ExecutorPart):
     def stats(self) -> dict[str, int]:
         """idle, busy, attached, starting, pending, spawned, reaped, failed, refills, ..."""
         with self._lock:
+            self._sync()
             states = [c.state for c in self._capsules.values()
                       if not c.template.retired or c.state not in ("starting", "warming")]
             return {
@@ -195,6 +200,7 @@ class CapsulePool(ExecutorPart):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
+                self._sync()
                 if len(self._idle) >= self.size + self.reserve:
                     return True
             time.sleep(0.002)
@@ -219,6 +225,9 @@ class CapsulePool(ExecutorPart):
             if self._closed:
                 return
             self._closed = True
+            self._table.open = 0
+            self._table.clear()
+            self._sync()
             for act in self._pending:
                 discard(act.attrs, act.socks)
             self._pending.clear()
@@ -283,6 +292,7 @@ class CapsulePool(ExecutorPart):
                 # thread contend for the GIL right on the activation's path).
                 return
             self._pending.append(act)
+            self._gate()
         self._wake()  # no capsule was free: the manager makes more
 
     def _fast(self, eid: int, handler: Callable[[Any], object], flags: int, priority: int,
@@ -290,15 +300,14 @@ class CapsulePool(ExecutorPart):
         """The common case, straight: a native record without fd, to an idle capsule of the
         live template, nothing waiting.  False: take the general path."""
         with self._lock:
+            self._sync()
             t = self._templates[-1] if self._templates else None
             idle = self._idle
             if (self._pending or t is None or not t.alive or t.retired or eid not in t.table or not idle
-                    or (priority < self.reserve_priority and len(idle) <= self.reserve)):
+                    or (priority < self.reserve_priority and len(idle) <= self.reserve)
+                    or idle[0].template is not t or not self._table.remove(idle[0].token)):
                 return False
             cap = idle.popleft()
-            if cap.template is not t:
-                idle.appendleft(cap)
-                return False
             self._counters["activations"] += 1
             cap.job, cap.flags, cap.state = eid, flags, "busy"
             try:
@@ -363,11 +372,46 @@ class CapsulePool(ExecutorPart):
         return True
 
     def _take_idle(self, priority: int) -> Capsule | None:
-        if not self._idle:
-            return None
-        if priority < self.reserve_priority and len(self._idle) <= self.reserve:
-            return None
-        return self._idle.popleft()
+        while True:
+            self._sync()
+            if not self._idle:
+                return None
+            if priority < self.reserve_priority and len(self._idle) <= self.reserve:
+                return None
+            cap = self._idle.popleft()
+            if self._table.remove(cap.token):
+                return cap
+            self._idle.appendleft(cap)  # the engine took it meanwhile: _sync() applies that
+
+    # -- the engine's takes (see handoff.c) ---------------------------------------------------------
+
+    def _sync(self) -> None:
+        """With the lock: apply the capsules the engine took from the idle table since last time."""
+        for token, eid, flags, err in self._table.drain():
+            cap = self._capsules.get(token)
+            if cap is None or cap.state != "idle":
+                continue
+            if err == errno.EAGAIN:  # its socket was full: still idle
+                self._table.push(cap.chan.fileno(), cap.token)
+                continue
+            with contextlib.suppress(ValueError):
+                self._idle.remove(cap)
+            if err:  # it died before taking the event (which took the Python path)
+                cap.state, cap.job = "dead", 0
+                continue
+            self._counters["activations"] += 1
+            cap.job, cap.flags, cap.state = eid, flags, "busy"
+
+    def _unidle(self, cap: Capsule) -> None:
+        """With the lock: ``cap`` is idle no more (if the engine took it, it is busy now)."""
+        self._table.remove(cap.token)
+        self._sync()
+        if cap in self._idle:
+            self._idle.remove(cap)
+
+    def _gate(self) -> None:
+        """With the lock: the engine may take capsules only when no activation waits here."""
+        self._table.open = int(not self._pending and not self._closed)
 
     def _live_template(self) -> Template | None:
         live = [t for t in self._templates if t.alive and not t.retired]
@@ -431,6 +475,8 @@ class CapsulePool(ExecutorPart):
                 t.retired = True
                 with contextlib.suppress(OSError):
                     send(t.ctl, ("retire",))
+        self._table.clear()
+        self._sync()
         for cap in list(self._idle):
             self._release(cap)
         self._idle.clear()
@@ -553,6 +599,7 @@ class CapsulePool(ExecutorPart):
 
     def _maintain(self) -> None:
         """With the lock: dispatch pending activations, keep the pool filled, fail what waited too long."""
+        self._sync()
         self._dispatch_calls()
         while self._pending:
             if not self._dispatch(self._pending[0]):
@@ -583,6 +630,7 @@ class CapsulePool(ExecutorPart):
                 act = self._pending.popleft()
                 self._fail(act, "no capsule available: the kernel refused to create a process "
                                 f"({self._spawn_errors[-1][1]})")
+        self._gate()
 
     def _warmed(self, cap: Capsule) -> None:
         """A warming capsule's socket is readable: it is ready (or it died warming up)."""
@@ -602,6 +650,8 @@ class CapsulePool(ExecutorPart):
             return
         cap.state = "idle"
         self._idle.append(cap)
+        self._table.set_known(cap.template.table)
+        self._table.push(cap.chan.fileno(), cap.token)
 
     def _workers_pending(self) -> bool:
         """Capsules on their way (starting, warming) that could become workers."""
@@ -667,13 +717,13 @@ class CapsulePool(ExecutorPart):
                 t.denied.set()
 
     def _exited(self, pid: int, code: int, note: str = "") -> None:
-        cap = self._by_pid.pop(pid, None)
+        cap = self._by_pid.get(pid)
         if cap is None:
             return
+        self._unidle(cap)  # first: the engine may have given it an event
+        del self._by_pid[pid]
         self._capsules.pop(cap.token, None)
         self._counters["reaped"] += 1
-        if cap in self._idle:
-            self._idle.remove(cap)
         if self._attached.get(cap.job) is cap:
             del self._attached[cap.job]
         errors = cap.errors + read_errors(cap.chan)
@@ -709,8 +759,7 @@ class CapsulePool(ExecutorPart):
         # Capsules of a dead template die with it (parent-death signal); their exits will
         # never be reported by it: report the busy ones here, forget the others.
         for cap in [c for c in self._capsules.values() if c.template is t]:
-            if cap in self._idle:
-                self._idle.remove(cap)
+            self._unidle(cap)
             if cap.state in ("busy", "attached") or cap in self._workers:
                 self._exited(cap.pid, -signal.SIGKILL, note=f"its template {t.pid} died")
             else:
@@ -768,6 +817,7 @@ class CapsulePool(ExecutorPart):
             if self._closed:
                 return
             self._pending = deque(a for a in self._pending if a.eid != eid)
+            self._gate()
             self._blobs.pop(eid, None)
             cap = self._attached.pop(eid, None)
             if cap is not None and not kill:

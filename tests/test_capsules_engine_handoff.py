@@ -1,0 +1,165 @@
+"""The engine's own hand-off (handoff.c, aem_handoff_deliver): a native fd-less occurrence of
+an EVF_CAPSULE registration the template knows goes from the engine's delivery path straight
+onto an idle capsule's socket, with no Python; the pool learns of it afterwards (its idle
+table's takes).  Everything else takes the pool's Python path, and every guarantee holds."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import aem
+from aem import _core
+from conftest import run_until
+
+
+@pytest.fixture
+def counted(pool: aem.CapsulePool) -> Iterator[list[Any]]:
+    """The pool's Python activations (the spawn hook's path), recorded."""
+    calls: list[Any] = []
+    original = pool._activate
+
+    def activate(eid: int, handler: Any, event: Any, flags: int, priority: int) -> None:
+        calls.append((eid, type(event).__name__))
+        original(eid, handler, event, flags, priority)
+
+    pool._activate = activate  # type: ignore[method-assign]
+    try:
+        yield calls
+    finally:
+        del pool._activate
+
+
+def test_native_occurrences_go_from_the_engine_to_a_capsule(pool: aem.CapsulePool,
+                                                             counted: list[Any]) -> None:
+    results = aem.UserEvent()
+    got: list[Any] = []
+    exits: list[Any] = []
+    aem.register(results, lambda ev: got.append(ev.payload))
+    ue = aem.UserEvent()
+    eid = aem.register(ue, lambda ev: results.fire((os.getpid(), ev.payload)), flags=aem.EVF_CAPSULE,
+                       pool=pool)
+    aem.register(aem.ChildExit(job=eid), lambda ev: exits.append((ev.pid, ev.returncode, ev.job)))
+    pool.refresh()  # the template knows the handler by its id
+    assert pool.wait_ready(10)
+    for n, payload in enumerate((7, b"bytes", None), 1):
+        ue.fire(payload)
+        run_until(lambda n=n: len(got) == n and len(exits) == n)  # type: ignore[misc]
+    assert [p for _pid, p in got] == [7, b"bytes", None]
+    assert counted == [], "no occurrence went through Python"
+    assert sorted(e[0] for e in exits) == sorted(pid for pid, _p in got)
+    assert all(rc == 0 and job == eid for _pid, rc, job in exits)
+    st = pool.stats()
+    assert st["activations"] == 3 and st["failed"] == 0
+
+
+def test_python_path_for_what_the_engine_does_not_take(pool: aem.CapsulePool, counted: list[Any]) -> None:
+    results = aem.UserEvent()
+    got: list[Any] = []
+    aem.register(results, lambda ev: got.append(ev.payload))
+    ue = aem.UserEvent()
+    eid = aem.register(ue, lambda ev: results.fire(ev.payload), flags=aem.EVF_CAPSULE, pool=pool)
+    pool.refresh()
+    assert pool.wait_ready(10)
+    ue.fire({"a": 1})  # not a native payload: pickled
+    ue.fire(2**70)     # an int beyond 64 bits: pickled
+    run_until(lambda: len(got) == 2)
+    assert sorted(map(str, got)) == sorted(["{'a': 1}", str(2**70)])
+    assert [c[0] for c in counted] == [eid, eid]
+
+
+def test_reserve_capsule_is_not_taken_by_the_engine() -> None:
+    pool = aem.CapsulePool(size=1, reserve=1)
+    try:
+        results = aem.UserEvent()
+        got: list[Any] = []
+        aem.register(results, lambda ev: got.append(ev.payload))
+        ue = aem.UserEvent()
+        aem.register(ue, lambda ev: results.fire(ev.payload), flags=aem.EVF_CAPSULE, pool=pool)
+        pool.refresh()
+        assert pool.wait_ready(10)
+        calls: list[int] = []
+        original = pool._activate
+        pool._activate = lambda *a: (calls.append(a[0]), original(*a))  # type: ignore[method-assign,func-returns-value]
+        ue.fire(1)  # 2 idle > reserve: the engine takes one
+        ue.fire(2)  # 1 idle = reserve, low priority: the pool's Python path (it waits for a refill)
+        run_until(lambda: len(got) == 2)
+        assert sorted(got) == [1, 2]
+        assert len(calls) == 1
+    finally:
+        pool.close()
+
+
+def test_dead_idle_capsule_makes_the_engine_fall_back(pool: aem.CapsulePool, counted: list[Any]) -> None:
+    results = aem.UserEvent()
+    got: list[Any] = []
+    aem.register(results, lambda ev: got.append(ev.payload))
+    ue = aem.UserEvent()
+    aem.register(ue, lambda ev: results.fire(ev.payload), flags=aem.EVF_CAPSULE, pool=pool)
+    pool.refresh()
+    assert pool.wait_ready(10)
+    dead_a, dead_b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    dead_b.close()
+    try:
+        with pool._lock:  # a capsule that died unnoticed comes first in the engine's table
+            pool._sync()
+            pool._table.clear()
+            pool._table.push(dead_a.fileno(), 10**9)
+            for cap in pool._idle:
+                pool._table.push(cap.chan.fileno(), cap.token)
+        ue.fire(5)
+        run_until(lambda: got)
+        assert got == [5] and len(counted) == 1, "the send failed: the occurrence took the Python path"
+        assert pool.stats()["failed"] == 0
+    finally:
+        dead_a.close()
+
+
+def test_killed_capsule_after_the_engine_hand_off_is_reported(pool: aem.CapsulePool,
+                                                              counted: list[Any]) -> None:
+    results = aem.UserEvent()
+    started: list[int] = []
+    aem.register(results, lambda ev: started.append(ev.payload))
+    exits: list[Any] = []
+
+    def slow(ev: Any) -> None:
+        results.fire(os.getpid())
+        signal.pause()
+
+    ue = aem.UserEvent()
+    eid = aem.register(ue, slow, flags=aem.EVF_CAPSULE, pool=pool)
+    aem.register(aem.ChildExit(job=eid), exits.append)
+    pool.refresh()
+    assert pool.wait_ready(10)
+    ue.fire()
+    run_until(lambda: started)
+    os.kill(started[0], signal.SIGKILL)
+    run_until(lambda: exits)
+    assert counted == []
+    assert (exits[0].pid, exits[0].returncode, exits[0].job) == (started[0], -signal.SIGKILL, eid)
+    assert pool.wait_ready(10)
+
+
+def test_idle_table_misuse_and_bookkeeping() -> None:
+    t = _core.HandoffTable(1, 100)
+    assert (t.idle, t.reserve, t.reserve_priority, t.open) == (0, 1, 100, 0)
+    t.push(5, 1)
+    t.push(6, 2)
+    assert t.idle == 2 and t.remove(1) and not t.remove(1) and t.idle == 1
+    t.clear()
+    assert t.idle == 0 and t.drain() == []
+    with pytest.raises(ValueError):
+        t.push(-1, 3)
+    with pytest.raises(TypeError):
+        t.set_known({1, 2})  # type: ignore[arg-type]
+    t.set_known(frozenset({1}))
+    t.set_known(None)
+    with pytest.raises(TypeError):
+        _core.handoff_set_default(object())  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        _core.HandoffTable()  # type: ignore[call-arg]
