@@ -1,7 +1,7 @@
 /* http_hook.c — aem._core.HttpReadHook: AEMhttpd's fast path inside aem.Read's delivery.
  *
  * A connection's aem.Read is registered with an HttpReadHook as its handler.  The engine
- * (pyengine.c, deliver_read) sees the type and hands the bytes read to aem_http_read_hook
+ * (delivery.c, deliver_read) sees the type and hands the bytes read to aem_http_read_hook
  * before any event object exists: when the connection is between requests, the requests
  * are answered here and the connection's idle deadline is moved, with no Python frame but
  * the app's.  What is left is delivered as usual: the hook is callable, and calls the

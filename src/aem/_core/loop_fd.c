@@ -55,7 +55,7 @@ static PyObject *waker_call(WakerObject *w, PyObject *args, PyObject *kwds) {
     Py_RETURN_NONE;
 }
 
-/* The engine's fast path (pyengine.c, deliver_one): a waker runs without an Event object
+/* The engine's fast path (delivery.c, aem_py_deliver_one): a waker runs without an Event object
  * nor an argument tuple.  Its errors go to the engine's error handler with event None. */
 int aem_loop_is_waker(PyObject *handler) { return Waker_Type && Py_IS_TYPE(handler, Waker_Type); }
 

@@ -3,7 +3,11 @@
  * The C core is split by concern:
  *   engine.c, timers.c, signals.c, doorbell.c  the engine in plain C
  *   event.c      aem.Event and its subclasses
- *   pyengine.c   aem._core.Engine: registration, delivery, run, async delivery
+ *   pyengine.c   aem._core.Engine: registration, control, run, introspection (pyengine.h)
+ *   delivery.c   one occurrence to its handler (per-kind work, errors, back-off)
+ *   async_delivery.c  aem.start(): the doorbell's drain in the main thread
+ *   handoff.c    the native capsule hand-off record
+ *   loop*.c      aem.EventLoop's hot core (ready queue, timers, fd wakers, streams)
  *   vmtable*.c   the buddy allocator and its Python face
  *   http_*.c     AEMhttpd's native per-request path: a strict head parser, a responder,
  *                the engine's read hook

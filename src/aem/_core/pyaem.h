@@ -1,5 +1,5 @@
 /* pyaem.h — declarations shared by the Python-facing C files of aem._core
- * (module.c, event.c, pyengine.c).  The engine itself (engine.h) knows
+ * (module.c, event.c, pyengine.c, delivery.c, async_delivery.c, ...).  The engine itself (engine.h) knows
  * nothing of Python. */
 #ifndef AEM_PYAEM_H
 #define AEM_PYAEM_H

@@ -1,28 +1,15 @@
-/* pyengine.c — aem._core.Engine: registration, delivery, run, async delivery.
- *
- * Delivery of one occurrence (deliver_one):
- *   registration finished? (one-shot timer, EVF_ONESHOT, Close, ChildExit)
- *        -> unregistered first, so the handler sees itself gone
- *   kind work: accept() the connections, recv() the data, reap the child ...
- *   constructor(event) -> handler(event) | spawn hook (EVF_FORK/EVF_CAPSULE)
- *        -> destructor(event) (also when the handler raised)
- *   an Exception from any of them is counted and given to the error handler;
- *   a BaseException (KeyboardInterrupt, SystemExit) propagates to the caller
- *   of run() or to the interrupted main thread.
+/* pyengine.c — aem._core.Engine: lifetime, registration, control, run(), host-made
+ * occurrences, introspection.  Delivery of one occurrence is in delivery.c, asynchronous
+ * delivery (start()/stop()) in async_delivery.c; pyengine.h is what the three share.
  *
  * Two ways to drive the engine:
  *   run():   the calling thread waits in epoll_wait (GIL released) and delivers.
- *   start(): the doorbell thread (doorbell.c) waits; when something is ready
- *            it schedules one pending call and pthread_kills the main thread
- *            with the kick signal, whose Python-level handler also drains:
- *            a busy main thread takes the pending call at its next bytecode
- *            boundary, a blocked one returns from its syscall with EINTR and
- *            runs the signal handler before retrying (PEP 475).
+ *   start(): the doorbell thread waits and the main thread is interrupted to drain
+ *            (async_delivery.c).
  */
 #define _GNU_SOURCE
-#include "pyaem.h"
+#include "pyengine.h"
 #include "vmtable_py.h"
-#include "handoff.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -37,15 +24,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#ifndef P_PIDFD
-#define P_PIDFD 3
-#endif
-
 PyTypeObject *AemEngine_Type;
-
-/* The engine in asynchronous mode (one per process: the kick signal is process-wide). */
-static EngineObject *async_engine;
-static int kick_signum;
 
 static const char *kind_names[AEM_K__COUNT] = {
     "none", "timer", "readable", "writable", "accept", "read", "close", "signal",
@@ -66,7 +45,7 @@ static const aem_host python_host = {.release = host_release, .make_name = host_
 
 /* ---- helpers ---------------------------------------------------------------------- */
 
-static int check_open(EngineObject *self) {
+int aem_py_check_open(EngineObject *self) {
     if (self->closed) {
         PyErr_SetString(AemError, "this aem engine is closed (or belongs to the parent of a forked process)");
         return -1;
@@ -74,7 +53,7 @@ static int check_open(EngineObject *self) {
     return 0;
 }
 
-static PyObject *set_errno_error(int neg_errno, const char *what) {
+PyObject *aem_py_errno_error(int neg_errno, const char *what) {
     errno = -neg_errno;
     PyObject *exc = PyErr_SetFromErrnoWithFilename(PyExc_OSError, what);
     return exc;
@@ -101,25 +80,16 @@ static aem_reg *lookup_or_raise(EngineObject *self, PyObject *eid_obj, uint64_t 
     return r;
 }
 
-#define AEM_F_INTERNAL 0x200u  /* the engine's own plumbing: not counted for idleness */
-static inline int is_internal(const aem_reg *r) { return r->flags & AEM_F_INTERNAL; }
-
 static inline uint32_t user_live(EngineObject *self) { return self->core.live - self->internal; }
 
-static void direct_kick(EngineObject *self, int fd, int on);
-
 /* The registration delivered normally: its run of failures (if any) ends. */
-static void forget_failures(EngineObject *self, uint64_t eid) {
+void aem_py_forget_failures(EngineObject *self, uint64_t eid) {
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
     PyObject *key = PyLong_FromUnsignedLongLong(eid);
     if (!key || PyDict_DelItem(self->failures, key) < 0) PyErr_Clear();
     Py_XDECREF(key);
     PyErr_Restore(type, value, tb);
-}
-
-static inline void source_ok(EngineObject *self, uint64_t eid) {
-    if (self->failures && PyDict_GET_SIZE(self->failures)) forget_failures(self, eid);
 }
 
 /* Release a registration's references and slot.  The unregister hook hears of
@@ -134,9 +104,9 @@ static void unregister_slot_ex(EngineObject *self, uint32_t slot, int shutdown) 
     int job_listener = r->kind == AEM_K_JOB;
     int fd = (r->kind >= AEM_K_READABLE && r->kind <= AEM_K_CLOSE) || r->kind == AEM_K_CUSTOM ? r->fd : -1;
     aem_engine_free_reg(&self->core, slot);
-    if (self->failures && PyDict_GET_SIZE(self->failures)) forget_failures(self, eid);
+    if (self->failures && PyDict_GET_SIZE(self->failures)) aem_py_forget_failures(self, eid);
     if (self->async_on && fd >= 0 && (uint32_t)fd < self->core.fdcap && !self->core.fds[fd].events)
-        direct_kick(self, fd, 0);
+        aem_py_direct_kick(self, fd, 0);
     if (internal) self->internal--;
     if (tell && self->unregister_hook && self->unregister_hook != Py_None) {
         PyObject *type, *value, *tb;
@@ -151,7 +121,7 @@ static void unregister_slot_ex(EngineObject *self, uint32_t slot, int shutdown) 
     Py_XDECREF(obj);
 }
 
-static void unregister_slot(EngineObject *self, uint32_t slot) { unregister_slot_ex(self, slot, 0); }
+void aem_py_unregister_slot(EngineObject *self, uint32_t slot) { unregister_slot_ex(self, slot, 0); }
 
 /* ---- Engine lifetime --------------------------------------------------------------- */
 
@@ -165,7 +135,7 @@ static PyObject *engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
     int rc = aem_engine_init(&self->core, &python_host);
     if (rc < 0) {
         Py_DECREF(self);
-        return set_errno_error(rc, "aem engine");
+        return aem_py_errno_error(rc, "aem engine");
     }
     self->owner_pid = getpid();
     return (PyObject *)self;
@@ -188,41 +158,10 @@ static void release_all(EngineObject *self) {
  * on a socket, pipe or tty, saving the hop through the doorbell thread — one
  * wake-up instead of two for a main thread blocked in a system call.  Files
  * without fasync support ignore it; the doorbell covers every source anyway. */
-static void direct_kick(EngineObject *self, int fd, int on) {
-    int fl = fcntl(fd, F_GETFL);
-    if (fl < 0) return;
-    if (on) {
-        struct f_owner_ex owner = {.type = F_OWNER_TID, .pid = self->main_tid};
-        if (fcntl(fd, F_SETOWN_EX, &owner) < 0 || fcntl(fd, F_SETSIG, kick_signum) < 0) return;
-        fcntl(fd, F_SETFL, fl | O_ASYNC);
-    } else if (fl & O_ASYNC) {
-        fcntl(fd, F_SETFL, fl & ~O_ASYNC);
-    }
-}
-
-static void direct_kick_all(EngineObject *self, int on) {
-    for (uint32_t fd = 0; fd < self->core.fdcap; fd++)
-        if (self->core.fds[fd].events) direct_kick(self, (int)fd, on);
-}
-
-static void stop_async(EngineObject *self, int in_child) {
-    if (!self->async_on) return;
-    self->async_on = 0;
-    if (!in_child) direct_kick_all(self, 0);
-    if (!in_child) {
-        Py_BEGIN_ALLOW_THREADS
-        aem_doorbell_stop(&self->doorbell);
-        Py_END_ALLOW_THREADS
-    }
-    if (async_engine == self) {
-        async_engine = NULL;
-        if (!in_child) Py_DECREF(self);
-    }
-}
 
 static void engine_close_impl(EngineObject *self, int in_child) {
     if (self->closed) return;
-    stop_async(self, in_child);
+    aem_py_stop_async(self, in_child);
     self->closed = 1;
     release_all(self);
     aem_engine_destroy(&self->core);
@@ -387,7 +326,7 @@ static PyObject *register_timer(EngineObject *self, PyObject *source, PyObject *
     Py_INCREF(handler);
     int rc = aem_engine_arm_timer(&self->core, (uint32_t)slot, aem_now_ns() + after, arg);
     if (rc < 0) {
-        unregister_slot(self, (uint32_t)slot);
+        aem_py_unregister_slot(self, (uint32_t)slot);
         return PyErr_NoMemory();
     }
     return new_eid_result(self, (uint32_t)slot);
@@ -427,7 +366,7 @@ static PyObject *engine_register(EngineObject *self, PyObject *const *args, Py_s
         PyErr_SetString(PyExc_TypeError, "register() needs a source and a handler");
         return NULL;
     }
-    if (check_open(self) < 0) return NULL;
+    if (aem_py_check_open(self) < 0) return NULL;
     PyObject *source = vals[0], *handler = vals[1];
     unsigned long flags = 0;
     if (vals[2]) {
@@ -476,7 +415,7 @@ static PyObject *engine_register(EngineObject *self, PyObject *const *args, Py_s
 static PyObject *engine_add_timer(EngineObject *self, PyObject *args) {
     PyObject *after_obj, *handler;
     if (!PyArg_ParseTuple(args, "OO:_add_timer", &after_obj, &handler)) return NULL;
-    if (check_open(self) < 0) return NULL;
+    if (aem_py_check_open(self) < 0) return NULL;
     int64_t after = aem_seconds_to_ns(after_obj, "after", 1);
     if (after < 0) return NULL;
     int64_t slot = aem_engine_new_reg(&self->core, AEM_K_TIMER, AEM_F_INTERNAL, 0, handler, NULL);
@@ -484,7 +423,7 @@ static PyObject *engine_add_timer(EngineObject *self, PyObject *args) {
     Py_INCREF(handler);
     self->internal++;
     if (aem_engine_arm_timer(&self->core, (uint32_t)slot, aem_now_ns() + after, after) < 0) {
-        unregister_slot(self, (uint32_t)slot);
+        aem_py_unregister_slot(self, (uint32_t)slot);
         return PyErr_NoMemory();
     }
     return new_eid_result(self, (uint32_t)slot);
@@ -503,7 +442,7 @@ static PyObject *engine_add(EngineObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "iOIOHiO|Lp:_add", &kind, &target, &events, &handler, &flags, &prio,
                           &obj, &aux, &internal))
         return NULL;
-    if (check_open(self) < 0) return NULL;
+    if (aem_py_check_open(self) < 0) return NULL;
     if (kind <= AEM_K_NONE || kind >= AEM_K__COUNT || kind == AEM_K_TIMER) {
         PyErr_Format(PyExc_ValueError, "bad event kind %d", kind);
         return NULL;
@@ -544,7 +483,7 @@ static PyObject *engine_add(EngineObject *self, PyObject *args) {
             PyErr_Format(PyExc_ValueError, "fd %d is not an open file descriptor", fd);
             goto fail;
         }
-        if (rc == 0 && self->async_on) direct_kick(self, fd, 1);
+        if (rc == 0 && self->async_on) aem_py_direct_kick(self, fd, 1);
         what = "epoll_ctl";
         break;
     }
@@ -587,12 +526,12 @@ static PyObject *engine_add(EngineObject *self, PyObject *args) {
         rc = aem_engine_arm_hosted(&self->core, (uint32_t)slot);
     }
     if (rc < 0) {
-        set_errno_error(rc, what);
+        aem_py_errno_error(rc, what);
         goto fail;
     }
     return new_eid_result(self, (uint32_t)slot);
 fail:
-    unregister_slot(self, (uint32_t)slot);
+    aem_py_unregister_slot(self, (uint32_t)slot);
     return NULL;
 }
 
@@ -602,7 +541,7 @@ static PyObject *engine_unregister(EngineObject *self, PyObject *args, PyObject 
     int missing_ok = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|p:unregister", kwlist, &eid_obj, &missing_ok))
         return NULL;
-    if (check_open(self) < 0) return NULL;
+    if (aem_py_check_open(self) < 0) return NULL;
     uint64_t eid;
     uint32_t slot;
     aem_reg *r = lookup_or_raise(self, eid_obj, &eid, &slot);
@@ -614,7 +553,7 @@ static PyObject *engine_unregister(EngineObject *self, PyObject *args, PyObject 
         }
         return NULL;
     }
-    unregister_slot(self, slot);
+    aem_py_unregister_slot(self, slot);
     Py_RETURN_TRUE;
 }
 
@@ -622,7 +561,7 @@ static PyObject *engine_control(EngineObject *self, PyObject *args) {
     PyObject *eid_obj, *arg = Py_None;
     int op;
     if (!PyArg_ParseTuple(args, "Oi|O:control", &eid_obj, &op, &arg)) return NULL;
-    if (check_open(self) < 0) return NULL;
+    if (aem_py_check_open(self) < 0) return NULL;
     if (op != AEM_EVJOBPRIO && op != AEM_EVJOBSTOP && op != AEM_EVJOBSTART && op != AEM_EVJOBSHTDN) {
         PyErr_Format(PyExc_ValueError, "unknown control operation %d (EVJOBPRIO, EVJOBSTOP, "
                      "EVJOBSTART, EVJOBSHTDN, EVTBLINIT)", op);
@@ -667,515 +606,15 @@ static PyObject *engine_control(EngineObject *self, PyObject *args) {
         PyErr_Format(AemError, "event %R has finished; it cannot be stopped or started", eid_obj);
         return NULL;
     }
-    if (rc < 0) return set_errno_error(rc, "control");
+    if (rc < 0) return aem_py_errno_error(rc, "control");
     Py_RETURN_NONE;
-}
-
-/* ---- delivery ---------------------------------------------------------------------- */
-
-/* An exception is set: decide.  Returns 0 when handled (an Exception: counted,
- * given to the error handler), -1 when it must propagate (a BaseException). */
-static int report(EngineObject *self, PyObject *event) {
-    if (!PyErr_ExceptionMatches(PyExc_Exception)) return -1;
-    self->core.stats.errors++;
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    PyErr_NormalizeException(&type, &value, &tb);
-    if (tb) PyException_SetTraceback(value, tb);
-    if (self->error_handler && self->error_handler != Py_None) {
-        PyObject *res = PyObject_CallFunctionObjArgs(self->error_handler, value,
-                                                     event ? event : Py_None, NULL);
-        if (!res) {
-            if (!PyErr_ExceptionMatches(PyExc_Exception)) {
-                Py_XDECREF(type);
-                Py_XDECREF(value);
-                Py_XDECREF(tb);
-                return -1;
-            }
-            PyErr_WriteUnraisable(self->error_handler);
-        }
-        Py_XDECREF(res);
-    } else {
-        PyErr_Restore(type, value, tb);
-        PyErr_Print();
-        return 0;
-    }
-    Py_XDECREF(type);
-    Py_XDECREF(value);
-    Py_XDECREF(tb);
-    return 0;
-}
-
-/* Engine-side failures (not the handler's): a source's collect() raised, accept() failed.
- * Each pauses the registration for AEM_BACKOFF_FIRST_S seconds, doubled at each consecutive
- * failure; the AEM_FAILURES_MAX-th unregisters it.  Nothing spins. */
-#define AEM_FAILURES_MAX 5
-#define AEM_BACKOFF_FIRST_S 0.01
-#define AEM_ACCEPT_PAUSE_S 0.1  /* accept() out of descriptors or memory */
-#define AEM_ACCEPT_BATCH 64     /* connections accepted per readiness of a listener */
-#define AEM_DRAIN_TURNS 64      /* turns of one asynchronous drain (then the doorbell again) */
-
-/* Pause registration eid for `pause` seconds (Engine._backoff: EVJOBSTOP, then EVJOBSTART
- * from an internal timer), if it is still active. */
-static int backoff(EngineObject *self, uint64_t eid, double pause) {
-    uint32_t slot;
-    aem_reg *r = aem_engine_lookup(&self->core, eid, &slot);
-    if (!r || r->state != AEM_S_ACTIVE) return 0;
-    PyObject *res = PyObject_CallMethod((PyObject *)self, "_backoff", "Kd", (unsigned long long)eid, pause);
-    if (!res) return -1;
-    Py_DECREF(res);
-    return 0;
-}
-
-typedef struct {
-    PyObject *handler, *source, *ctor, *dtor, *pool;
-    uint64_t eid;
-    uint16_t flags;
-    int32_t priority;
-} target_t;
-
-/* The exception set, normalised, with its traceback (PyErr_GetRaisedException of 3.12). */
-static PyObject *fetch_exception(void) {
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    PyErr_NormalizeException(&type, &value, &tb);
-    if (tb) PyException_SetTraceback(value, tb);
-    Py_XDECREF(type);
-    Py_XDECREF(tb);
-    return value;
-}
-
-/* An exception is set by the engine's own work for registration t.  An Exception is
- * counted and the registration backs off; at the AEM_FAILURES_MAX-th in a row it is
- * unregistered and the error handler gets one AemError naming it (eid, source, the last
- * exception as its __cause__).  Returns 0, or -1 when a BaseException must propagate. */
-static int source_failed(EngineObject *self, const target_t *t) {
-    if (!PyErr_ExceptionMatches(PyExc_Exception)) return -1;
-    self->core.stats.errors++;
-    PyObject *exc = fetch_exception();
-    PyObject *key = PyLong_FromUnsignedLongLong(t->eid);
-    if (!key) goto fail;
-    if (!self->failures && !(self->failures = PyDict_New())) goto fail;
-    PyObject *prev = PyDict_GetItemWithError(self->failures, key);
-    if (!prev && PyErr_Occurred()) goto fail;
-    long n = (prev ? PyLong_AsLong(prev) : 0) + 1;
-    if (n < AEM_FAILURES_MAX) {
-        PyObject *count = PyLong_FromLong(n);
-        if (!count || PyDict_SetItem(self->failures, key, count) < 0) {
-            Py_XDECREF(count);
-            goto fail;
-        }
-        Py_DECREF(count);
-        Py_DECREF(key);
-        Py_DECREF(exc);
-        if (backoff(self, t->eid, AEM_BACKOFF_FIRST_S * (double)(1L << (n - 1))) < 0)
-            return report(self, NULL);
-        return 0;
-    }
-    Py_DECREF(key);
-    forget_failures(self, t->eid);
-    uint32_t slot;
-    if (aem_engine_lookup(&self->core, t->eid, &slot)) unregister_slot(self, slot);
-    PyErr_Format(AemError, "event %llu (%R) failed %ld times in a row and was unregistered: %R",
-                 (unsigned long long)t->eid, t->source ? t->source : Py_None, n, exc);
-    PyObject *err = fetch_exception();
-    PyException_SetCause(err, exc);  /* steals exc */
-    PyErr_SetObject((PyObject *)Py_TYPE(err), err);
-    Py_DECREF(err);
-    self->core.stats.errors--;  /* report() counts it */
-    return report(self, NULL);
-fail:
-    Py_XDECREF(key);
-    Py_DECREF(exc);
-    return report(self, NULL);
-}
-
-static void default_destructor(EngineObject *self, EventObject *ev) {
-    /* Payloads in vmtable blocks go back unless the handler kept them (event.keep()).
-     * A block the handler freed or detached itself is left alone; one still viewed
-     * by a memoryview is freed when the last view goes. */
-    if (ev->kept || ev->kind != AEM_K_READ || !ev->o[0] || PyBytes_CheckExact(ev->o[0])) return;
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);  /* a KeyboardInterrupt of the handler must survive */
-    if (aem_block_release(ev->o[0]) < 0) PyErr_WriteUnraisable(ev->o[0]);
-    PyErr_Restore(type, value, tb);
-}
-
-/* Run constructor, handler (or spawn hook), destructor.  -1: a BaseException propagates. */
-static int call_handler(EngineObject *self, const target_t *t, EventObject *ev) {
-    PyObject *event = (PyObject *)ev, *res;
-    int rc = 0;
-    int was_delivering = self->delivering;  /* synchronous deliveries (_deliver_now) nest */
-    self->delivering = 1;
-    if (t->ctor && t->ctor != Py_None) {
-        res = PyObject_Vectorcall(t->ctor, &event, 1, NULL);
-        if (!res) {
-            rc = report(self, event);
-            goto destruct;
-        }
-        Py_DECREF(res);
-    }
-    int sent = (t->flags & AEM_F_CAPSULE) ? aem_handoff_deliver(t->pool, t->eid, t->flags, t->priority, ev) : 0;
-    if (sent) {  /* handed to an idle capsule from C (1), or an error (-1) */
-        res = sent > 0 ? Py_NewRef(Py_None) : NULL;
-    } else if (t->flags & (AEM_F_FORK | AEM_F_CAPSULE)) {
-        res = PyObject_CallFunction(self->spawn_hook, "KOOHOi", (unsigned long long)t->eid, t->handler,
-                                    event, (unsigned short)(t->flags & AEM_F__PUBLIC),
-                                    t->pool ? t->pool : Py_None, (int)t->priority);
-    } else {
-        res = PyObject_Vectorcall(t->handler, &event, 1, NULL);
-    }
-    if (!res) rc = report(self, event);
-    Py_XDECREF(res);
-destruct:
-    if (t->dtor && t->dtor != Py_None) {
-        PyObject *type = NULL, *value = NULL, *tb = NULL;
-        if (rc < 0) PyErr_Fetch(&type, &value, &tb);
-        res = PyObject_Vectorcall(t->dtor, &event, 1, NULL);
-        if (!res && report(self, event) < 0 && rc == 0) rc = -1;
-        else if (!res) PyErr_Clear();
-        Py_XDECREF(res);
-        if (type || value) {
-            if (PyErr_Occurred()) PyErr_Clear();
-            PyErr_Restore(type, value, tb);
-        }
-    } else {
-        default_destructor(self, ev);
-    }
-    self->delivering = was_delivering;
-    self->core.stats.delivered[ev->kind]++;
-    return rc;
-}
-
-static int ensure_scratch(EngineObject *self, size_t n) {
-    if (self->scratch_cap >= n) return 0;
-    char *p = PyMem_Realloc(self->scratch, n);
-    if (!p) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    self->scratch = p;
-    self->scratch_cap = n;
-    return 0;
-}
-
-/* The payload of a Read: a block of the engine's payload vmtable (the process
- * vmtable, set when the first Read is registered) holding a copy of the bytes
- * read, or bytes when there is none. */
-static PyObject *make_payload(EngineObject *self, const char *data, Py_ssize_t n) {
-    if (n > 0 && self->payload_hook && aem_vmtable_check_type(self->payload_hook))
-        return aem_vmtable_copy_in(self->payload_hook, data, (size_t)n);
-    return PyBytes_FromStringAndSize(data, n);
-}
-
-static PyObject *sockaddr_to_py(const struct sockaddr_storage *ss, socklen_t len) {
-    if (ss->ss_family == AF_INET || ss->ss_family == AF_INET6) {
-        char host[64];
-        if (ss->ss_family == AF_INET) {
-            const struct sockaddr_in *a = (const void *)ss;
-            inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
-            return Py_BuildValue("(si)", host, ntohs(a->sin_port));
-        }
-        const struct sockaddr_in6 *a = (const void *)ss;
-        inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
-        return Py_BuildValue("(siII)", host, ntohs(a->sin6_port), ntohl(a->sin6_flowinfo), a->sin6_scope_id);
-    }
-    if (ss->ss_family == AF_UNIX) {
-        const struct sockaddr_un *a = (const void *)ss;
-        Py_ssize_t n = (Py_ssize_t)len - (Py_ssize_t)offsetof(struct sockaddr_un, sun_path);
-        if (n <= 0) return PyUnicode_FromString("");
-        if (a->sun_path[0] == 0) return PyBytes_FromStringAndSize(a->sun_path, n);
-        return PyUnicode_DecodeFSDefault(a->sun_path);
-    }
-    Py_RETURN_NONE;
-}
-
-static int deliver_accept(EngineObject *self, const target_t *t, const aem_occ *o, int fd) {
-    PyObject *sockargs = t->source ? PyObject_GetAttr(t->source, aem_str_sockargs) : NULL;
-    if (!sockargs) {
-        PyErr_Clear();
-        return 0;
-    }
-    int rc = 0;
-    for (int i = 0; i < AEM_ACCEPT_BATCH; i++) {
-        struct sockaddr_storage ss;
-        socklen_t len = sizeof ss;
-        int conn = accept4(fd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (conn < 0) {
-            if (errno == EINTR || errno == ECONNABORTED) continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK) break;
-            int err = errno;
-            PyErr_SetFromErrno(PyExc_OSError);
-            if (err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM) {
-                /* Out of descriptors or memory, for a while: the connection stays in the
-                 * backlog and the socket readable.  Report, pause this Accept, never give up. */
-                rc = report(self, NULL);
-                if (rc == 0 && backoff(self, t->eid, AEM_ACCEPT_PAUSE_S) < 0) rc = report(self, NULL);
-            } else {
-                rc = source_failed(self, t);  /* e.g. EINVAL: the socket stopped listening */
-            }
-            break;
-        }
-        source_ok(self, t->eid);
-        /* The connection becomes a socket.socket (which then owns the fd). */
-        PyObject *family = PyTuple_GET_ITEM(sockargs, 0), *type = PyTuple_GET_ITEM(sockargs, 1);
-        PyObject *proto = PyTuple_GET_ITEM(sockargs, 2);
-        PyObject *fdobj = PyLong_FromLong(conn);
-        PyObject *sock = fdobj ? PyObject_CallFunctionObjArgs(aem_socket_type, family, type, proto, fdobj,
-                                                              NULL) : NULL;
-        Py_XDECREF(fdobj);
-        EventObject *ev = sock ? aem_event_new(AEM_K_ACCEPT, t->eid, o->time_ns, t->source) : NULL;
-        PyObject *addr = ev ? sockaddr_to_py(&ss, len) : NULL;
-        if (!addr) {
-            if (!sock) close(conn);
-            Py_XDECREF(sock);  /* closes conn */
-            Py_XDECREF(ev);
-            rc = report(self, NULL);  /* an Exception goes to the error handler; the loop goes on */
-            break;
-        }
-        ev->o[0] = sock;
-        ev->o[1] = addr;
-        ev->b = (uint64_t)conn;
-        rc = call_handler(self, t, ev);
-        Py_DECREF(ev);
-        if (rc < 0) break;
-        uint32_t slot;
-        aem_reg *r = aem_engine_lookup(&self->core, t->eid, &slot);
-        if (!r || r->state != AEM_S_ACTIVE) break;  /* unregistered or stopped by the handler */
-    }
-    Py_DECREF(sockargs);
-    return rc;
-}
-
-static int deliver_read(EngineObject *self, const target_t *t, const aem_occ *o, int fd, int64_t arg,
-                        int *eof) {
-    size_t max = (arg >> 32) > 0 ? (size_t)(arg >> 32) : 65536;
-    if (ensure_scratch(self, max) < 0) return -1;
-    ssize_t n;
-    do {
-        n = recv(fd, self->scratch, max, MSG_DONTWAIT);
-    } while (n < 0 && errno == EINTR);
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return 0;  /* spurious */
-    if (n < 0 && errno == ENOTSOCK) {
-        do {
-            n = read(fd, self->scratch, max);
-        } while (n < 0 && errno == EINTR);
-        if (n < 0 && errno == EAGAIN) return 0;
-    }
-    /* The bytes leave the scratch buffer before any Python code runs (a nested
-     * delivery would reuse it). */
-    PyObject *data;
-    if (n > 0 && aem_http_hook_type && Py_IS_TYPE(t->handler, aem_http_hook_type) &&
-        !(t->flags & (AEM_F_EXTRAS | AEM_F_FORK | AEM_F_CAPSULE))) {
-        /* AEMhttpd's connection: its fast path answers what it can first (http_hook.c) */
-        int was_delivering = self->delivering;
-        self->delivering = 1;
-        int hr = aem_http_read_hook(t->handler, fd, self->scratch, (size_t)n, o->time_ns, &data);
-        self->delivering = was_delivering;
-        if (hr < 0) return report(self, NULL);
-        source_ok(self, t->eid);
-        if (hr > 0) {
-            self->core.stats.delivered[AEM_K_READ]++;
-            return 0;
-        }
-    } else {
-        data = n > 0 ? make_payload(self, self->scratch, n) : PyBytes_FromStringAndSize(NULL, 0);
-        if (!data) return source_failed(self, t);  /* e.g. the process vmtable cannot hold it */
-        source_ok(self, t->eid);
-    }
-    EventObject *ev = aem_event_new(AEM_K_READ, t->eid, o->time_ns, t->source);
-    if (!ev) {
-        Py_DECREF(data);
-        return -1;
-    }
-    ev->b = (uint64_t)fd;
-    ev->o[0] = data;
-    if (n <= 0) {  /* end of stream (or an error: aem.Close reports it) */
-        ev->a = 1;
-        *eof = 1;
-    }
-    int rc = call_handler(self, t, ev);
-    Py_DECREF(ev);
-    return rc;
-}
-
-static int fill_child(EngineObject *self, EventObject *ev, int pidfd, int64_t arg, uint16_t flags) {
-    siginfo_t info;
-    memset(&info, 0, sizeof info);
-    int options = WEXITED | WNOHANG | ((flags & AEM_F_NOREAP) ? WNOWAIT : 0);
-    ev->o[0] = PyLong_FromLongLong(arg >> 32);
-    if (waitid(P_PIDFD, (id_t)pidfd, &info, options) == 0 && info.si_pid != 0) {
-        int code = info.si_code == CLD_EXITED ? info.si_status : -info.si_status;
-        ev->o[1] = PyLong_FromLong(code);
-    } else {
-        ev->o[1] = Py_NewRef(Py_None);  /* not our child, or already reaped elsewhere */
-    }
-    return ev->o[0] && ev->o[1] ? 0 : -1;
-}
-
-static int deliver_custom(EngineObject *self, const target_t *t, const aem_occ *o) {
-    PyObject *items = PyObject_CallMethod(t->source, "collect", "K", (unsigned long long)o->a);
-    if (!items) return source_failed(self, t);
-    if (items == Py_None) {
-        Py_DECREF(items);
-        source_ok(self, t->eid);
-        return 0;
-    }
-    PyObject *it = PyObject_GetIter(items);
-    Py_DECREF(items);
-    if (!it) return source_failed(self, t);
-    int rc = 0;
-    PyObject *item;
-    while ((item = PyIter_Next(it))) {
-        EventObject *ev = aem_event_new(AEM_K_CUSTOM, t->eid, o->time_ns, t->source);
-        if (!ev) {
-            Py_DECREF(item);
-            rc = -1;
-            break;
-        }
-        ev->a = o->a;
-        ev->o[0] = item;
-        rc = call_handler(self, t, ev);
-        Py_DECREF(ev);
-        if (rc < 0) break;
-    }
-    Py_DECREF(it);
-    if (rc == 0 && PyErr_Occurred()) return source_failed(self, t);  /* the iteration raised */
-    if (rc == 0) source_ok(self, t->eid);
-    return rc;
-}
-
-/* What delivering to registration r needs (borrowed references). */
-static target_t target_of(const aem_reg *r, uint64_t eid, int32_t priority) {
-    target_t t = {.handler = r->handler, .eid = eid, .flags = r->flags, .priority = priority};
-    PyObject *obj = r->obj;
-    if (t.flags & AEM_F_EXTRAS) {  /* (source, constructor, destructor, pool) */
-        t.source = PyTuple_GET_ITEM(obj, 0);
-        t.ctor = PyTuple_GET_ITEM(obj, 1);
-        t.dtor = PyTuple_GET_ITEM(obj, 2);
-        t.pool = PyTuple_GET_ITEM(obj, 3);
-        if (t.source == Py_None) t.source = NULL;
-    } else {
-        t.source = obj;
-    }
-    return t;
-}
-
-/* Unregister the registration of t (if it still exists: Python code may have run). */
-static void finish(EngineObject *self, const target_t *t) {
-    uint32_t slot;
-    if (aem_engine_lookup(&self->core, t->eid, &slot)) unregister_slot(self, slot);
-}
-
-static int deliver_one(EngineObject *self, aem_occ *o) {
-    aem_engine *e = &self->core;
-    aem_reg *r = aem_slot(e, o->slot);
-    target_t t = target_of(r, aem_eid_of(o->slot, o->gen), o->priority);
-    PyObject *obj = r->obj;
-    /* Everything needed of the registration, read now: any Python code below (even an
-     * allocation that runs the garbage collector) may unregister it or reuse its slot. */
-    uint8_t kind = r->kind;
-    int fd = r->fd;
-    int64_t arg = r->arg;
-    int finished = kind == AEM_K_CLOSE || kind == AEM_K_CHILD || (t.flags & AEM_F_ONESHOT) ||
-                   (kind == AEM_K_TIMER && !(t.flags & AEM_F_PERIODIC));
-    /* Our own references: the handler may unregister itself. */
-    Py_INCREF(t.handler);
-    Py_XINCREF(obj);
-    int rc = 0;
-    EventObject *ev = NULL;
-    switch (kind) {
-    case AEM_K_ACCEPT:
-        if (finished) finish(self, &t);
-        rc = deliver_accept(self, &t, o, fd);
-        goto done;
-    case AEM_K_READ: {
-        int eof = 0;
-        rc = deliver_read(self, &t, o, fd, arg, &eof);
-        if (finished || eof) finish(self, &t);  /* no Read event follows the end of the stream */
-        goto done;
-    }
-    case AEM_K_CUSTOM:
-        if (finished) finish(self, &t);
-        rc = deliver_custom(self, &t, o);
-        goto done;
-    default:
-        break;
-    }
-    if ((kind == AEM_K_READABLE || kind == AEM_K_WRITABLE) && aem_loop_is_waker(t.handler) &&
-        !(t.flags & (AEM_F_FORK | AEM_F_CAPSULE)) && (!t.ctor || t.ctor == Py_None) &&
-        (!t.dtor || t.dtor == Py_None)) {  /* aem.EventLoop's fd readiness: no Event object */
-        if (finished) finish(self, &t);
-        int was_delivering = self->delivering;
-        self->delivering = 1;
-        rc = aem_loop_wake(t.handler);
-        if (rc < 0) rc = report(self, NULL);
-        self->delivering = was_delivering;
-        self->core.stats.delivered[kind]++;
-        goto done;
-    }
-    ev = aem_event_new(kind, t.eid, o->time_ns, t.source);
-    if (!ev) {
-        rc = -1;
-        goto done;
-    }
-    ev->a = o->a;
-    ev->b = o->b;
-    switch (kind) {
-    case AEM_K_TIMER:
-        if (t.flags & AEM_F_PERIODIC) {
-            ev->t_interval = arg;
-            ev->t_after = arg;  /* when it differed, the source object was kept */
-        } else {
-            ev->t_after = arg;
-        }
-        break;
-    case AEM_K_READABLE: case AEM_K_WRITABLE:
-        ev->b = (uint64_t)fd;
-        break;
-    case AEM_K_CLOSE: {
-        int err = 0;
-        socklen_t len = sizeof err;
-        if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) err = 0;
-        ev->a = (uint64_t)err;
-        ev->b = (uint64_t)fd;
-        break;
-    }
-    case AEM_K_CHILD:
-        rc = fill_child(self, ev, fd, arg, t.flags);
-        break;
-    case AEM_K_JOB: case AEM_K_HOSTED:
-        if (o->obj && PyTuple_Check(o->obj)) {
-            for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(o->obj) && i < 4; i++)
-                ev->o[i] = Py_NewRef(PyTuple_GET_ITEM(o->obj, i));
-        }
-        Py_CLEAR(o->obj);
-        break;
-    case AEM_K_FILE: case AEM_K_USER:
-        ev->o[0] = o->obj;  /* ownership moves to the event */
-        o->obj = NULL;
-        break;
-    case AEM_K_PRESSURE:
-        ev->o[0] = t.source ? PyObject_GetAttrString(t.source, "kind") : NULL;
-        if (!ev->o[0]) PyErr_Clear();
-        break;
-    }
-    if (finished) finish(self, &t);
-    if (rc == 0) rc = call_handler(self, &t, ev);
-done:
-    Py_XDECREF(o->obj);
-    o->obj = NULL;
-    Py_XDECREF(ev);
-    Py_DECREF(t.handler);
-    Py_XDECREF(obj);
-    return rc;
 }
 
 static int engine_step_inner(EngineObject *self, int timeout_ms);
 
 /* One turn: wait up to timeout_ms, collect, deliver what was pending.
  * Returns the number of occurrences delivered, or -1 with an exception set. */
-static int engine_step(EngineObject *self, int timeout_ms) {
+int aem_py_engine_step(EngineObject *self, int timeout_ms) {
     self->in_step = 1;
     int rc = engine_step_inner(self, timeout_ms);
     self->in_step = 0;
@@ -1207,7 +646,7 @@ static int engine_step_inner(EngineObject *self, int timeout_ms) {
         }
         n = 0;
     } else if (n < 0) {
-        set_errno_error(n, "epoll_wait");
+        aem_py_errno_error(n, "epoll_wait");
         return -1;
     }
     if (n > 0) aem_engine_collect(e, e->evbuf, n);
@@ -1216,7 +655,7 @@ static int engine_step_inner(EngineObject *self, int timeout_ms) {
     aem_occ o;
     while (budget-- && !self->closed && aem_engine_pop(e, &o)) {
         delivered++;
-        if (deliver_one(self, &o) < 0) return -1;
+        if (aem_py_deliver_one(self, &o) < 0) return -1;
         if (self->stop_requested) break;
     }
     self->busy = delivered > 0;
@@ -1228,7 +667,7 @@ static PyObject *engine_run(EngineObject *self, PyObject *args, PyObject *kwds) 
     PyObject *timeout_obj = Py_None;
     int until_idle = 1;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "|Op:run", kwlist, &timeout_obj, &until_idle)) return NULL;
-    if (check_open(self) < 0) return NULL;
+    if (aem_py_check_open(self) < 0) return NULL;
     if (self->running) {
         PyErr_SetString(AemError, self->delivering ? "aem.run() called from a handler: handlers never nest"
                                                    : "aem.run() is already running in another thread");
@@ -1268,7 +707,7 @@ static PyObject *engine_run(EngineObject *self, PyObject *args, PyObject *kwds) 
             timeout_ms = left <= 0 ? 0 : (int)(ms > INT32_MAX ? INT32_MAX : ms);  /* run(0): one poll */
         }
         self->wait_interrupted = 0;
-        if (engine_step(self, timeout_ms) < 0) {
+        if (aem_py_engine_step(self, timeout_ms) < 0) {
             /* Ctrl-C while waiting ends run(); a KeyboardInterrupt from a handler propagates. */
             if (self->wait_interrupted && PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) {
                 PyErr_Clear();
@@ -1290,7 +729,7 @@ static PyObject *engine_run(EngineObject *self, PyObject *args, PyObject *kwds) 
 /* One turn for an asyncio loop: wait up to timeout_ms (<0: forever), deliver what is ready.
  * Returns the number of occurrences delivered, or -1 with an exception set. */
 int aem_py_engine_turn(EngineObject *self, int timeout_ms) {
-    if (check_open(self) < 0) return -1;
+    if (aem_py_check_open(self) < 0) return -1;
     if (self->running || self->delivering) {
         PyErr_SetString(AemError, "the aem engine is already delivering (aem.run() or a handler): "
                         "an asyncio loop on it cannot run now");
@@ -1305,7 +744,7 @@ int aem_py_engine_turn(EngineObject *self, int timeout_ms) {
     self->stop_requested = 0;
     self->run_thread = PyThread_get_thread_ident();
     if (self->async_on) aem_doorbell_pause(&self->doorbell, 1);
-    int n = engine_step(self, timeout_ms);
+    int n = aem_py_engine_step(self, timeout_ms);
     self->running = 0;
     self->stop_requested = 0;
     if (self->async_on) aem_doorbell_pause(&self->doorbell, 0);
@@ -1316,7 +755,7 @@ int aem_py_engine_turn(EngineObject *self, int timeout_ms) {
 int aem_py_engine_remove(EngineObject *self, uint64_t eid) {
     uint32_t slot;
     if (self->closed || !aem_engine_lookup(&self->core, eid, &slot)) return 0;
-    unregister_slot(self, slot);
+    aem_py_unregister_slot(self, slot);
     return 1;
 }
 
@@ -1338,93 +777,7 @@ static PyObject *engine_stop(EngineObject *self, PyObject *noargs) {
         self->stop_requested = 1;
         if (!self->closed) aem_engine_wake(&self->core);
     }
-    stop_async(self, 0);
-    Py_RETURN_NONE;
-}
-
-/* ---- asynchronous delivery -------------------------------------------------------------- */
-
-/* Deliver everything ready, in the main thread (pending call or kick signal handler). */
-static int drain(EngineObject *self) {
-    if (self->delivering || self->in_step || self->running || self->closed) {
-        /* Not now (a handler or a turn is in progress: handlers never nest).  Whoever
-         * is delivering acknowledges the doorbell when it is done. */
-        self->nested++;
-        self->ring_owed = 1;
-        return 0;
-    }
-    self->drains++;
-    int rc = 0;
-    for (int i = 0; i < AEM_DRAIN_TURNS; i++) {
-        int n = engine_step(self, 0);
-        if (n < 0) {
-            rc = -1;
-            break;
-        }
-        if (n == 0 && self->core.pqlen == 0) break;
-    }
-    /* Occurrences still queued (the budget ran out, or a BaseException stopped us):
-     * make the epoll fd readable so that the doorbell rings again. */
-    if (self->core.pqlen) aem_engine_wake(&self->core);
-    self->ring_owed = 0;
-    if (self->async_on) aem_doorbell_ack(&self->doorbell);
-    return rc;
-}
-
-/* After a delivery outside any drain or turn (a synchronous _deliver_now): a ring
- * that came meanwhile was declined; acknowledge it now so the doorbell rings again. */
-static void settle_owed_ring(EngineObject *self) {
-    if (self->ring_owed && !self->delivering && !self->in_step && !self->running && self->async_on) {
-        self->ring_owed = 0;
-        aem_doorbell_ack(&self->doorbell);
-    }
-}
-
-static int pending_drain(void *unused) {
-    EngineObject *self = async_engine;
-    if (!self) return 0;
-    Py_INCREF(self);  /* a handler may stop() and drop the last reference */
-    int rc = drain(self);
-    Py_DECREF(self);
-    return rc;
-}
-
-static void ring(void *arg) {
-    EngineObject *self = arg;
-    Py_AddPendingCall(pending_drain, NULL);  /* a full queue is fine: the signal drains too */
-    pthread_kill(self->main_thread, kick_signum);
-}
-
-static PyObject *engine_start(EngineObject *self, PyObject *args) {
-    int signum;
-    if (!PyArg_ParseTuple(args, "i:_start_async", &signum)) return NULL;
-    if (check_open(self) < 0) return NULL;
-    if (self->async_on) Py_RETURN_NONE;
-    if (async_engine && async_engine != self) {
-        PyErr_SetString(AemError, "another aem engine already delivers asynchronously in this process");
-        return NULL;
-    }
-    self->main_thread = pthread_self();
-    self->main_tid = (pid_t)syscall(SYS_gettid);
-    kick_signum = signum;
-    int rc = aem_doorbell_start(&self->doorbell, self->core.epfd, self->core.wakefd, ring,
-                                aem_engine_event_is_fragile, self);
-    if (rc < 0) return set_errno_error(rc, "pthread_create");
-    self->async_on = 1;
-    direct_kick_all(self, 1);
-    async_engine = self;
-    Py_INCREF(self);
-    Py_RETURN_NONE;
-}
-
-static PyObject *engine_drain(EngineObject *self, PyObject *noargs) {
-    if (drain(self) < 0) return NULL;
-    Py_RETURN_NONE;
-}
-
-/* The Python-level handler of the kick signal: _kick(signum, frame). */
-PyObject *aem_kick(PyObject *module, PyObject *args) {
-    if (pending_drain(NULL) < 0) return NULL;
+    aem_py_stop_async(self, 0);
     Py_RETURN_NONE;
 }
 
@@ -1433,7 +786,7 @@ PyObject *aem_kick(PyObject *module, PyObject *args) {
 static PyObject *engine_fire(EngineObject *self, PyObject *args) {
     PyObject *eid_obj, *payload = Py_None;
     if (!PyArg_ParseTuple(args, "O|O:fire", &eid_obj, &payload)) return NULL;
-    if (check_open(self) < 0) return NULL;
+    if (aem_py_check_open(self) < 0) return NULL;
     uint64_t eid;
     if (parse_eid(eid_obj, &eid) < 0) return NULL;
     Py_INCREF(payload);
@@ -1451,7 +804,7 @@ static PyObject *engine_fire(EngineObject *self, PyObject *args) {
 static PyObject *engine_push(EngineObject *self, PyObject *args) {
     PyObject *eid_obj, *values;
     if (!PyArg_ParseTuple(args, "OO!:_push", &eid_obj, &PyTuple_Type, &values)) return NULL;
-    if (check_open(self) < 0) return NULL;
+    if (aem_py_check_open(self) < 0) return NULL;
     uint64_t eid;
     if (parse_eid(eid_obj, &eid) < 0) return NULL;
     Py_INCREF(values);
@@ -1466,14 +819,14 @@ static PyObject *engine_push(EngineObject *self, PyObject *args) {
 static PyObject *engine_deliver_now(EngineObject *self, PyObject *args) {
     PyObject *eid_obj, *values;
     if (!PyArg_ParseTuple(args, "OO!:_deliver_now", &eid_obj, &PyTuple_Type, &values)) return NULL;
-    if (check_open(self) < 0) return NULL;
+    if (aem_py_check_open(self) < 0) return NULL;
     uint64_t eid;
     if (parse_eid(eid_obj, &eid) < 0) return NULL;
     uint32_t slot;
     aem_reg *r = aem_engine_lookup(&self->core, eid, &slot);
     if (!r) Py_RETURN_FALSE;
     if (r->state != AEM_S_ACTIVE) Py_RETURN_NONE;  /* stopped (EVJOBSTOP): still registered */
-    target_t t = target_of(r, eid, r->priority);
+    target_t t = aem_py_target_of(r, eid, r->priority);
     PyObject *obj = r->obj;
     t.flags &= (uint16_t)~(AEM_F_FORK | AEM_F_CAPSULE);  /* synchronous means here */
     EventObject *ev = aem_event_new(r->kind, eid, aem_now_ns(), t.source);
@@ -1483,13 +836,13 @@ static PyObject *engine_deliver_now(EngineObject *self, PyObject *args) {
     Py_INCREF(t.handler);
     Py_XINCREF(obj);
     int oneshot = t.flags & AEM_F_ONESHOT;
-    if (oneshot) unregister_slot(self, slot);
+    if (oneshot) aem_py_unregister_slot(self, slot);
     self->core.stats.occurrences++;
-    int rc = call_handler(self, &t, ev);
+    int rc = aem_py_call_handler(self, &t, ev);
     Py_DECREF(ev);
     Py_DECREF(t.handler);
     Py_XDECREF(obj);
-    settle_owed_ring(self);
+    aem_py_settle_owed_ring(self);
     if (rc < 0) return NULL;
     Py_RETURN_TRUE;
 }
@@ -1540,7 +893,7 @@ static PyObject *engine_stats(EngineObject *self, PyObject *noargs) {
 }
 
 static PyObject *engine_describe(EngineObject *self, PyObject *eid_obj) {
-    if (check_open(self) < 0) return NULL;
+    if (aem_py_check_open(self) < 0) return NULL;
     uint64_t eid;
     uint32_t slot;
     aem_reg *r = lookup_or_raise(self, eid_obj, &eid, &slot);
@@ -1559,7 +912,7 @@ static PyObject *engine_describe(EngineObject *self, PyObject *eid_obj) {
 static PyObject *engine_handlers(EngineObject *self, PyObject *arg) {
     unsigned long mask = PyLong_AsUnsignedLong(arg);
     if (mask == (unsigned long)-1 && PyErr_Occurred()) return NULL;
-    if (check_open(self) < 0) return NULL;
+    if (aem_py_check_open(self) < 0) return NULL;
     PyObject *out = PyList_New(0);
     if (!out) return NULL;
     aem_engine *e = &self->core;
@@ -1567,7 +920,7 @@ static PyObject *engine_handlers(EngineObject *self, PyObject *arg) {
         aem_reg *r = aem_slot(e, s);
         if (r->state == AEM_S_FREE || is_internal(r) || !(r->flags & mask)) continue;
         uint64_t eid = aem_eid_of(s, r->gen);
-        target_t t = target_of(r, eid, r->priority);
+        target_t t = aem_py_target_of(r, eid, r->priority);
         PyObject *item = Py_BuildValue("(KOIO)", (unsigned long long)eid, (PyObject *)r->handler,
                                        (unsigned)(r->flags & AEM_F__PUBLIC), t.source ? t.source : Py_None);
         if (!item || PyList_Append(out, item) < 0) {
@@ -1629,8 +982,8 @@ static PyMethodDef engine_methods[] = {
      "run(timeout=None, until_idle=True)\n--\n\nDeliver events in this thread; returns why it ended: "
      "'stopped', 'idle', 'timeout' or 'closed'."},
     {"stop", (PyCFunction)engine_stop, METH_NOARGS, "stop()\n--\n\nEnd run() and asynchronous delivery."},
-    {"_start_async", (PyCFunction)engine_start, METH_VARARGS, "Start the doorbell thread."},
-    {"_drain", (PyCFunction)engine_drain, METH_NOARGS, "Deliver what is ready now."},
+    {"_start_async", (PyCFunction)aem_py_engine_start, METH_VARARGS, "Start the doorbell thread."},
+    {"_drain", (PyCFunction)aem_py_engine_drain, METH_NOARGS, "Deliver what is ready now."},
     {"fire", (PyCFunction)engine_fire, METH_VARARGS, "fire(eid, payload=None)\n--\n\nFire a user event."},
     {"_push", (PyCFunction)engine_push, METH_VARARGS, "Queue an occurrence made by Python code."},
     {"_deliver_now", (PyCFunction)engine_deliver_now, METH_VARARGS, "Deliver synchronously (vmtable shortage)."},
