@@ -14,6 +14,7 @@
 #include "handoff.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -388,10 +389,9 @@ static PyObject *handoff_parse_py(PyObject *mod, PyObject *args) {
 
 static char *recv_buf;  /* made, and every page touched, on first use (the capsule's warm-up) */
 
-static PyObject *handoff_recv(PyObject *mod, PyObject *args) {
-    int sockfd;
-    PyObject *sources = Py_None;
-    if (!PyArg_ParseTuple(args, "i|O:handoff_recv", &sockfd, &sources)) return NULL;
+/* One message on sockfd: None (end of stream), (op, eid, event) for a native record,
+ * (0, data, fds) for anything else. */
+static PyObject *recv_one(int sockfd, PyObject *sources) {
     if (!recv_buf) {
         recv_buf = PyMem_RawMalloc(HO_BUF);
         if (!recv_buf) return PyErr_NoMemory();
@@ -452,6 +452,77 @@ static PyObject *handoff_recv(PyObject *mod, PyObject *args) {
 fail:
     for (int i = 0; i < nfds; i++) close(fds[i]);
     return NULL;
+}
+
+static PyObject *handoff_recv(PyObject *mod, PyObject *args) {
+    int sockfd;
+    PyObject *sources = Py_None;
+    if (!PyArg_ParseTuple(args, "i|O:handoff_recv", &sockfd, &sources)) return NULL;
+    return recv_one(sockfd, sources);
+}
+
+/* After a keepalive handler that returned: the capsule's copy of the event's fd is
+ * closed unless the handler kept it (a CloseEvent's fd is not ours). */
+static void release_native(PyObject *event) {
+    if (((EventObject *)event)->kept || ((EventObject *)event)->kind == AEM_K_CLOSE) return;
+    PyObject *fd = PyObject_GetAttrString(event, "fd");
+    if (!fd) {
+        PyErr_Clear();
+        return;
+    }
+    if (PyLong_CheckExact(fd)) {
+        long v = PyLong_AsLong(fd);
+        if (v >= 0 && v <= INT_MAX) close((int)v);
+    }
+    PyErr_Clear();
+    Py_DECREF(fd);
+}
+
+/* The capsule's receive loop: native records whose handler is in table run here, with
+ * no Python between recvmsg and the handler's first line; a keepalive event whose
+ * handler returned is released here and the loop goes on.  Anything else goes back
+ * to the caller: None (end of stream), (0, data, fds) (a pickled message), or
+ * (op, eid, event, exc) for a native event the caller finishes (releases it, reports,
+ * exits after a run): its handler ran and raised exc (None: it returned, op is run),
+ * or the table has no handler for eid (exc None, the handler never ran). */
+static PyObject *capsule_serve(PyObject *mod, PyObject *args) {
+    int sockfd;
+    PyObject *table, *sources;
+    if (!PyArg_ParseTuple(args, "iO!O:capsule_serve", &sockfd, &PyDict_Type, &table, &sources)) return NULL;
+    for (;;) {
+        PyObject *got = recv_one(sockfd, sources);
+        if (!got || got == Py_None || PyTuple_GET_SIZE(got) != 3 || PyLong_AsLong(PyTuple_GET_ITEM(got, 0)) == 0)
+            return got;
+        PyObject *op = PyTuple_GET_ITEM(got, 0), *eid = PyTuple_GET_ITEM(got, 1), *event = PyTuple_GET_ITEM(got, 2);
+        PyObject *handler = PyDict_GetItemWithError(table, eid);  /* borrowed */
+        PyObject *exc = NULL;
+        if (handler) {
+            Py_INCREF(handler);
+            PyObject *r = PyObject_CallOneArg(handler, event);
+            Py_DECREF(handler);
+            if (r) {
+                Py_DECREF(r);
+                if (PyLong_AsLong(op) == AEM_HO_KEEP) {
+                    release_native(event);
+                    Py_DECREF(got);
+                    continue;
+                }
+            } else {
+                PyObject *type, *tb;
+                PyErr_Fetch(&type, &exc, &tb);
+                PyErr_NormalizeException(&type, &exc, &tb);
+                if (tb && exc) PyException_SetTraceback(exc, tb);
+                Py_XDECREF(type);
+                Py_XDECREF(tb);
+            }
+        } else if (PyErr_Occurred()) {
+            Py_DECREF(got);
+            return NULL;
+        }
+        PyObject *res = Py_BuildValue("(OOON)", op, eid, event, exc ? exc : Py_NewRef(Py_None));
+        Py_DECREF(got);
+        return res;
+    }
 }
 
 /* ---- the idle table (parent): the engine hands events to capsules itself ------- */
@@ -694,6 +765,9 @@ static PyMethodDef handoff_methods[] = {
     {"handoff_recv", handoff_recv, METH_VARARGS,
      "handoff_recv(sockfd, sources=None) -> None | (op, eid, event) | (0, data, fds)\n\n"
      "Receive one message: a native record rebuilt as an event, or the raw message."},
+    {"capsule_serve", capsule_serve, METH_VARARGS,
+     "capsule_serve(sockfd, table, sources) -> None | (0, data, fds) | (op, eid, event, exc)\n\n"
+     "The capsule's receive loop: runs native events whose handler is in table; returns the rest."},
     {"handoff_set_default", set_default, METH_O,
      "handoff_set_default(table | None)\n\nThe idle table the engine uses for EVF_CAPSULE registrations without pool=."},
     {"_handoff_parse", handoff_parse_py, METH_VARARGS,

@@ -42,11 +42,16 @@ def run_handler(handler: Callable[[Any], object], event: Any) -> str | None:
     """Run ``handler(event)``; the exception as text, or None."""
     try:
         handler(event)
-    except SystemExit as e:
-        return None if e.code in (None, 0) else error_text(e)
     except BaseException as e:
-        return error_text(e)
+        return handler_error(e)
     return None
+
+
+def handler_error(exc: BaseException) -> str | None:
+    """What a handler raised, as the text reported (None: ``sys.exit()``/``sys.exit(0)``)."""
+    if isinstance(exc, SystemExit) and exc.code in (None, 0):
+        return None
+    return error_text(exc)
 
 
 
@@ -75,7 +80,7 @@ def run_call(blob: bytes) -> tuple[bool, Any]:
 
 def _rehearsal_handler(ev: Any) -> None:
     """The handler of the dummy event a capsule runs before it reports itself ready."""
-    if ev.payload is not None and ev.fd < 0:  # pragma: no cover - never true
+    if ev.payload is None and getattr(ev, "fd", None) is None:  # pragma: no cover - never true
         raise AssertionError(ev)
 
 
@@ -104,9 +109,8 @@ def warm(chan: socket.socket, table: dict[int, Callable[[Any], object]],
                  "_source_blob": None}
         for _ in range(2):
             _core.handoff_send(a.fileno(), _rehearsal_record(0, 1))
-            native = _core.handoff_recv(b.fileno(), {})
-            assert native is not None and native[0] == _core.HANDOFF_RUN
-            run_handler(_rehearsal_handler, native[2])
+            native = _core.capsule_serve(b.fileno(), {0: _rehearsal_handler}, {})
+            assert native is not None and native[0] == _core.HANDOFF_RUN and native[3] is None
             release_native(native[2])
             fd = os.dup(b.fileno())
             try:
@@ -143,18 +147,26 @@ def release_native(event: Any) -> None:
             os.close(fd)
 
 
+Message = tuple[str, int, Any, Callable[[Any], object] | None, bool, str | None]
+
+
 def _next_event(chan: socket.socket, table: dict[int, Callable[[Any], object]],
-                sources: dict[int, Any]) -> tuple[str, int, Any, Callable[[Any], object] | None] | None:
-    """The next message: (op, eid, event, handler), ("call", 0, blob, None), or None at the end."""
-    got = _core.handoff_recv(chan.fileno(), sources)
+                sources: dict[int, Any]) -> Message | None:
+    """The next message the C loop (``_core.capsule_serve``) did not finish itself:
+    (op, eid, event, handler, ran, err) — ``ran``: the C loop already ran the handler,
+    ``err`` is what it raised —, ("call", 0, blob, None, False, None), or None at the end."""
+    got = _core.capsule_serve(chan.fileno(), table, sources)
     if got is None:
         return None
-    if got[0]:  # a native record, already an event
-        op, eid, event = got
-        return ("run" if op == _core.HANDOFF_RUN else "keep"), eid, event, table.get(eid)
+    if got[0]:  # a native record: the C loop ran its handler, or the table has none
+        op, eid, event, exc = got
+        name = "run" if op == _core.HANDOFF_RUN else "keep"
+        if eid in table:
+            return name, eid, event, table[eid], True, None if exc is None else handler_error(exc)
+        return name, eid, event, None, False, None
     (op, eid, blob, kind, attrs), fds = decode(got[1], got[2])
     if op == "call":
-        return op, 0, blob, None
+        return op, 0, blob, None, False, None
     handler = table.get(eid) if blob is None else pickle.loads(blob)
     if handler is not None:
         table[eid] = handler
@@ -165,8 +177,8 @@ def _next_event(chan: socket.socket, table: dict[int, Callable[[Any], object]],
             for fd in fds:
                 os.close(fd)
             raise
-        return op, eid, event, handler
-    return op, eid, rebuild(kind, attrs, fds), handler
+        return op, eid, event, handler, False, None
+    return op, eid, rebuild(kind, attrs, fds), handler, False, None
 
 
 def capsule_main(chan: socket.socket, table: dict[int, Callable[[Any], object]],
@@ -185,14 +197,13 @@ def capsule_main(chan: socket.socket, table: dict[int, Callable[[Any], object]],
             msg = _next_event(chan, table, known)
             if msg is None:  # the parent is gone or released us
                 break
-            op, eid, event, handler = msg
+            op, eid, event, handler, ran, err = msg
             if op == "call":  # an executor's call: answer, then wait for the next one
                 send(chan, ("result", *run_call(event)))
                 continue
-            err: str | None
             if handler is None:
                 err = f"capsule: no handler for event {eid}"
-            else:
+            elif not ran:
                 err = run_handler(handler, event)
             if isinstance(event, ProcessEvent):
                 release(event)
