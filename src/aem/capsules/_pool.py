@@ -733,7 +733,7 @@ class CapsulePool(ExecutorPart):
             discard(msg[4] if isinstance(msg, tuple) and isinstance(msg[4], dict) else {}, socks)
         if cap in self._workers:
             self._worker_exited(cap, code, errors)
-        elif cap.state in ("warming", "broken"):  # it died before it was ever ready: back off
+        elif cap.state in ("starting", "warming", "broken"):  # it died before it was ever ready: back off
             self._consecutive_failures += 1
             self._counters["spawn_failures"] += 1
             why = errors[-1].splitlines()[-1] if errors else f"exit {code}"
