@@ -649,6 +649,7 @@ class CapsulePool(ExecutorPart):
             self._release(cap)
             return
         cap.state = "idle"
+        self._consecutive_failures = 0  # a capsule made it to ready: the back-off starts over
         self._idle.append(cap)
         self._table.set_known(cap.template.table)
         self._table.push(cap.chan.fileno(), cap.token)
@@ -694,8 +695,7 @@ class CapsulePool(ExecutorPart):
                 cap.pid = pid
                 self._by_pid[pid] = cap
                 self._counters["spawned"] += 1
-                self._last_spawn_ok = time.monotonic()
-                self._consecutive_failures = 0
+                self._last_spawn_ok = time.monotonic()  # the kernel forks again
                 if t.retired:  # spawned by a template being replaced: not for new work
                     self._release(cap)
                     continue
