@@ -71,8 +71,8 @@ def test_periodic_timer_counts_missed_expirations(engine: aem.Engine) -> None:
 
     engine.register(aem.Timer(0.01, interval=0.01), slow)
     assert engine.run(timeout=5) == "stopped"
-    assert counts[0] == 1
-    assert counts[1] >= 4, counts
+    assert counts[0] >= 1  # more than one only when the first delivery itself was late (a loaded machine)
+    assert counts[1] >= 4, counts  # the ~5 periods slept through arrive as one occurrence's count
     assert engine.stats()["timers"] == 1
 
 

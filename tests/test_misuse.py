@@ -143,6 +143,22 @@ def test_a_handler_unregistering_its_failing_source_meanwhile(
     assert 1 <= raising.calls < 5 and errors == []
 
 
+def test_an_application_stop_during_a_back_off_is_not_undone_by_its_resume(
+        engine: aem.Engine, errors: list[tuple[BaseException, Any]]) -> None:
+    raising = _Raising(fail=1)  # fails once (a 10 ms back-off), then delivers
+    got: list[int] = []
+    eid = engine.register(raising, lambda ev: got.append(1))
+    engine._add_timer(0.002, lambda ev: engine.control(eid, aem.EVJOBSTOP))  # during the back-off
+    engine._add_timer(0.100, lambda ev: engine.stop())                        # long after it ended
+    assert engine.run(timeout=5) == "stopped"
+    assert raising.calls == 1 and got == [], "resumed by the back-off's timer despite EVJOBSTOP"
+    engine.control(eid, aem.EVJOBSTART)
+    engine._add_timer(0.050, lambda ev: engine.stop())
+    engine.run(timeout=5)
+    assert raising.calls >= 2 and len(got) >= 1
+    raising.close()
+
+
 # -- refused at the call ----------------------------------------------------------------------
 
 def test_child_exit_of_this_process_is_refused() -> None:

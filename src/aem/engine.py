@@ -120,6 +120,8 @@ class Engine(_core.Engine):
         self._channel: tuple[socket.socket, socket.socket] | None = None
         #: job eid -> eids of the ChildExit(job=...) registrations listening to it
         self._jobs: dict[int, set[int]] = {}
+        #: eids paused by a back-off (see _backoff) that its timer will resume
+        self._backing_off: set[int] = set()
         self._set_hooks(spawn=self._spawn, unregister=self._on_unregister,
                         pool=lambda pool: _support().check_pool(pool))
         _engines.add(self)
@@ -176,16 +178,28 @@ class Engine(_core.Engine):
 
     def _backoff(self, eid: int, pause: float) -> None:
         """The engine's own work for ``eid`` failed (accept() out of descriptors, a source's
-        collect() raised): pause the registration for ``pause`` seconds rather than spin."""
-        self.control(eid, _core.EVJOBSTOP)
+        collect() raised): pause the registration for ``pause`` seconds rather than spin.
+
+        A ``control()`` of the application in the meantime wins: the timer resumes only a
+        registration still paused by the back-off alone."""
+        super().control(eid, _core.EVJOBSTOP)
+        self._backing_off.add(eid)
 
         def resume(ev: Event) -> None:
+            if eid not in self._backing_off:
+                return  # the application took control of it meanwhile
+            self._backing_off.discard(eid)
             try:
-                self.control(eid, _core.EVJOBSTART)
+                super(Engine, self).control(eid, _core.EVJOBSTART)
             except UnknownEventError:
                 pass  # unregistered meanwhile
 
         self._add_timer(pause, resume)
+
+    def control(self, eid: int, op: int, arg: Any = None) -> None:
+        """Job control of registration ``eid`` (see :func:`aem.control`)."""
+        self._backing_off.discard(eid)  # the application's word wins over a back-off's resume
+        super().control(eid, op, arg)
 
     def _job_exit(self, job: int, pid: int, returncode: int | None, error: str | None) -> int:
         """Deliver the end of a process of ``job`` to its ChildExit(job=...) listeners."""
