@@ -29,7 +29,13 @@ request), moving the connection's idle deadline itself; only what is left
 reaches ``_Conn.on_read``, which also tries the C path (one call) when it gets
 bytes while the connection is between requests.
 
-It is off when an access log is kept (the C path writes no log lines).
+The access log: while the server keeps one, the C path writes each
+answer's line into a buffer it owns (``HttpFast.log``/``take_log``, the same
+Common Log Format line as :meth:`HTTPServer._log_line`), and the full path's
+lines go into the same buffer, so lines keep the order of the answers; the
+server writes the buffer to its log stream on every tick of its timer (at
+least once a second), when it passes 64 KiB (the C path calls the server's
+``_flush_log``) and when it stops.
 
 The file cache is the server's small-file cache (:class:`~.static.CacheEntry`,
 keyed by the resolved path) seen through :func:`cached_file`, the one place
@@ -97,7 +103,7 @@ class FastPath:
     returns the bytes left for the full parser.
     """
 
-    __slots__ = ("_bytes", "_core", "_server", "serve")
+    __slots__ = ("_bytes", "_core", "_server", "log", "serve", "take_log")
 
     def __init__(self, server: HTTPServer) -> None:
         lim = server.limits
@@ -108,6 +114,11 @@ class FastPath:
             lim.max_request_line, lim.max_header_size, lim.max_headers)
         self._bytes = 0
         self.serve = self._core.serve
+        #: Append a line to the access log buffer; take what it holds (bytes, UTF-8).
+        self.log = self._core.log
+        self.take_log = self._core.take_log
+        if server.access_log is not None:
+            self._core.set_log(server._flush_log)
 
     def handler(self, conn: _Conn) -> Callable[[Any], None]:
         """The handler of ``conn``'s ``aem.Read``: the engine runs the C path on the bytes
