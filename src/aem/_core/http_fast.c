@@ -336,8 +336,25 @@ static PyObject *serve_buf(HttpFastObject *self, PyObject *conn, int fd, PyObjec
     while (pos < len) {
         aem_http_req r;
         if (aem_http_parse(buf + pos, len - pos, &self->lim, &r, self->fields) < 0) break;
-        if (r.target_len >= nprefix && memcmp(r.target, prefix, nprefix) == 0) break;
         int head_only = r.method == AEM_HTTP_HEAD;
+        int st = 0;
+        size_t length = 0;
+        if (r.target_len >= nprefix && memcmp(r.target, prefix, nprefix) == 0) {
+            /* the status page's JSON (http_status.c), or the full path's */
+            if (!self->status_mode) break;
+            if (!addr && !(addr = PyObject_GetAttr(conn, str_addr))) {
+                failed = 1;
+                break;
+            }
+            if (now == 0) now = wall_now();
+            st = aem_http_status_json(self, r.target, r.target_len, addr, head_only, nreq + 1, sent, now,
+                                      &length);
+            if (st < 0) failed = 1;
+            if (st <= 0) break;
+            pos += r.head_len;
+            nreq++;
+            goto answered;
+        }
         int cacheable = (r.flags & (AEM_HTTP_CANONICAL | AEM_HTTP_CONDITIONAL)) == AEM_HTTP_CANONICAL;
         PyObject *target = PyUnicode_DecodeASCII(r.target, (Py_ssize_t)r.target_len, NULL);
         if (!target) {
@@ -345,8 +362,6 @@ static PyObject *serve_buf(HttpFastObject *self, PyObject *conn, int fd, PyObjec
             break;
         }
         if (cacheable && now == 0) now = wall_now();
-        int st = 0;
-        size_t length = 0;
         if (self->app == Py_None) {  /* no app: the file cache or the full path */
             st = cacheable ? emit_cached(self, target, head_only, now, &length) : 0;
             Py_DECREF(target);
@@ -394,6 +409,7 @@ static PyObject *serve_buf(HttpFastObject *self, PyObject *conn, int fd, PyObjec
             Py_CLEAR(req);
             Py_CLEAR(result);
         }
+    answered:
         if (st == 1) st = 200;
         if (count_class(self, st) < 0) {
             failed = 1;
@@ -562,11 +578,14 @@ static int fast_traverse(HttpFastObject *self, visitproc visit, void *arg) {
     Py_VISIT(self->by_class);
     Py_VISIT(self->server_dict);
     Py_VISIT(self->log_flush);
-    return 0;
+    return 0;  /* status_head/mid/tail: bytes, no cycles */
 }
 
 static int fast_clear(HttpFastObject *self) {
     Py_CLEAR(self->log_flush);
+    Py_CLEAR(self->status_head);
+    Py_CLEAR(self->status_mid);
+    Py_CLEAR(self->status_tail);
     Py_CLEAR(self->server_dict);
     Py_CLEAR(self->server);
     Py_CLEAR(self->app);
@@ -592,6 +611,7 @@ static void fast_dealloc(HttpFastObject *self) {
     PyMem_Free(self->fields);
     PyMem_Free(self->out);
     PyMem_Free(self->log);
+    PyMem_Free(self->status_body);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
 }
@@ -604,6 +624,8 @@ static PyObject *fast_get_cache(HttpFastObject *self, void *closure) {
 static PyMemberDef fast_members[] = {
     {"direct_requests", T_INT, offsetof(HttpFastObject, req_direct), READONLY,
      "True when Requests are filled in directly (the class has Request's __slots__)."},
+    {"status_served", T_PYSSIZET, offsetof(HttpFastObject, status_served), READONLY,
+     "Status page JSON answers made here (no Python)."},
     {"answered", T_PYSSIZET, offsetof(HttpFastObject, answered), READONLY,
      "Requests answered by the native path from start to end (no Python but the app)."},
     {NULL},
@@ -625,6 +647,10 @@ static PyMethodDef fast_methods[] = {
      "64 KiB; the caller then takes it with take_log()), or None: no log."},
     {"log", (PyCFunction)aem_http_log_method, METH_O,
      "log(line)\n\nAppend a line (str, with its newline) to the access log buffer."},
+    {"set_status", (PyCFunction)aem_http_set_status_method, METH_VARARGS,
+     "set_status(mode, head, mid, tail, taken, max_age)\n\nThe status page's JSON snapshot: head + "
+     "server section + mid + time + tail; mode 0 (never here), 1 (everyone), 2 (loopback clients); "
+     "taken: time.monotonic() when made; answered from it while at most max_age seconds old."},
     {"take_log", (PyCFunction)aem_http_take_log_method, METH_NOARGS,
      "take_log() -> bytes\n\nThe access log lines buffered so far (UTF-8), and empty the buffer."},
     {NULL},
@@ -723,6 +749,6 @@ int aem_http_fast_init(PyObject *module) {
         return -1;
     }
     aem_http_fast_type = tp;
-    if (aem_http_hook_init(module) < 0) return -1;
+    if (aem_http_hook_init(module) < 0 || aem_http_status_init() < 0) return -1;
     return PyModule_AddFunctions(module, http_functions);
 }

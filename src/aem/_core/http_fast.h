@@ -34,6 +34,13 @@ typedef struct {
     time_t log_sec;
     char log_time[48];
     size_t log_time_len;
+    /* the status page's JSON (http_status.c) */
+    int status_mode;              /* 0: never here, 1: for everyone, 2: for loopback clients */
+    PyObject *status_head, *status_mid, *status_tail;   /* the snapshot's JSON text (bytes) */
+    double status_taken, status_max_age;                /* CLOCK_MONOTONIC seconds */
+    char *status_body;
+    size_t status_len, status_cap;
+    Py_ssize_t status_served;
 } HttpFastObject;
 
 extern PyObject *aem_http_fast_type;
@@ -60,5 +67,13 @@ int aem_http_log_request(HttpFastObject *self, const char *addr, size_t naddr, i
 int aem_http_log_maybe_flush(HttpFastObject *self);
 PyObject *aem_http_log_method(HttpFastObject *self, PyObject *line);
 PyObject *aem_http_take_log_method(HttpFastObject *self, PyObject *unused);
+
+/* /_aem/status?format=json (http_status.c): 200 when answered into self->out (the body's
+ * length in *length), 0 when the full path answers it, -1 on error.  nreq: the requests
+ * of this batch so far, this one included; sent: the bytes this batch has sent. */
+int aem_http_status_json(HttpFastObject *self, const char *target, size_t ntarget, PyObject *addr,
+                         int head_only, size_t nreq, size_t sent, double now, size_t *length);
+PyObject *aem_http_set_status_method(HttpFastObject *self, PyObject *args);
+int aem_http_status_init(void);
 
 #endif

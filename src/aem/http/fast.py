@@ -105,6 +105,11 @@ class FastPath:
 
     __slots__ = ("_bytes", "_core", "_server", "log", "serve", "take_log")
 
+    #: Who sees the status page, as the C path reads it (HTTPServer.status_page).
+    STATUS_MODES = {True: 1, "loopback": 2}
+    #: The oldest status snapshot the C path answers from, in seconds.
+    STATUS_MAX_AGE = 2.0
+
     def __init__(self, server: HTTPServer) -> None:
         lim = server.limits
         self._server = server
@@ -126,6 +131,19 @@ class FastPath:
         hook: Callable[[Any], None] = _core.HttpReadHook(self._core, conn, conn.on_read,
                                                          self._server._idle_ns)
         return hook
+
+    def snapshot_status(self, data: dict[str, Any]) -> None:
+        """Give the C path the status page's JSON around its live parts (see
+        :func:`.status.json_parts`): it answers ``/_aem/status?format=json`` from it, with
+        no Python, for the next :attr:`STATUS_MAX_AGE` seconds."""
+        head, mid, tail = _status.json_parts(data)
+        mode = self.STATUS_MODES.get(self._server.status_page, 0)
+        self._core.set_status(mode, head, mid, tail, time.monotonic(), self.STATUS_MAX_AGE)
+
+    @property
+    def status_served(self) -> int:
+        """Status page JSON answers the C path made."""
+        return self._core.status_served
 
     @property
     def cache(self) -> dict[str, tuple[float, bytes, bytes]]:

@@ -84,6 +84,7 @@ _time = time.time
 _EV_STOP = aem.EVJOBSTOP
 _EV_START = aem.EVJOBSTART
 _STATUS_PATH = _status.PATH
+_STATUS_KEEP = 60.0          # seconds the status snapshot is refreshed after the page was asked
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,6 +470,8 @@ class HTTPServer:
         self._timer_eid = 0
         self._last_pause_log = 0.0
         self._last_log_failure = 0.0
+        self._status_asked = -1e9   # time.monotonic() of the last status page request
+        self._status_seen = 0       # the C path's status answers, at the last tick
         self._prev_error_handler: Any = None
         self._started = False
         # counters (see stats())
@@ -611,6 +614,15 @@ class HTTPServer:
                 heapq.heappush(heap, (conn.deadline, next(self._seq), conn))
         if self.static is not None and self.static.cache:
             self.static.purge()
+        fp = self._fastpath
+        if fp is not None and self.status_page:
+            # the status JSON's snapshot for the C path, while someone asks for it
+            served, mono = fp.status_served, time.monotonic()
+            if served != self._status_seen:
+                self._status_seen = served
+                self._status_asked = mono
+            if mono - self._status_asked < _STATUS_KEEP:
+                fp.snapshot_status(_status.collect(self.stats(), self.pool))
         self._flush_log()
 
     def _expire(self, conn: _Conn) -> None:
@@ -736,6 +748,9 @@ class HTTPServer:
 
     def _status_response(self, conn: _Conn, req: Request) -> None:
         data = _status.collect(self.stats(), self.pool)
+        if self._fastpath is not None:
+            self._status_asked = time.monotonic()
+            self._fastpath.snapshot_status(data)
         if _status.wants_json(req.headers.get("accept"), req.query):
             body, ctype = _status.render_json(data), "application/json"
         else:
