@@ -24,6 +24,8 @@ def test_http_and_idle_suites_run_quick(tmp_path: Path) -> None:
     aem_rps = [r["value"] for r in http_rows if r["variant"] == "aem" and r["metric"] == "req/s"]
     assert aem_rps and all(v > 0 for v in aem_rps)
     assert {r["case"] for r in idle_rows if r["variant"] == "aem"} == {"0 idle", "500 idle"}
+    assert {r["metric"] for r in idle_rows if r["variant"] == "aem"} == {
+        "p50 latency", "p99 latency", "req/s", "server CPU/req"}
     assert (tmp_path / "http-throughput.png").stat().st_size > 0
     assert (tmp_path / "idle-response-time.png").stat().st_size > 0
     assert "## http" in (tmp_path / "results.md").read_text()

@@ -3,14 +3,16 @@
 One child process runs two pairs of HTTPServers on one engine, alike in all
 but ``fast_path``: with the same app and files, and with files only (no app:
 bodies are not read, the C path answers from its file cache with no Python);
-no access log, no status page.  Every input — generated requests, pipelines
+each with its own access log, no status page.  Every input — generated requests, pipelines
 of them, byte-level mutations, the adversarial cases of issue 9, and every
 request-shaped byte string of the full path's own regression tests
 (``tests/test_http_protocol.py``, ``test_http_server.py``,
 ``test_http_static.py``, ``test_http_status.py``) — is sent to both servers
 of a pair on a fresh connection, the client half-closes, and the whole byte
 stream each sends back (up to its close) must be the same, ``Date`` aside.
-The fast path may defer anything; it must never answer differently.
+The fast path may defer anything; it must never answer differently.  At the
+end, the access logs of the two servers of each pair must hold the same lines
+(the time aside): the C path writes the full path's line for what it answers.
 """
 
 from __future__ import annotations
@@ -77,8 +79,9 @@ SERVER_SCRIPT = textwrap.dedent("""
     timeouts = Timeouts(idle=5, header=5, body=5, send=5, linger=0.5)
     for a in (app, None):
         for fast in (True, False):
+            log = open(f"{sys.argv[3]}/access{len(servers)}.log", "w")
             s = HTTPServer(a, root=sys.argv[1], port=0, limits=limits, timeouts=timeouts,
-                           status_page=False, fast_path=fast)
+                           status_page=False, fast_path=fast, access_log=log)
             s.start()
             servers.append(s)
     assert servers[0]._fast is not None and servers[1]._fast is None
@@ -90,7 +93,12 @@ SERVER_SCRIPT = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def ports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, int]]:
+def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("httpfast-logs")
+
+
+@pytest.fixture(scope="module")
+def ports(tmp_path_factory: pytest.TempPathFactory, logdir: Path) -> Iterator[tuple[int, int]]:
     tmp = tmp_path_factory.mktemp("httpfast")
     root = tmp / "root"
     (root / "sub").mkdir(parents=True)
@@ -105,7 +113,8 @@ def ports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, int]]
     portfile = tmp / "ports"
     env = dict(os.environ, PYTHONPATH=AEM_PATH)
     with open(tmp / "stderr.log", "wb") as err:
-        proc = subprocess.Popen([sys.executable, str(tmp / "server.py"), str(root), str(portfile)],
+        proc = subprocess.Popen([sys.executable, str(tmp / "server.py"), str(root), str(portfile),
+                                 str(logdir)],
                                 stdout=subprocess.DEVNULL, stderr=err, env=env)
     try:
         deadline = time.monotonic() + 15
@@ -434,3 +443,41 @@ def test_files_only_the_c_path_answers_from_the_resolved_cache(tmp_path: Path) -
         a.close()
         b.close()
         server.close()
+
+
+_STAMP = re.compile(r" - - \[\d\d/[A-Z][a-z]{2}/\d{4}:\d\d:\d\d:\d\d \+0000\] ")
+
+
+def _log_lines(path: Path) -> list[str]:
+    return [_STAMP.sub(" - - [-] ", line) for line in path.read_text().splitlines()
+            if "/answered " not in line]  # asked of the app pair's fast server only
+
+
+def test_access_logs_agree(ports: tuple[int, int, int, int], logdir: Path) -> None:
+    """Every answer of the module so far (and a few here, answered by the C path: a hello, a
+    HEAD, a cached file, pipelined) has the same access log line from both servers of a pair,
+    in the same order; the lines reach the file within the server's tick (here 0.125 s)."""
+    end = f"/a.txt?end={time.monotonic_ns()}"
+    for data in (b"GET /hello HTTP/1.1\r\nHost: a\r\n\r\n" * 2,
+                 b"HEAD /hello HTTP/1.1\r\nHost: a\r\n\r\nGET /a.txt HTTP/1.1\r\nHost: a\r\n\r\n",
+                 b"GET /a.txt HTTP/1.1\r\nHost: a\r\n\r\nGET /a%zz HTTP/1.1\r\nHost: a\r\n\r\n",
+                 f"GET {end} HTTP/1.0\r\n\r\n".encode()):
+        same(ports, data)
+    logs = [logdir / f"access{i}.log" for i in range(4)]
+    deadline = time.monotonic() + 5
+    while True:  # until the last line reached every file
+        lines = [_log_lines(p) for p in logs]
+        if all(ls and end in ls[-1] for ls in lines) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert lines[0] == lines[1]
+    assert lines[2] == lines[3]
+    assert lines[0][-7:] == [
+        '127.0.0.1 - - [-] "GET /hello HTTP/1.1" 200 13',
+        '127.0.0.1 - - [-] "GET /hello HTTP/1.1" 200 13',
+        '127.0.0.1 - - [-] "HEAD /hello HTTP/1.1" 200 13',
+        '127.0.0.1 - - [-] "GET /a.txt HTTP/1.1" 200 10',
+        '127.0.0.1 - - [-] "GET /a.txt HTTP/1.1" 200 10',
+        '127.0.0.1 - - [-] "GET /a%zz HTTP/1.1" 404 10',
+        f'127.0.0.1 - - [-] "GET {end} HTTP/1.0" 200 10',
+    ]

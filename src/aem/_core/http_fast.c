@@ -36,18 +36,22 @@ Py_ssize_t aem_slot_offset(PyTypeObject *tp, PyObject *name) {
 
 static PyObject *str_fd, *str_addr, *str_status, *str_headers, *str_body, *str_requests, *str_bytes_out;
 
-static int out_reserve(HttpFastObject *self, size_t n) {
-    if (self->out_cap - self->out_len >= n) return 0;
-    size_t cap = self->out_cap ? self->out_cap : 16384;
-    while (cap - self->out_len < n) cap *= 2;
-    char *p = PyMem_Realloc(self->out, cap);
+int aem_http_reserve(char **buf, size_t *cap, size_t len, size_t n) {
+    if (*cap - len >= n) return 0;
+    size_t c = *cap ? *cap : 16384;
+    while (c - len < n) c *= 2;
+    char *p = PyMem_Realloc(*buf, c);
     if (!p) {
         PyErr_NoMemory();
         return -1;
     }
-    self->out = p;
-    self->out_cap = cap;
+    *buf = p;
+    *cap = c;
     return 0;
+}
+
+static int out_reserve(HttpFastObject *self, size_t n) {
+    return aem_http_reserve(&self->out, &self->out_cap, self->out_len, n);
 }
 
 static void out_put(HttpFastObject *self, const void *data, size_t n) {
@@ -79,7 +83,7 @@ static double wall_now(void) {
 
 /* A cache entry (expiry, head_rest, body): head_rest follows the status, Server and Date
  * lines.  1 when answered, 0 when there is no fresh entry, -1 on error. */
-static int emit_cached(HttpFastObject *self, PyObject *target, int head_only, double now) {
+static int emit_cached(HttpFastObject *self, PyObject *target, int head_only, double now, size_t *length) {
     PyObject *entry = PyDict_GetItemWithError(self->cache, target);
     if (!entry) return PyErr_Occurred() ? -1 : 0;
     if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 3) return 0;
@@ -88,7 +92,8 @@ static int emit_cached(HttpFastObject *self, PyObject *target, int head_only, do
     if (!PyFloat_CheckExact(exp) || PyFloat_AS_DOUBLE(exp) <= now || !PyBytes_CheckExact(rest) ||
         !PyBytes_CheckExact(body))
         return 0;
-    size_t nb = head_only ? 0 : (size_t)PyBytes_GET_SIZE(body);
+    *length = (size_t)PyBytes_GET_SIZE(body);
+    size_t nb = head_only ? 0 : *length;
     size_t ns = (size_t)PyBytes_GET_SIZE(self->server_line), nr = (size_t)PyBytes_GET_SIZE(rest);
     if (out_reserve(self, 17 + ns + self->date_len + nr + nb) < 0) return -1;
     out_put(self, "HTTP/1.1 200 OK\r\n", 17);
@@ -128,7 +133,7 @@ static PyObject *resp_get(HttpFastObject *self, PyObject *resp, int i, PyObject 
     return Py_XNewRef(v);
 }
 
-static int emit_response(HttpFastObject *self, PyObject *resp, int head_only) {
+static int emit_response(HttpFastObject *self, PyObject *resp, int head_only, size_t *length) {
     PyObject *status = resp_get(self, resp, 0, str_status);
     PyObject *headers = status ? resp_get(self, resp, 1, str_headers) : NULL;
     PyObject *body = headers ? resp_get(self, resp, 2, str_body) : NULL;
@@ -154,6 +159,7 @@ static int emit_response(HttpFastObject *self, PyObject *resp, int head_only) {
         need += (size_t)(nk + nv + 4);
     }
     size_t nb = (size_t)PyBytes_GET_SIZE(body);
+    *length = nb;
     if (out_reserve(self, need + (head_only ? 0 : nb)) < 0) {
         rc = -1;
         goto done;
@@ -318,6 +324,9 @@ static PyObject *serve_buf(HttpFastObject *self, PyObject *conn, int fd, PyObjec
     const char *buf = view.buf;
     size_t len = (size_t)view.len, pos = 0, nreq = 0, sent = 0;
     PyObject *addr = NULL, *req = NULL, *result = NULL, *exc = NULL, *pending = NULL, *ret = NULL;
+    PyObject *addr_keep = NULL;      /* the access log's client address text */
+    const char *addr_text = NULL;
+    Py_ssize_t addr_len = 0;
     int err = 0, failed = 0;
     double now = 0;
     const char *prefix = PyBytes_AS_STRING(self->status_prefix);
@@ -327,8 +336,25 @@ static PyObject *serve_buf(HttpFastObject *self, PyObject *conn, int fd, PyObjec
     while (pos < len) {
         aem_http_req r;
         if (aem_http_parse(buf + pos, len - pos, &self->lim, &r, self->fields) < 0) break;
-        if (r.target_len >= nprefix && memcmp(r.target, prefix, nprefix) == 0) break;
         int head_only = r.method == AEM_HTTP_HEAD;
+        int st = 0;
+        size_t length = 0;
+        if (r.target_len >= nprefix && memcmp(r.target, prefix, nprefix) == 0) {
+            /* the status page's JSON (http_status.c), or the full path's */
+            if (!self->status_mode) break;
+            if (!addr && !(addr = PyObject_GetAttr(conn, str_addr))) {
+                failed = 1;
+                break;
+            }
+            if (now == 0) now = wall_now();
+            st = aem_http_status_json(self, r.target, r.target_len, addr, head_only, nreq + 1, sent, now,
+                                      &length);
+            if (st < 0) failed = 1;
+            if (st <= 0) break;
+            pos += r.head_len;
+            nreq++;
+            goto answered;
+        }
         int cacheable = (r.flags & (AEM_HTTP_CANONICAL | AEM_HTTP_CONDITIONAL)) == AEM_HTTP_CANONICAL;
         PyObject *target = PyUnicode_DecodeASCII(r.target, (Py_ssize_t)r.target_len, NULL);
         if (!target) {
@@ -336,9 +362,8 @@ static PyObject *serve_buf(HttpFastObject *self, PyObject *conn, int fd, PyObjec
             break;
         }
         if (cacheable && now == 0) now = wall_now();
-        int st = 0;
         if (self->app == Py_None) {  /* no app: the file cache or the full path */
-            st = cacheable ? emit_cached(self, target, head_only, now) : 0;
+            st = cacheable ? emit_cached(self, target, head_only, now, &length) : 0;
             Py_DECREF(target);
             if (st < 0) failed = 1;
             if (st <= 0) break;
@@ -375,18 +400,37 @@ static PyObject *serve_buf(HttpFastObject *self, PyObject *conn, int fd, PyObjec
                 break;
             }
             if (result == Py_None)
-                st = cacheable ? emit_cached(self, target, head_only, now) : 0;
+                st = cacheable ? emit_cached(self, target, head_only, now, &length) : 0;
             else if (Py_TYPE(result) == (PyTypeObject *)self->response_type)
-                st = emit_response(self, result, head_only);
+                st = emit_response(self, result, head_only, &length);
             Py_DECREF(target);
             if (st < 0) failed = 1;
             if (st <= 0) break;  /* 0: the glue answers req with result */
             Py_CLEAR(req);
             Py_CLEAR(result);
         }
-        if (count_class(self, st == 1 ? 200 : st) < 0) {
+    answered:
+        if (st == 1) st = 200;
+        if (count_class(self, st) < 0) {
             failed = 1;
             break;
+        }
+        if (self->log_flush) {
+            if (!addr_text) {
+                if (!addr && !(addr = PyObject_GetAttr(conn, str_addr))) {
+                    failed = 1;
+                    break;
+                }
+                if (aem_http_log_addr(addr, &addr_keep, &addr_text, &addr_len) < 0) {
+                    failed = 1;
+                    break;
+                }
+            }
+            if (aem_http_log_request(self, addr_text, (size_t)addr_len, head_only, r.target,
+                                     r.target_len, st, length) < 0) {
+                failed = 1;
+                break;
+            }
         }
         self->answered++;
         if (self->out_len > HIGH_WATER) {
@@ -396,8 +440,10 @@ static PyObject *serve_buf(HttpFastObject *self, PyObject *conn, int fd, PyObjec
     }
     if (self->out_len && !failed) pending = flush_out(self, fd, &sent, &err);
     self->out_len = 0;
+    Py_XDECREF(addr_keep);
     Py_XDECREF(addr);
     PyObject *rest = NULL;
+    if (!failed && aem_http_log_maybe_flush(self) < 0) failed = 1;
     if (!failed && (add_attr(self, str_requests, nreq) < 0 || add_attr(self, str_bytes_out, sent) < 0))
         failed = 1;
     if (!failed)
@@ -531,10 +577,15 @@ static int fast_traverse(HttpFastObject *self, visitproc visit, void *arg) {
     Py_VISIT(self->cache);
     Py_VISIT(self->by_class);
     Py_VISIT(self->server_dict);
-    return 0;
+    Py_VISIT(self->log_flush);
+    return 0;  /* status_head/mid/tail: bytes, no cycles */
 }
 
 static int fast_clear(HttpFastObject *self) {
+    Py_CLEAR(self->log_flush);
+    Py_CLEAR(self->status_head);
+    Py_CLEAR(self->status_mid);
+    Py_CLEAR(self->status_tail);
     Py_CLEAR(self->server_dict);
     Py_CLEAR(self->server);
     Py_CLEAR(self->app);
@@ -559,6 +610,8 @@ static void fast_dealloc(HttpFastObject *self) {
     fast_clear(self);
     PyMem_Free(self->fields);
     PyMem_Free(self->out);
+    PyMem_Free(self->log);
+    PyMem_Free(self->status_body);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
 }
@@ -571,13 +624,35 @@ static PyObject *fast_get_cache(HttpFastObject *self, void *closure) {
 static PyMemberDef fast_members[] = {
     {"direct_requests", T_INT, offsetof(HttpFastObject, req_direct), READONLY,
      "True when Requests are filled in directly (the class has Request's __slots__)."},
+    {"status_served", T_PYSSIZET, offsetof(HttpFastObject, status_served), READONLY,
+     "Status page JSON answers made here (no Python)."},
     {"answered", T_PYSSIZET, offsetof(HttpFastObject, answered), READONLY,
      "Requests answered by the native path from start to end (no Python but the app)."},
     {NULL},
 };
 
+static PyObject *fast_set_log(HttpFastObject *self, PyObject *flush) {
+    if (flush != Py_None && !PyCallable_Check(flush)) {
+        PyErr_SetString(PyExc_TypeError, "set_log(flush): flush must be callable or None");
+        return NULL;
+    }
+    Py_XSETREF(self->log_flush, flush == Py_None ? NULL : Py_NewRef(flush));
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef fast_methods[] = {
     {"serve", (PyCFunction)(void (*)(void))fast_serve, METH_FASTCALL, serve_doc},
+    {"set_log", (PyCFunction)fast_set_log, METH_O,
+     "set_log(flush)\n\nKeep an access log (flush: called with no arguments when the buffer passes "
+     "64 KiB; the caller then takes it with take_log()), or None: no log."},
+    {"log", (PyCFunction)aem_http_log_method, METH_O,
+     "log(line)\n\nAppend a line (str, with its newline) to the access log buffer."},
+    {"set_status", (PyCFunction)aem_http_set_status_method, METH_VARARGS,
+     "set_status(mode, head, mid, tail, taken, max_age)\n\nThe status page's JSON snapshot: head + "
+     "server section + mid + time + tail; mode 0 (never here), 1 (everyone), 2 (loopback clients); "
+     "taken: time.monotonic() when made; answered from it while at most max_age seconds old."},
+    {"take_log", (PyCFunction)aem_http_take_log_method, METH_NOARGS,
+     "take_log() -> bytes\n\nThe access log lines buffered so far (UTF-8), and empty the buffer."},
     {NULL},
 };
 
@@ -674,6 +749,6 @@ int aem_http_fast_init(PyObject *module) {
         return -1;
     }
     aem_http_fast_type = tp;
-    if (aem_http_hook_init(module) < 0) return -1;
+    if (aem_http_hook_init(module) < 0 || aem_http_status_init() < 0) return -1;
     return PyModule_AddFunctions(module, http_functions);
 }

@@ -27,6 +27,20 @@ typedef struct {
     time_t date_sec;
     char date[64];
     size_t date_len;
+    /* the access log (http_log.c): NULL log_flush, no log */
+    PyObject *log_flush;          /* the glue's flush, called when the buffer passes LOG_HIGH */
+    char *log;
+    size_t log_len, log_cap;
+    time_t log_sec;
+    char log_time[48];
+    size_t log_time_len;
+    /* the status page's JSON (http_status.c) */
+    int status_mode;              /* 0: never here, 1: for everyone, 2: for loopback clients */
+    PyObject *status_head, *status_mid, *status_tail;   /* the snapshot's JSON text (bytes) */
+    double status_taken, status_max_age;                /* CLOCK_MONOTONIC seconds */
+    char *status_body;
+    size_t status_len, status_cap;
+    Py_ssize_t status_served;
 } HttpFastObject;
 
 extern PyObject *aem_http_fast_type;
@@ -35,9 +49,31 @@ extern PyObject *aem_http_fast_type;
  * reference) or NULL; *slowed is set when the glue (aem.http.fast) ran. */
 PyObject *aem_http_serve_fd(HttpFastObject *self, PyObject *conn, int fd, PyObject *data, int *slowed);
 
+/* Room for n more bytes in the growing buffer *buf (len used of *cap); -1 (MemoryError). */
+int aem_http_reserve(char **buf, size_t *cap, size_t len, size_t n);
+
 /* The offset of a plain __slots__ attribute of tp (read and written in place), or -1. */
 Py_ssize_t aem_slot_offset(PyTypeObject *tp, PyObject *name);
 
 int aem_http_hook_init(PyObject *module);
+
+/* The access log (http_log.c).  The client's address as the log shows it (addr[0], or "-");
+ * *keep holds the text's owner (release it). */
+int aem_http_log_addr(PyObject *addr, PyObject **keep, const char **text, Py_ssize_t *n);
+/* One line for a GET (or HEAD) of target answered with status and length body bytes. */
+int aem_http_log_request(HttpFastObject *self, const char *addr, size_t naddr, int head_only,
+                         const char *target, size_t ntarget, int status, size_t length);
+/* Call the glue's flush when the buffer is past its high-water mark. */
+int aem_http_log_maybe_flush(HttpFastObject *self);
+PyObject *aem_http_log_method(HttpFastObject *self, PyObject *line);
+PyObject *aem_http_take_log_method(HttpFastObject *self, PyObject *unused);
+
+/* /_aem/status?format=json (http_status.c): 200 when answered into self->out (the body's
+ * length in *length), 0 when the full path answers it, -1 on error.  nreq: the requests
+ * of this batch so far, this one included; sent: the bytes this batch has sent. */
+int aem_http_status_json(HttpFastObject *self, const char *target, size_t ntarget, PyObject *addr,
+                         int head_only, size_t nreq, size_t sent, double now, size_t *length);
+PyObject *aem_http_set_status_method(HttpFastObject *self, PyObject *args);
+int aem_http_status_init(void);
 
 #endif

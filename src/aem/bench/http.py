@@ -69,10 +69,13 @@ ANCHORS = ("asyncio", "uvloop", "granian", "nginx", "floor")
 
 # -- the servers (each runs in its own process) ------------------------------------------------
 
-def serve_aem(port: int, root: str, idle_timeout: float = 15.0, fast_path: bool = True) -> None:
+def serve_aem(port: int, root: str, idle_timeout: float = 15.0, fast_path: bool = True,
+              log: str | None = None) -> None:
     """AEMhttpd: the hello app in front of the static files under ``root``.
 
     ``fast_path=False`` (the ``aem-full`` row): every request through httptools.
+    ``log``: a file for the access log (the ``aem-log`` kind: what ``aem serve`` does by
+    default), else none.
     """
     import aem.http
     from aem.http import Response, Timeouts
@@ -83,8 +86,13 @@ def serve_aem(port: int, root: str, idle_timeout: float = 15.0, fast_path: bool 
         return None
 
     t = Timeouts(idle=idle_timeout, header=max(10.0, idle_timeout))
-    aem.http.serve(app, port=port, root=root, quiet=True, timeouts=t, backlog=65535,
-                   fast_path=fast_path)
+    if log is None:
+        aem.http.serve(app, port=port, root=root, quiet=True, timeouts=t, backlog=65535,
+                       fast_path=fast_path)
+        return
+    with open(log, "w") as f:
+        aem.http.serve(app, port=port, root=root, timeouts=t, backlog=65535, fast_path=fast_path,
+                       access_log=f)
 
 
 def _protocol_server(kind: str, port: int, root: str) -> None:
@@ -439,15 +447,18 @@ def proc_cpu(pid: int) -> float:
 def make_servers(tmp: Path, root: Path, kinds: Sequence[str],
                  idle_timeout: float = 15.0) -> list[Server]:
     """Server objects (not started) for ``kinds`` among aem, aem-full (no native fast path),
+    aem-log (an access log to a file, as ``aem serve`` keeps by default),
     asyncio, uvloop, granian, nginx, select, poll; kinds whose software is missing are left
     out."""
     py = sys.executable
     servers = []
     for kind in kinds:
         port = free_port()
-        if kind in ("aem", "aem-full"):
+        if kind in ("aem", "aem-full", "aem-log"):
             argv = [py, "-m", "aem.bench.http", "serve", kind, str(port), str(root),
                     str(idle_timeout)]
+            if kind == "aem-log":
+                argv.append(str(tmp / f"access-{port}.log"))
         elif kind in ("asyncio", "uvloop", "select", "poll"):
             if kind == "uvloop" and not _importable("uvloop"):
                 continue
@@ -705,8 +716,9 @@ def main(argv: Sequence[str]) -> int:
     """``python -m aem.bench.http serve KIND PORT ROOT [IDLE_TIMEOUT]``: run one server."""
     if len(argv) >= 4 and argv[0] == "serve":
         kind, port, root = argv[1], int(argv[2]), argv[3]
-        if kind in ("aem", "aem-full"):
-            serve_aem(port, root, float(argv[4]) if len(argv) > 4 else 15.0, kind == "aem")
+        if kind in ("aem", "aem-full", "aem-log"):
+            serve_aem(port, root, float(argv[4]) if len(argv) > 4 else 15.0, kind != "aem-full",
+                      argv[5] if kind == "aem-log" and len(argv) > 5 else None)
         elif kind in ("asyncio", "uvloop"):
             _protocol_server(kind, port, root)
         else:

@@ -3,7 +3,9 @@
 100 active keep-alive connections (wrk, ``GET /hello``) while a helper process
 holds 0, 1k, 5k, 10k and 20k idle open connections to the same server
 (``--quick``: 0 and 500).  For each server and level: wrk's p50 and p99
-latency and the request rate.  The plot shows response time against the
+latency, the request rate and the server's CPU time per request (utime+stime
+of its process over the round ÷ requests: less at the mercy of other jobs on
+a shared machine than a p99).  The plot shows response time against the
 number of open connections, as in the article.
 
 Servers: aem (AEMhttpd), a ``select()`` server and a ``poll()`` server (pure
@@ -360,9 +362,11 @@ def _measure(ctx: Context, servers: list[Server], levels: Sequence[int], seconds
                     ctx.note(f"{s.name}: could not hold {level} idle connections "
                              f"({held} opened{'; ' + err if err else ''}): level skipped")
                     continue
-                p50, p99, rps, errors = [], [], [], 0
+                p50, p99, rps, cpu, errors = [], [], [], [], 0
                 for _ in range(rounds):
+                    c0 = s.cpu_seconds()
                     res = run_wrk(s.port, HELLO_PATH, seconds, ACTIVE)
+                    cpu.append((s.cpu_seconds() - c0) / max(1, res.requests) * 1e6)
                     p50.append(res.p50_us)
                     p99.append(res.p99_us)
                     rps.append(res.rps)
@@ -374,6 +378,7 @@ def _measure(ctx: Context, servers: list[Server], levels: Sequence[int], seconds
                         ctx.record(case, variant, metric, med, "µs", "lower",
                                    [v for v in vals if v == v], note)
                 ctx.record(case, variant, "req/s", statistics.median(rps), "req/s", "higher", rps)
+                ctx.record(case, variant, "server CPU/req", statistics.median(cpu), "µs", "lower", cpu)
                 if s.proc is not None and s.proc.poll() is not None:
                     ctx.note(f"{s.name} exited at {level} idle connections")
             finally:
@@ -383,14 +388,16 @@ def _measure(ctx: Context, servers: list[Server], levels: Sequence[int], seconds
 def _summarise(ctx: Context, levels: Sequence[int]) -> None:
     top = max(levels)
     for variant in dict.fromkeys(r.variant for r in ctx.rows):
-        def p99(level: int, variant: str = variant) -> float | None:
-            vals = [r.value for r in ctx.rows if r.variant == variant and r.metric == "p99 latency"
+        def value(level: int, metric: str, variant: str = variant) -> float | None:
+            vals = [r.value for r in ctx.rows if r.variant == variant and r.metric == metric
                     and r.case == f"{level} idle"]
             return vals[0] if vals else None
-        first, last = p99(0), p99(top)
+        first, last = value(0, "p99 latency"), value(top, "p99 latency")
+        cpu0, cpu1 = value(0, "server CPU/req"), value(top, "server CPU/req")
         if first and last:
             ctx.note(f"{variant}: p99 at {top} idle = {last / first:.2f}x p99 at 0 idle"
-                     + (" (target <= 1.2x)" if variant == "aem" else ""))
+                     + (" (target <= 1.2x)" if variant == "aem" else "")
+                     + (f"; server CPU/req {cpu1 / cpu0:.2f}x" if cpu0 and cpu1 else ""))
 
 
 def _plot(ctx: Context, levels: Sequence[int]) -> None:

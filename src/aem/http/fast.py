@@ -29,7 +29,13 @@ request), moving the connection's idle deadline itself; only what is left
 reaches ``_Conn.on_read``, which also tries the C path (one call) when it gets
 bytes while the connection is between requests.
 
-It is off when an access log is kept (the C path writes no log lines).
+The access log: while the server keeps one, the C path writes each
+answer's line into a buffer it owns (``HttpFast.log``/``take_log``, the same
+Common Log Format line as :meth:`HTTPServer._log_line`), and the full path's
+lines go into the same buffer, so lines keep the order of the answers; the
+server writes the buffer to its log stream on every tick of its timer (at
+least once a second), when it passes 64 KiB (the C path calls the server's
+``_flush_log``) and when it stops.
 
 The file cache is the server's small-file cache (:class:`~.static.CacheEntry`,
 keyed by the resolved path) seen through :func:`cached_file`, the one place
@@ -97,7 +103,12 @@ class FastPath:
     returns the bytes left for the full parser.
     """
 
-    __slots__ = ("_bytes", "_core", "_server", "serve")
+    __slots__ = ("_bytes", "_core", "_server", "log", "serve", "take_log")
+
+    #: Who sees the status page, as the C path reads it (HTTPServer.status_page).
+    STATUS_MODES = {True: 1, "loopback": 2}
+    #: The oldest status snapshot the C path answers from, in seconds.
+    STATUS_MAX_AGE = 2.0
 
     def __init__(self, server: HTTPServer) -> None:
         lim = server.limits
@@ -108,6 +119,11 @@ class FastPath:
             lim.max_request_line, lim.max_header_size, lim.max_headers)
         self._bytes = 0
         self.serve = self._core.serve
+        #: Append a line to the access log buffer; take what it holds (bytes, UTF-8).
+        self.log = self._core.log
+        self.take_log = self._core.take_log
+        if server.access_log is not None:
+            self._core.set_log(server._flush_log)
 
     def handler(self, conn: _Conn) -> Callable[[Any], None]:
         """The handler of ``conn``'s ``aem.Read``: the engine runs the C path on the bytes
@@ -115,6 +131,19 @@ class FastPath:
         hook: Callable[[Any], None] = _core.HttpReadHook(self._core, conn, conn.on_read,
                                                          self._server._idle_ns)
         return hook
+
+    def snapshot_status(self, data: dict[str, Any]) -> None:
+        """Give the C path the status page's JSON around its live parts (see
+        :func:`.status.json_parts`): it answers ``/_aem/status?format=json`` from it, with
+        no Python, for the next :attr:`STATUS_MAX_AGE` seconds."""
+        head, mid, tail = _status.json_parts(data)
+        mode = self.STATUS_MODES.get(self._server.status_page, 0)
+        self._core.set_status(mode, head, mid, tail, time.monotonic(), self.STATUS_MAX_AGE)
+
+    @property
+    def status_served(self) -> int:
+        """Status page JSON answers the C path made."""
+        return self._core.status_served
 
     @property
     def cache(self) -> dict[str, tuple[float, bytes, bytes]]:

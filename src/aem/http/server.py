@@ -84,6 +84,7 @@ _time = time.time
 _EV_STOP = aem.EVJOBSTOP
 _EV_START = aem.EVJOBSTART
 _STATUS_PATH = _status.PATH
+_STATUS_KEEP = 60.0          # seconds the status snapshot is refreshed after the page was asked
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,7 +400,10 @@ class HTTPServer:
     process's).  ``reuse_port`` sets ``SO_REUSEPORT`` (several processes on
     one port).  ``pool``: a capsule pool whose statistics the status page
     shows.  ``fast_path=False`` turns off the native per-request path
-    (:mod:`.fast`; it is also off while an ``access_log`` is kept).
+    (:mod:`.fast`).  The access log is buffered: it is written at every tick of
+    the server's timer (at least once a second), when 64 KiB are waiting, and
+    when the server stops; a failed write is reported on ``error_log`` (at most
+    once a second) and its lines are dropped, the server goes on.
 
     Raises ``OSError`` when the address cannot be bound and
     ``NotADirectoryError`` for a root that is not a directory.
@@ -465,6 +469,9 @@ class HTTPServer:
         self._accept_eid = 0
         self._timer_eid = 0
         self._last_pause_log = 0.0
+        self._last_log_failure = 0.0
+        self._status_asked = -1e9   # time.monotonic() of the last status page request
+        self._status_seen = 0       # the C path's status answers, at the last tick
         self._prev_error_handler: Any = None
         self._started = False
         # counters (see stats())
@@ -515,7 +522,7 @@ class HTTPServer:
         self._accept_eid = eng.register(aem.Accept(self._sock), self._on_accept)
         self._timer_eid = eng.register(aem.Timer(self._tick, interval=self._tick), self._sweep)
         self._prev_error_handler = eng.set_error_handler(self._on_engine_error)
-        if self.fast_path and self.access_log is None:
+        if self.fast_path:
             self._fastpath = FastPath(self)
             self._fast = self._fastpath.serve
         self._started = True
@@ -607,6 +614,15 @@ class HTTPServer:
                 heapq.heappush(heap, (conn.deadline, next(self._seq), conn))
         if self.static is not None and self.static.cache:
             self.static.purge()
+        fp = self._fastpath
+        if fp is not None and self.status_page:
+            # the status JSON's snapshot for the C path, while someone asks for it
+            served, mono = fp.status_served, time.monotonic()
+            if served != self._status_seen:
+                self._status_seen = served
+                self._status_asked = mono
+            if mono - self._status_asked < _STATUS_KEEP:
+                fp.snapshot_status(_status.collect(self.stats(), self.pool))
         self._flush_log()
 
     def _expire(self, conn: _Conn) -> None:
@@ -732,6 +748,9 @@ class HTTPServer:
 
     def _status_response(self, conn: _Conn, req: Request) -> None:
         data = _status.collect(self.stats(), self.pool)
+        if self._fastpath is not None:
+            self._status_asked = time.monotonic()
+            self._fastpath.snapshot_status(data)
         if _status.wants_json(req.headers.get("accept"), req.query):
             body, ctype = _status.render_json(data), "application/json"
         else:
@@ -782,8 +801,15 @@ class HTTPServer:
         if now != self._log_sec:
             self._log_sec = now
             self._log_time = time.strftime("[%d/%b/%Y:%H:%M:%S +0000]", time.gmtime(now))
-        addr = conn.addr[0] if isinstance(conn.addr, tuple) else "-"
-        log.write(f"{addr} - - {self._log_time} {request_line} {status} {length}\n")
+        addr = conn.addr[0] if isinstance(conn.addr, tuple) and conn.addr else "-"
+        line = f"{addr} - - {self._log_time} {request_line} {status} {length}\n"
+        if self._fastpath is not None:
+            self._fastpath.log(line)  # one buffer for both paths: lines stay in order
+            return
+        try:
+            log.write(line)
+        except (OSError, ValueError) as e:
+            self._log_failed(e, 1)
 
     def _log_error(self, text: str) -> None:
         try:
@@ -793,8 +819,22 @@ class HTTPServer:
             pass
 
     def _flush_log(self) -> None:
-        if self.access_log is not None:
-            try:
-                self.access_log.flush()
-            except (OSError, ValueError):
-                pass
+        """Write what the access log holds (the native path's buffer) and flush the stream."""
+        log = self.access_log
+        if log is None:
+            return
+        data = self._fastpath.take_log() if self._fastpath is not None else b""
+        try:
+            if data:
+                log.write(data.decode("utf-8", "replace"))
+            log.flush()
+        except (OSError, ValueError) as e:
+            self._log_failed(e, data.count(b"\n"))
+
+    def _log_failed(self, exc: Exception, lines: int) -> None:
+        """The access log cannot be written: drop the lines, say so (at most once a second)."""
+        now = time.monotonic()
+        if now - self._last_log_failure >= 1.0:
+            self._last_log_failure = now
+            self._log_error(f"aem.http: cannot write the access log ({exc}): "
+                            f"{lines} line(s) dropped; the server goes on")

@@ -31,8 +31,8 @@ from typing import Any
 
 import aem
 
-__all__ = ["EMPTY", "PATH", "SECTIONS", "collect", "format_value", "render_html", "render_json",
-           "wants_json"]
+__all__ = ["EMPTY", "PATH", "SECTIONS", "collect", "format_value", "json_parts", "render_html",
+           "render_json", "wants_json"]
 
 #: Where the server answers with this page.
 PATH = "/_aem/status"
@@ -109,6 +109,29 @@ def collect(server: Mapping[str, Any] | None = None, pool: object = None) -> dic
 def render_json(data: Mapping[str, Any]) -> bytes:
     """``data`` as UTF-8 JSON (values that JSON lacks are shown with ``str``)."""
     return json.dumps(data, default=str, sort_keys=True).encode()
+
+
+_SERVER_MARK = "\x00aem:server"
+_TIME_MARK = "\x00aem:time"
+
+
+def json_parts(data: Mapping[str, Any]) -> tuple[bytes, bytes, bytes]:
+    """:func:`render_json` of ``data`` cut around its ``server`` and ``time`` values.
+
+    ``head + <server JSON> + mid + <time JSON> + tail`` is ``render_json`` of
+    ``data`` with those two values in place: the server's native path keeps the
+    three parts (a snapshot of what only Python knows: engine, capsules,
+    vmtable) and renders the two values itself at each request
+    (``src/aem/_core/http_status.c``).  ``data`` must have a ``server`` section.
+    """
+    if "server" not in data:
+        raise ValueError("json_parts: the data have no 'server' section")
+    marked = dict(data)
+    marked["server"], marked["time"] = _SERVER_MARK, _TIME_MARK
+    text = render_json(marked)
+    head, _, rest = text.partition(json.dumps(_SERVER_MARK).encode())
+    mid, _, tail = rest.partition(json.dumps(_TIME_MARK).encode())
+    return head, mid, tail
 
 
 #: Shown in place of a section's table when the process has nothing to show there.
