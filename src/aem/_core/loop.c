@@ -533,7 +533,11 @@ static PyObject *one_turn(LoopCoreObject *self, int stopping, int must_poll) {
             double t = self->heap[0].when - now;
             ms = t <= 0 ? 0 : t > 86400 ? 86400000 : (int)(t * 1e3 + 0.999999);
         }
-        if (aem_py_engine_turn(self->engine, ms) < 0) return NULL;
+        aem_loop_unpark(self);  /* what wakers parked outside a turn is watched again */
+        self->in_turn = 1;
+        int n = aem_py_engine_turn(self->engine, ms);
+        self->in_turn = 0;
+        if (n < 0) return NULL;
         now = now_s();
         goto collected;
     }
@@ -616,6 +620,7 @@ static PyObject *core_attach_engine(LoopCoreObject *self, PyObject *const *args,
         PyErr_SetString(PyExc_TypeError, "_attach_engine(engine, fd_to_key: dict, remove_reader, remove_writer)");
         return NULL;
     }
+    aem_loop_unpark(self);
     Py_XSETREF(self->engine, (EngineObject *)Py_NewRef(args[0]));
     Py_XSETREF(self->fd_to_key, Py_NewRef(args[1]));
     Py_XSETREF(self->remove_fd[0], Py_NewRef(args[2]));
@@ -738,6 +743,7 @@ static int core_clear_refs(LoopCoreObject *self) {
     Py_CLEAR(self->process_events);
     Py_CLEAR(self->report);
     Py_CLEAR(self->run_debug);
+    self->nparked = 0;
     Py_CLEAR(self->engine);
     Py_CLEAR(self->to_flush);
     Py_CLEAR(self->fd_to_key);
@@ -752,6 +758,7 @@ static void core_dealloc(LoopCoreObject *self) {
     core_clear_refs(self);
     PyMem_Free(self->ring);
     PyMem_Free(self->heap);
+    PyMem_Free(self->parked);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
 }

@@ -45,6 +45,9 @@ typedef struct {
     double last_poll;         /* when the last turn polled for I/O (CLOCK_MONOTONIC, s) */
     int skipped;              /* turns in a row that skipped the poll (callbacks were ready) */
     int closed, debug;
+    int in_turn;              /* the loop's own engine turn is delivering (wakers queue handles) */
+    uint64_t *parked;         /* eids of wakers' registrations parked outside a turn (loop_fd.c) */
+    Py_ssize_t nparked, parkcap;
 } LoopCoreObject;
 
 /* Bounded poll skipping (loop.c, one_turn): with callbacks ready, poll for I/O at least every
@@ -68,6 +71,7 @@ int aem_loop_waker_init_type(PyObject *module);
 PyObject *aem_loop_waker(LoopCoreObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *aem_loop_recv(PyObject *const *args, Py_ssize_t nargs);
 char *aem_loop_recv_buffer(size_t *size);   /* the shared read buffer, or NULL (MemoryError) */
+void aem_loop_unpark(LoopCoreObject *self); /* before a poll: re-arm what wakers parked */
 
 /* loop_stream.c */
 int aem_stream_init_type(PyObject *module);

@@ -5,6 +5,15 @@
  * readiness occurrence to it during the loop's engine turn and it queues the reader's
  * (or writer's) handle of the fd's selector key straight into the loop's ready ring.
  *
+ * Only the loop's own turn queues handles: as in asyncio, an fd's handle is queued once per
+ * poll.  The engine may deliver a waker outside the loop's turn too -- aem.start()'s
+ * asynchronous drain while callbacks run, aem.run() while the loop is not running -- and the
+ * loop's fds are level-triggered: queueing there would queue the same handle on every drain
+ * step, and the doorbell would ring again as soon as it is acknowledged (a ready fd stays
+ * ready until the loop's handle runs).  Such a waker *parks* its registration instead (stops
+ * it: the fd leaves the epoll interest set, nothing is queued); the loop re-arms what was
+ * parked just before its next poll, which then reports the fd if it is still ready.
+ *
  * Errors: functions return 0 or NULL/-1 with a Python exception set.
  */
 #define _GNU_SOURCE
@@ -25,33 +34,74 @@ typedef struct {
 
 static PyTypeObject *Waker_Type;
 
-static PyObject *waker_call(WakerObject *w, PyObject *args, PyObject *kwds) {
+/* Queue the handle of w's direction of its fd (the loop's turn). Returns 0 or -1. */
+static int waker_queue(WakerObject *w) {
     LoopCoreObject *c = w->core;
-    if (!c->fd_to_key) Py_RETURN_NONE;
+    if (!c->fd_to_key) return 0;
     PyObject *key = PyDict_GetItemWithError(c->fd_to_key, w->fd);  /* borrowed */
-    if (!key) {
-        if (PyErr_Occurred()) return NULL;
-        Py_RETURN_NONE;  /* unregistered meanwhile */
-    }
+    if (!key) return PyErr_Occurred() ? -1 : 0;  /* unregistered meanwhile */
     if (!PyTuple_Check(key) || PyTuple_GET_SIZE(key) < 4) {
         PyErr_SetString(PyExc_TypeError, "selector key is not a SelectorKey");
-        return NULL;
+        return -1;
     }
     PyObject *data = PyTuple_GET_ITEM(key, 3);
-    if (!PyTuple_Check(data) || PyTuple_GET_SIZE(data) != 2) Py_RETURN_NONE;
+    if (!PyTuple_Check(data) || PyTuple_GET_SIZE(data) != 2) return 0;
     PyObject *h = PyTuple_GET_ITEM(data, w->write);
-    if (h == Py_None) Py_RETURN_NONE;
+    if (h == Py_None) return 0;
     if (!PyObject_TypeCheck(h, c->handle_type)) {
         PyErr_SetString(PyExc_TypeError, "selector key data holds no asyncio.Handle");
-        return NULL;
+        return -1;
     }
     if (is_cancelled(h)) {
         PyObject *fileobj = Py_NewRef(PyTuple_GET_ITEM(key, 0));
         PyObject *r = PyObject_CallOneArg(c->remove_fd[w->write], fileobj);
         Py_DECREF(fileobj);
-        return r;
+        if (!r) return -1;
+        Py_DECREF(r);
+        return 0;
     }
-    if (aem_loop_ring_push(c, Py_NewRef(h)) < 0) return NULL;
+    return aem_loop_ring_push(c, Py_NewRef(h));
+}
+
+/* Outside the loop's turn: stop registration eid until the loop's next poll. Returns 0 or -1. */
+static int waker_park(WakerObject *w, uint64_t eid) {
+    LoopCoreObject *c = w->core;
+    uint32_t slot;
+    if (!c->engine || c->engine->closed || !aem_engine_lookup(&c->engine->core, eid, &slot)) return 0;
+    if (c->nparked == c->parkcap) {
+        Py_ssize_t cap = c->parkcap ? c->parkcap * 2 : 16;
+        uint64_t *p = PyMem_Realloc(c->parked, sizeof(uint64_t) * (size_t)cap);
+        if (!p) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        c->parked = p;
+        c->parkcap = cap;
+    }
+    int rc = aem_engine_stop_reg(&c->engine->core, slot);
+    if (rc < 0) {
+        errno = -rc;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    c->parked[c->nparked++] = eid;
+    return 0;
+}
+
+void aem_loop_unpark(LoopCoreObject *self) {
+    for (Py_ssize_t i = 0; i < self->nparked; i++) {
+        uint32_t slot;
+        if (self->engine && !self->engine->closed &&
+            aem_engine_lookup(&self->engine->core, self->parked[i], &slot))
+            (void)aem_engine_start_reg(&self->engine->core, slot);  /* an fd closed meanwhile: gone */
+    }
+    self->nparked = 0;
+}
+
+/* Called as a Python object (not through the engine's fast path): the registration is not
+ * known, so outside the loop's turn nothing is done. */
+static PyObject *waker_call(WakerObject *w, PyObject *args, PyObject *kwds) {
+    if (w->core->in_turn && waker_queue(w) < 0) return NULL;
     Py_RETURN_NONE;
 }
 
@@ -59,11 +109,9 @@ static PyObject *waker_call(WakerObject *w, PyObject *args, PyObject *kwds) {
  * nor an argument tuple.  Its errors go to the engine's error handler with event None. */
 int aem_loop_is_waker(PyObject *handler) { return Waker_Type && Py_IS_TYPE(handler, Waker_Type); }
 
-int aem_loop_wake(PyObject *waker) {
-    PyObject *r = waker_call((WakerObject *)waker, NULL, NULL);
-    if (!r) return -1;
-    Py_DECREF(r);
-    return 0;
+int aem_loop_wake(PyObject *waker, uint64_t eid) {
+    WakerObject *w = (WakerObject *)waker;
+    return w->core->in_turn ? waker_queue(w) : waker_park(w, eid);
 }
 
 /* waker(fd, write) -> the engine handler for fd's readiness to read (write=False) or write. */
