@@ -28,6 +28,7 @@
 #include <structmember.h>
 #include <errno.h>
 #include <sys/socket.h>
+#include <string.h>
 #include <time.h>
 
 #include "loop.h"
@@ -445,37 +446,58 @@ static int run_handle(LoopCoreObject *self, PyObject *h) {
     return rr ? 0 : -1;
 }
 
-/* End of a turn: every transport that wrote sends what it wrote, in one writev (its _aem_flush). */
+/* End of a turn: every transport that wrote sends what it wrote, in one writev (its _aem_flush).
+ * The queue is taken from the front; a flush may queue more (run too) or flush re-entrantly
+ * (flush_now): both take the next entry.  After an error the rest stays queued. */
 static int flush_writes(LoopCoreObject *self) {
-    while (self->to_flush) {
-        PyObject *list = self->to_flush;
-        self->to_flush = NULL;
-        Py_ssize_t n = PyList_GET_SIZE(list);
-        for (Py_ssize_t i = 0; i < n; i++) {
-            PyObject *item = PyList_GET_ITEM(list, i);
-            if (aem_stream_check(item)) {
-                if (aem_stream_flush(item) < 0) {
-                    Py_DECREF(list);
-                    return -1;
-                }
-                continue;
-            }
+    while (self->flush_head < self->nflush) {
+        PyObject *item = self->to_flush[self->flush_head];  /* the queue's reference, now ours */
+        self->to_flush[self->flush_head++] = NULL;
+        int rc = 0;
+        if (aem_stream_check(item)) {
+            rc = aem_stream_flush(item);
+        } else {
             PyObject *r = PyObject_CallMethodNoArgs(item, str_flush);
-            if (!r) {
-                Py_DECREF(list);
-                return -1;
-            }
-            Py_DECREF(r);
+            rc = r ? 0 : -1;
+            Py_XDECREF(r);
         }
-        Py_DECREF(list);
+        Py_DECREF(item);
+        if (rc < 0) return -1;
     }
+    self->flush_head = self->nflush = 0;
     return 0;
 }
 
 int aem_loop_flush_later(PyObject *core, PyObject *obj) {
     LoopCoreObject *self = (LoopCoreObject *)core;
-    if (!self->to_flush && !(self->to_flush = PyList_New(0))) return -1;
-    return PyList_Append(self->to_flush, obj);
+    if (self->nflush == self->flushcap) {
+        if (self->flush_head) {  /* slide the unflushed part to the front */
+            Py_ssize_t k = self->nflush - self->flush_head;
+            memmove(self->to_flush, self->to_flush + self->flush_head, sizeof(PyObject *) * (size_t)k);
+            self->flush_head = 0;
+            self->nflush = k;
+        } else {
+            Py_ssize_t cap = self->flushcap ? self->flushcap * 2 : 16;
+            PyObject **q = PyMem_Realloc(self->to_flush, sizeof(PyObject *) * (size_t)cap);
+            if (!q) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            self->to_flush = q;
+            self->flushcap = cap;
+        }
+    }
+    self->to_flush[self->nflush++] = Py_NewRef(obj);
+    return 0;
+}
+
+static void flush_clear(LoopCoreObject *self) {
+    while (self->flush_head < self->nflush) {
+        PyObject *item = self->to_flush[self->flush_head];
+        self->to_flush[self->flush_head++] = NULL;
+        Py_DECREF(item);
+    }
+    self->flush_head = self->nflush = 0;
 }
 
 /* flush_later(transport): call transport._aem_flush() at the end of this turn. */
@@ -583,11 +605,12 @@ collected:;
     return flush_writes(self) < 0 ? NULL : Py_NewRef(Py_None);
 }
 
-/* loop._stopping, read from the loop's __dict__ (a fraction of getattr()'s cost, twice a turn). */
+/* loop._stopping, twice a turn: aem.EventLoop has it as a slot, read at its offset. */
 static int is_stopping(LoopCoreObject *self) {
-    PyObject *s = self->loop_dict ? PyDict_GetItemWithError(self->loop_dict, str_stopping) : NULL;
+    PyObject *s = self->off_stopping >= 0 ? SLOT(self->loop, self->off_stopping) : NULL;
+    if (s == Py_False) return 0;
+    if (s == Py_True) return 1;
     if (s) return PyObject_IsTrue(s);
-    if (PyErr_Occurred()) return -1;
     s = PyObject_GetAttr(self->loop, str_stopping);
     if (!s) return -1;
     int stopping = PyObject_IsTrue(s);
@@ -700,8 +723,7 @@ static int core_init(LoopCoreObject *self, PyObject *args, PyObject *kwds) {
     }
     if (read_offsets(ht, tt) < 0) return -1;
     Py_XSETREF(self->loop, Py_NewRef(loop));
-    Py_XSETREF(self->loop_dict, PyObject_GenericGetDict(loop, NULL));
-    if (!self->loop_dict) PyErr_Clear();  /* no __dict__: _stopping read by getattr() */
+    self->off_stopping = aem_slot_offset(Py_TYPE(loop), str_stopping);  /* -1: by getattr() */
     Py_XSETREF(self->handle_type, (PyTypeObject *)Py_NewRef(ht));
     Py_XSETREF(self->timer_type, (PyTypeObject *)Py_NewRef(tt));
     Py_XSETREF(self->select, Py_NewRef(sel));
@@ -715,7 +737,6 @@ static int core_init(LoopCoreObject *self, PyObject *args, PyObject *kwds) {
 static int core_traverse(LoopCoreObject *self, visitproc visit, void *arg) {
     Py_VISIT(Py_TYPE(self));
     Py_VISIT(self->loop);
-    Py_VISIT(self->loop_dict);
     Py_VISIT(self->handle_type);
     Py_VISIT(self->timer_type);
     Py_VISIT(self->select);
@@ -723,7 +744,7 @@ static int core_traverse(LoopCoreObject *self, visitproc visit, void *arg) {
     Py_VISIT(self->report);
     Py_VISIT(self->run_debug);
     Py_VISIT(self->engine);
-    Py_VISIT(self->to_flush);
+    for (Py_ssize_t i = self->flush_head; i < self->nflush; i++) Py_VISIT(self->to_flush[i]);
     Py_VISIT(self->fd_to_key);
     Py_VISIT(self->remove_fd[0]);
     Py_VISIT(self->remove_fd[1]);
@@ -736,7 +757,6 @@ static int core_clear_refs(LoopCoreObject *self) {
     ring_clear(self);
     heap_clear(self);
     Py_CLEAR(self->loop);
-    Py_CLEAR(self->loop_dict);
     Py_CLEAR(self->handle_type);
     Py_CLEAR(self->timer_type);
     Py_CLEAR(self->select);
@@ -745,7 +765,7 @@ static int core_clear_refs(LoopCoreObject *self) {
     Py_CLEAR(self->run_debug);
     self->nparked = 0;
     Py_CLEAR(self->engine);
-    Py_CLEAR(self->to_flush);
+    flush_clear(self);
     Py_CLEAR(self->fd_to_key);
     Py_CLEAR(self->remove_fd[0]);
     Py_CLEAR(self->remove_fd[1]);
@@ -759,6 +779,7 @@ static void core_dealloc(LoopCoreObject *self) {
     PyMem_Free(self->ring);
     PyMem_Free(self->heap);
     PyMem_Free(self->parked);
+    PyMem_Free(self->to_flush);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
 }

@@ -25,7 +25,7 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     PyObject *loop;           /* the aem.EventLoop (the handles' _loop) */
-    PyObject *loop_dict;      /* its __dict__, where _stopping is read (or NULL) */
+    Py_ssize_t off_stopping;  /* where its _stopping slot is in it, or -1 (getattr) */
     PyTypeObject *handle_type, *timer_type;
     PyObject *select;         /* selector.select */
     PyObject *process_events; /* loop._process_events */
@@ -34,7 +34,8 @@ typedef struct {
     EngineObject *engine;     /* fast path: the engine turn itself instead of select() (or NULL) */
     PyObject *fd_to_key;      /* the selector's fd -> SelectorKey (with engine) */
     PyObject *remove_fd[2];   /* loop._remove_reader, loop._remove_writer (with engine) */
-    PyObject *to_flush;       /* transports that wrote during this turn (a list, or NULL) */
+    PyObject **to_flush;      /* what wrote during this turn: to_flush[flush_head:nflush] (owned) */
+    Py_ssize_t flush_head, nflush, flushcap;
     PyObject **ring;          /* ready handles: ring[(head + i) % cap], i < len; cap a power of 2 */
     Py_ssize_t head, len, cap;
     tent *heap;
@@ -72,6 +73,9 @@ PyObject *aem_loop_waker(LoopCoreObject *self, PyObject *const *args, Py_ssize_t
 PyObject *aem_loop_recv(PyObject *const *args, Py_ssize_t nargs);
 char *aem_loop_recv_buffer(size_t *size);   /* the shared read buffer, or NULL (MemoryError) */
 void aem_loop_unpark(LoopCoreObject *self); /* before a poll: re-arm what wakers parked */
+
+/* http_fast.c: the offset of a plain __slots__ attribute of tp, or -1 */
+Py_ssize_t aem_slot_offset(PyTypeObject *tp, PyObject *name);
 
 /* loop_stream.c */
 int aem_stream_init_type(PyObject *module);

@@ -34,6 +34,7 @@ __all__ = ["EventLoop", "EventLoopPolicy", "install", "new_event_loop"]
 # asyncio's Unix loop; its private helpers (_add_callback, _check_signal ...) are not in typeshed.
 _UnixLoop: Any = unix_events.SelectorEventLoop
 _Policy: Any = unix_events.DefaultEventLoopPolicy
+_LOOP_SLOTS = ("_stopping",)  # a name, not a literal: see transports.py
 
 
 class EventLoop(_UnixLoop):  # type: ignore[misc]
@@ -48,6 +49,8 @@ class EventLoop(_UnixLoop):  # type: ignore[misc]
     on it; a loop made while another is open (another thread's loop) gets an
     engine of its own, closed with the loop.  ``engine=`` chooses explicitly.
     """
+
+    __slots__ = _LOOP_SLOTS  # _stopping: read by the C core twice a turn, at its offset
 
     def __init__(self, engine: Engine | None = None) -> None:
         global _process_engine_loop

@@ -22,6 +22,7 @@ from asyncio import BufferedProtocol, selector_events
 from typing import Any
 
 _SelectorSocketTransport: Any = selector_events._SelectorSocketTransport  # type: ignore[attr-defined]
+_STATE_SLOTS = ("_buffer", "_closing", "_conn_lost", "_empty_waiter", "_eof", "_protocol")
 
 
 class SocketTransport(_SelectorSocketTransport):  # type: ignore[misc]
@@ -31,6 +32,11 @@ class SocketTransport(_SelectorSocketTransport):  # type: ignore[misc]
     ``StreamIO`` (aem/_core/loop_stream.c), set on the instance; the rest is
     asyncio's, plus the few ``_aem_*`` methods the C side calls on uncommon paths.
     """
+
+    # The state the C side reads on every message lives in slots (read at their offsets, no
+    # dictionary lookup); _protocol_paused and _high_water already are asyncio's slots.  (A name,
+    # not a literal: mypy would otherwise forbid every attribute that lives in the __dict__.)
+    __slots__ = _STATE_SLOTS
 
     def __init__(self, loop: Any, sock: Any, protocol: Any, waiter: Any = None, extra: Any = None,
                  server: Any = None) -> None:
