@@ -561,6 +561,7 @@ static PyObject *one_turn(LoopCoreObject *self, int stopping, int must_poll) {
         self->in_turn = 0;
         if (n < 0) return NULL;
         now = now_s();
+        self->last_poll = now;  /* when the poll returned: a blocking wait is not time between polls */
         goto collected;
     }
     if (self->len || stopping) {
@@ -584,6 +585,7 @@ static PyObject *one_turn(LoopCoreObject *self, int stopping, int must_poll) {
         Py_DECREF(events);
     }
     now = now_s();
+    self->last_poll = now;
 collected:;
     double end = now + self->clock_resolution;
     while (self->hlen && self->heap[0].when < end) {
