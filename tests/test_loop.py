@@ -227,6 +227,48 @@ def test_tcp_streams_echo(lr: LoopRunner, size: int) -> None:
     assert lr.run(main())
 
 
+def test_protocol_reads_of_changing_sizes_arrive_whole(lr: LoopRunner) -> None:
+    """Reads of every size reach data_received intact, in order: small ones, big ones (aem reads
+    those into a bytes object sized by the last read), bigger and smaller than the last one."""
+    sizes = [100, 40_000, 30_000, 200_000, 20_000, 5, 90_000, 150_000, 1, 70_000]
+
+    class Sink(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.data = bytearray()
+            self.chunks: list[int] = []
+            self.waiter: asyncio.Future[None] | None = None
+            self.want = 0
+
+        def data_received(self, data: bytes) -> None:
+            assert type(data) is bytes
+            self.data += data
+            self.chunks.append(len(data))
+            if self.waiter is not None and len(self.data) >= self.want and not self.waiter.done():
+                self.waiter.set_result(None)
+
+    async def main() -> tuple[bool, list[int]]:
+        loop = asyncio.get_running_loop()
+        sink = Sink()
+        server = await loop.create_server(lambda: sink, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        sent = bytearray()
+        with socket.create_connection(("127.0.0.1", port)) as c:
+            c.setblocking(False)
+            for n in sizes:
+                chunk = os.urandom(n)
+                sent += chunk
+                sink.want, sink.waiter = len(sent), loop.create_future()
+                await loop.sock_sendall(c, chunk)
+                await sink.waiter
+        server.close()
+        await server.wait_closed()
+        return bytes(sink.data) == bytes(sent), sink.chunks
+
+    same, chunks = lr.run(main())
+    assert same and sum(chunks) == sum(sizes)
+    assert max(chunks) > 16 * 1024  # big reads happened
+
+
 def test_unix_streams_and_connect_accepted_socket(lr: LoopRunner, tmp_path: Any) -> None:
     path = str(tmp_path / "s")
 

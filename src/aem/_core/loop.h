@@ -71,7 +71,10 @@ int aem_loop_flush_later(PyObject *core, PyObject *obj);
 int aem_loop_waker_init_type(PyObject *module);
 PyObject *aem_loop_waker(LoopCoreObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *aem_loop_recv(PyObject *const *args, Py_ssize_t nargs);
-char *aem_loop_recv_buffer(size_t *size);   /* the shared read buffer, or NULL (MemoryError) */
+/* One read of fd (at most max bytes; guess: the size expected, 0 if small): a bytes object of
+ * exactly what came (b"" at EOF), or NULL with an exception set, or NULL with *err = the errno of
+ * a failed read (no exception set). */
+PyObject *aem_loop_read(int fd, size_t max, size_t guess, int *err);
 void aem_loop_unpark(LoopCoreObject *self); /* before a poll: re-arm what wakers parked */
 
 /* http_fast.c: the offset of a plain __slots__ attribute of tp, or -1 */

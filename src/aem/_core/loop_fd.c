@@ -20,7 +20,9 @@
 #include "loop.h"
 
 #include <errno.h>
+#include <string.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 
 /* A waker is the engine handler of one direction of one fd of the loop: when the engine
  * delivers, it queues the reader's (or writer's) handle of the fd's selector key, as
@@ -170,22 +172,53 @@ static PyType_Spec waker_spec = {
 
 /* ---- socket reads for the transports ------------------------------------------------------------------ */
 
-/* recv(fd, max_size) -> bytes: read into one shared buffer (the GIL is held throughout), then copy
- * out exactly what came.  socket.recv(max_size) allocates max_size bytes (256 KiB for asyncio's
- * transports: an mmap and its page faults on every read) and shrinks them. b"" at EOF; OSError
- * (BlockingIOError ...) on failure. */
+/* One read of a socket into a bytes object of exactly what came.  A small read goes into one
+ * shared buffer of RECV_BUF bytes (the GIL is held throughout) and is copied out.  When the reader
+ * expects a big one (`guess`: the size of its last read, RECV_HANDOVER or more), the read goes
+ * straight into a new bytes object of that size, the shared buffer catching any excess (readv):
+ * what fits is handed over without a copy, shrunk in place (a heap block: `guess` stays below
+ * glibc's mmap threshold, so no mmap/munmap per read).  socket.recv(max_size), asyncio's way,
+ * allocates max_size bytes on every read (256 KiB for its transports: an mmap and its page
+ * faults per read). */
 #define RECV_BUF (256 * 1024)
+#define RECV_HANDOVER (16 * 1024)
+#define RECV_GUESS_MAX (96 * 1024)
 static char *recv_buf;
 
-char *aem_loop_recv_buffer(size_t *size) {
-    if (!recv_buf && !(recv_buf = PyMem_RawMalloc(RECV_BUF))) {
-        PyErr_NoMemory();
+PyObject *aem_loop_read(int fd, size_t max, size_t guess, int *err) {
+    *err = 0;
+    if (!recv_buf && !(recv_buf = PyMem_RawMalloc(RECV_BUF))) return PyErr_NoMemory();
+    if (max > RECV_BUF) max = RECV_BUF;
+    if (guess > RECV_GUESS_MAX) guess = RECV_GUESS_MAX;
+    PyObject *b = NULL;
+    if (guess >= RECV_HANDOVER && guess < max && !(b = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)guess)))
+        return NULL;
+    ssize_t n;
+    do {
+        if (b) {
+            struct iovec iov[2] = {{PyBytes_AS_STRING(b), guess}, {recv_buf, max - guess}};
+            n = readv(fd, iov, 2);
+        } else {
+            n = recv(fd, recv_buf, max, 0);
+        }
+    } while (n < 0 && errno == EINTR && PyErr_CheckSignals() == 0);
+    if (n < 0) {
+        if (!PyErr_Occurred()) *err = errno;
+        Py_XDECREF(b);
         return NULL;
     }
-    *size = RECV_BUF;
-    return recv_buf;
+    if (!b) return PyBytes_FromStringAndSize(recv_buf, n);
+    if ((size_t)n <= guess) return _PyBytes_Resize(&b, n) < 0 ? NULL : b;  /* a shrink, in place */
+    PyObject *all = PyBytes_FromStringAndSize(NULL, n);  /* more than guessed: copied together */
+    if (all) {
+        memcpy(PyBytes_AS_STRING(all), PyBytes_AS_STRING(b), guess);
+        memcpy(PyBytes_AS_STRING(all) + guess, recv_buf, (size_t)n - guess);
+    }
+    Py_DECREF(b);
+    return all;
 }
 
+/* recv(fd, max_size) -> bytes: one read (b"" at EOF); OSError (BlockingIOError ...) on failure. */
 PyObject *aem_loop_recv(PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "recv(fd, max_size)");
@@ -199,14 +232,17 @@ PyObject *aem_loop_recv(PyObject *const *args, Py_ssize_t nargs) {
         PyErr_SetString(PyExc_ValueError, "max_size must be positive");
         return NULL;
     }
-    if (max > RECV_BUF) max = RECV_BUF;
-    if (!recv_buf && !(recv_buf = PyMem_RawMalloc(RECV_BUF))) return PyErr_NoMemory();
-    ssize_t n;
-    do {
-        n = recv((int)fd, recv_buf, (size_t)max, 0);
-    } while (n < 0 && errno == EINTR && PyErr_CheckSignals() == 0);
-    if (n < 0) return PyErr_Occurred() ? NULL : PyErr_SetFromErrno(PyExc_OSError);
-    return PyBytes_FromStringAndSize(recv_buf, n);
+    if (fd < 0 || fd > INT32_MAX) {
+        errno = EBADF;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    int err;
+    PyObject *b = aem_loop_read((int)fd, (size_t)max, 0, &err);
+    if (!b && err) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return b;
 }
 
 int aem_loop_waker_init_type(PyObject *module) {

@@ -3,8 +3,8 @@
  * aem.loop.transports.SocketTransport is asyncio's _SelectorSocketTransport; its
  * StreamIO does, in C, what runs for every message:
  *
- *   read_ready()  the socket is readable: one recv() into the loop's shared buffer,
- *                 the bytes (exact size) to protocol.data_received
+ *   read_ready()  the socket is readable: one recv() (loop_fd.c, aem_loop_read), the
+ *                 bytes (exact size) to protocol.data_received
  *   write(data)   keep the data until the end of the loop turn (the first write of a
  *                 turn as is, later ones appended to the transport's bytearray buffer)
  *   flush         (end of the turn, from loop.c) one send() or sendmsg() (writev) of
@@ -38,6 +38,7 @@ typedef struct {
     PyObject *transport;  /* the SocketTransport */
     PyObject *first;      /* the first write of this turn, not yet sent (bytes), or NULL */
     Py_ssize_t off[A__N]; /* where each is in the transport object (a slot), or -1: getattr() */
+    size_t last_read;     /* bytes the last read brought (what the next one is expected to bring) */
     int fd;
     int flush_queued;
     int buffered;         /* the protocol is a BufferedProtocol: reads go through Python */
@@ -119,22 +120,20 @@ static PyObject *io_read_ready(StreamIOObject *io, PyObject *unused) {
     }
     int lost = attr_true(io, A_CONN_LOST);
     if (lost) return lost < 0 ? NULL : Py_NewRef(Py_None);
-    size_t cap;
-    char *buf = aem_loop_recv_buffer(&cap);
-    if (!buf) return NULL;
-    ssize_t n;
-    do {
-        n = recv(io->fd, buf, cap, 0);
-    } while (n < 0 && errno == EINTR && PyErr_CheckSignals() == 0);
-    if (n < 0) {
-        if (PyErr_Occurred()) return NULL;
-        if (errno == EAGAIN || errno == EWOULDBLOCK) Py_RETURN_NONE;
+    int err;
+    PyObject *data = aem_loop_read(io->fd, SIZE_MAX, io->last_read, &err);
+    if (!data) {
+        if (!err) return NULL;
+        if (err == EAGAIN || err == EWOULDBLOCK) Py_RETURN_NONE;
+        errno = err;
         PyErr_SetFromErrno(PyExc_OSError);
         return to_fatal_error(t, m_read_error);
     }
-    if (n == 0) return call_method0(t, s_on_eof);
-    PyObject *data = PyBytes_FromStringAndSize(buf, n);
-    if (!data) return NULL;
+    if (PyBytes_GET_SIZE(data) == 0) {
+        Py_DECREF(data);
+        return call_method0(t, s_on_eof);
+    }
+    io->last_read = (size_t)PyBytes_GET_SIZE(data);
     PyObject *proto = tattr(io, A_PROTOCOL);
     if (!proto) {
         Py_DECREF(data);
@@ -338,6 +337,7 @@ PyObject *aem_stream_new(PyObject *core, PyObject *transport, int fd) {
     read_offsets(Py_TYPE(transport), io->off);
     io->first = NULL;
     io->fd = fd;
+    io->last_read = 0;
     io->flush_queued = 0;
     io->buffered = 0;
     PyObject_GC_Track(io);
