@@ -34,7 +34,7 @@
 #include "loop.h"
 
 static PyTypeObject *LoopCore_Type;
-static PyObject *str_stopping, *str_flush;
+static PyObject *str_stopping, *str_flush, *str_debug, *kw_loop;
 
 static inline double now_s(void) {
     struct timespec ts;
@@ -409,6 +409,18 @@ static PyObject *core_timer_cancelled(LoopCoreObject *self, PyObject *h) {
 
 static PyObject *core_time(LoopCoreObject *self, PyObject *unused) { return PyFloat_FromDouble(now_s()); }
 
+/* create_future(): asyncio.Future(loop=loop), as BaseEventLoop.create_future, without its frame. */
+static PyObject *core_create_future(LoopCoreObject *self, PyObject *unused) {
+    PyObject *args[] = {self->loop};
+    return PyObject_Vectorcall(self->future_type, args, 0, kw_loop);
+}
+
+/* get_debug(): loop._debug (read at its slot); every asyncio.Future made asks it. */
+static PyObject *core_get_debug(LoopCoreObject *self, PyObject *unused) {
+    PyObject *d = self->off_debug >= 0 ? SLOT(self->loop, self->off_debug) : NULL;
+    return d ? Py_NewRef(d) : PyObject_GetAttr(self->loop, str_debug);
+}
+
 /* ---- the turn --------------------------------------------------------------------------------------- */
 
 static int run_handle(LoopCoreObject *self, PyObject *h) {
@@ -726,6 +738,14 @@ static int core_init(LoopCoreObject *self, PyObject *args, PyObject *kwds) {
     if (read_offsets(ht, tt) < 0) return -1;
     Py_XSETREF(self->loop, Py_NewRef(loop));
     self->off_stopping = aem_slot_offset(Py_TYPE(loop), str_stopping);  /* -1: by getattr() */
+    self->off_debug = aem_slot_offset(Py_TYPE(loop), str_debug);
+    if (!self->future_type) {
+        PyObject *m = PyImport_ImportModule("asyncio.futures");
+        if (!m) return -1;
+        self->future_type = PyObject_GetAttrString(m, "Future");
+        Py_DECREF(m);
+        if (!self->future_type) return -1;
+    }
     Py_XSETREF(self->handle_type, (PyTypeObject *)Py_NewRef(ht));
     Py_XSETREF(self->timer_type, (PyTypeObject *)Py_NewRef(tt));
     Py_XSETREF(self->select, Py_NewRef(sel));
@@ -745,6 +765,7 @@ static int core_traverse(LoopCoreObject *self, visitproc visit, void *arg) {
     Py_VISIT(self->process_events);
     Py_VISIT(self->report);
     Py_VISIT(self->run_debug);
+    Py_VISIT(self->future_type);
     Py_VISIT(self->engine);
     for (Py_ssize_t i = self->flush_head; i < self->nflush; i++) Py_VISIT(self->to_flush[i]);
     Py_VISIT(self->fd_to_key);
@@ -765,6 +786,7 @@ static int core_clear_refs(LoopCoreObject *self) {
     Py_CLEAR(self->process_events);
     Py_CLEAR(self->report);
     Py_CLEAR(self->run_debug);
+    Py_CLEAR(self->future_type);
     self->nparked = 0;
     Py_CLEAR(self->engine);
     flush_clear(self);
@@ -799,6 +821,8 @@ static PyMethodDef core_methods[] = {
     {"_push_timer", (PyCFunction)core_push_timer, METH_O, "Schedule a TimerHandle made elsewhere."},
     {"_timer_handle_cancelled", (PyCFunction)core_timer_cancelled, METH_O, "A scheduled timer was cancelled."},
     {"time", (PyCFunction)core_time, METH_NOARGS, "time() -> float: the loop's clock (CLOCK_MONOTONIC)."},
+    {"create_future", (PyCFunction)core_create_future, METH_NOARGS, "create_future() -> asyncio.Future(loop=loop)"},
+    {"get_debug", (PyCFunction)core_get_debug, METH_NOARGS, "get_debug() -> loop._debug"},
     {"_run_once", (PyCFunction)core_run_once, METH_NOARGS, "One iteration of the loop."},
     {"flush_later", (PyCFunction)core_flush_later, METH_O,
      "flush_later(transport): transport._aem_flush() at the end of this turn."},
@@ -851,7 +875,9 @@ static PyType_Spec core_spec = {
 int aem_loop_init_type(PyObject *module) {
     str_stopping = PyUnicode_InternFromString("_stopping");
     str_flush = PyUnicode_InternFromString("_aem_flush");
-    if (!str_stopping || !str_flush) return -1;
+    str_debug = PyUnicode_InternFromString("_debug");
+    kw_loop = Py_BuildValue("(s)", "loop");
+    if (!str_stopping || !str_flush || !str_debug || !kw_loop) return -1;
     if (aem_stream_init_type(module) < 0) return -1;
     if (aem_loop_waker_init_type(module) < 0) return -1;
     LoopCore_Type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &core_spec, NULL);

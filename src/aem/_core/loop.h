@@ -26,6 +26,8 @@ typedef struct {
     PyObject_HEAD
     PyObject *loop;           /* the aem.EventLoop (the handles' _loop) */
     Py_ssize_t off_stopping;  /* where its _stopping slot is in it, or -1 (getattr) */
+    Py_ssize_t off_debug;     /* where its _debug slot is, or -1 (getattr) */
+    PyObject *future_type;    /* asyncio.futures.Future (create_future) */
     PyTypeObject *handle_type, *timer_type;
     PyObject *select;         /* selector.select */
     PyObject *process_events; /* loop._process_events */

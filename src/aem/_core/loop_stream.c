@@ -316,6 +316,12 @@ static PyObject *io_take_first(StreamIOObject *io, PyObject *unused) {
 
 static PyObject *io_pending(StreamIOObject *io, PyObject *unused) { return PyLong_FromSsize_t(first_size(io)); }
 
+/* is_closing(): transport._closing (StreamWriter.drain asks on every message). */
+static PyObject *io_is_closing(StreamIOObject *io, PyObject *unused) {
+    if (!io->transport) Py_RETURN_TRUE;
+    return tattr(io, A_CLOSING);
+}
+
 static PyObject *io_set_buffered(StreamIOObject *io, PyObject *arg) {
     int b = PyObject_IsTrue(arg);
     if (b < 0) return NULL;
@@ -373,6 +379,7 @@ static PyMethodDef io_methods[] = {
     {"write", (PyCFunction)io_write, METH_O, "write(data): sent at the end of this loop turn."},
     {"take_first", (PyCFunction)io_take_first, METH_NOARGS, "The pending first write (removed), or None."},
     {"pending", (PyCFunction)io_pending, METH_NOARGS, "Bytes of the pending first write."},
+    {"is_closing", (PyCFunction)io_is_closing, METH_NOARGS, "The transport's is_closing()."},
     {"set_buffered", (PyCFunction)io_set_buffered, METH_O, "The protocol is a BufferedProtocol (or not)."},
     {"detach", (PyCFunction)io_detach, METH_NOARGS, "Forget the transport (it is closed)."},
     {NULL, NULL, 0, NULL},

@@ -44,6 +44,7 @@ class SocketTransport(_SelectorSocketTransport):  # type: ignore[misc]
         self._io = io
         self._read_ready = io.read_ready  # asyncio's __init__ registers this reader
         self.write = io.write
+        self.is_closing = io.is_closing  # StreamWriter.drain() asks on every message
         super().__init__(loop, sock, protocol, waiter, extra, server)
 
     def set_protocol(self, protocol: Any) -> None:
@@ -113,5 +114,5 @@ class SocketTransport(_SelectorSocketTransport):  # type: ignore[misc]
             super()._call_connection_lost(exc)
         finally:
             self._io.detach()  # no cycle left through the C side
-            self.__dict__.pop("write", None)
-            self.__dict__.pop("_read_ready", None)
+            for name in ("write", "_read_ready", "is_closing"):
+                self.__dict__.pop(name, None)
