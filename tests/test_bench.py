@@ -6,6 +6,7 @@ These tests check that the benchmarks work, never how fast anything is.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -63,4 +64,7 @@ def test_asyncio_suite_runs_quick(tmp_path: Path) -> None:
     for case in cases:
         variants = {r["variant"] for r in rows if r["case"] == case}
         assert "aem.EventLoop" in variants and "asyncio" in variants, case
+        if case.startswith("TCP echo"):  # the floors beside the loops
+            assert "floor (Python epoll)" in variants, case
+            assert ("floor (C epoll)" in variants) == (shutil.which("cc") is not None), case
     assert all(r["value"] == r["value"] and r["value"] > 0 for r in rows)

@@ -462,7 +462,7 @@ int aem_py_deliver_one(EngineObject *self, aem_occ *o) {
         if (finished) finish(self, &t);
         int was_delivering = self->delivering;
         self->delivering = 1;
-        rc = aem_loop_wake(t.handler);
+        rc = aem_loop_wake(t.handler, t.eid);
         if (rc < 0) rc = report(self, NULL);
         self->delivering = was_delivering;
         self->core.stats.delivered[kind]++;

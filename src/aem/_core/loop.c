@@ -28,12 +28,13 @@
 #include <structmember.h>
 #include <errno.h>
 #include <sys/socket.h>
+#include <string.h>
 #include <time.h>
 
 #include "loop.h"
 
 static PyTypeObject *LoopCore_Type;
-static PyObject *str_stopping, *str_flush;
+static PyObject *str_stopping, *str_flush, *str_debug, *kw_loop;
 
 static inline double now_s(void) {
     struct timespec ts;
@@ -408,6 +409,18 @@ static PyObject *core_timer_cancelled(LoopCoreObject *self, PyObject *h) {
 
 static PyObject *core_time(LoopCoreObject *self, PyObject *unused) { return PyFloat_FromDouble(now_s()); }
 
+/* create_future(): asyncio.Future(loop=loop), as BaseEventLoop.create_future, without its frame. */
+static PyObject *core_create_future(LoopCoreObject *self, PyObject *unused) {
+    PyObject *args[] = {self->loop};
+    return PyObject_Vectorcall(self->future_type, args, 0, kw_loop);
+}
+
+/* get_debug(): loop._debug (read at its slot); every asyncio.Future made asks it. */
+static PyObject *core_get_debug(LoopCoreObject *self, PyObject *unused) {
+    PyObject *d = self->off_debug >= 0 ? SLOT(self->loop, self->off_debug) : NULL;
+    return d ? Py_NewRef(d) : PyObject_GetAttr(self->loop, str_debug);
+}
+
 /* ---- the turn --------------------------------------------------------------------------------------- */
 
 static int run_handle(LoopCoreObject *self, PyObject *h) {
@@ -445,37 +458,58 @@ static int run_handle(LoopCoreObject *self, PyObject *h) {
     return rr ? 0 : -1;
 }
 
-/* End of a turn: every transport that wrote sends what it wrote, in one writev (its _aem_flush). */
+/* End of a turn: every transport that wrote sends what it wrote, in one writev (its _aem_flush).
+ * The queue is taken from the front; a flush may queue more (run too) or flush re-entrantly
+ * (flush_now): both take the next entry.  After an error the rest stays queued. */
 static int flush_writes(LoopCoreObject *self) {
-    while (self->to_flush) {
-        PyObject *list = self->to_flush;
-        self->to_flush = NULL;
-        Py_ssize_t n = PyList_GET_SIZE(list);
-        for (Py_ssize_t i = 0; i < n; i++) {
-            PyObject *item = PyList_GET_ITEM(list, i);
-            if (aem_stream_check(item)) {
-                if (aem_stream_flush(item) < 0) {
-                    Py_DECREF(list);
-                    return -1;
-                }
-                continue;
-            }
+    while (self->flush_head < self->nflush) {
+        PyObject *item = self->to_flush[self->flush_head];  /* the queue's reference, now ours */
+        self->to_flush[self->flush_head++] = NULL;
+        int rc = 0;
+        if (aem_stream_check(item)) {
+            rc = aem_stream_flush(item);
+        } else {
             PyObject *r = PyObject_CallMethodNoArgs(item, str_flush);
-            if (!r) {
-                Py_DECREF(list);
-                return -1;
-            }
-            Py_DECREF(r);
+            rc = r ? 0 : -1;
+            Py_XDECREF(r);
         }
-        Py_DECREF(list);
+        Py_DECREF(item);
+        if (rc < 0) return -1;
     }
+    self->flush_head = self->nflush = 0;
     return 0;
 }
 
 int aem_loop_flush_later(PyObject *core, PyObject *obj) {
     LoopCoreObject *self = (LoopCoreObject *)core;
-    if (!self->to_flush && !(self->to_flush = PyList_New(0))) return -1;
-    return PyList_Append(self->to_flush, obj);
+    if (self->nflush == self->flushcap) {
+        if (self->flush_head) {  /* slide the unflushed part to the front */
+            Py_ssize_t k = self->nflush - self->flush_head;
+            memmove(self->to_flush, self->to_flush + self->flush_head, sizeof(PyObject *) * (size_t)k);
+            self->flush_head = 0;
+            self->nflush = k;
+        } else {
+            Py_ssize_t cap = self->flushcap ? self->flushcap * 2 : 16;
+            PyObject **q = PyMem_Realloc(self->to_flush, sizeof(PyObject *) * (size_t)cap);
+            if (!q) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            self->to_flush = q;
+            self->flushcap = cap;
+        }
+    }
+    self->to_flush[self->nflush++] = Py_NewRef(obj);
+    return 0;
+}
+
+static void flush_clear(LoopCoreObject *self) {
+    while (self->flush_head < self->nflush) {
+        PyObject *item = self->to_flush[self->flush_head];
+        self->to_flush[self->flush_head++] = NULL;
+        Py_DECREF(item);
+    }
+    self->flush_head = self->nflush = 0;
 }
 
 /* flush_later(transport): call transport._aem_flush() at the end of this turn. */
@@ -533,8 +567,13 @@ static PyObject *one_turn(LoopCoreObject *self, int stopping, int must_poll) {
             double t = self->heap[0].when - now;
             ms = t <= 0 ? 0 : t > 86400 ? 86400000 : (int)(t * 1e3 + 0.999999);
         }
-        if (aem_py_engine_turn(self->engine, ms) < 0) return NULL;
+        aem_loop_unpark(self);  /* what wakers parked outside a turn is watched again */
+        self->in_turn = 1;
+        int n = aem_py_engine_turn(self->engine, ms);
+        self->in_turn = 0;
+        if (n < 0) return NULL;
         now = now_s();
+        self->last_poll = now;  /* when the poll returned: a blocking wait is not time between polls */
         goto collected;
     }
     if (self->len || stopping) {
@@ -558,6 +597,7 @@ static PyObject *one_turn(LoopCoreObject *self, int stopping, int must_poll) {
         Py_DECREF(events);
     }
     now = now_s();
+    self->last_poll = now;
 collected:;
     double end = now + self->clock_resolution;
     while (self->hlen && self->heap[0].when < end) {
@@ -579,11 +619,12 @@ collected:;
     return flush_writes(self) < 0 ? NULL : Py_NewRef(Py_None);
 }
 
-/* loop._stopping, read from the loop's __dict__ (a fraction of getattr()'s cost, twice a turn). */
+/* loop._stopping, twice a turn: aem.EventLoop has it as a slot, read at its offset. */
 static int is_stopping(LoopCoreObject *self) {
-    PyObject *s = self->loop_dict ? PyDict_GetItemWithError(self->loop_dict, str_stopping) : NULL;
+    PyObject *s = self->off_stopping >= 0 ? SLOT(self->loop, self->off_stopping) : NULL;
+    if (s == Py_False) return 0;
+    if (s == Py_True) return 1;
     if (s) return PyObject_IsTrue(s);
-    if (PyErr_Occurred()) return -1;
     s = PyObject_GetAttr(self->loop, str_stopping);
     if (!s) return -1;
     int stopping = PyObject_IsTrue(s);
@@ -616,6 +657,7 @@ static PyObject *core_attach_engine(LoopCoreObject *self, PyObject *const *args,
         PyErr_SetString(PyExc_TypeError, "_attach_engine(engine, fd_to_key: dict, remove_reader, remove_writer)");
         return NULL;
     }
+    aem_loop_unpark(self);
     Py_XSETREF(self->engine, (EngineObject *)Py_NewRef(args[0]));
     Py_XSETREF(self->fd_to_key, Py_NewRef(args[1]));
     Py_XSETREF(self->remove_fd[0], Py_NewRef(args[2]));
@@ -695,8 +737,15 @@ static int core_init(LoopCoreObject *self, PyObject *args, PyObject *kwds) {
     }
     if (read_offsets(ht, tt) < 0) return -1;
     Py_XSETREF(self->loop, Py_NewRef(loop));
-    Py_XSETREF(self->loop_dict, PyObject_GenericGetDict(loop, NULL));
-    if (!self->loop_dict) PyErr_Clear();  /* no __dict__: _stopping read by getattr() */
+    self->off_stopping = aem_slot_offset(Py_TYPE(loop), str_stopping);  /* -1: by getattr() */
+    self->off_debug = aem_slot_offset(Py_TYPE(loop), str_debug);
+    if (!self->future_type) {
+        PyObject *m = PyImport_ImportModule("asyncio.futures");
+        if (!m) return -1;
+        self->future_type = PyObject_GetAttrString(m, "Future");
+        Py_DECREF(m);
+        if (!self->future_type) return -1;
+    }
     Py_XSETREF(self->handle_type, (PyTypeObject *)Py_NewRef(ht));
     Py_XSETREF(self->timer_type, (PyTypeObject *)Py_NewRef(tt));
     Py_XSETREF(self->select, Py_NewRef(sel));
@@ -710,15 +759,15 @@ static int core_init(LoopCoreObject *self, PyObject *args, PyObject *kwds) {
 static int core_traverse(LoopCoreObject *self, visitproc visit, void *arg) {
     Py_VISIT(Py_TYPE(self));
     Py_VISIT(self->loop);
-    Py_VISIT(self->loop_dict);
     Py_VISIT(self->handle_type);
     Py_VISIT(self->timer_type);
     Py_VISIT(self->select);
     Py_VISIT(self->process_events);
     Py_VISIT(self->report);
     Py_VISIT(self->run_debug);
+    Py_VISIT(self->future_type);
     Py_VISIT(self->engine);
-    Py_VISIT(self->to_flush);
+    for (Py_ssize_t i = self->flush_head; i < self->nflush; i++) Py_VISIT(self->to_flush[i]);
     Py_VISIT(self->fd_to_key);
     Py_VISIT(self->remove_fd[0]);
     Py_VISIT(self->remove_fd[1]);
@@ -731,15 +780,16 @@ static int core_clear_refs(LoopCoreObject *self) {
     ring_clear(self);
     heap_clear(self);
     Py_CLEAR(self->loop);
-    Py_CLEAR(self->loop_dict);
     Py_CLEAR(self->handle_type);
     Py_CLEAR(self->timer_type);
     Py_CLEAR(self->select);
     Py_CLEAR(self->process_events);
     Py_CLEAR(self->report);
     Py_CLEAR(self->run_debug);
+    Py_CLEAR(self->future_type);
+    self->nparked = 0;
     Py_CLEAR(self->engine);
-    Py_CLEAR(self->to_flush);
+    flush_clear(self);
     Py_CLEAR(self->fd_to_key);
     Py_CLEAR(self->remove_fd[0]);
     Py_CLEAR(self->remove_fd[1]);
@@ -752,6 +802,8 @@ static void core_dealloc(LoopCoreObject *self) {
     core_clear_refs(self);
     PyMem_Free(self->ring);
     PyMem_Free(self->heap);
+    PyMem_Free(self->parked);
+    PyMem_Free(self->to_flush);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
 }
@@ -769,6 +821,8 @@ static PyMethodDef core_methods[] = {
     {"_push_timer", (PyCFunction)core_push_timer, METH_O, "Schedule a TimerHandle made elsewhere."},
     {"_timer_handle_cancelled", (PyCFunction)core_timer_cancelled, METH_O, "A scheduled timer was cancelled."},
     {"time", (PyCFunction)core_time, METH_NOARGS, "time() -> float: the loop's clock (CLOCK_MONOTONIC)."},
+    {"create_future", (PyCFunction)core_create_future, METH_NOARGS, "create_future() -> asyncio.Future(loop=loop)"},
+    {"get_debug", (PyCFunction)core_get_debug, METH_NOARGS, "get_debug() -> loop._debug"},
     {"_run_once", (PyCFunction)core_run_once, METH_NOARGS, "One iteration of the loop."},
     {"flush_later", (PyCFunction)core_flush_later, METH_O,
      "flush_later(transport): transport._aem_flush() at the end of this turn."},
@@ -821,7 +875,9 @@ static PyType_Spec core_spec = {
 int aem_loop_init_type(PyObject *module) {
     str_stopping = PyUnicode_InternFromString("_stopping");
     str_flush = PyUnicode_InternFromString("_aem_flush");
-    if (!str_stopping || !str_flush) return -1;
+    str_debug = PyUnicode_InternFromString("_debug");
+    kw_loop = Py_BuildValue("(s)", "loop");
+    if (!str_stopping || !str_flush || !str_debug || !kw_loop) return -1;
     if (aem_stream_init_type(module) < 0) return -1;
     if (aem_loop_waker_init_type(module) < 0) return -1;
     LoopCore_Type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &core_spec, NULL);

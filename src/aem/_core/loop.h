@@ -25,7 +25,9 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     PyObject *loop;           /* the aem.EventLoop (the handles' _loop) */
-    PyObject *loop_dict;      /* its __dict__, where _stopping is read (or NULL) */
+    Py_ssize_t off_stopping;  /* where its _stopping slot is in it, or -1 (getattr) */
+    Py_ssize_t off_debug;     /* where its _debug slot is, or -1 (getattr) */
+    PyObject *future_type;    /* asyncio.futures.Future (create_future) */
     PyTypeObject *handle_type, *timer_type;
     PyObject *select;         /* selector.select */
     PyObject *process_events; /* loop._process_events */
@@ -34,7 +36,8 @@ typedef struct {
     EngineObject *engine;     /* fast path: the engine turn itself instead of select() (or NULL) */
     PyObject *fd_to_key;      /* the selector's fd -> SelectorKey (with engine) */
     PyObject *remove_fd[2];   /* loop._remove_reader, loop._remove_writer (with engine) */
-    PyObject *to_flush;       /* transports that wrote during this turn (a list, or NULL) */
+    PyObject **to_flush;      /* what wrote during this turn: to_flush[flush_head:nflush] (owned) */
+    Py_ssize_t flush_head, nflush, flushcap;
     PyObject **ring;          /* ready handles: ring[(head + i) % cap], i < len; cap a power of 2 */
     Py_ssize_t head, len, cap;
     tent *heap;
@@ -45,6 +48,9 @@ typedef struct {
     double last_poll;         /* when the last turn polled for I/O (CLOCK_MONOTONIC, s) */
     int skipped;              /* turns in a row that skipped the poll (callbacks were ready) */
     int closed, debug;
+    int in_turn;              /* the loop's own engine turn is delivering (wakers queue handles) */
+    uint64_t *parked;         /* eids of wakers' registrations parked outside a turn (loop_fd.c) */
+    Py_ssize_t nparked, parkcap;
 } LoopCoreObject;
 
 /* Bounded poll skipping (loop.c, one_turn): with callbacks ready, poll for I/O at least every
@@ -67,7 +73,14 @@ int aem_loop_flush_later(PyObject *core, PyObject *obj);
 int aem_loop_waker_init_type(PyObject *module);
 PyObject *aem_loop_waker(LoopCoreObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *aem_loop_recv(PyObject *const *args, Py_ssize_t nargs);
-char *aem_loop_recv_buffer(size_t *size);   /* the shared read buffer, or NULL (MemoryError) */
+/* One read of fd (at most max bytes; guess: the size expected, 0 if small): a bytes object of
+ * exactly what came (b"" at EOF), or NULL with an exception set, or NULL with *err = the errno of
+ * a failed read (no exception set). */
+PyObject *aem_loop_read(int fd, size_t max, size_t guess, int *err);
+void aem_loop_unpark(LoopCoreObject *self); /* before a poll: re-arm what wakers parked */
+
+/* http_fast.c: the offset of a plain __slots__ attribute of tp, or -1 */
+Py_ssize_t aem_slot_offset(PyTypeObject *tp, PyObject *name);
 
 /* loop_stream.c */
 int aem_stream_init_type(PyObject *module);

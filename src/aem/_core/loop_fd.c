@@ -5,13 +5,24 @@
  * readiness occurrence to it during the loop's engine turn and it queues the reader's
  * (or writer's) handle of the fd's selector key straight into the loop's ready ring.
  *
+ * Only the loop's own turn queues handles: as in asyncio, an fd's handle is queued once per
+ * poll.  The engine may deliver a waker outside the loop's turn too -- aem.start()'s
+ * asynchronous drain while callbacks run, aem.run() while the loop is not running -- and the
+ * loop's fds are level-triggered: queueing there would queue the same handle on every drain
+ * step, and the doorbell would ring again as soon as it is acknowledged (a ready fd stays
+ * ready until the loop's handle runs).  Such a waker *parks* its registration instead (stops
+ * it: the fd leaves the epoll interest set, nothing is queued); the loop re-arms what was
+ * parked just before its next poll, which then reports the fd if it is still ready.
+ *
  * Errors: functions return 0 or NULL/-1 with a Python exception set.
  */
 #define _GNU_SOURCE
 #include "loop.h"
 
 #include <errno.h>
+#include <string.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 
 /* A waker is the engine handler of one direction of one fd of the loop: when the engine
  * delivers, it queues the reader's (or writer's) handle of the fd's selector key, as
@@ -25,33 +36,74 @@ typedef struct {
 
 static PyTypeObject *Waker_Type;
 
-static PyObject *waker_call(WakerObject *w, PyObject *args, PyObject *kwds) {
+/* Queue the handle of w's direction of its fd (the loop's turn). Returns 0 or -1. */
+static int waker_queue(WakerObject *w) {
     LoopCoreObject *c = w->core;
-    if (!c->fd_to_key) Py_RETURN_NONE;
+    if (!c->fd_to_key) return 0;
     PyObject *key = PyDict_GetItemWithError(c->fd_to_key, w->fd);  /* borrowed */
-    if (!key) {
-        if (PyErr_Occurred()) return NULL;
-        Py_RETURN_NONE;  /* unregistered meanwhile */
-    }
+    if (!key) return PyErr_Occurred() ? -1 : 0;  /* unregistered meanwhile */
     if (!PyTuple_Check(key) || PyTuple_GET_SIZE(key) < 4) {
         PyErr_SetString(PyExc_TypeError, "selector key is not a SelectorKey");
-        return NULL;
+        return -1;
     }
     PyObject *data = PyTuple_GET_ITEM(key, 3);
-    if (!PyTuple_Check(data) || PyTuple_GET_SIZE(data) != 2) Py_RETURN_NONE;
+    if (!PyTuple_Check(data) || PyTuple_GET_SIZE(data) != 2) return 0;
     PyObject *h = PyTuple_GET_ITEM(data, w->write);
-    if (h == Py_None) Py_RETURN_NONE;
+    if (h == Py_None) return 0;
     if (!PyObject_TypeCheck(h, c->handle_type)) {
         PyErr_SetString(PyExc_TypeError, "selector key data holds no asyncio.Handle");
-        return NULL;
+        return -1;
     }
     if (is_cancelled(h)) {
         PyObject *fileobj = Py_NewRef(PyTuple_GET_ITEM(key, 0));
         PyObject *r = PyObject_CallOneArg(c->remove_fd[w->write], fileobj);
         Py_DECREF(fileobj);
-        return r;
+        if (!r) return -1;
+        Py_DECREF(r);
+        return 0;
     }
-    if (aem_loop_ring_push(c, Py_NewRef(h)) < 0) return NULL;
+    return aem_loop_ring_push(c, Py_NewRef(h));
+}
+
+/* Outside the loop's turn: stop registration eid until the loop's next poll. Returns 0 or -1. */
+static int waker_park(WakerObject *w, uint64_t eid) {
+    LoopCoreObject *c = w->core;
+    uint32_t slot;
+    if (!c->engine || c->engine->closed || !aem_engine_lookup(&c->engine->core, eid, &slot)) return 0;
+    if (c->nparked == c->parkcap) {
+        Py_ssize_t cap = c->parkcap ? c->parkcap * 2 : 16;
+        uint64_t *p = PyMem_Realloc(c->parked, sizeof(uint64_t) * (size_t)cap);
+        if (!p) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        c->parked = p;
+        c->parkcap = cap;
+    }
+    int rc = aem_engine_stop_reg(&c->engine->core, slot);
+    if (rc < 0) {
+        errno = -rc;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    c->parked[c->nparked++] = eid;
+    return 0;
+}
+
+void aem_loop_unpark(LoopCoreObject *self) {
+    for (Py_ssize_t i = 0; i < self->nparked; i++) {
+        uint32_t slot;
+        if (self->engine && !self->engine->closed &&
+            aem_engine_lookup(&self->engine->core, self->parked[i], &slot))
+            (void)aem_engine_start_reg(&self->engine->core, slot);  /* an fd closed meanwhile: gone */
+    }
+    self->nparked = 0;
+}
+
+/* Called as a Python object (not through the engine's fast path): the registration is not
+ * known, so outside the loop's turn nothing is done. */
+static PyObject *waker_call(WakerObject *w, PyObject *args, PyObject *kwds) {
+    if (w->core->in_turn && waker_queue(w) < 0) return NULL;
     Py_RETURN_NONE;
 }
 
@@ -59,11 +111,9 @@ static PyObject *waker_call(WakerObject *w, PyObject *args, PyObject *kwds) {
  * nor an argument tuple.  Its errors go to the engine's error handler with event None. */
 int aem_loop_is_waker(PyObject *handler) { return Waker_Type && Py_IS_TYPE(handler, Waker_Type); }
 
-int aem_loop_wake(PyObject *waker) {
-    PyObject *r = waker_call((WakerObject *)waker, NULL, NULL);
-    if (!r) return -1;
-    Py_DECREF(r);
-    return 0;
+int aem_loop_wake(PyObject *waker, uint64_t eid) {
+    WakerObject *w = (WakerObject *)waker;
+    return w->core->in_turn ? waker_queue(w) : waker_park(w, eid);
 }
 
 /* waker(fd, write) -> the engine handler for fd's readiness to read (write=False) or write. */
@@ -122,22 +172,53 @@ static PyType_Spec waker_spec = {
 
 /* ---- socket reads for the transports ------------------------------------------------------------------ */
 
-/* recv(fd, max_size) -> bytes: read into one shared buffer (the GIL is held throughout), then copy
- * out exactly what came.  socket.recv(max_size) allocates max_size bytes (256 KiB for asyncio's
- * transports: an mmap and its page faults on every read) and shrinks them. b"" at EOF; OSError
- * (BlockingIOError ...) on failure. */
+/* One read of a socket into a bytes object of exactly what came.  A small read goes into one
+ * shared buffer of RECV_BUF bytes (the GIL is held throughout) and is copied out.  When the reader
+ * expects a big one (`guess`: the size of its last read, RECV_HANDOVER or more), the read goes
+ * straight into a new bytes object of that size, the shared buffer catching any excess (readv):
+ * what fits is handed over without a copy, shrunk in place (a heap block: `guess` stays below
+ * glibc's mmap threshold, so no mmap/munmap per read).  socket.recv(max_size), asyncio's way,
+ * allocates max_size bytes on every read (256 KiB for its transports: an mmap and its page
+ * faults per read). */
 #define RECV_BUF (256 * 1024)
+#define RECV_HANDOVER (16 * 1024)
+#define RECV_GUESS_MAX (96 * 1024)
 static char *recv_buf;
 
-char *aem_loop_recv_buffer(size_t *size) {
-    if (!recv_buf && !(recv_buf = PyMem_RawMalloc(RECV_BUF))) {
-        PyErr_NoMemory();
+PyObject *aem_loop_read(int fd, size_t max, size_t guess, int *err) {
+    *err = 0;
+    if (!recv_buf && !(recv_buf = PyMem_RawMalloc(RECV_BUF))) return PyErr_NoMemory();
+    if (max > RECV_BUF) max = RECV_BUF;
+    if (guess > RECV_GUESS_MAX) guess = RECV_GUESS_MAX;
+    PyObject *b = NULL;
+    if (guess >= RECV_HANDOVER && guess < max && !(b = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)guess)))
+        return NULL;
+    ssize_t n;
+    do {
+        if (b) {
+            struct iovec iov[2] = {{PyBytes_AS_STRING(b), guess}, {recv_buf, max - guess}};
+            n = readv(fd, iov, 2);
+        } else {
+            n = recv(fd, recv_buf, max, 0);
+        }
+    } while (n < 0 && errno == EINTR && PyErr_CheckSignals() == 0);
+    if (n < 0) {
+        if (!PyErr_Occurred()) *err = errno;
+        Py_XDECREF(b);
         return NULL;
     }
-    *size = RECV_BUF;
-    return recv_buf;
+    if (!b) return PyBytes_FromStringAndSize(recv_buf, n);
+    if ((size_t)n <= guess) return _PyBytes_Resize(&b, n) < 0 ? NULL : b;  /* a shrink, in place */
+    PyObject *all = PyBytes_FromStringAndSize(NULL, n);  /* more than guessed: copied together */
+    if (all) {
+        memcpy(PyBytes_AS_STRING(all), PyBytes_AS_STRING(b), guess);
+        memcpy(PyBytes_AS_STRING(all) + guess, recv_buf, (size_t)n - guess);
+    }
+    Py_DECREF(b);
+    return all;
 }
 
+/* recv(fd, max_size) -> bytes: one read (b"" at EOF); OSError (BlockingIOError ...) on failure. */
 PyObject *aem_loop_recv(PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "recv(fd, max_size)");
@@ -151,14 +232,17 @@ PyObject *aem_loop_recv(PyObject *const *args, Py_ssize_t nargs) {
         PyErr_SetString(PyExc_ValueError, "max_size must be positive");
         return NULL;
     }
-    if (max > RECV_BUF) max = RECV_BUF;
-    if (!recv_buf && !(recv_buf = PyMem_RawMalloc(RECV_BUF))) return PyErr_NoMemory();
-    ssize_t n;
-    do {
-        n = recv((int)fd, recv_buf, (size_t)max, 0);
-    } while (n < 0 && errno == EINTR && PyErr_CheckSignals() == 0);
-    if (n < 0) return PyErr_Occurred() ? NULL : PyErr_SetFromErrno(PyExc_OSError);
-    return PyBytes_FromStringAndSize(recv_buf, n);
+    if (fd < 0 || fd > INT32_MAX) {
+        errno = EBADF;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    int err;
+    PyObject *b = aem_loop_read((int)fd, (size_t)max, 0, &err);
+    if (!b && err) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return b;
 }
 
 int aem_loop_waker_init_type(PyObject *module) {

@@ -84,7 +84,7 @@ extern PyTypeObject *AemEngine_Type;
 int aem_engine_init_type(PyObject *module);
 int aem_py_engine_turn(EngineObject *self, int timeout_ms);   /* asyncio loop hooks */
 int aem_loop_is_waker(PyObject *handler);   /* loop_fd.c: an aem.EventLoop waker (no Event needed) */
-int aem_loop_wake(PyObject *waker);         /* loop_fd.c: run it; 0, or -1 with an exception set */
+int aem_loop_wake(PyObject *waker, uint64_t eid);  /* loop_fd.c: run it for registration eid; 0 or -1 */
 int aem_py_engine_remove(EngineObject *self, uint64_t eid);
 int aem_loop_init_type(PyObject *module);   /* loop.c: aem._core.LoopCore */
 

@@ -744,6 +744,10 @@ int aem_py_engine_turn(EngineObject *self, int timeout_ms) {
     self->stop_requested = 0;
     self->run_thread = PyThread_get_thread_ident();
     if (self->async_on) aem_doorbell_pause(&self->doorbell, 1);
+    /* No non-blocking look first when the last turn delivered (busy): the loop asks to block only
+     * when nothing is ready, and in a request-response exchange the look finds nothing (measured:
+     * a second epoll_wait per message of an echo). */
+    self->busy = 0;
     int n = aem_py_engine_step(self, timeout_ms);
     self->running = 0;
     self->stop_requested = 0;

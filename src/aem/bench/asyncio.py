@@ -13,7 +13,11 @@ Every case runs the same code on the three loops, in interleaved rounds
   and through a ``Protocol`` (``data_received`` -> ``transport.write``), with
   1 KiB and 64 KiB messages: the server runs in its own process pinned to CPU
   0, a blocking client pinned to CPU 1 sends one message and reads it back,
-  over and over.  Messages/s and the server's CPU µs per message.
+  over and over.  Messages/s and the server's CPU µs per message.  Two floors
+  beside the loops: a bare C epoll echo server (:data:`ECHO_FLOOR_C`, compiled
+  here: the same system calls per message as every loop, nothing else) and a
+  plain Python one (``select.epoll``, ``socket.recv``/``send``: the interpreter's
+  share of the floor).
 * uvicorn's plaintext hello (httptools parser) on each loop, loaded by wrk.
 """
 
@@ -35,6 +39,8 @@ from ._harness import Context, aem_pythonpath, interleave, json_from_child, pin_
 from ._plot import bars
 
 LOOPS = ("asyncio", "uvloop", "aem")
+#: The echo's floors (anchors beside the loops): a bare C epoll server, a plain Python epoll one.
+FLOORS = ("floor (C epoll)", "floor (Python epoll)")
 SERVER_CPU = 0
 CLIENT_CPU = 1
 
@@ -169,6 +175,111 @@ def echo_server(kind: str, mode: str, port: int) -> None:
     loop.run_forever()
 
 
+#: The raw floor of the echo: level-triggered epoll, one recv into a 256 KiB buffer and one send
+#: per message, as every loop here does (strace/perf: 1 epoll_wait, 1 recv, 1 send per message).
+ECHO_FLOOR_C = r"""
+#define _GNU_SOURCE
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+static char buf[262144];
+
+int main(int argc, char **argv) {
+    int ls = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0), one = 1;
+    setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((unsigned short)atoi(argv[1])),
+                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    if (argc < 2 || bind(ls, (struct sockaddr *)&a, sizeof a) || listen(ls, 128)) return 1;
+    int ep = epoll_create1(0);
+    struct epoll_event ev = {.events = EPOLLIN, .data.fd = ls}, evs[64];
+    epoll_ctl(ep, EPOLL_CTL_ADD, ls, &ev);
+    printf("ready\n");
+    fflush(stdout);
+    for (;;) {
+        int n = epoll_wait(ep, evs, 64, -1);
+        for (int i = 0; i < n; i++) {
+            int fd = evs[i].data.fd;
+            if (fd == ls) {
+                int c = accept4(ls, NULL, NULL, SOCK_NONBLOCK);
+                if (c < 0) continue;
+                setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+                ev.events = EPOLLIN;
+                ev.data.fd = c;
+                epoll_ctl(ep, EPOLL_CTL_ADD, c, &ev);
+                continue;
+            }
+            ssize_t r = recv(fd, buf, sizeof buf, 0);
+            if (r <= 0) {
+                close(fd);
+                continue;
+            }
+            for (ssize_t o = 0; o < r;) {  /* loopback takes it at once unless the peer stops reading */
+                ssize_t w = send(fd, buf + o, (size_t)(r - o), MSG_NOSIGNAL);
+                if (w > 0) {
+                    o += w;
+                    continue;
+                }
+                struct pollfd p = {.fd = fd, .events = POLLOUT};
+                if (w < 0 && poll(&p, 1, 1000) <= 0) break;
+            }
+        }
+    }
+}
+"""
+
+
+def echo_floor_binary(tmp: Path) -> str | None:
+    """The C echo floor, compiled with the C compiler here (None without one)."""
+    import shutil
+
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        return None
+    src, exe = tmp / "echo-floor.c", tmp / "echo-floor"
+    if not exe.exists():
+        src.write_text(ECHO_FLOOR_C)
+        if subprocess.run([cc, "-O2", "-o", str(exe), str(src)], capture_output=True).returncode:
+            return None
+    return str(exe)
+
+
+def echo_server_python_epoll(port: int) -> None:
+    """The plain Python floor of the echo: select.epoll and socket methods, no event loop."""
+    import select
+
+    ls = socket.create_server(("127.0.0.1", port), backlog=128)
+    ls.setblocking(False)
+    ep = select.epoll()
+    ep.register(ls.fileno(), select.EPOLLIN)
+    conns: dict[int, socket.socket] = {}
+    print("ready", flush=True)
+    while True:
+        for fd, _ in ep.poll():
+            if fd == ls.fileno():
+                c, _ = ls.accept()
+                c.setblocking(False)
+                c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conns[c.fileno()] = c
+                ep.register(c.fileno(), select.EPOLLIN)
+                continue
+            c = conns[fd]
+            data = c.recv(262144)
+            if not data:
+                ep.unregister(fd)
+                del conns[fd]
+                c.close()
+                continue
+            c.setblocking(True)  # loopback takes it at once unless the peer stops reading
+            c.sendall(data)
+            c.setblocking(False)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -176,18 +287,29 @@ def _free_port() -> int:
 
 
 def _proc_cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds used so far by process ``pid``, all its threads: the scheduler's own count
+    (/proc/PID/task/*/schedstat, ns), not /proc/PID/stat's 10 ms ticks, which read 0 for a
+    server as light as the C floor over a short round."""
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        return total / 1e9
+    except (OSError, ValueError, IndexError):  # no schedstat in this kernel: the ticks
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class _Child:
     """A server process (pinned to SERVER_CPU) started from ``code``; always stopped."""
 
-    def __init__(self, code: str, tmp: Path, name: str) -> None:
+    def __init__(self, code: str | list[str], tmp: Path, name: str) -> None:
         self.log = open(tmp / f"{name}.log", "wb")
         env = dict(os.environ, PYTHONPATH=aem_pythonpath())
-        self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=self.log,
+        argv = [sys.executable, "-c", code] if isinstance(code, str) else code
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log,
                                      env=env, preexec_fn=lambda: pin_to_cpu(SERVER_CPU))
 
     def wait_ready(self) -> None:
@@ -276,7 +398,7 @@ def run(ctx: Context) -> None:
     _bench_call_soon(ctx, kinds, rounds)
     _bench_timers(ctx, kinds, rounds)
     with tempfile.TemporaryDirectory() as tmp:
-        _bench_echo(ctx, kinds, rounds, Path(tmp))
+        _bench_echo(ctx, kinds, 1 if ctx.quick else 5, Path(tmp))  # more, shorter rounds: a sturdier median
         _bench_uvicorn(ctx, kinds, rounds, Path(tmp))
     ctx.note("ratios within this run; asyncio = asyncio.SelectorEventLoop (epoll)")
 
@@ -320,6 +442,8 @@ def _bench_timers(ctx: Context, kinds: list[str], rounds: int) -> None:
 def _echo_case(ctx: Context, kinds: list[str], rounds: int, tmp: Path, mode: str, size: int,
                seconds: float) -> None:
     servers: dict[str, tuple[_Child, int]] = {}
+    floor = echo_floor_binary(tmp)
+    kinds = [*kinds, *FLOORS] if floor is not None else [*kinds, FLOORS[1]]
     cpu: dict[str, list[float]] = {k: [] for k in kinds}
 
     def one(k: str) -> float:
@@ -332,8 +456,14 @@ def _echo_case(ctx: Context, kinds: list[str], rounds: int, tmp: Path, mode: str
     try:
         for k in kinds:
             port = _free_port()
-            child = _Child(f"from aem.bench.asyncio import echo_server; echo_server({k!r}, {mode!r}, {port})",
-                           tmp, f"echo-{k}-{mode}")
+            code: str | list[str]
+            if k == FLOORS[0] and floor is not None:
+                code = [floor, str(port)]
+            elif k == FLOORS[1]:
+                code = f"from aem.bench.asyncio import echo_server_python_epoll as s; s({port})"
+            else:
+                code = f"from aem.bench.asyncio import echo_server; echo_server({k!r}, {mode!r}, {port})"
+            child = _Child(code, tmp, f"echo-{k.split()[0]}-{mode}")
             servers[k] = (child, port)
             child.wait_ready()
         warmup = 0 if ctx.quick else 1
@@ -350,7 +480,7 @@ def _echo_case(ctx: Context, kinds: list[str], rounds: int, tmp: Path, mode: str
 
 
 def _bench_echo(ctx: Context, kinds: list[str], rounds: int, tmp: Path) -> None:
-    seconds = 0.3 if ctx.quick else 2.0
+    seconds = 0.3 if ctx.quick else 1.5
     pin_to_cpu(CLIENT_CPU)
     try:
         for mode in ("streams", "protocol"):
@@ -358,7 +488,8 @@ def _bench_echo(ctx: Context, kinds: list[str], rounds: int, tmp: Path) -> None:
                 _echo_case(ctx, kinds, rounds, tmp, mode, size, seconds)
     finally:
         os.sched_setaffinity(0, range(os.cpu_count() or 1))
-    ctx.note("echo: server pinned to CPU 0, one blocking client on CPU 1, one message in flight")
+    ctx.note("echo: server pinned to CPU 0, one blocking client on CPU 1, one message in flight; "
+             "floors: a bare C epoll echo server and a plain Python select.epoll one (same syscalls)")
 
 
 def _bench_uvicorn(ctx: Context, kinds: list[str], rounds: int, tmp: Path) -> None:

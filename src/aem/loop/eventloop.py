@@ -34,6 +34,7 @@ __all__ = ["EventLoop", "EventLoopPolicy", "install", "new_event_loop"]
 # asyncio's Unix loop; its private helpers (_add_callback, _check_signal ...) are not in typeshed.
 _UnixLoop: Any = unix_events.SelectorEventLoop
 _Policy: Any = unix_events.DefaultEventLoopPolicy
+_LOOP_SLOTS = ("_debug", "_stopping")  # a name, not a literal: see transports.py
 
 
 class EventLoop(_UnixLoop):  # type: ignore[misc]
@@ -48,6 +49,8 @@ class EventLoop(_UnixLoop):  # type: ignore[misc]
     on it; a loop made while another is open (another thread's loop) gets an
     engine of its own, closed with the loop.  ``engine=`` chooses explicitly.
     """
+
+    __slots__ = _LOOP_SLOTS  # read by the C core at their offsets: _stopping twice a turn, _debug per Future
 
     def __init__(self, engine: Engine | None = None) -> None:
         global _process_engine_loop
@@ -80,6 +83,9 @@ class EventLoop(_UnixLoop):  # type: ignore[misc]
         self._scheduled = _ScheduledView(core)
         for name in _ALWAYS_C:
             setattr(self, name, getattr(core, name))
+        for name in _C_UNLESS_OVERRIDDEN:  # a subclass's own method wins
+            if getattr(type(self), name) is getattr(_UnixLoop, name):
+                setattr(self, name, getattr(core, name))
         self.set_debug(self._debug)
 
     @property
@@ -256,6 +262,9 @@ _process_engine_loop: tuple[int, weakref.ref[EventLoop] | None] = (0, None)
 _ALWAYS_C = ("_run_once", "_add_callback", "_timer_handle_cancelled", "time")
 #: C core methods the loop uses out of debug mode.
 _FAST_UNLESS_DEBUG = ("call_soon", "call_later", "call_at", "_call_soon")
+#: C core methods doing what asyncio's do (each asyncio.Future made calls both), unless a subclass
+#: of aem.EventLoop has its own.
+_C_UNLESS_OVERRIDDEN = ("create_future", "get_debug")
 
 
 class _ScheduledView:

@@ -22,6 +22,7 @@ from asyncio import BufferedProtocol, selector_events
 from typing import Any
 
 _SelectorSocketTransport: Any = selector_events._SelectorSocketTransport  # type: ignore[attr-defined]
+_STATE_SLOTS = ("_buffer", "_closing", "_conn_lost", "_empty_waiter", "_eof", "_protocol")
 
 
 class SocketTransport(_SelectorSocketTransport):  # type: ignore[misc]
@@ -32,12 +33,18 @@ class SocketTransport(_SelectorSocketTransport):  # type: ignore[misc]
     asyncio's, plus the few ``_aem_*`` methods the C side calls on uncommon paths.
     """
 
+    # The state the C side reads on every message lives in slots (read at their offsets, no
+    # dictionary lookup); _protocol_paused and _high_water already are asyncio's slots.  (A name,
+    # not a literal: mypy would otherwise forbid every attribute that lives in the __dict__.)
+    __slots__ = _STATE_SLOTS
+
     def __init__(self, loop: Any, sock: Any, protocol: Any, waiter: Any = None, extra: Any = None,
                  server: Any = None) -> None:
         io = loop._core.stream_io(self, sock.fileno())
         self._io = io
         self._read_ready = io.read_ready  # asyncio's __init__ registers this reader
         self.write = io.write
+        self.is_closing = io.is_closing  # StreamWriter.drain() asks on every message
         super().__init__(loop, sock, protocol, waiter, extra, server)
 
     def set_protocol(self, protocol: Any) -> None:
@@ -107,5 +114,5 @@ class SocketTransport(_SelectorSocketTransport):  # type: ignore[misc]
             super()._call_connection_lost(exc)
         finally:
             self._io.detach()  # no cycle left through the C side
-            self.__dict__.pop("write", None)
-            self.__dict__.pop("_read_ready", None)
+            for name in ("write", "_read_ready", "is_closing"):
+                self.__dict__.pop(name, None)
