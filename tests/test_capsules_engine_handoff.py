@@ -106,18 +106,49 @@ def test_dead_idle_capsule_makes_the_engine_fall_back(pool: aem.CapsulePool, cou
     dead_a, dead_b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     dead_b.close()
     try:
-        with pool._lock:  # a capsule that died unnoticed comes first in the engine's table
+        with pool._lock:  # a capsule that died unnoticed is the newest in the engine's table
             pool._sync()
             pool._table.clear()
-            pool._table.push(dead_a.fileno(), 10**9)
             for cap in pool._idle:
                 pool._table.push(cap.chan.fileno(), cap.token)
+            pool._table.push(dead_a.fileno(), 10**9)
         ue.fire(5)
         run_until(lambda: got)
         assert got == [5] and len(counted) == 1, "the send failed: the occurrence took the Python path"
         assert pool.stats()["failed"] == 0
     finally:
         dead_a.close()
+
+
+@pytest.mark.parametrize("lifo", [1, 0])
+def test_the_newest_idle_capsule_takes_the_next_event(pool: aem.CapsulePool, counted: list[Any],
+                                                       lifo: int) -> None:
+    """LIFO (the default): the capsule that became ready last has slept the least."""
+    results = aem.UserEvent()
+    got: list[int] = []
+    aem.register(results, lambda ev: got.append(ev.payload))
+    ue = aem.UserEvent()
+    aem.register(ue, lambda ev: results.fire(os.getpid()), flags=aem.EVF_CAPSULE, pool=pool)
+    pool.refresh()
+    assert pool.wait_ready(10)
+    assert pool._table.lifo == 1, "LIFO is the default"
+    pool._table.lifo = lifo
+    for n in (1, 2):
+        with pool._lock:
+            pool._sync()
+            order = [c.pid for c in pool._idle]  # oldest first, as they became ready
+        assert len(order) == 2
+        ue.fire()
+        run_until(lambda n=n: len(got) == n)  # type: ignore[misc]
+        assert got[-1] == (order[-1] if lifo else order[0])
+        assert pool.wait_ready(10)
+    # the pool's Python path picks the same way (a pickled payload: the engine does not take it)
+    with pool._lock:
+        pool._sync()
+        order = [c.pid for c in pool._idle]
+    ue.fire({"pickled": True})
+    run_until(lambda: len(got) == 3)
+    assert got[-1] == (order[-1] if lifo else order[0]) and len(counted) == 1
 
 
 def test_killed_capsule_after_the_engine_hand_off_is_reported(pool: aem.CapsulePool,
@@ -147,7 +178,7 @@ def test_killed_capsule_after_the_engine_hand_off_is_reported(pool: aem.CapsuleP
 
 def test_idle_table_misuse_and_bookkeeping() -> None:
     t = _core.HandoffTable(1, 100)
-    assert (t.idle, t.reserve, t.reserve_priority, t.open) == (0, 1, 100, 0)
+    assert (t.idle, t.reserve, t.reserve_priority, t.open, t.lifo) == (0, 1, 100, 0, 1)
     t.push(5, 1)
     t.push(6, 2)
     assert t.idle == 2 and t.remove(1) and not t.remove(1) and t.idle == 1

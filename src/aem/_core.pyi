@@ -72,6 +72,7 @@ class HandoffTable:
     open: int
     reserve: int
     reserve_priority: int
+    lifo: int
     @property
     def idle(self) -> int: ...
     def __init__(self, reserve: int, reserve_priority: int) -> None: ...

@@ -529,7 +529,7 @@ static PyObject *capsule_serve(PyObject *mod, PyObject *args) {
 
 /* A pool's idle warm capsules, as the engine's delivery path sees them.  The pool
  * (Python, its own lock) pushes a capsule's socket when the capsule reports ready
- * and removes it when it takes it itself; the engine takes the oldest one for a
+ * and removes it when it takes it itself; the engine takes the newest one (lifo) for a
  * native, fd-less occurrence (aem_handoff_deliver) and records the take, which the
  * pool applies later (drain).  Every operation runs with the GIL held and without
  * releasing it, so a capsule is taken once: either remove() returns True or the
@@ -552,6 +552,7 @@ typedef struct {
     Py_ssize_t ntakes, takes_cap;
     PyObject *known;  /* frozenset of the eids the capsules' template knows, or NULL */
     int open, reserve, reserve_priority;
+    int lifo;  /* nonzero (the default): take the newest idle capsule, else the oldest */
     pid_t pid;
 } HandoffTable;
 
@@ -578,6 +579,7 @@ static int table_init(HandoffTable *self, PyObject *args, PyObject *kwds) {
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "ii:HandoffTable", kwlist, &reserve, &prio)) return -1;
     self->reserve = reserve;
     self->reserve_priority = prio;
+    self->lifo = 1;
     self->pid = getpid();
     return 0;
 }
@@ -675,6 +677,9 @@ static PyMemberDef table_members[] = {
     {"open", T_INT, offsetof(HandoffTable, open), 0, "nonzero: the engine may take capsules (nothing waits in the pool)"},
     {"reserve", T_INT, offsetof(HandoffTable, reserve), 0, "idle capsules kept for priority >= reserve_priority"},
     {"reserve_priority", T_INT, offsetof(HandoffTable, reserve_priority), 0, NULL},
+    {"lifo", T_INT, offsetof(HandoffTable, lifo), 0,
+     "nonzero (default): the newest idle capsule takes the next event (the shortest sleep, the "
+     "warmest caches); 0: the oldest (kept to measure one against the other)"},
     {NULL},
 };
 
@@ -740,11 +745,12 @@ int aem_handoff_deliver(PyObject *pool, uint64_t eid, int flags, int priority, E
     }
     struct iovec iov[2] = {{&p.h, sizeof p.h}, {(void *)p.data, (size_t)p.dlen}};
     struct msghdr msg = {.msg_iov = iov, .msg_iovlen = p.dlen ? 2 : 1};
-    ho_idle cap = tbl->idle[0];
+    Py_ssize_t at = tbl->lifo ? tbl->nidle - 1 : 0;
+    ho_idle cap = tbl->idle[at];
     ssize_t n = sendmsg(cap.fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
     int err = n < 0 ? errno : 0;
     if (p.view.obj) PyBuffer_Release(&p.view);
-    idle_drop(tbl, 0);  /* sent, or broken: either way the pool decides what it is now */
+    idle_drop(tbl, at);  /* sent, or broken: either way the pool decides what it is now */
     if (record_take(tbl, &cap, eid, flags, err) < 0) {
         sent = -1;
         goto out;

@@ -304,10 +304,12 @@ class CapsulePool(ExecutorPart):
             t = self._templates[-1] if self._templates else None
             idle = self._idle
             if (self._pending or t is None or not t.alive or t.retired or eid not in t.table or not idle
-                    or (priority < self.reserve_priority and len(idle) <= self.reserve)
-                    or idle[0].template is not t or not self._table.remove(idle[0].token)):
+                    or (priority < self.reserve_priority and len(idle) <= self.reserve)):
                 return False
-            cap = idle.popleft()
+            cap = idle[-1] if self._table.lifo else idle[0]
+            if cap.template is not t or not self._table.remove(cap.token):
+                return False
+            idle.remove(cap)
             self._counters["activations"] += 1
             cap.job, cap.flags, cap.state = eid, flags, "busy"
             try:
@@ -378,10 +380,12 @@ class CapsulePool(ExecutorPart):
                 return None
             if priority < self.reserve_priority and len(self._idle) <= self.reserve:
                 return None
-            cap = self._idle.popleft()
+            # the newest idle capsule (see HandoffTable.lifo): it slept the least
+            cap = self._idle[-1] if self._table.lifo else self._idle[0]
             if self._table.remove(cap.token):
+                self._idle.remove(cap)
                 return cap
-            self._idle.appendleft(cap)  # the engine took it meanwhile: _sync() applies that
+            # the engine took it meanwhile: _sync() applies that
 
     # -- the engine's takes (see handoff.c) ---------------------------------------------------------
 
