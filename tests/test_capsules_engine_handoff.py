@@ -194,3 +194,21 @@ def test_idle_table_misuse_and_bookkeeping() -> None:
         _core.handoff_set_default(object())  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         _core.HandoffTable()  # type: ignore[call-arg]
+
+
+def test_closed_default_pool_leaves_the_engine() -> None:
+    pool = aem.default_pool()
+    try:
+        assert _core.handoff_default() is pool._table
+        other = aem.CapsulePool(size=1)
+        other.close()  # another pool's close leaves the default alone
+        assert _core.handoff_default() is pool._table
+    finally:
+        pool.close()
+    assert _core.handoff_default() is None, "a closed pool's table stays out of the engine"
+    again = aem.default_pool()  # the next default pool is registered again
+    try:
+        assert again is not pool and _core.handoff_default() is again._table
+    finally:
+        again.close()
+    assert _core.handoff_default() is None

@@ -267,3 +267,12 @@ def test_a_call_queued_behind_a_killed_call_runs_elsewhere(tmp_path: Path) -> No
         with pytest.raises(aem.AemError, match="SIGKILL"):
             victim.result(timeout=20)
         assert behind.result(timeout=20) == 25
+
+
+def test_the_executor_half_declares_what_the_pool_provides() -> None:
+    from aem.capsules._executor import ExecutorPart
+
+    assert ExecutorPart.__abstractmethods__ == {"close", "_take_idle", "_wake", "_workers_pending"}
+    assert not aem.CapsulePool.__abstractmethods__
+    with pytest.raises(TypeError, match="abstract"):
+        ExecutorPart()  # type: ignore[abstract]

@@ -5,15 +5,19 @@ the stream, a run-once event) comes back to the Python loop, losing nothing."""
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import struct
+import time
+import types
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from aem import _core
+from aem.capsules._child import touch_handler
 
 HEADER = "=IBBBBIIQqQQqqq"
 P_INT, HAS_FD = 1, 4
@@ -136,3 +140,56 @@ def test_misuse_is_refused(pair: Any) -> None:
         _core.capsule_serve(pair[1].fileno(), [], {})  # type: ignore[arg-type]
     with pytest.raises(OSError):
         _core.capsule_serve(-1, {}, {})
+
+
+# ---- the warm-up touches what a handler reaches first (copy-on-write off the latency path) ----
+
+class _Trap:
+    """Any computed attribute raises: touching must only read, never compute or call."""
+
+    calls = 0
+
+    @property
+    def boom(self) -> Any:
+        raise AssertionError("a property was computed")
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"__getattr__({name!r}) was called")
+
+    def method(self, ev: Any) -> None:
+        time.monotonic_ns()
+
+    def __call__(self, ev: Any) -> None:
+        _Trap.calls += 1
+
+
+def _probe(ev: Any) -> None:
+    time.monotonic_ns()
+    _Trap.calls += len([x for x in (1, 2)])
+
+
+def test_touch_handler_reaches_code_globals_and_named_attributes() -> None:
+    out: list[object] = []
+    touch_handler(_probe, out)
+    ids = {id(o) for o in out}
+    for obj in (_probe, _probe.__code__, _probe.__globals__, time, time.monotonic_ns, _Trap, len):
+        assert id(obj) in ids, obj
+    nested = [c for c in _probe.__code__.co_consts if isinstance(c, types.CodeType)]
+    assert nested and all(id(c) in ids for c in nested), "the comprehension's code too"
+
+
+def test_touch_handler_only_reads() -> None:
+    trap = _Trap()
+    empty_cell = types.CellType()
+
+    def closure(ev: Any) -> Any:
+        return trap, empty_cell
+
+    for handler in (trap.method, trap, functools.partial(_probe), closure, len, print, object()):
+        out: list[object] = []
+        touch_handler(handler, out)  # no property, no __getattr__, no call
+        assert out and out[0] is handler
+    assert _Trap.calls == 0
+    out = []
+    touch_handler(trap.method, out)
+    assert any(o is trap for o in out) and any(o is _Trap.method for o in out)

@@ -65,6 +65,7 @@ HANDOFF_KEEP: int
 HANDOFF_HEADER: int
 
 def handoff_set_default(table: HandoffTable | None, /) -> None: ...
+def handoff_default() -> HandoffTable | None: ...
 
 
 class HandoffTable:

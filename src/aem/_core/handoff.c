@@ -662,6 +662,10 @@ static PyObject *set_default(PyObject *mod, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+static PyObject *get_default(PyObject *mod, PyObject *unused) {
+    return Py_NewRef(default_table ? default_table : Py_None);
+}
+
 static PyMethodDef table_methods[] = {
     {"push", (PyCFunction)table_push, METH_VARARGS, "push(fd, token): an idle capsule's socket, newest last."},
     {"remove", (PyCFunction)table_remove, METH_O, "remove(token) -> True if it was idle here (False: the engine took it)."},
@@ -776,6 +780,8 @@ static PyMethodDef handoff_methods[] = {
      "The capsule's receive loop: runs native events whose handler is in table; returns the rest."},
     {"handoff_set_default", set_default, METH_O,
      "handoff_set_default(table | None)\n\nThe idle table the engine uses for EVF_CAPSULE registrations without pool=."},
+    {"handoff_default", get_default, METH_NOARGS,
+     "handoff_default() -> HandoffTable | None\n\nThe idle table set by handoff_set_default()."},
     {"_handoff_parse", handoff_parse_py, METH_VARARGS,
      "_handoff_parse(data, fds, sources=None) -> (op, eid, event)\n\nParse one record (tests)."},
     {NULL},

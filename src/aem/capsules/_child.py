@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
+import functools
 import os
 import pickle
 import signal
@@ -10,6 +12,7 @@ import socket
 import struct
 import sys
 import traceback
+import types
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -132,9 +135,64 @@ def warm(chan: socket.socket, table: dict[int, Callable[[Any], object]],
     pickle.loads(pickle.dumps(UserEvent(), protocol=5))
     for fd in channel_fds:
         socket.socket(fileno=os.dup(fd)).close()
+    touched: list[object] = []
     for handler in table.values():  # their objects and code: this process's own pages now
-        getattr(handler, "__code__", None)
+        touch_handler(handler, touched)
+    del touched
     send(chan, ("ready",))
+
+
+def touch_handler(handler: object, out: list[object]) -> None:
+    """Append to ``out`` (a reference is a write: the page becomes this process's own) what
+    a call of ``handler`` reaches first: the function, its code, globals, defaults and
+    closure, and the objects its code names (globals and builtins, and their attributes
+    when they are modules or classes), through bound methods, ``functools.partial`` and
+    callable instances.  Reads only: no attribute is computed, nothing is called."""
+    seen: set[int] = set()
+    names: set[str] = set()  # what the code met so far names
+    todo: list[tuple[object, int]] = [(handler, 0)]
+    while todo:
+        obj, depth = todo.pop()
+        if id(obj) in seen or depth > 3:
+            continue
+        seen.add(id(obj))
+        out.append(obj)
+        if isinstance(obj, types.MethodType):
+            todo += [(obj.__self__, depth + 1), (obj.__func__, depth)]
+        elif isinstance(obj, functools.partial):
+            todo += [*((a, depth + 1) for a in obj.args), (obj.func, depth)]
+        elif isinstance(obj, types.FunctionType):
+            glob = obj.__globals__
+            out += [glob, obj.__defaults__, obj.__kwdefaults__]
+            out += [c.cell_contents for c in obj.__closure__ or () if _filled(c)]
+            codes = [obj.__code__]
+            while codes:  # nested code: inner functions, comprehensions
+                co = codes.pop()
+                out.append(co)
+                codes += [c for c in co.co_consts if isinstance(c, types.CodeType)]
+                out += [c for c in co.co_consts if not isinstance(c, types.CodeType)]
+                names.update(co.co_names)
+                for name in co.co_names:
+                    for where in (glob, builtins.__dict__):
+                        if name in where:
+                            todo.append((where[name], depth + 1))
+                            break
+        elif isinstance(obj, (types.ModuleType, type)):
+            attrs = vars(obj)  # the namespace itself: nothing computed
+            out += [attrs[n] for n in names if n in attrs]
+            call = attrs.get("__call__")
+            if isinstance(obj, type) and isinstance(call, types.FunctionType):
+                todo.append((call, depth))
+        elif depth == 0:  # a callable instance: its class's __call__
+            todo.append((type(obj), depth))
+
+
+def _filled(cell: types.CellType) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018
+    except ValueError:  # an empty cell
+        return False
+    return True
 
 
 def release_native(event: Any) -> None:

@@ -227,6 +227,8 @@ class CapsulePool(ExecutorPart):
             self._closed = True
             self._table.open = 0
             self._table.clear()
+            if _core.handoff_default() is self._table:  # the default pool's: the engine forgets it
+                _core.handoff_set_default(None)
             self._sync()
             for act in self._pending:
                 discard(act.attrs, act.socks)
