@@ -8,37 +8,15 @@ from __future__ import annotations
 import functools
 import os
 import socket
-import struct
 import time
 import types
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from capsulekit import HAS_FD, header, pair_fixture, user  # noqa: F401  (the pair fixture)
 
 from aem import _core
 from aem.capsules._child import touch_handler
-
-HEADER = "=IBBBBIIQqQQqqq"
-P_INT, HAS_FD = 1, 4
-
-
-def record(kind: int, op: int, eid: int = 7, flags: int = 0, i0: int = 0) -> bytes:
-    return struct.pack(HEADER, 0x484D4541, 1, op, kind, flags, 0, 0, eid, 123, 0, 0, i0, 0, 0)
-
-
-def user(op: int, payload: int, eid: int = 7) -> bytes:
-    return record(_core.K_USER, op, eid, P_INT, payload)
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        yield a, b
-    finally:
-        a.close()
-        b.close()
 
 
 def serve(pair: tuple[socket.socket, socket.socket], table: dict[int, Any],
@@ -109,7 +87,7 @@ def test_a_keepalive_events_fd_is_closed_unless_kept(pair: Any, keep: bool) -> N
             ev.keep()
 
     try:
-        _core.handoff_send(pair[0].fileno(), record(_core.K_READABLE, _core.HANDOFF_KEEP, flags=HAS_FD), r)
+        _core.handoff_send(pair[0].fileno(), header(_core.K_READABLE, HAS_FD, op=_core.HANDOFF_KEEP), r)
         pair[0].send(b"P-stop")
         assert serve(pair, {7: handler}) == (0, b"P-stop", [])
         assert len(fds) == 1 and fds[0] not in (r, w)
@@ -127,7 +105,7 @@ def test_a_keepalive_events_fd_is_closed_unless_kept(pair: Any, keep: bool) -> N
 def test_malformed_record_is_refused_and_loses_no_fd(pair: Any) -> None:
     before = len(os.listdir("/proc/self/fd"))
     r, w = os.pipe()
-    _core.handoff_send(pair[0].fileno(), record(_core.K_USER, _core.HANDOFF_KEEP, flags=HAS_FD), r)
+    _core.handoff_send(pair[0].fileno(), header(_core.K_USER, HAS_FD, op=_core.HANDOFF_KEEP), r)
     os.close(r)
     os.close(w)
     with pytest.raises(ValueError, match="flags not of this kind"):
