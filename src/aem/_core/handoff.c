@@ -183,16 +183,13 @@ static PyObject *handoff_encode(PyObject *mod, PyObject *args) {
     return Py_BuildValue("(NN)", rec, fd);
 }
 
-static PyObject *handoff_send(PyObject *mod, PyObject *args) {
-    int sockfd, fd = -1;
-    Py_buffer rec;
-    if (!PyArg_ParseTuple(args, "iy*|i:handoff_send", &sockfd, &rec, &fd)) return NULL;
-    struct iovec iov = {rec.buf, (size_t)rec.len};
+/* sendmsg() iov and, when fd >= 0, the fd in SCM_RIGHTS: 0 or an errno. */
+static int sendmsg_fd(int sock, struct iovec *iov, size_t iovlen, int fd, int flags) {
     union {
         char buf[CMSG_SPACE(sizeof(int))];
         struct cmsghdr align;
     } ctl;
-    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
+    struct msghdr msg = {.msg_iov = iov, .msg_iovlen = iovlen};
     if (fd >= 0) {
         memset(&ctl, 0, sizeof ctl);
         msg.msg_control = ctl.buf;
@@ -203,9 +200,20 @@ static PyObject *handoff_send(PyObject *mod, PyObject *args) {
         c->cmsg_len = CMSG_LEN(sizeof(int));
         memcpy(CMSG_DATA(c), &fd, sizeof(int));
     }
-    ssize_t n = sendmsg(sockfd, &msg, MSG_NOSIGNAL);
+    return sendmsg(sock, &msg, flags) < 0 ? errno : 0;
+}
+
+static PyObject *handoff_send(PyObject *mod, PyObject *args) {
+    int sockfd, fd = -1;
+    Py_buffer rec;
+    if (!PyArg_ParseTuple(args, "iy*|i:handoff_send", &sockfd, &rec, &fd)) return NULL;
+    struct iovec iov = {rec.buf, (size_t)rec.len};
+    int err = sendmsg_fd(sockfd, &iov, 1, fd, MSG_NOSIGNAL);
     PyBuffer_Release(&rec);
-    if (n < 0) return PyErr_SetFromErrno(PyExc_OSError);
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
     Py_RETURN_NONE;
 }
 
@@ -787,25 +795,10 @@ static int read_payload_native(EventObject *ev) {
     return z == AEM_VMT_UZONE;
 }
 
-/* sendmsg() a record and, when fd >= 0, the fd in SCM_RIGHTS, without blocking.  0 or an errno. */
+/* A record (and its fd when fd >= 0) onto a capsule's socket, without blocking: 0 or an errno. */
 static int send_record(int sock, const ho_parts *p, int fd) {
     struct iovec iov[2] = {{(void *)&p->h, sizeof p->h}, {(void *)p->data, (size_t)p->dlen}};
-    union {
-        char buf[CMSG_SPACE(sizeof(int))];
-        struct cmsghdr align;
-    } ctl;
-    struct msghdr msg = {.msg_iov = iov, .msg_iovlen = p->dlen ? 2 : 1};
-    if (fd >= 0) {
-        memset(&ctl, 0, sizeof ctl);
-        msg.msg_control = ctl.buf;
-        msg.msg_controllen = sizeof ctl.buf;
-        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
-        c->cmsg_level = SOL_SOCKET;
-        c->cmsg_type = SCM_RIGHTS;
-        c->cmsg_len = CMSG_LEN(sizeof(int));
-        memcpy(CMSG_DATA(c), &fd, sizeof(int));
-    }
-    return sendmsg(sock, &msg, MSG_NOSIGNAL | MSG_DONTWAIT) < 0 ? errno : 0;
+    return sendmsg_fd(sock, iov, p->dlen ? 2 : 1, fd, MSG_NOSIGNAL | MSG_DONTWAIT);
 }
 
 int aem_handoff_deliver(PyObject *pool, uint64_t eid, int flags, int priority, EventObject *ev) {
