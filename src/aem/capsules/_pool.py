@@ -177,7 +177,14 @@ class CapsulePool(ExecutorPart):
     # -- public ----------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, int]:
-        """idle, busy, attached, starting, pending, spawned, reaped, failed, refills, ..."""
+        """The pool's state and counters (see docs/capsules.md, "The pool's stats()").
+
+        Now: ``size``, ``reserve``, ``idle`` (ready capsules), ``busy`` (running an event),
+        ``attached`` (keepalive registrations with their capsule), ``workers`` (capsules
+        kept for executor calls, at most ``size``; not in SPEC's list), ``starting``
+        (forked or warming up), ``pending`` (activations waiting for a capsule),
+        ``templates`` (alive).  Since the start: ``spawned``, ``reaped``, ``failed``,
+        ``refills``, ``activations``, ``refreshes``, ``spawn_failures``."""
         with self._lock:
             self._sync()
             states = [c.state for c in self._capsules.values()
