@@ -96,7 +96,7 @@ def _rehearsal_record(eid: int, payload: int) -> bytes:
 
 
 def warm(chan: socket.socket, table: dict[int, Callable[[Any], object]],
-         channel_fds: tuple[int, ...] = ()) -> None:
+         channel_fds: tuple[int, ...] = (), sources: dict[int, Any] | None = None) -> None:
     """Take a fresh capsule's first-touch costs off the latency path, then say "ready".
 
     After fork, every page the hand-off path touches is still shared with the template:
@@ -105,7 +105,7 @@ def warm(chan: socket.socket, table: dict[int, Callable[[Any], object]],
     them now, while idle: it sends itself dummy events through the real paths (the
     native record, and the pickled message with an fd: ``recvmsg``, parse or unpickle,
     rebuild, run, release; the receive buffer is touched whole), and touches the
-    handlers it knows."""
+    handlers it knows and their sources (a native event references its source)."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         attrs = {"eid": 0, "time_ns": 0, "payload": (0, b"", "rehearsal", None), "fd": None,
@@ -138,6 +138,10 @@ def warm(chan: socket.socket, table: dict[int, Callable[[Any], object]],
     touched: list[object] = []
     for handler in table.values():  # their objects and code: this process's own pages now
         touch_handler(handler, touched)
+    touched += (sources or {}).values()
+    # the allocator's current page of every small size class: a handler's first objects
+    # (an int, a tuple, a frame's locals) come from there
+    touched += [bytes(n) for n in range(0, 512, 8) for _ in range(4)]
     del touched
     send(chan, ("ready",))
 
@@ -250,7 +254,7 @@ def capsule_main(chan: socket.socket, table: dict[int, Callable[[Any], object]],
     known = sources if sources is not None else {}
     try:
         if rehearse:
-            warm(chan, table, channel_fds)
+            warm(chan, table, channel_fds, known)
         while True:
             msg = _next_event(chan, table, known)
             if msg is None:  # the parent is gone or released us
