@@ -267,3 +267,25 @@ def test_a_call_queued_behind_a_killed_call_runs_elsewhere(tmp_path: Path) -> No
         with pytest.raises(aem.AemError, match="SIGKILL"):
             victim.result(timeout=20)
         assert behind.result(timeout=20) == 25
+
+
+def test_the_executor_half_declares_what_the_pool_provides() -> None:
+    from aem.capsules._executor import ExecutorPart
+
+    assert ExecutorPart.__abstractmethods__ == {"close", "_take_idle", "_wake", "_workers_pending"}
+    assert not aem.CapsulePool.__abstractmethods__
+    with pytest.raises(TypeError, match="abstract"):
+        ExecutorPart()  # type: ignore[abstract]
+
+
+def test_stats_keys_are_the_documented_ones() -> None:
+    with aem.CapsulePool(size=2) as pool:
+        assert pool.wait_ready(10)
+        assert pool.submit(square, 3).result(timeout=20) == 9
+        st = pool.stats()
+        assert set(st) == {"size", "reserve", "idle", "busy", "attached", "workers", "starting", "pending",
+                           "templates", "spawned", "reaped", "failed", "refills", "activations",
+                           "refreshes", "spawn_failures"}
+        assert st["workers"] == 1, "the capsule that ran the call stays, as a worker"
+        docs = (Path(__file__).parent.parent / "docs" / "capsules.md").read_text()
+        assert all(f"`{key}`" in docs for key in st), "every key is in docs/capsules.md"

@@ -7,39 +7,21 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from capsulekit import header, pair_fixture  # noqa: F401  (the pair fixture)
 
 import aem
 from aem import _core
 from conftest import AEM_PATH
-
-HEADER = "=IBBBBIIQqQQqqq"
-
-
-def header(kind: int, flags: int = 0, data_len: int = 0, op: int = 1, magic: int = 0x484D4541,
-           version: int = 1, eid: int = 7, a: int = 0, b: int = 0, i0: int = 0, i1: int = 0,
-           i2: int = 0) -> bytes:
-    return struct.pack(HEADER, magic, version, op, kind, flags, data_len, 0, eid, 123, a, b, i0, i1, i2)
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        yield a, b
-    finally:
-        a.close()
-        b.close()
 
 
 def deliver(eng: aem.Engine, register: Callable[[Callable[[Any], None]], Any],

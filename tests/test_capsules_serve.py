@@ -5,36 +5,18 @@ the stream, a run-once event) comes back to the Python loop, losing nothing."""
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
-import struct
-from collections.abc import Iterator
+import time
+import types
 from typing import Any
 
 import pytest
+from capsulekit import HAS_FD, header, pair_fixture, user  # noqa: F401  (the pair fixture)
 
 from aem import _core
-
-HEADER = "=IBBBBIIQqQQqqq"
-P_INT, HAS_FD = 1, 4
-
-
-def record(kind: int, op: int, eid: int = 7, flags: int = 0, i0: int = 0) -> bytes:
-    return struct.pack(HEADER, 0x484D4541, 1, op, kind, flags, 0, 0, eid, 123, 0, 0, i0, 0, 0)
-
-
-def user(op: int, payload: int, eid: int = 7) -> bytes:
-    return record(_core.K_USER, op, eid, P_INT, payload)
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        yield a, b
-    finally:
-        a.close()
-        b.close()
+from aem.capsules._child import touch_handler
 
 
 def serve(pair: tuple[socket.socket, socket.socket], table: dict[int, Any],
@@ -105,7 +87,7 @@ def test_a_keepalive_events_fd_is_closed_unless_kept(pair: Any, keep: bool) -> N
             ev.keep()
 
     try:
-        _core.handoff_send(pair[0].fileno(), record(_core.K_READABLE, _core.HANDOFF_KEEP, flags=HAS_FD), r)
+        _core.handoff_send(pair[0].fileno(), header(_core.K_READABLE, HAS_FD, op=_core.HANDOFF_KEEP), r)
         pair[0].send(b"P-stop")
         assert serve(pair, {7: handler}) == (0, b"P-stop", [])
         assert len(fds) == 1 and fds[0] not in (r, w)
@@ -123,7 +105,7 @@ def test_a_keepalive_events_fd_is_closed_unless_kept(pair: Any, keep: bool) -> N
 def test_malformed_record_is_refused_and_loses_no_fd(pair: Any) -> None:
     before = len(os.listdir("/proc/self/fd"))
     r, w = os.pipe()
-    _core.handoff_send(pair[0].fileno(), record(_core.K_USER, _core.HANDOFF_KEEP, flags=HAS_FD), r)
+    _core.handoff_send(pair[0].fileno(), header(_core.K_USER, HAS_FD, op=_core.HANDOFF_KEEP), r)
     os.close(r)
     os.close(w)
     with pytest.raises(ValueError, match="flags not of this kind"):
@@ -136,3 +118,56 @@ def test_misuse_is_refused(pair: Any) -> None:
         _core.capsule_serve(pair[1].fileno(), [], {})  # type: ignore[arg-type]
     with pytest.raises(OSError):
         _core.capsule_serve(-1, {}, {})
+
+
+# ---- the warm-up touches what a handler reaches first (copy-on-write off the latency path) ----
+
+class _Trap:
+    """Any computed attribute raises: touching must only read, never compute or call."""
+
+    calls = 0
+
+    @property
+    def boom(self) -> Any:
+        raise AssertionError("a property was computed")
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"__getattr__({name!r}) was called")
+
+    def method(self, ev: Any) -> None:
+        time.monotonic_ns()
+
+    def __call__(self, ev: Any) -> None:
+        _Trap.calls += 1
+
+
+def _probe(ev: Any) -> None:
+    time.monotonic_ns()
+    _Trap.calls += len([x for x in (1, 2)])
+
+
+def test_touch_handler_reaches_code_globals_and_named_attributes() -> None:
+    out: list[object] = []
+    touch_handler(_probe, out)
+    ids = {id(o) for o in out}
+    for obj in (_probe, _probe.__code__, _probe.__globals__, time, time.monotonic_ns, _Trap, len):
+        assert id(obj) in ids, obj
+    nested = [c for c in _probe.__code__.co_consts if isinstance(c, types.CodeType)]
+    assert nested and all(id(c) in ids for c in nested), "the comprehension's code too"
+
+
+def test_touch_handler_only_reads() -> None:
+    trap = _Trap()
+    empty_cell = types.CellType()
+
+    def closure(ev: Any) -> Any:
+        return trap, empty_cell
+
+    for handler in (trap.method, trap, functools.partial(_probe), closure, len, print, object()):
+        out: list[object] = []
+        touch_handler(handler, out)  # no property, no __getattr__, no call
+        assert out and out[0] is handler
+    assert _Trap.calls == 0
+    out = []
+    touch_handler(trap.method, out)
+    assert any(o is trap for o in out) and any(o is _Trap.method for o in out)

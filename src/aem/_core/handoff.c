@@ -12,6 +12,7 @@
  * receiving thread per process: a capsule's main thread).
  */
 #include "handoff.h"
+#include "vmtable.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -182,16 +183,13 @@ static PyObject *handoff_encode(PyObject *mod, PyObject *args) {
     return Py_BuildValue("(NN)", rec, fd);
 }
 
-static PyObject *handoff_send(PyObject *mod, PyObject *args) {
-    int sockfd, fd = -1;
-    Py_buffer rec;
-    if (!PyArg_ParseTuple(args, "iy*|i:handoff_send", &sockfd, &rec, &fd)) return NULL;
-    struct iovec iov = {rec.buf, (size_t)rec.len};
+/* sendmsg() iov and, when fd >= 0, the fd in SCM_RIGHTS: 0 or an errno. */
+static int sendmsg_fd(int sock, struct iovec *iov, size_t iovlen, int fd, int flags) {
     union {
         char buf[CMSG_SPACE(sizeof(int))];
         struct cmsghdr align;
     } ctl;
-    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
+    struct msghdr msg = {.msg_iov = iov, .msg_iovlen = iovlen};
     if (fd >= 0) {
         memset(&ctl, 0, sizeof ctl);
         msg.msg_control = ctl.buf;
@@ -202,9 +200,20 @@ static PyObject *handoff_send(PyObject *mod, PyObject *args) {
         c->cmsg_len = CMSG_LEN(sizeof(int));
         memcpy(CMSG_DATA(c), &fd, sizeof(int));
     }
-    ssize_t n = sendmsg(sockfd, &msg, MSG_NOSIGNAL);
+    return sendmsg(sock, &msg, flags) < 0 ? errno : 0;
+}
+
+static PyObject *handoff_send(PyObject *mod, PyObject *args) {
+    int sockfd, fd = -1;
+    Py_buffer rec;
+    if (!PyArg_ParseTuple(args, "iy*|i:handoff_send", &sockfd, &rec, &fd)) return NULL;
+    struct iovec iov = {rec.buf, (size_t)rec.len};
+    int err = sendmsg_fd(sockfd, &iov, 1, fd, MSG_NOSIGNAL);
     PyBuffer_Release(&rec);
-    if (n < 0) return PyErr_SetFromErrno(PyExc_OSError);
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
     Py_RETURN_NONE;
 }
 
@@ -529,11 +538,14 @@ static PyObject *capsule_serve(PyObject *mod, PyObject *args) {
 
 /* A pool's idle warm capsules, as the engine's delivery path sees them.  The pool
  * (Python, its own lock) pushes a capsule's socket when the capsule reports ready
- * and removes it when it takes it itself; the engine takes the oldest one for a
- * native, fd-less occurrence (aem_handoff_deliver) and records the take, which the
- * pool applies later (drain).  Every operation runs with the GIL held and without
- * releasing it, so a capsule is taken once: either remove() returns True or the
- * take is in the queue. */
+ * and removes it when it takes it itself; the engine takes the newest one (lifo) for a
+ * native occurrence (aem_handoff_deliver) and records the take, which the pool applies
+ * later (drain).  Every operation runs with the GIL held and without releasing it, so a
+ * capsule is taken once: either remove() returns True or the take is in the queue.
+ * Keepalive registrations: the pool attaches a capsule (its Python path, first
+ * occurrence) and publishes it here (attach); the engine sends the next occurrences to
+ * it and counts them (kept); a send that fails detaches it (the pool's path then queues
+ * the occurrence or reports it); the pool detaches it while it holds a backlog for it. */
 typedef struct {
     int fd;
     unsigned long long token;
@@ -545,13 +557,22 @@ typedef struct {
 } ho_take;
 
 typedef struct {
+    unsigned long long eid;
+    int fd;
+} ho_attached;  /* a keepalive registration's attached capsule */
+
+typedef struct {
     PyObject_HEAD
     ho_idle *idle;
     Py_ssize_t nidle, idle_cap;
     ho_take *takes;
     Py_ssize_t ntakes, takes_cap;
+    ho_attached *attached;
+    Py_ssize_t nattached, attached_cap;
+    long long kept;  /* keepalive occurrences sent to attached capsules since the pool last looked */
     PyObject *known;  /* frozenset of the eids the capsules' template knows, or NULL */
     int open, reserve, reserve_priority;
+    int lifo;  /* nonzero (the default): take the newest idle capsule, else the oldest */
     pid_t pid;
 } HandoffTable;
 
@@ -578,6 +599,7 @@ static int table_init(HandoffTable *self, PyObject *args, PyObject *kwds) {
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "ii:HandoffTable", kwlist, &reserve, &prio)) return -1;
     self->reserve = reserve;
     self->reserve_priority = prio;
+    self->lifo = 1;
     self->pid = getpid();
     return 0;
 }
@@ -585,6 +607,7 @@ static int table_init(HandoffTable *self, PyObject *args, PyObject *kwds) {
 static void table_dealloc(HandoffTable *self) {
     PyMem_Free(self->idle);
     PyMem_Free(self->takes);
+    PyMem_Free(self->attached);
     Py_XDECREF(self->known);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -619,6 +642,43 @@ static PyObject *table_remove(HandoffTable *self, PyObject *arg) {
     Py_RETURN_FALSE;
 }
 
+static ho_attached *find_attached(HandoffTable *self, unsigned long long eid) {
+    for (Py_ssize_t i = 0; i < self->nattached; i++)
+        if (self->attached[i].eid == eid) return &self->attached[i];
+    return NULL;
+}
+
+static void attached_drop(HandoffTable *self, ho_attached *a) {
+    *a = self->attached[--self->nattached];
+}
+
+static PyObject *table_attach(HandoffTable *self, PyObject *args) {
+    unsigned long long eid;
+    int fd;
+    if (!PyArg_ParseTuple(args, "Ki:attach", &eid, &fd)) return NULL;
+    if (fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "fd must be >= 0");
+        return NULL;
+    }
+    ho_attached *a = find_attached(self, eid);
+    if (!a) {
+        if (grow((void **)&self->attached, &self->attached_cap, self->nattached + 1, sizeof(ho_attached)) < 0)
+            return NULL;
+        a = &self->attached[self->nattached++];
+    }
+    *a = (ho_attached){eid, fd};
+    Py_RETURN_NONE;
+}
+
+static PyObject *table_detach(HandoffTable *self, PyObject *arg) {
+    unsigned long long eid = PyLong_AsUnsignedLongLong(arg);
+    if (eid == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    ho_attached *a = find_attached(self, eid);
+    if (!a) Py_RETURN_FALSE;
+    attached_drop(self, a);
+    Py_RETURN_TRUE;
+}
+
 static PyObject *table_clear(HandoffTable *self, PyObject *unused) {
     self->nidle = 0;
     Py_RETURN_NONE;
@@ -651,6 +711,10 @@ static PyObject *table_set_known(HandoffTable *self, PyObject *arg) {
 
 static PyObject *table_get_idle(HandoffTable *self, void *closure) { return PyLong_FromSsize_t(self->nidle); }
 
+static PyObject *table_get_attached(HandoffTable *self, void *closure) {
+    return PyLong_FromSsize_t(self->nattached);
+}
+
 static PyObject *set_default(PyObject *mod, PyObject *arg) {
     if (arg != Py_None && !PyObject_TypeCheck(arg, &HandoffTable_Type)) {
         PyErr_SetString(PyExc_TypeError, "expected a HandoffTable or None");
@@ -660,10 +724,18 @@ static PyObject *set_default(PyObject *mod, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+static PyObject *get_default(PyObject *mod, PyObject *unused) {
+    return Py_NewRef(default_table ? default_table : Py_None);
+}
+
 static PyMethodDef table_methods[] = {
     {"push", (PyCFunction)table_push, METH_VARARGS, "push(fd, token): an idle capsule's socket, newest last."},
     {"remove", (PyCFunction)table_remove, METH_O, "remove(token) -> True if it was idle here (False: the engine took it)."},
     {"clear", (PyCFunction)table_clear, METH_NOARGS, "clear(): no capsule is idle here any more."},
+    {"attach", (PyCFunction)table_attach, METH_VARARGS,
+     "attach(eid, fd): the engine sends keepalive occurrences of eid to the capsule on fd itself."},
+    {"detach", (PyCFunction)table_detach, METH_O,
+     "detach(eid) -> True if eid was attached here: its occurrences take the pool's Python path."},
     {"drain", (PyCFunction)table_drain, METH_NOARGS,
      "drain() -> [(token, eid, flags, errno)]: the capsules the engine took since the last drain "
      "(errno 0: the event was sent; else the send failed and the event took the Python path)."},
@@ -675,11 +747,17 @@ static PyMemberDef table_members[] = {
     {"open", T_INT, offsetof(HandoffTable, open), 0, "nonzero: the engine may take capsules (nothing waits in the pool)"},
     {"reserve", T_INT, offsetof(HandoffTable, reserve), 0, "idle capsules kept for priority >= reserve_priority"},
     {"reserve_priority", T_INT, offsetof(HandoffTable, reserve_priority), 0, NULL},
+    {"kept", T_LONGLONG, offsetof(HandoffTable, kept), 0,
+     "keepalive occurrences the engine sent to attached capsules (the pool counts and resets it)"},
+    {"lifo", T_INT, offsetof(HandoffTable, lifo), 0,
+     "nonzero (default): the newest idle capsule takes the next event (the shortest sleep, the "
+     "warmest caches); 0: the oldest (kept to measure one against the other)"},
     {NULL},
 };
 
 static PyGetSetDef table_getset[] = {
     {"idle", (getter)table_get_idle, NULL, "how many capsules are idle here", NULL},
+    {"attached", (getter)table_get_attached, NULL, "how many keepalive registrations are attached here", NULL},
     {NULL},
 };
 
@@ -703,9 +781,29 @@ static int record_take(HandoffTable *tbl, const ho_idle *cap, uint64_t eid, int 
     return 0;
 }
 
+/* 1: Read data the record may carry (bytes, or a block of a vmtable that is not a VZONE:
+ * a VZONE block travels by reference on the pickled path). */
+static int read_payload_native(EventObject *ev) {
+    PyObject *d = ev->o[0];
+    if (!d || PyBytes_CheckExact(d)) return 1;
+    PyObject *vmt = PyObject_GetAttrString(d, "vmtable");
+    PyObject *zone = vmt ? PyObject_GetAttrString(vmt, "zone") : NULL;
+    long z = zone ? PyLong_AsLong(zone) : -1;
+    Py_XDECREF(zone);
+    Py_XDECREF(vmt);
+    PyErr_Clear();
+    return z == AEM_VMT_UZONE;
+}
+
+/* A record (and its fd when fd >= 0) onto a capsule's socket, without blocking: 0 or an errno. */
+static int send_record(int sock, const ho_parts *p, int fd) {
+    struct iovec iov[2] = {{(void *)&p->h, sizeof p->h}, {(void *)p->data, (size_t)p->dlen}};
+    return sendmsg_fd(sock, iov, p->dlen ? 2 : 1, fd, MSG_NOSIGNAL | MSG_DONTWAIT);
+}
+
 int aem_handoff_deliver(PyObject *pool, uint64_t eid, int flags, int priority, EventObject *ev) {
     static PyObject *table_name;
-    if (flags & (AEM_F_KEEPALIVE | AEM_F_FORK)) return 0;
+    if (flags & AEM_F_FORK) return 0;
     PyObject *obj;
     if (pool == NULL || pool == Py_None) {
         obj = Py_XNewRef(default_table);
@@ -717,39 +815,61 @@ int aem_handoff_deliver(PyObject *pool, uint64_t eid, int flags, int priority, E
             return 0;
         }
     }
-    int sent = 0;
+    int sent = 0, keep = (flags & AEM_F_KEEPALIVE) != 0;
     if (!obj || !PyObject_TypeCheck(obj, &HandoffTable_Type)) goto out;
     HandoffTable *tbl = (HandoffTable *)obj;
-    if (!tbl->open || tbl->nidle == 0 || !tbl->known) goto out;
-    if (priority < tbl->reserve_priority && tbl->nidle <= tbl->reserve) goto out;
-    if (tbl->pid != getpid()) goto out;
-    PyObject *key = PyLong_FromUnsignedLongLong(eid);
-    if (!key) {
-        sent = -1;
-        goto out;
+    if (!tbl->open || tbl->pid != getpid()) goto out;
+    ho_attached *att = NULL;
+    if (keep) {  /* to its attached capsule; the first occurrence attaches one (the pool's path) */
+        if (!(att = find_attached(tbl, eid))) goto out;
+    } else {
+        if (tbl->nidle == 0 || !tbl->known) goto out;
+        if (priority < tbl->reserve_priority && tbl->nidle <= tbl->reserve) goto out;
+        PyObject *key = PyLong_FromUnsignedLongLong(eid);
+        if (!key) {
+            sent = -1;
+            goto out;
+        }
+        int known = PySet_Contains(tbl->known, key);
+        Py_DECREF(key);
+        if (known < 0) sent = -1;
+        if (known <= 0) goto out;
     }
-    int known = PySet_Contains(tbl->known, key);
-    Py_DECREF(key);
-    if (known < 0) sent = -1;
-    if (known <= 0) goto out;
+    if (ev->kind == AEM_K_READ && !read_payload_native(ev)) goto out;
     ho_parts p;
-    if (!encode_parts(ev, AEM_HO_RUN, &p)) goto out;
-    if (p.h.flags & AEM_HO_HAS_FD) {  /* fds keep the Python path (the pool closes its copies) */
-        if (p.view.obj) PyBuffer_Release(&p.view);
-        goto out;
+    if (!encode_parts(ev, keep ? AEM_HO_KEEP : AEM_HO_RUN, &p)) goto out;
+    int fd = -1;
+    if (p.h.flags & AEM_HO_HAS_FD) {  /* the kernel gives the capsule its own copy */
+        fd = p.fdobj ? PyObject_AsFileDescriptor(p.fdobj) : (int)(int64_t)ev->b;
+        if (fd < 0) {
+            PyErr_Clear();
+            if (p.view.obj) PyBuffer_Release(&p.view);
+            goto out;
+        }
     }
-    struct iovec iov[2] = {{&p.h, sizeof p.h}, {(void *)p.data, (size_t)p.dlen}};
-    struct msghdr msg = {.msg_iov = iov, .msg_iovlen = p.dlen ? 2 : 1};
-    ho_idle cap = tbl->idle[0];
-    ssize_t n = sendmsg(cap.fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
-    int err = n < 0 ? errno : 0;
+    int err;
+    if (keep) {
+        err = send_record(att->fd, &p, fd);
+        if (err) attached_drop(tbl, att);  /* full or gone: the pool's path queues or reports it */
+        else tbl->kept++;
+    } else {
+        Py_ssize_t at = tbl->lifo ? tbl->nidle - 1 : 0;
+        ho_idle cap = tbl->idle[at];
+        err = send_record(cap.fd, &p, fd);
+        idle_drop(tbl, at);  /* sent, or broken: either way the pool decides what it is now */
+        if (record_take(tbl, &cap, eid, flags, err) < 0) err = -1;
+    }
     if (p.view.obj) PyBuffer_Release(&p.view);
-    idle_drop(tbl, 0);  /* sent, or broken: either way the pool decides what it is now */
-    if (record_take(tbl, &cap, eid, flags, err) < 0) {
+    if (err < 0) {
         sent = -1;
         goto out;
     }
     sent = err == 0;  /* a failed send: the event takes the Python path (another capsule) */
+    if (sent && p.fdobj && p.fdobj != Py_None) {  /* a socket (conn) is the capsule's now */
+        PyObject *r = PyObject_CallMethod(p.fdobj, "close", NULL);
+        if (!r) PyErr_Clear();
+        Py_XDECREF(r);
+    }
 out:
     Py_XDECREF(obj);
     return sent;
@@ -770,6 +890,8 @@ static PyMethodDef handoff_methods[] = {
      "The capsule's receive loop: runs native events whose handler is in table; returns the rest."},
     {"handoff_set_default", set_default, METH_O,
      "handoff_set_default(table | None)\n\nThe idle table the engine uses for EVF_CAPSULE registrations without pool=."},
+    {"handoff_default", get_default, METH_NOARGS,
+     "handoff_default() -> HandoffTable | None\n\nThe idle table set by handoff_set_default()."},
     {"_handoff_parse", handoff_parse_py, METH_VARARGS,
      "_handoff_parse(data, fds, sources=None) -> (op, eid, event)\n\nParse one record (tests)."},
     {NULL},

@@ -51,11 +51,13 @@ typedef struct {
  * error (ValueError for a malformed record) nothing was taken. */
 PyObject *aem_handoff_parse(const char *buf, size_t len, const int *fds, int nfds, PyObject *sources);
 
-/* The engine's delivery of an EVF_CAPSULE occurrence: hand it straight to an idle
- * capsule of the pool's table (pool None: the default pool's) when it is a native,
- * fd-less record for a non-keepalive registration the capsules' template knows,
- * nothing waits in the pool and the reserve allows.  1: sent; 0: not taken (the
- * spawn hook's Python path); -1: an exception is set. */
+/* The engine's delivery of an EVF_CAPSULE occurrence: when it is a native record (its
+ * fd, if any, in SCM_RIGHTS) and nothing waits in the pool, hand it straight to the
+ * newest idle capsule of the pool's table (pool None: the default pool's) for a
+ * registration the capsules' template knows, if the reserve allows; or, for an
+ * EVF_KEEPALIVE registration, to its attached capsule.  A socket sent (Accept's conn)
+ * is closed in the parent.  1: sent; 0: not taken (the spawn hook's Python path);
+ * -1: an exception is set. */
 int aem_handoff_deliver(PyObject *pool, uint64_t eid, int flags, int priority, EventObject *ev);
 
 int aem_handoff_init(PyObject *module);

@@ -314,7 +314,7 @@ def capsule_uss():
         return vals[len(vals) // 2]
 out = {"warm": capsule_uss()}
 real = child.warm
-def unwarmed(chan, table, channel_fds=()):
+def unwarmed(chan, table, channel_fds=(), sources=None):
     child.send(chan, ("ready",))  # reports ready without the rehearsal
 child.warm = unwarmed
 out["unwarmed"] = capsule_uss()

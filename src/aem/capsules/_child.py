@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
+import functools
 import os
 import pickle
 import signal
@@ -10,6 +12,7 @@ import socket
 import struct
 import sys
 import traceback
+import types
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -93,7 +96,7 @@ def _rehearsal_record(eid: int, payload: int) -> bytes:
 
 
 def warm(chan: socket.socket, table: dict[int, Callable[[Any], object]],
-         channel_fds: tuple[int, ...] = ()) -> None:
+         channel_fds: tuple[int, ...] = (), sources: dict[int, Any] | None = None) -> None:
     """Take a fresh capsule's first-touch costs off the latency path, then say "ready".
 
     After fork, every page the hand-off path touches is still shared with the template:
@@ -102,7 +105,7 @@ def warm(chan: socket.socket, table: dict[int, Callable[[Any], object]],
     them now, while idle: it sends itself dummy events through the real paths (the
     native record, and the pickled message with an fd: ``recvmsg``, parse or unpickle,
     rebuild, run, release; the receive buffer is touched whole), and touches the
-    handlers it knows."""
+    handlers it knows and their sources (a native event references its source)."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         attrs = {"eid": 0, "time_ns": 0, "payload": (0, b"", "rehearsal", None), "fd": None,
@@ -132,9 +135,68 @@ def warm(chan: socket.socket, table: dict[int, Callable[[Any], object]],
     pickle.loads(pickle.dumps(UserEvent(), protocol=5))
     for fd in channel_fds:
         socket.socket(fileno=os.dup(fd)).close()
+    touched: list[object] = []
     for handler in table.values():  # their objects and code: this process's own pages now
-        getattr(handler, "__code__", None)
+        touch_handler(handler, touched)
+    touched += (sources or {}).values()
+    # the allocator's current page of every small size class: a handler's first objects
+    # (an int, a tuple, a frame's locals) come from there
+    touched += [bytes(n) for n in range(0, 512, 8) for _ in range(4)]
+    del touched
     send(chan, ("ready",))
+
+
+def touch_handler(handler: object, out: list[object]) -> None:
+    """Append to ``out`` (a reference is a write: the page becomes this process's own) what
+    a call of ``handler`` reaches first: the function, its code, globals, defaults and
+    closure, and the objects its code names (globals and builtins, and their attributes
+    when they are modules or classes), through bound methods, ``functools.partial`` and
+    callable instances.  Reads only: no attribute is computed, nothing is called."""
+    seen: set[int] = set()
+    names: set[str] = set()  # what the code met so far names
+    todo: list[tuple[object, int]] = [(handler, 0)]
+    while todo:
+        obj, depth = todo.pop()
+        if id(obj) in seen or depth > 3:
+            continue
+        seen.add(id(obj))
+        out.append(obj)
+        if isinstance(obj, types.MethodType):
+            todo += [(obj.__self__, depth + 1), (obj.__func__, depth)]
+        elif isinstance(obj, functools.partial):
+            todo += [*((a, depth + 1) for a in obj.args), (obj.func, depth)]
+        elif isinstance(obj, types.FunctionType):
+            glob = obj.__globals__
+            out += [glob, obj.__defaults__, obj.__kwdefaults__]
+            out += [c.cell_contents for c in obj.__closure__ or () if _filled(c)]
+            codes = [obj.__code__]
+            while codes:  # nested code: inner functions, comprehensions
+                co = codes.pop()
+                out.append(co)
+                codes += [c for c in co.co_consts if isinstance(c, types.CodeType)]
+                out += [c for c in co.co_consts if not isinstance(c, types.CodeType)]
+                names.update(co.co_names)
+                for name in co.co_names:
+                    for where in (glob, builtins.__dict__):
+                        if name in where:
+                            todo.append((where[name], depth + 1))
+                            break
+        elif isinstance(obj, (types.ModuleType, type)):
+            attrs = vars(obj)  # the namespace itself: nothing computed
+            out += [attrs[n] for n in names if n in attrs]
+            call = attrs.get("__call__")
+            if isinstance(obj, type) and isinstance(call, types.FunctionType):
+                todo.append((call, depth))
+        elif depth == 0:  # a callable instance: its class's __call__
+            todo.append((type(obj), depth))
+
+
+def _filled(cell: types.CellType) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018
+    except ValueError:  # an empty cell
+        return False
+    return True
 
 
 def release_native(event: Any) -> None:
@@ -192,7 +254,7 @@ def capsule_main(chan: socket.socket, table: dict[int, Callable[[Any], object]],
     known = sources if sources is not None else {}
     try:
         if rehearse:
-            warm(chan, table, channel_fds)
+            warm(chan, table, channel_fds, known)
         while True:
             msg = _next_event(chan, table, known)
             if msg is None:  # the parent is gone or released us

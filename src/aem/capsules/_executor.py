@@ -11,6 +11,7 @@ future of the call it was running; the pool replaces it.
 
 from __future__ import annotations
 
+import abc
 import concurrent.futures as cf
 import functools
 import itertools
@@ -98,8 +99,9 @@ def _outcome(ok: bool, payload: Any) -> tuple[bool, Any]:
     return False, exc
 
 
-class ExecutorPart(cf.Executor):
-    """The executor half of :class:`CapsulePool` (its state is made by ``_init_executor``)."""
+class ExecutorPart(cf.Executor, abc.ABC):
+    """The executor half of :class:`CapsulePool` (its state is made by ``_init_executor``;
+    the pool provides the abstract methods)."""
 
     size: int
     _lock: threading.RLock
@@ -174,14 +176,23 @@ class ExecutorPart(cf.Executor):
 
     # -- bookkeeping (with the pool's lock) --------------------------------------------------------
 
-    def close(self, timeout: float = 2.0) -> None:  # pragma: no cover - CapsulePool's
-        raise NotImplementedError
+    # what the pool provides (CapsulePool)
 
-    def _take_idle(self, priority: int) -> Capsule | None:  # pragma: no cover - CapsulePool's
-        raise NotImplementedError
+    @abc.abstractmethod
+    def close(self, timeout: float = 2.0) -> None:
+        """End the pool and every process it created."""
 
-    def _wake(self) -> None:  # pragma: no cover - CapsulePool's
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _take_idle(self, priority: int) -> Capsule | None:
+        """With the lock: an idle capsule, out of the pool's idle set (None: none may be taken)."""
+
+    @abc.abstractmethod
+    def _wake(self) -> None:
+        """Wake the pool's manager thread."""
+
+    @abc.abstractmethod
+    def _workers_pending(self) -> bool:
+        """With the lock: capsules on their way (starting, warming) that could become workers."""
 
     def _take_worker(self) -> Capsule | None:
         """A worker that may take one more call: an idle one, else a new one while there are
@@ -205,9 +216,6 @@ class ExecutorPart(cf.Executor):
         if least is not None and len(least.calls) < PIPELINE:
             return least
         return None
-
-    def _workers_pending(self) -> bool:  # pragma: no cover - CapsulePool's
-        raise NotImplementedError
 
     def _dispatch_calls(self) -> None:
         """Give waiting calls to workers."""

@@ -177,7 +177,14 @@ class CapsulePool(ExecutorPart):
     # -- public ----------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, int]:
-        """idle, busy, attached, starting, pending, spawned, reaped, failed, refills, ..."""
+        """The pool's state and counters (see docs/capsules.md, "The pool's stats()").
+
+        Now: ``size``, ``reserve``, ``idle`` (ready capsules), ``busy`` (running an event),
+        ``attached`` (keepalive registrations with their capsule), ``workers`` (capsules
+        kept for executor calls, at most ``size``; not in SPEC's list), ``starting``
+        (forked or warming up), ``pending`` (activations waiting for a capsule),
+        ``templates`` (alive).  Since the start: ``spawned``, ``reaped``, ``failed``,
+        ``refills``, ``activations``, ``refreshes``, ``spawn_failures``."""
         with self._lock:
             self._sync()
             states = [c.state for c in self._capsules.values()
@@ -227,6 +234,10 @@ class CapsulePool(ExecutorPart):
             self._closed = True
             self._table.open = 0
             self._table.clear()
+            for eid in self._attached:
+                self._table.detach(eid)
+            if _core.handoff_default() is self._table:  # the default pool's: the engine forgets it
+                _core.handoff_set_default(None)
             self._sync()
             for act in self._pending:
                 discard(act.attrs, act.socks)
@@ -304,10 +315,12 @@ class CapsulePool(ExecutorPart):
             t = self._templates[-1] if self._templates else None
             idle = self._idle
             if (self._pending or t is None or not t.alive or t.retired or eid not in t.table or not idle
-                    or (priority < self.reserve_priority and len(idle) <= self.reserve)
-                    or idle[0].template is not t or not self._table.remove(idle[0].token)):
+                    or (priority < self.reserve_priority and len(idle) <= self.reserve)):
                 return False
-            cap = idle.popleft()
+            cap = idle[-1] if self._table.lifo else idle[0]
+            if cap.template is not t or not self._table.remove(cap.token):
+                return False
+            idle.remove(cap)
             self._counters["activations"] += 1
             cap.job, cap.flags, cap.state = eid, flags, "busy"
             try:
@@ -330,8 +343,10 @@ class CapsulePool(ExecutorPart):
                 cap.backlog.append((record, [], []))
                 self._wake()
             except OSError:  # it died: the general path reports this occurrence as failed
+                self._table.detach(eid)
                 return False
             self._counters["activations"] += 1
+            self._publish(eid, cap)
             return True
 
     def _native(self, eid: int, handler: Callable[[Any], object], event: Any, flags: int,
@@ -357,6 +372,7 @@ class CapsulePool(ExecutorPart):
         keep = bool(act.flags & _core.EVF_KEEPALIVE)
         if keep and act.eid in self._attached:
             self._send_to(self._attached[act.eid], act, attach=True)
+            self._publish(act.eid, self._attached.get(act.eid))
             return True
         if not self._reachable(act):
             self._refresh_for(act)  # a template that knows the handler; act waits for it
@@ -369,6 +385,8 @@ class CapsulePool(ExecutorPart):
         if keep:
             self._attached[act.eid] = cap
         self._send_to(cap, act, attach=keep)
+        if keep:
+            self._publish(act.eid, self._attached.get(act.eid))
         return True
 
     def _take_idle(self, priority: int) -> Capsule | None:
@@ -378,15 +396,21 @@ class CapsulePool(ExecutorPart):
                 return None
             if priority < self.reserve_priority and len(self._idle) <= self.reserve:
                 return None
-            cap = self._idle.popleft()
+            # the newest idle capsule (see HandoffTable.lifo): it slept the least
+            cap = self._idle[-1] if self._table.lifo else self._idle[0]
             if self._table.remove(cap.token):
+                self._idle.remove(cap)
                 return cap
-            self._idle.appendleft(cap)  # the engine took it meanwhile: _sync() applies that
+            # the engine took it meanwhile: _sync() applies that
 
     # -- the engine's takes (see handoff.c) ---------------------------------------------------------
 
     def _sync(self) -> None:
-        """With the lock: apply the capsules the engine took from the idle table since last time."""
+        """With the lock: apply the capsules the engine took from the idle table since last time
+        (and count the keepalive occurrences it sent to attached capsules)."""
+        if self._table.kept:
+            self._counters["activations"] += self._table.kept
+            self._table.kept = 0
         for token, eid, flags, err in self._table.drain():
             cap = self._capsules.get(token)
             if cap is None or cap.state != "idle":
@@ -408,6 +432,17 @@ class CapsulePool(ExecutorPart):
         self._sync()
         if cap in self._idle:
             self._idle.remove(cap)
+
+    def _publish(self, eid: int, cap: Capsule | None) -> None:
+        """With the lock: the engine sends keepalive ``eid``'s next occurrences to ``cap`` itself
+        while it is attached, knows the handler and holds no backlog (else they take this path,
+        in order).  Call it whenever one of these changes: the table must never hold the fd of
+        a capsule whose socket is closed."""
+        if (cap is not None and self._attached.get(eid) is cap and not cap.backlog
+                and eid in cap.template.table and cap.chan.fileno() >= 0):
+            self._table.attach(eid, cap.chan.fileno())
+        else:
+            self._table.detach(eid)
 
     def _gate(self) -> None:
         """With the lock: the engine may take capsules only when no activation waits here."""
@@ -456,6 +491,7 @@ class CapsulePool(ExecutorPart):
             cap.state, cap.job = "dead", 0
             if self._attached.get(act.eid) is cap:
                 del self._attached[act.eid]
+                self._table.detach(act.eid)
             self._fail(act, f"capsule {cap.pid} could not take the event: {e}")
             return
         close_socks(act.socks)
@@ -726,6 +762,7 @@ class CapsulePool(ExecutorPart):
         self._counters["reaped"] += 1
         if self._attached.get(cap.job) is cap:
             del self._attached[cap.job]
+            self._table.detach(cap.job)
         errors = cap.errors + read_errors(cap.chan)
         with contextlib.suppress(OSError):
             cap.chan.close()
@@ -776,6 +813,8 @@ class CapsulePool(ExecutorPart):
                 return  # the exit report will follow
             cap.backlog.popleft()
             close_socks(socks)
+        if cap.state == "attached":
+            self._publish(cap.job, cap)  # in order again: the engine may send to it
 
     def _release(self, cap: Capsule) -> None:
         """Let a capsule go: closing its socket makes it exit (one still warming up, which does
@@ -820,6 +859,7 @@ class CapsulePool(ExecutorPart):
             self._gate()
             self._blobs.pop(eid, None)
             cap = self._attached.pop(eid, None)
+            self._table.detach(eid)
             if cap is not None and not kill:
                 cap.state = "busy"  # it finishes what it has, then exits; its exit is still reported
                 with contextlib.suppress(OSError):
