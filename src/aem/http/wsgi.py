@@ -44,7 +44,7 @@ from typing import Any
 
 import aem
 
-__all__ = ["FileWrapper", "WSGIWorkers", "load_app", "worker_main"]
+__all__ = ["ClientDisconnected", "FileWrapper", "WSGIWorkers", "load_app", "worker_main"]
 
 CHUNK = 64 * 1024       # one message's body payload at most
 FIRST = 32 * 1024       # body bytes that ride in the request message (its head may be ~25 KiB)
@@ -56,6 +56,7 @@ _INBOX_MAX = 16         # worker messages the front holds before it stops readin
 # message kinds, front → worker
 M_REQUEST = b"Q"        # marshal(request fields) + first body chunk
 M_BODY = b"B"           # a body chunk; b"B" alone: the body is complete
+M_ABORT = b"A"          # the client went away before the end of the body
 # worker → front
 M_HELLO = b"H"          # marshal(pid)
 M_WHOLE = b"R"          # marshal((status, headers, body)): the whole response
@@ -107,6 +108,10 @@ class FileWrapper:
             yield data
 
 
+class ClientDisconnected(OSError):
+    """Raised by ``wsgi.input``: the client went away before the end of the request body."""
+
+
 class _Input(io.RawIOBase):
     """``wsgi.input``: the request body, read from the front's messages as the app asks."""
 
@@ -122,6 +127,9 @@ class _Input(io.RawIOBase):
         if not self.more:
             return False
         msg = self.chan.recv(RECV)
+        if msg[:1] == M_ABORT:
+            self.more = False
+            raise ClientDisconnected("the client went away before the end of the request body")
         if not msg or msg[:1] != M_BODY:
             raise ConnectionError("the front closed the request body")
         if len(msg) == 1:
@@ -162,8 +170,11 @@ class _Input(io.RawIOBase):
 
     def drain(self) -> None:
         """Read and drop what the app left of the body (the next request follows it)."""
-        while self._fill():
-            self.buf.clear()
+        try:
+            while self._fill():
+                self.buf.clear()
+        except ClientDisconnected:
+            pass
         self.buf.clear()
 
 
@@ -612,25 +623,26 @@ class WSGIWorkers:
             raise RuntimeError("WSGI apps serve HTTP only")
         msg = await receive()
         body: bytes = msg.get("body", b"")
+        streamed = msg.get("more_body", False)   # the rest of the body is still arriving
         fields = (scope["method"], scope["scheme"], scope["root_path"], scope["raw_path"],
                   scope["query_string"], scope["headers"],
                   tuple(scope["server"]) if scope["server"] else None,
-                  tuple(scope["client"]) if scope["client"] else None, scope["http_version"], len(body))
+                  tuple(scope["client"]) if scope["client"] else None, scope["http_version"],
+                  0 if streamed else len(body))
         w = await self._acquire()
         # --timeout bounds how long the worker keeps the front waiting for its next message (the
         # app call until its head, then each chunk); not the time the client takes to read
         timer: asyncio.TimerHandle | None = self.loop.call_later(self.timeout, self._hung, w)
         started = False
         clean = False        # the worker's answer was read to its end: it may take the next request
+        pump: asyncio.Task[bool] | None = None
         try:
             first = body[:FIRST]
-            more = len(body) > FIRST
+            more = streamed or len(body) > FIRST
             w.chan.send(M_REQUEST + marshal.dumps((fields, first, more)))
             if more:
-                view = memoryview(body)
-                for i in range(FIRST, len(body), CHUNK):
-                    await self.loop.sock_sendall(w.chan, M_BODY + view[i:i + CHUNK])
-                await self.loop.sock_sendall(w.chan, M_BODY)
+                # the body goes on beside the answer (the app may answer before reading it all)
+                pump = self.loop.create_task(self._pump(w, body[FIRST:], streamed, receive))
             while True:
                 if timer is None:
                     timer = self.loop.call_later(self.timeout, self._hung, w)
@@ -675,14 +687,40 @@ class WSGIWorkers:
                         raise RuntimeError("the WSGI app failed during its response")
                     await _plain(send, 500, b"500 Internal Server Error\n")
                     break
+            if pump is not None and not await pump:
+                clean = False   # the body could not be passed on whole: the worker is out of step
         finally:
             if timer is not None:
                 timer.cancel()
+            if pump is not None and not pump.done():
+                pump.cancel()
             if not clean and not w.dead:
                 # cancelled or failed mid-answer: what the worker still sends would be read as
                 # the next request's answer — end it (the pool starts another)
                 self._kill(w)
             self._release(w)
+
+    async def _pump(self, w: _Worker, rest: bytes, streamed: bool,
+                    receive: Callable[[], Any]) -> bool:
+        """Pass the body on to the worker as it arrives, in ``CHUNK`` messages; end it with
+        ``M_BODY`` alone (``M_ABORT`` if the client went away).  False if the worker went."""
+        try:
+            while True:
+                view = memoryview(rest)
+                for i in range(0, len(rest), CHUNK):
+                    await self.loop.sock_sendall(w.chan, M_BODY + view[i:i + CHUNK])
+                if not streamed:
+                    break
+                msg = await receive()
+                if msg["type"] != "http.request":
+                    await self.loop.sock_sendall(w.chan, M_ABORT)
+                    return True
+                rest = msg.get("body", b"")
+                streamed = msg.get("more_body", False)
+            await self.loop.sock_sendall(w.chan, M_BODY)
+            return True
+        except OSError:
+            return False
 
     def _kill(self, w: _Worker) -> None:
         pid = abs(w.pid)
