@@ -99,11 +99,24 @@ def test_hung_worker_is_killed_client_gets_504_others_unaffected(flask: Served) 
         time.sleep(0.05)
     assert "took longer than 1.5 s: killed" in flask.stderr()
     assert "starting another" in flask.stderr()
-    # the replacement serves: two workers again
+    # the replacement serves: two idle workers again, and two requests run side by side
     deadline = time.monotonic() + 10
-    while len(_pids(flask)) < 2 and time.monotonic() < deadline:
+    while _workers(flask)["idle"] < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert len(_pids(flask, 40)) == 2
+    assert _workers(flask)["workers"] == 2
+    pids: list[bytes] = []
+    both = [threading.Thread(target=lambda: pids.append(flask.get("/sleep-pid")[2]))
+            for _ in range(2)]
+    for th in both:
+        th.start()
+    for th in both:
+        th.join(10)
+    assert len(set(pids)) == 2
+
+
+def _workers(s: Served) -> dict[str, int]:
+    status = json.loads(s.get("/_aem/status", headers={"Accept": "application/json"})[2])
+    return dict(status["capsules"])
 
 
 def test_worker_that_dies_fails_only_its_request(flask: Served) -> None:

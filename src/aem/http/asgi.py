@@ -65,8 +65,9 @@ ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message],
                    Awaitable[None]]
 
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
-_STRIP = frozenset({b"content-length", b"connection", b"date", b"server", b"transfer-encoding",
-                    b"keep-alive"})
+# response fields the server frames itself
+_STRIP = frozenset({"content-length", "connection", "date", "server", "transfer-encoding", "keep-alive"})
+_STRIP_LENGTHS = frozenset(len(n) for n in _STRIP)
 _PIPELINE_MAX = 16          # parsed requests queued on a connection before reading pauses
 _BODY_HIGH = 256 * 1024     # request-body bytes a connection holds unread before reading pauses
 
@@ -100,7 +101,10 @@ class ASGIServer:
     fine), ``"on"`` (its failure is fatal) or ``"off"``.  ``status_page``:
     answer ``/_aem/status`` (see :mod:`aem.http.status`) with these counters,
     the engine's, and ``pool``'s (an object with ``stats()``, e.g. the WSGI
-    workers).
+    workers).  ``direct(conn, req, body)``: asked first for each request; it
+    may return the object that answers it (a :class:`_Cycle` of its own, as
+    the WSGI front does, with no ASGI messages in between), or None: then
+    ``app`` answers.
     """
 
     def __init__(self, app: ASGIApp, *, host: str = "127.0.0.1", port: int = 8000,
@@ -109,7 +113,9 @@ class ASGIServer:
                  header_timeout: float = 10.0, body_timeout: float = 30.0, send_timeout: float = 30.0,
                  limit_concurrency: int | None = None, lifespan: str = "auto",
                  access_log: TextIO | None = None, error_log: TextIO | None = None,
-                 server_name: str = "aem", status_page: bool = False, pool: object = None) -> None:
+                 server_name: str = "aem", status_page: bool = False, pool: object = None,
+                 direct: Callable[[_HttpProtocol, Request, _Body | None], _Cycle | None] | None = None,
+                 ) -> None:
         if lifespan not in ("auto", "on", "off"):
             raise ValueError("lifespan is 'auto', 'on' or 'off'")
         if min(timeout_keep_alive, header_timeout, body_timeout, send_timeout) <= 0:
@@ -131,6 +137,7 @@ class ASGIServer:
         self.server_name = server_name
         self.status_page = status_page
         self.pool = pool
+        self.direct = direct
         self.state: dict[str, Any] = {}
         self.stats = _Stats()
         self.shutting_down = False
@@ -389,6 +396,8 @@ class _HttpProtocol(asyncio.Protocol):
         self.write_paused = False
         if self.drained is not None and not self.drained.done():
             self.drained.set_result(None)
+        if self.cycle is not None:
+            self.cycle.writable()
 
     async def drain(self) -> None:
         """Wait while the client does not take the output; past ``send_timeout``, drop it."""
@@ -645,7 +654,8 @@ class _HttpProtocol(asyncio.Protocol):
             self.simple(req, 503, b"503 Service Unavailable\n")
             self._next()
             return
-        self.cycle = _Cycle(self, req, body)
+        cycle = srv.direct(self, req, body) if srv.direct is not None else None
+        self.cycle = cycle if cycle is not None else _Cycle(self, req, body)
         if body is not None:
             self._arm_body()
 
@@ -704,8 +714,8 @@ class _HttpProtocol(asyncio.Protocol):
             self.http.closing = True
 
     def abort(self) -> None:
-        if self.cycle is not None and self.cycle.task is not None:
-            self.cycle.task.cancel()
+        if self.cycle is not None:
+            self.cycle.cancel()
         self.transport.abort()
 
 
@@ -753,6 +763,12 @@ class _Cycle:
                  "request_read", "response_done", "sent", "status", "task", "waiter", "want_length")
 
     def __init__(self, conn: _HttpProtocol, req: Request, body: _Body | None = None) -> None:
+        self._setup(conn, req, body)
+        scope = make_scope(conn, req, "http")
+        self.task: asyncio.Task[None] | None = conn.loop.create_task(self._run(scope))
+
+    def _setup(self, conn: _HttpProtocol, req: Request, body: _Body | None) -> None:
+        self.task = None
         self.conn = conn
         self.req = req
         self.body = body          # the body, when it streams (else it is req.body, whole)
@@ -770,8 +786,14 @@ class _Cycle:
         self.waiter: asyncio.Future[None] | None = None
         self.headers: list[tuple[str, str]] = []
         conn.server.stats.active += 1
-        scope = make_scope(conn, req, "http")
-        self.task: asyncio.Task[None] | None = conn.loop.create_task(self._run(scope))
+
+    def cancel(self) -> None:
+        """The connection is being aborted (shutdown past its grace period): stop the app call."""
+        if self.task is not None:
+            self.task.cancel()
+
+    def writable(self) -> None:
+        """The client takes output again (after ``pause_writing``)."""
 
     async def _run(self, scope: dict[str, Any]) -> None:
         conn = self.conn
@@ -864,16 +886,8 @@ class _Cycle:
             status = int(message["status"])
             if not 100 <= status <= 599:
                 raise ValueError(f"status {status} is not an HTTP status code")
-            self.status = status
-            fields: list[tuple[str, str]] = []
-            for name, value in message.get("headers", ()):
-                lname = bytes(name).lower()
-                if lname in _STRIP:
-                    if lname == b"content-length":
-                        self.want_length = int(value)
-                    continue
-                fields.append((bytes(name).decode("latin-1"), bytes(value).decode("latin-1")))
-            self.headers = fields
+            self._set_head(status, [(bytes(n).decode("latin-1"), bytes(v).decode("latin-1"))
+                                    for n, v in message.get("headers", ())])
             return
         if kind == "http.response.body":
             if not self.status:
@@ -892,6 +906,19 @@ class _Cycle:
             await self._sendfile(message)
             return
         raise RuntimeError(f"unexpected ASGI message {kind!r} in an http scope")
+
+    def _set_head(self, status: int, headers: list[tuple[str, str]]) -> None:
+        """The response's status and fields (those the server frames itself are taken out)."""
+        self.status = status
+        fields: list[tuple[str, str]] = []
+        for field in headers:
+            name = field[0]
+            if len(name) in _STRIP_LENGTHS and (lname := name.lower()) in _STRIP:
+                if lname == "content-length":
+                    self.want_length = int(field[1])
+                continue
+            fields.append(field)
+        self.headers = fields
 
     def _body(self, body: bytes, more: bool) -> None:
         conn = self.conn
