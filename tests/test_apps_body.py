@@ -308,6 +308,22 @@ def test_wsgi_input_gets_the_body_as_it_arrives(wsgi: Served, marks: Path) -> No
         assert out.rpartition(b"\r\n\r\n")[2].split()[0] == b"400000"
 
 
+def test_wsgi_100_continue_when_the_app_reads_wsgi_input_and_not_before(wsgi: Served) -> None:
+    with socket.create_connection(("127.0.0.1", wsgi.port), timeout=5) as s:
+        s.sendall(_head("/count", b"Content-Length: 5\r\nExpect: 100-continue\r\n"))
+        assert s.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        s.sendall(b"hello")
+        out = _response(s)
+        assert out.startswith(b"HTTP/1.1 200 OK") and out.endswith(b"5 1")
+        s.sendall(_head("/no-read", b"Content-Length: 5\r\nExpect: 100-continue\r\n"))
+        out = b""
+        while chunk := s.recv(4096):
+            out += chunk
+    assert out.startswith(b"HTTP/1.1 200 OK") and b"100 Continue" not in out
+    assert b"Connection: close" in out and out.endswith(b"not read")
+    assert wsgi.get("/count", method="POST", body=b"abc")[2] == b"3 1"   # the worker goes on
+
+
 def test_wsgi_a_50_mb_body_does_not_grow_the_front(wsgi: Served) -> None:
     before = _rss(wsgi.proc.pid)
     piece = b"v" * MB

@@ -84,7 +84,11 @@ starlette = Starlette(routes=[Route("/count", stream_count, methods=["POST"])])
 
 
 def wsgi(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-    """``/count``: read ``wsgi.input`` in 64 KiB reads; ``total reads``."""
+    """``/count``: read ``wsgi.input`` in 64 KiB reads; ``total reads``.  ``/no-read``:
+    answer without reading it."""
+    if environ["PATH_INFO"] == "/no-read":
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "8")])
+        return [b"not read"]
     stream = environ["wsgi.input"]
     total = reads = 0
     try:

@@ -722,8 +722,10 @@ class _HttpProtocol(asyncio.Protocol):
 def _is_websocket(req: Request) -> bool:
     if req.method != "GET":
         return False
-    up = req.headers.get("upgrade")
-    return up is not None and up.lower() == "websocket"
+    for name, value in req.raw_headers:   # (not req.headers: that would build a dict per request)
+        if len(name) == 7 and name.lower() == b"upgrade":
+            return value.strip().lower() == b"websocket"
+    return False
 
 
 def make_scope(conn: _HttpProtocol, req: Request, kind: str) -> dict[str, Any]:
