@@ -198,3 +198,15 @@ def test_slow_reader_gets_a_big_stream_whole(flask: Served) -> None:
         while chunk := c.recv(1 << 20):
             got += len(chunk)
     assert got > 200 * 65536
+
+
+def test_static_root_beside_a_wsgi_app(tmp_path: Path) -> None:
+    """Files under --root are the front's (ASGI path); everything else goes to the workers."""
+    with serve(tmp_path, "flask_app:app", "--root", "static", wait=WAIT) as s:
+        status, headers, body = s.get("/hello.txt")
+        assert (status, body) == (200, b"static hello\n")
+        assert headers["content-type"].startswith("text/plain")
+        assert s.get("/")[2] == b"Hello, world!"   # not a file: the app
+        status, _, body = s.get("/hello.txt", method="POST", body=b"x")
+        assert status == 404 and b"<!doctype html>" in body.lower()  # a POST is Flask's
+        assert s.get("/pid")[2] != str(s.proc.pid).encode()
