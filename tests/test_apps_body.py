@@ -388,7 +388,7 @@ def test_stream_parser_gives_heads_then_bodies_however_the_bytes_are_cut(cuts: l
         if body:
             shape.append(body)
             body = b""
-        shape.append((ev.method, ev.more_body, ev.body) if type(ev) is Request else ev)
+        shape.append((ev.method, ev.more_body, ev.body) if isinstance(ev, Request) else ev)
     assert shape == [("POST", True, b""), b"hello world!", BODY_END, ("PUT", True, b""), b"abc",
                      BODY_END, ("GET", False, b"")]
 
@@ -396,7 +396,7 @@ def test_stream_parser_gives_heads_then_bodies_however_the_bytes_are_cut(cuts: l
 def test_stream_parser_limits_continue_and_no_budget() -> None:
     p = RequestParser(Limits(max_body=10), stream=True)
     ev = p.feed(b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n")
-    assert len(ev) == 2 and type(ev[0]) is Request and ev[0].more_body and ev[1] is CONTINUE
+    assert len(ev) == 2 and isinstance(ev[0], Request) and ev[0].more_body and ev[1] is CONTINUE
     assert p.feed(b"0123456789") == [b"0123456789", BODY_END]
     assert p.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n") == [HttpError(413)]
     p = RequestParser(Limits(max_body=10), stream=True)

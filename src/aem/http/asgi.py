@@ -53,6 +53,7 @@ from .protocol import (
     HttpError,
     Limits,
     Request,
+    StreamedRequest,
     body_allowed,
     render_head,
 )
@@ -427,9 +428,9 @@ class _HttpProtocol(asyncio.Protocol):
                 if not self._chunk(ev):  # type: ignore[arg-type]
                     break
             elif t is Request:
-                body = None
-                if ev.more_body:  # type: ignore[union-attr]
-                    body = self.feeding = _Body()
+                self.pending.append((ev, None))  # type: ignore[arg-type]
+            elif t is StreamedRequest:
+                body = self.feeding = _Body()
                 self.pending.append((ev, body))  # type: ignore[arg-type]
             elif ev is BODY_END:
                 self._body_end()
@@ -496,9 +497,8 @@ class _HttpProtocol(asyncio.Protocol):
         elif not b.discard:
             # its request has not started: it gets the body whole, as one bytes object
             req, _ = self.pending[-1]
-            assert type(req) is Request
+            assert isinstance(req, Request)
             req.body = b"".join(b.chunks) if len(b.chunks) != 1 else b.chunks[0]
-            req.more_body = False
             self.pending[-1] = (req, None)
             self._release(b)
 
@@ -627,7 +627,7 @@ class _HttpProtocol(asyncio.Protocol):
         ev, body = self.pending.popleft()
         self.deadline = 0.0
         srv = self.server
-        if type(ev) is not Request:
+        if not isinstance(ev, Request):
             assert isinstance(ev, HttpError)
             self.transport.write(self.http.error(ev, srv._clock.line()))
             srv.stats.responses[ev.status // 100] += 1

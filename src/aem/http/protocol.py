@@ -57,7 +57,7 @@ import httptools
 __all__ = [
     "ALLOW_METHODS", "BODY_END", "BODY_TIMER", "CONTINUE", "CONTINUE_RESPONSE", "HEADER_TIMER", "IDLE_TIMER",
     "IMPLEMENTED_METHODS", "KEEP", "REASONS", "BodyBudget", "Connection", "DateClock", "Headers",
-    "HttpError", "Limits", "Request", "RequestParser", "body_allowed", "error_response",
+    "HttpError", "Limits", "Request", "RequestParser", "StreamedRequest", "body_allowed", "error_response",
     "render_head",
 ]
 
@@ -176,14 +176,16 @@ class Request:
     ``body`` (``bytes``, chunked encoding
     removed) and ``keep_alive`` (whether the client lets the connection stay
     open after the response, from the version and ``Connection``).
-    ``more_body`` is True for a request of a streaming parser
-    (``RequestParser(stream=True)``) whose body follows it as events.
+    ``more_body`` is True for a :class:`StreamedRequest`, whose body
+    follows it as events (``RequestParser(stream=True)``).
     :attr:`path` and :attr:`query` split the target; ``client`` is the
     peer's address when the server knows it.
     """
 
-    __slots__ = ("_headers", "body", "client", "keep_alive", "method", "more_body", "raw_headers",
-                 "target", "version")
+    # (exactly these eight: the C fast path fills a Request's slots directly when it sees them)
+    __slots__ = ("_headers", "body", "client", "keep_alive", "method", "raw_headers", "target",
+                 "version")
+    more_body = False
 
     def __init__(self, method: str, target: str, version: str,
                  raw_headers: list[tuple[bytes, bytes]], body: bytes = b"",
@@ -196,7 +198,6 @@ class Request:
         self.body = body
         self.keep_alive = keep_alive
         self.client = client
-        self.more_body = False
         self._headers: Headers | None = None
 
     @property
@@ -231,6 +232,13 @@ class Request:
 
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.target} HTTP/{self.version}>"
+
+
+class StreamedRequest(Request):
+    """A request given by a streaming parser at its head: its body follows as events."""
+
+    __slots__ = ()
+    more_body = True
 
 
 class HttpError:
@@ -524,10 +532,9 @@ class RequestParser:
         if expect is not None and expect.lower() != b"100-continue":
             raise _Reject(417, "only 'Expect: 100-continue' is understood")
         if has_body and self._stream:
-            req = Request(method, self._url.decode("latin-1"), version, self._headers, b"", keep)
-            req.more_body = True
             self._open = True
-            self._events.append(req)
+            self._events.append(StreamedRequest(method, self._url.decode("latin-1"), version,
+                                                self._headers, b"", keep))
             if expect is not None and version == "1.1":
                 self._events.append(CONTINUE)
             return
@@ -635,7 +642,7 @@ class RequestParser:
             # Upgrade/CONNECT: not supported; the request was answered normally, then close.
             self.dead = True
             for ev in events:
-                if type(ev) is Request:
+                if isinstance(ev, Request):
                     ev.keep_alive = False
             return events
         except httptools.HttpParserCallbackError as e:
