@@ -99,11 +99,24 @@ def test_hung_worker_is_killed_client_gets_504_others_unaffected(flask: Served) 
         time.sleep(0.05)
     assert "took longer than 1.5 s: killed" in flask.stderr()
     assert "starting another" in flask.stderr()
-    # the replacement serves: two workers again
+    # the replacement serves: two idle workers again, and two requests run side by side
     deadline = time.monotonic() + 10
-    while len(_pids(flask)) < 2 and time.monotonic() < deadline:
+    while _workers(flask)["idle"] < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert len(_pids(flask, 40)) == 2
+    assert _workers(flask)["workers"] == 2
+    pids: list[bytes] = []
+    both = [threading.Thread(target=lambda: pids.append(flask.get("/sleep-pid")[2]))
+            for _ in range(2)]
+    for th in both:
+        th.start()
+    for th in both:
+        th.join(10)
+    assert len(set(pids)) == 2
+
+
+def _workers(s: Served) -> dict[str, int]:
+    status = json.loads(s.get("/_aem/status", headers={"Accept": "application/json"})[2])
+    return dict(status["capsules"])
 
 
 def test_worker_that_dies_fails_only_its_request(flask: Served) -> None:
@@ -185,3 +198,15 @@ def test_slow_reader_gets_a_big_stream_whole(flask: Served) -> None:
         while chunk := c.recv(1 << 20):
             got += len(chunk)
     assert got > 200 * 65536
+
+
+def test_static_root_beside_a_wsgi_app(tmp_path: Path) -> None:
+    """Files under --root are the front's (ASGI path); everything else goes to the workers."""
+    with serve(tmp_path, "flask_app:app", "--root", "static", wait=WAIT) as s:
+        status, headers, body = s.get("/hello.txt")
+        assert (status, body) == (200, b"static hello\n")
+        assert headers["content-type"].startswith("text/plain")
+        assert s.get("/")[2] == b"Hello, world!"   # not a file: the app
+        status, _, body = s.get("/hello.txt", method="POST", body=b"x")
+        assert status == 404 and b"<!doctype html>" in body.lower()  # a POST is Flask's
+        assert s.get("/pid")[2] != str(s.proc.pid).encode()

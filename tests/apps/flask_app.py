@@ -53,6 +53,12 @@ def pid() -> str:
     return str(os.getpid())
 
 
+@app.route("/sleep-pid")
+def sleep_pid() -> str:
+    time.sleep(0.3)    # long enough for a second request to need the other worker
+    return str(os.getpid())
+
+
 @app.route("/environ")
 def environ() -> dict[str, object]:
     e = request.environ

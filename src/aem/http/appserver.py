@@ -149,14 +149,30 @@ def serve_app(cfg: AppConfig) -> int:
         runner.close()
 
 
-def _static(app: Any, root: str) -> Any:
-    """An ASGI app answering GET/HEAD for the files under ``root``, else calling ``app``."""
-    files = StaticFiles(root)
+def _file_test(root: str) -> Any:
+    """``is_file(raw_path)``: whether a request path names a regular file under ``root``."""
     base = os.path.realpath(root)
 
     def is_file(raw_path: bytes) -> bool:
         rel = unquote(raw_path.decode("latin-1")).lstrip("/")
         return bool(rel) and os.path.isfile(os.path.join(base, rel))
+
+    return is_file
+
+
+async def _not_found(scope: Any, receive: Any, send: Any) -> None:
+    """The ASGI app behind the static files of a WSGI front (never reached for other paths)."""
+    if scope["type"] != "http":
+        return      # a WebSocket: refused (403)
+    await send({"type": "http.response.start", "status": 404,
+                "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
+    await send({"type": "http.response.body", "body": b"404 Not Found\n"})
+
+
+def _static(app: Any, root: str) -> Any:
+    """An ASGI app answering GET/HEAD for the files under ``root``, else calling ``app``."""
+    files = StaticFiles(root)
+    is_file = _file_test(root)
 
     async def with_static(scope: Any, receive: Any, send: Any) -> None:
         # files only (no directory listings, no redirects): everything else is the app's
@@ -182,16 +198,33 @@ def _static(app: Any, root: str) -> Any:
 
 
 def _server(cfg: AppConfig, app: Any, interface: str, reuse_port: bool = False) -> ASGIServer:
+    direct: Any = None
+    pool: WSGIWorkers | None = None
+    if isinstance(app, WSGIWorkers):
+        # the front hands requests to the workers itself (no ASGI messages in between); the
+        # static files beside the app, if any, take the ASGI path
+        pool = app
+        direct = pool.direct
+        app = _not_found
+        if cfg.root is not None:
+            is_file = _file_test(cfg.root)
+            wsgi = pool.direct
+
+            def direct(conn: Any, req: Request, body: Any) -> Any:
+                if req.method in ("GET", "HEAD") and is_file(req.path.encode("latin-1")):
+                    return None
+                return wsgi(conn, req, body)
+
     if cfg.root is not None:
         app = _static(app, cfg.root)
-    return ASGIServer(app, host=cfg.host, port=cfg.port, uds=cfg.uds, reuse_port=reuse_port,
+    return ASGIServer(app, direct=direct, host=cfg.host, port=cfg.port, uds=cfg.uds, reuse_port=reuse_port,
                       root_path=cfg.root_path,
                       limits=Limits(max_body=cfg.max_body, max_buffered=max(64 << 20, 4 * cfg.max_body)),
                       timeout_keep_alive=cfg.timeout_keep_alive,
                       limit_concurrency=cfg.limit_concurrency,
                       lifespan=cfg.lifespan if interface == "asgi" else "off",
                       access_log=sys.stdout if cfg.access_log else None,
-                      status_page=cfg.status, pool=app if isinstance(app, WSGIWorkers) else None)
+                      status_page=cfg.status, pool=pool)
 
 
 async def _serve_one(cfg: AppConfig, app: Any, interface: str, reuse_port: bool = False,

@@ -7,14 +7,17 @@ parser, limits and response framing as AEMhttpd's own server)::
     bytes ──► Connection.receive ──► Request ──► scope + receive/send ──► app task
     app send(http.response.*) ──► Connection.response / render_head ──► transport
 
-* HTTP: ``http.request`` carries the request body (the parser holds it whole,
-  bounded by ``Limits.max_body``, so it comes as one message); later
-  ``receive()`` calls wait for ``http.disconnect``.  Responses stream: a body
+* HTTP: the request body streams: ``receive()`` gives ``http.request``
+  messages (``more_body`` True until the last) with what arrived since the
+  app last asked; the connection stops reading while the app leaves more
+  than ``_BODY_HIGH`` bytes unread.  ``Limits.max_body`` still holds (413).
+  After the body, ``receive()`` waits for ``http.disconnect``.  Responses stream: a body
   sent with ``more_body`` goes out as it comes, with the app's
   ``Content-Length`` or chunked (HTTP/1.0: delimited by the close).  The
   ``http.response.zerocopysend`` extension sends a file with ``sendfile``.
-* ``Expect: 100-continue``: the ``100 Continue`` goes out when the head
-  arrives (the body is read before the app runs).
+* ``Expect: 100-continue``: the ``100 Continue`` goes out when the app first
+  asks for the body; never if it answers without reading it (the
+  connection then closes after the response: RFC 9110 §10.1.1).
 * WebSockets (``websocket.*``) through ``wsproto``; lifespan
   (``lifespan.startup``/``shutdown``, ``state``).
 * Pipelined requests are answered in order, one app call at a time per
@@ -38,6 +41,8 @@ from urllib.parse import unquote
 
 from . import status as _status
 from .protocol import (
+    BODY_END,
+    BODY_TIMER,
     CONTINUE,
     CONTINUE_RESPONSE,
     IDLE_TIMER,
@@ -48,6 +53,7 @@ from .protocol import (
     HttpError,
     Limits,
     Request,
+    StreamedRequest,
     body_allowed,
     render_head,
 )
@@ -60,9 +66,11 @@ ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message],
                    Awaitable[None]]
 
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
-_STRIP = frozenset({b"content-length", b"connection", b"date", b"server", b"transfer-encoding",
-                    b"keep-alive"})
+# response fields the server frames itself
+_STRIP = frozenset({"content-length", "connection", "date", "server", "transfer-encoding", "keep-alive"})
+_STRIP_LENGTHS = frozenset(len(n) for n in _STRIP)
 _PIPELINE_MAX = 16          # parsed requests queued on a connection before reading pauses
+_BODY_HIGH = 256 * 1024     # request-body bytes a connection holds unread before reading pauses
 
 
 class LifespanFailed(RuntimeError):
@@ -94,7 +102,10 @@ class ASGIServer:
     fine), ``"on"`` (its failure is fatal) or ``"off"``.  ``status_page``:
     answer ``/_aem/status`` (see :mod:`aem.http.status`) with these counters,
     the engine's, and ``pool``'s (an object with ``stats()``, e.g. the WSGI
-    workers).
+    workers).  ``direct(conn, req, body)``: asked first for each request; it
+    may return the object that answers it (a :class:`_Cycle` of its own, as
+    the WSGI front does, with no ASGI messages in between), or None: then
+    ``app`` answers.
     """
 
     def __init__(self, app: ASGIApp, *, host: str = "127.0.0.1", port: int = 8000,
@@ -103,7 +114,9 @@ class ASGIServer:
                  header_timeout: float = 10.0, body_timeout: float = 30.0, send_timeout: float = 30.0,
                  limit_concurrency: int | None = None, lifespan: str = "auto",
                  access_log: TextIO | None = None, error_log: TextIO | None = None,
-                 server_name: str = "aem", status_page: bool = False, pool: object = None) -> None:
+                 server_name: str = "aem", status_page: bool = False, pool: object = None,
+                 direct: Callable[[_HttpProtocol, Request, _Body | None], _Cycle | None] | None = None,
+                 ) -> None:
         if lifespan not in ("auto", "on", "off"):
             raise ValueError("lifespan is 'auto', 'on' or 'off'")
         if min(timeout_keep_alive, header_timeout, body_timeout, send_timeout) <= 0:
@@ -125,6 +138,7 @@ class ASGIServer:
         self.server_name = server_name
         self.status_page = status_page
         self.pool = pool
+        self.direct = direct
         self.state: dict[str, Any] = {}
         self.stats = _Stats()
         self.shutting_down = False
@@ -306,15 +320,34 @@ class _Lifespan:
             self.task.cancel()
 
 
+class _Body:
+    """A request body arriving while the app runs: the chunks it has not taken yet."""
+
+    __slots__ = ("chunks", "complete", "continued", "cycle", "discard", "expect", "failed", "size")
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.size = 0               # bytes in chunks
+        self.complete = False       # the last chunk arrived
+        self.failed = False         # cut short by an error (413, 408, 503 ...)
+        self.discard = False        # the response is out: what still comes is dropped
+        self.expect = False         # the client waits for 100 Continue
+        self.continued = False      # ... and it was sent
+        self.cycle: _Cycle | None = None
+
+
 class _HttpProtocol(asyncio.Protocol):
     """One connection: parse, run the app per request (in order), frame the answers."""
 
     def __init__(self, server: ASGIServer) -> None:
         self.server = server
-        self.http = Connection(server.limits, budget=server.budget, server_name=server.server_name)
+        self.http = Connection(server.limits, server_name=server.server_name, stream=True)
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.loop = asyncio.get_running_loop()
-        self.pending: collections.deque[Request] = collections.deque()
+        # parsed requests not started yet, each with its body when that streams
+        self.pending: collections.deque[tuple[Request | HttpError, _Body | None]] = collections.deque()
+        self.feeding: _Body | None = None   # the body arriving now
+        self.buffered = 0                   # body bytes held for apps (charged to server.budget)
         self.cycle: _Cycle | None = None
         self.client: list[Any] | None = None
         self.server_addr: list[Any] | None = server._server_addr
@@ -325,6 +358,7 @@ class _HttpProtocol(asyncio.Protocol):
         self.write_paused = False
         self.drained: asyncio.Future[None] | None = None
         self.ws: Any = None
+        self.lingering = False   # answered an error mid-body: reading and dropping, then closing
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -347,8 +381,10 @@ class _HttpProtocol(asyncio.Protocol):
         self.server._conns.discard(self)
         self.http.close()
         self.deadline = 0.0
+        self.server.budget.used -= self.buffered
+        self.buffered = 0
         if self.cycle is not None:
-            self.cycle.disconnected()
+            self.cycle.wake()
         if self.ws is not None:
             self.ws.connection_lost()
         if self.drained is not None and not self.drained.done():
@@ -361,6 +397,8 @@ class _HttpProtocol(asyncio.Protocol):
         self.write_paused = False
         if self.drained is not None and not self.drained.done():
             self.drained.set_result(None)
+        if self.cycle is not None:
+            self.cycle.writable()
 
     async def drain(self) -> None:
         """Wait while the client does not take the output; past ``send_timeout``, drop it."""
@@ -378,35 +416,180 @@ class _HttpProtocol(asyncio.Protocol):
         self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            return
         if self.ws is not None:
             self.ws.data_received(data)
             return
         events = self.http.receive(data)
         for ev in events:
-            if type(ev) is Request:
-                self.pending.append(ev)
+            t = type(ev)
+            if t is bytes:
+                if not self._chunk(ev):  # type: ignore[arg-type]
+                    break
+            elif t is Request:
+                self.pending.append((ev, None))  # type: ignore[arg-type]
+            elif t is StreamedRequest:
+                body = self.feeding = _Body()
+                self.pending.append((ev, body))  # type: ignore[arg-type]
+            elif ev is BODY_END:
+                self._body_end()
             elif ev is CONTINUE:
-                self.transport.write(CONTINUE_RESPONSE)
-            elif type(ev) is HttpError:
-                self.pending.append(ev)  # type: ignore[arg-type]
-        if self.pending and self.cycle is None:
-            self._next()
-        elif self.cycle is None:
-            t = self.http.timer
-            if t != KEEP:
-                self._arm(t)
-        if len(self.pending) > _PIPELINE_MAX and not self.paused:
-            self.paused = True
-            self.transport.pause_reading()
+                if self.feeding is not None:
+                    self.feeding.expect = True
+            elif t is HttpError:
+                if self.feeding is not None:
+                    self._body_failed(ev)  # type: ignore[arg-type]
+                    break
+                self.pending.append((ev, None))  # type: ignore[arg-type]
+        if self.cycle is None:
+            if self.pending:
+                self._next()
+            else:
+                timer = self.http.timer
+                if timer != KEEP:
+                    self._arm(timer)
+        else:
+            self._arm_body()
+        if len(self.pending) > _PIPELINE_MAX or self.buffered > _BODY_HIGH:
+            self._flow()
 
     def eof_received(self) -> bool | None:
+        if self.lingering:
+            self.transport.close()
+            return None
         self.eof = True
         if self.cycle is None and not self.pending:
             self.transport.close()
             return None
         if self.cycle is not None:
-            self.cycle.disconnected()   # the app waiting in receive() learns it now
+            self.cycle.wake()   # the app waiting in receive() learns it now
         return True  # half-closed: answer what was asked, then close
+
+    # -- request bodies ------------------------------------------------------------------------
+
+    def _chunk(self, data: bytes) -> bool:
+        """A piece of the body arriving; False if it broke the server's body budget."""
+        b = self.feeding
+        if b is None or b.discard:
+            return True
+        n = len(data)
+        budget = self.server.budget
+        if budget.used + n > budget.limit:
+            self._body_failed(HttpError(503, "too many request bodies in progress; try again later"))
+            return False
+        budget.used += n
+        self.buffered += n
+        b.chunks.append(data)
+        b.size += n
+        if b.cycle is not None:
+            b.cycle.wake()
+        return True
+
+    def _body_end(self) -> None:
+        b = self.feeding
+        self.feeding = None
+        if b is None:
+            return
+        b.complete = True
+        if b.cycle is not None:
+            b.cycle.wake()
+        elif not b.discard:
+            # its request has not started: it gets the body whole, as one bytes object
+            req, _ = self.pending[-1]
+            assert isinstance(req, Request)
+            req.body = b"".join(b.chunks) if len(b.chunks) != 1 else b.chunks[0]
+            self.pending[-1] = (req, None)
+            self._release(b)
+
+    def _release(self, b: _Body) -> None:
+        """The app took (or will never take) the chunks of ``b``: they leave the budget."""
+        n = b.size
+        b.chunks = []
+        b.size = 0
+        if n and not self.closed:
+            self.buffered -= n
+            self.server.budget.used -= n
+            if self.paused:
+                self._flow()
+
+    def _skip_body(self, b: _Body | None) -> None:
+        """The request of ``b`` was answered: what is left of its body is read and dropped."""
+        if b is not None:
+            b.cycle = None
+            if not b.complete:
+                b.discard = True
+            self._release(b)
+
+    def _body_failed(self, err: HttpError) -> None:
+        """The body arriving broke a limit or timed out: answer ``err`` in its request's place."""
+        b = self.feeding
+        assert b is not None
+        self.feeding = None
+        b.failed = True
+        self._release(b)
+        self.http.parser.close()   # nothing more is parsed on this connection
+        c = self.cycle
+        if c is not None and c.body is b:
+            srv = self.server
+            if not c.head_sent:
+                self.transport.write(self.http.error(err, srv._clock.line()))
+                srv.stats.responses[err.status // 100] += 1
+                self.server_log(c.req, err.status, 0)
+            self.closed = True        # the app's sends are dropped, its receive() disconnects
+            self._linger()
+            c.wake()
+            return
+        # the request has not started (a pipelined one): the error is its answer
+        for i in range(len(self.pending) - 1, -1, -1):
+            if self.pending[i][1] is b:
+                self.pending[i] = (err, None)
+                break
+
+    def _linger(self) -> None:
+        """Close after an error answer while the client may still be sending its body: shut our
+        side, read and drop what comes for up to 2 s, then close (closing with unread input
+        would reset the connection, and the client could lose the answer)."""
+        self.http.closing = True
+        self.lingering = True
+        if self.paused:
+            self.paused = False
+            self.transport.resume_reading()
+        try:
+            self.transport.write_eof()
+        except (OSError, RuntimeError, NotImplementedError):
+            self.transport.close()
+            return
+        self.loop.call_later(2.0, self.transport.close)
+
+    def _arm_body(self) -> None:
+        """While an app runs: the body deadline, when a body is arriving and the client sends it."""
+        b = self.feeding
+        if b is None or self.paused or (b.expect and not b.continued) or b.discard:
+            if b is None or self.paused:
+                self.deadline = 0.0
+            return
+        t = self.http.timer
+        if t != KEEP:
+            self._arm(t)
+        elif not self.deadline:
+            self._arm(BODY_TIMER)
+
+    def _flow(self) -> None:
+        """Pause reading while too much is queued (requests or body bytes); resume below half."""
+        if self.closed:
+            return
+        if len(self.pending) > _PIPELINE_MAX or self.buffered > _BODY_HIGH:
+            if not self.paused:
+                self.paused = True
+                self.transport.pause_reading()
+                if self.cycle is not None:
+                    self.deadline = 0.0
+        elif self.paused and len(self.pending) <= _PIPELINE_MAX // 2 and self.buffered <= _BODY_HIGH // 2:
+            self.paused = False
+            self.transport.resume_reading()
+            if self.cycle is not None and self.feeding is not None:
+                self._arm_body()
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -416,7 +599,11 @@ class _HttpProtocol(asyncio.Protocol):
     def expire(self) -> None:
         """The deadline passed (see :meth:`ASGIServer._sweep`): 408 if a request was arriving; close."""
         self.deadline = 0.0
-        if self.cycle is not None or self.closed:
+        if self.closed:
+            return
+        if self.cycle is not None:
+            if self.feeding is not None and not self.paused:
+                self._body_failed(HttpError(408, "request body not received in time"))
             return
         data = self.http.timeout(self.server._clock.line())
         if data is not None:
@@ -427,19 +614,20 @@ class _HttpProtocol(asyncio.Protocol):
         """Start the next queued request (or arm the idle deadline)."""
         if self.closed:
             return
-        if self.paused and len(self.pending) <= _PIPELINE_MAX // 2:
-            self.paused = False
-            self.transport.resume_reading()
+        if self.paused:
+            self._flow()
         if not self.pending:
             if self.http.closing or self.server.shutting_down or self.eof:
                 self.transport.close()
+            elif self.feeding is not None:
+                self._arm(BODY_TIMER)   # the rest of an answered request's body, dropped
             else:
                 self._arm(self.http.timer if self.http.timer != KEEP else IDLE_TIMER)
             return
-        ev = self.pending.popleft()
+        ev, body = self.pending.popleft()
         self.deadline = 0.0
         srv = self.server
-        if type(ev) is not Request:
+        if not isinstance(ev, Request):
             assert isinstance(ev, HttpError)
             self.transport.write(self.http.error(ev, srv._clock.line()))
             srv.stats.responses[ev.status // 100] += 1
@@ -456,15 +644,20 @@ class _HttpProtocol(asyncio.Protocol):
             self.ws = WebSocketSession(self, req)
             return
         if srv.status_page and req.target.startswith(_status.PATH) and req.path == _status.PATH:
+            self._skip_body(body)
             self.status_response(req)
             self._next()
             return
         lim = srv.limit_concurrency
         if lim is not None and srv.stats.active >= lim:
+            self._skip_body(body)
             self.simple(req, 503, b"503 Service Unavailable\n")
             self._next()
             return
-        self.cycle = _Cycle(self, req)
+        cycle = srv.direct(self, req, body) if srv.direct is not None else None
+        self.cycle = cycle if cycle is not None else _Cycle(self, req, body)
+        if body is not None:
+            self._arm_body()
 
     def simple(self, req: Request, status: int, body: bytes) -> None:
         """Answer ``req`` with a small plain-text response."""
@@ -500,6 +693,12 @@ class _HttpProtocol(asyncio.Protocol):
             pass
 
     def cycle_done(self) -> None:
+        c = self.cycle
+        if c is not None and c.body is not None:
+            b = c.body
+            if b.expect and not b.continued and not b.complete:
+                self.http.closing = True   # the client may or may not send the body now: close
+            self._skip_body(b)
         self.cycle = None
         if self.http.closing:
             self.pending.clear()
@@ -515,16 +714,18 @@ class _HttpProtocol(asyncio.Protocol):
             self.http.closing = True
 
     def abort(self) -> None:
-        if self.cycle is not None and self.cycle.task is not None:
-            self.cycle.task.cancel()
+        if self.cycle is not None:
+            self.cycle.cancel()
         self.transport.abort()
 
 
 def _is_websocket(req: Request) -> bool:
     if req.method != "GET":
         return False
-    up = req.headers.get("upgrade")
-    return up is not None and up.lower() == "websocket"
+    for name, value in req.raw_headers:   # (not req.headers: that would build a dict per request)
+        if len(name) == 7 and name.lower() == b"upgrade":
+            return value.strip().lower() == b"websocket"
+    return False
 
 
 def make_scope(conn: _HttpProtocol, req: Request, kind: str) -> dict[str, Any]:
@@ -560,12 +761,21 @@ def make_scope(conn: _HttpProtocol, req: Request, kind: str) -> dict[str, Any]:
 class _Cycle:
     """One request and its response: the app's ``receive`` and ``send``."""
 
-    __slots__ = ("body_sent", "chunked", "conn", "head_sent", "headers", "length", "req", "request_read",
-                 "response_done", "sent", "status", "task", "waiter", "want_length")
+    __slots__ = ("body", "body_sent", "chunked", "conn", "head_sent", "headers", "length", "req",
+                 "request_read", "response_done", "sent", "status", "task", "waiter", "want_length")
 
-    def __init__(self, conn: _HttpProtocol, req: Request) -> None:
+    def __init__(self, conn: _HttpProtocol, req: Request, body: _Body | None = None) -> None:
+        self._setup(conn, req, body)
+        scope = make_scope(conn, req, "http")
+        self.task: asyncio.Task[None] | None = conn.loop.create_task(self._run(scope))
+
+    def _setup(self, conn: _HttpProtocol, req: Request, body: _Body | None) -> None:
+        self.task = None
         self.conn = conn
         self.req = req
+        self.body = body          # the body, when it streams (else it is req.body, whole)
+        if body is not None:
+            body.cycle = self
         self.status = 0
         self.head_sent = False
         self.response_done = False
@@ -578,8 +788,14 @@ class _Cycle:
         self.waiter: asyncio.Future[None] | None = None
         self.headers: list[tuple[str, str]] = []
         conn.server.stats.active += 1
-        scope = make_scope(conn, req, "http")
-        self.task: asyncio.Task[None] | None = conn.loop.create_task(self._run(scope))
+
+    def cancel(self) -> None:
+        """The connection is being aborted (shutdown past its grace period): stop the app call."""
+        if self.task is not None:
+            self.task.cancel()
+
+    def writable(self) -> None:
+        """The client takes output again (after ``pause_writing``)."""
 
     async def _run(self, scope: dict[str, Any]) -> None:
         conn = self.conn
@@ -620,18 +836,45 @@ class _Cycle:
         self.conn.simple(self.req, status, b"500 Internal Server Error\n")
         self.response_done = True
 
-    def disconnected(self) -> None:
+    def wake(self) -> None:
+        """Something ``receive()`` waits for happened (body bytes, the response's end, a disconnect)."""
         w = self.waiter
         if w is not None and not w.done():
             w.set_result(None)
 
     async def receive(self) -> Message:
         if not self.request_read:
+            if self.body is not None:
+                return await self._receive_body(self.body)
             self.request_read = True
             return {"type": "http.request", "body": self.req.body, "more_body": False}
         if not self.response_done and not self.conn.closed:
             self.waiter = self.conn.loop.create_future()
             await self.waiter
+        return {"type": "http.disconnect"}
+
+    async def _receive_body(self, body: _Body) -> Message:
+        """The body bytes that arrived since the last call (waiting for some if none did)."""
+        conn = self.conn
+        while not (conn.closed or body.failed):
+            if body.chunks or body.complete:
+                chunks = body.chunks
+                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                conn._release(body)
+                if body.complete:
+                    self.request_read = True
+                return {"type": "http.request", "body": data, "more_body": not body.complete}
+            if conn.eof:
+                break
+            if body.expect and not body.continued:
+                if self.head_sent:
+                    break          # answered without the body: it will not be read
+                body.continued = True
+                conn.transport.write(CONTINUE_RESPONSE)
+                conn._arm_body()
+            self.waiter = conn.loop.create_future()
+            await self.waiter
+        self.request_read = True
         return {"type": "http.disconnect"}
 
     async def send(self, message: Message) -> None:
@@ -645,16 +888,8 @@ class _Cycle:
             status = int(message["status"])
             if not 100 <= status <= 599:
                 raise ValueError(f"status {status} is not an HTTP status code")
-            self.status = status
-            fields: list[tuple[str, str]] = []
-            for name, value in message.get("headers", ()):
-                lname = bytes(name).lower()
-                if lname in _STRIP:
-                    if lname == b"content-length":
-                        self.want_length = int(value)
-                    continue
-                fields.append((bytes(name).decode("latin-1"), bytes(value).decode("latin-1")))
-            self.headers = fields
+            self._set_head(status, [(bytes(n).decode("latin-1"), bytes(v).decode("latin-1"))
+                                    for n, v in message.get("headers", ())])
             return
         if kind == "http.response.body":
             if not self.status:
@@ -674,13 +909,26 @@ class _Cycle:
             return
         raise RuntimeError(f"unexpected ASGI message {kind!r} in an http scope")
 
+    def _set_head(self, status: int, headers: list[tuple[str, str]]) -> None:
+        """The response's status and fields (those the server frames itself are taken out)."""
+        self.status = status
+        fields: list[tuple[str, str]] = []
+        for field in headers:
+            name = field[0]
+            if len(name) in _STRIP_LENGTHS and (lname := name.lower()) in _STRIP:
+                if lname == "content-length":
+                    self.want_length = int(field[1])
+                continue
+            fields.append(field)
+        self.headers = fields
+
     def _body(self, body: bytes, more: bool) -> None:
         conn = self.conn
         http = conn.http
         req = self.req
         date = conn.server._clock.line()
         if not self.head_sent:
-            self.head_sent = True
+            self._answering()
             want = self.want_length
             if not more and (want is None or want == len(body) or req.method == "HEAD"):
                 if req.method == "HEAD" and want is not None and body_allowed("GET", self.status):
@@ -714,6 +962,14 @@ class _Cycle:
                 http.closing = True  # the app broke its own Content-Length: end the stream
             self._done(self.sent)
 
+    def _answering(self) -> None:
+        """The response head goes out now.  A client still waiting for ``100 Continue`` will
+        not get it: the connection closes after this response (RFC 9110 §10.1.1)."""
+        self.head_sent = True
+        b = self.body
+        if b is not None and b.expect and not b.continued and not b.complete:
+            self.conn.http.closing = True
+
     def _head(self, length: int | None) -> None:
         conn = self.conn
         http = conn.http
@@ -746,7 +1002,7 @@ class _Cycle:
         srv = self.conn.server
         srv.stats.responses[self.status // 100] += 1
         self.conn.server_log(self.req, self.status, length)
-        self.disconnected()  # a receive() waiting for the disconnect returns now
+        self.wake()  # a receive() waiting for the disconnect returns now
 
     async def _sendfile(self, message: Message) -> None:
         f = message["file"]
@@ -757,7 +1013,7 @@ class _Cycle:
         if not self.head_sent:
             if count is None:
                 count = os.fstat(f.fileno()).st_size - offset
-            self.head_sent = True
+            self._answering()
             want = self.want_length
             if want is None and not more:
                 want = int(count)

@@ -13,7 +13,9 @@ Two layers, after h11:
   (the client waits for ``100 Continue`` before its body), :class:`HttpError`
   (the stream is broken or over a limit: answer ``status`` and close; always
   the last event, and the parser ignores everything fed after it).  An empty
-  list means "need more data".
+  list means "need more data".  A parser made with ``stream=True`` gives a
+  request with a body as soon as its head is complete (``more_body`` True),
+  then the body as ``bytes`` events as it arrives, then :data:`BODY_END`.
 * :class:`Connection` is the whole connection's state machine: the parser,
   plus every decision about what goes back — keep-alive or close after a
   response, the framing of HEAD/1xx/204/304 responses, which timeout applies
@@ -53,9 +55,9 @@ from typing import Final
 import httptools
 
 __all__ = [
-    "ALLOW_METHODS", "BODY_TIMER", "CONTINUE", "CONTINUE_RESPONSE", "HEADER_TIMER", "IDLE_TIMER",
+    "ALLOW_METHODS", "BODY_END", "BODY_TIMER", "CONTINUE", "CONTINUE_RESPONSE", "HEADER_TIMER", "IDLE_TIMER",
     "IMPLEMENTED_METHODS", "KEEP", "REASONS", "BodyBudget", "Connection", "DateClock", "Headers",
-    "HttpError", "Limits", "Request", "RequestParser", "body_allowed", "error_response",
+    "HttpError", "Limits", "Request", "RequestParser", "StreamedRequest", "body_allowed", "error_response",
     "render_head",
 ]
 
@@ -174,12 +176,16 @@ class Request:
     ``body`` (``bytes``, chunked encoding
     removed) and ``keep_alive`` (whether the client lets the connection stay
     open after the response, from the version and ``Connection``).
+    ``more_body`` is True for a :class:`StreamedRequest`, whose body
+    follows it as events (``RequestParser(stream=True)``).
     :attr:`path` and :attr:`query` split the target; ``client`` is the
     peer's address when the server knows it.
     """
 
+    # (exactly these eight: the C fast path fills a Request's slots directly when it sees them)
     __slots__ = ("_headers", "body", "client", "keep_alive", "method", "raw_headers", "target",
                  "version")
+    more_body = False
 
     def __init__(self, method: str, target: str, version: str,
                  raw_headers: list[tuple[bytes, bytes]], body: bytes = b"",
@@ -228,6 +234,13 @@ class Request:
         return f"<Request {self.method} {self.target} HTTP/{self.version}>"
 
 
+class StreamedRequest(Request):
+    """A request given by a streaming parser at its head: its body follows as events."""
+
+    __slots__ = ()
+    more_body = True
+
+
 class HttpError:
     """The request stream cannot go on: answer ``status`` (with ``detail`` as body) and close."""
 
@@ -260,7 +273,18 @@ class _Continue:
 #: Event: the client sent ``Expect: 100-continue`` and waits before sending its body.
 CONTINUE: Final = _Continue()
 
-Event = Request | HttpError | _Continue
+
+class _BodyEnd:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "BODY_END"
+
+
+#: Event of a streaming parser: the body of the request given with ``more_body`` has ended.
+BODY_END: Final = _BodyEnd()
+
+Event = Request | HttpError | _Continue | bytes | _BodyEnd
 
 
 class _Reject(Exception):
@@ -328,19 +352,58 @@ class RequestParser:
     an empty body, and the body is read and dropped as it comes (a chunked
     body, or one the client waits to send after ``Expect: 100-continue``,
     is not read: that request closes the connection).
+
+    ``stream=True``: bodies are not held.  A request with a body is given
+    when its head is complete, with ``more_body`` True (and :data:`CONTINUE`
+    after it if the client waits for ``100 Continue``); its body follows as
+    ``bytes`` events as it arrives (chunked encoding removed), then
+    :data:`BODY_END`.  ``max_body`` still applies (413); the caller holds
+    the chunks, so ``budget`` and ``wants_body`` are the caller's business.
     """
 
     __slots__ = (
-        "_begins", "_body", "_body_len", "_budget", "_cursor", "_data", "_discard", "_events",
-        "_head_raw", "_head_size", "_headers", "_host", "_keep_alive", "_lenient", "_limits",
-        "_max_body", "_max_head", "_max_headers", "_max_url", "_method", "_parser", "_partial",
-        "_partial_len", "_progress", "_stall", "_url", "_version", "_wants_body", "_window",
-        "dead", "phase", "timer",
+        "_begins",
+        "_body",
+        "_body_len",
+        "_budget",
+        "_cursor",
+        "_data",
+        "_discard",
+        "_events",
+        "_head_raw",
+        "_head_size",
+        "_headers",
+        "_host",
+        "_keep_alive",
+        "_lenient",
+        "_limits",
+        "_max_body",
+        "_max_head",
+        "_max_headers",
+        "_max_url",
+        "_method",
+        "_open",
+        "_parser",
+        "_partial",
+        "_partial_len",
+        "_progress",
+        "_stall",
+        "_stream",
+        "_url",
+        "_version",
+        "_wants_body",
+        "_window",
+        "dead",
+        "phase",
+        "timer",
     )
 
     def __init__(self, limits: Limits | None = None, *, budget: BodyBudget | None = None,
-                 wants_body: Callable[[str, str], bool] | None = None) -> None:
+                 wants_body: Callable[[str, str], bool] | None = None,
+                 stream: bool = False) -> None:
         lim = self._limits = limits or _DEFAULT_LIMITS
+        self._stream = stream
+        self._open = False      # stream: a request given with more_body whose body is arriving
         self._max_url = lim.max_request_line
         self._max_head = lim.max_header_size
         self._max_headers = lim.max_headers
@@ -468,6 +531,13 @@ class RequestParser:
         self._keep_alive = keep
         if expect is not None and expect.lower() != b"100-continue":
             raise _Reject(417, "only 'Expect: 100-continue' is understood")
+        if has_body and self._stream:
+            self._open = True
+            self._events.append(StreamedRequest(method, self._url.decode("latin-1"), version,
+                                                self._headers, b"", keep))
+            if expect is not None and version == "1.1":
+                self._events.append(CONTINUE)
+            return
         if has_body and self._wants_body is not None and not self._wants_body(
                 method, self._url.decode("latin-1")):
             # the answer does not depend on the body: give the request now, drop the body
@@ -512,6 +582,10 @@ class RequestParser:
         n = self._body_len + len(body)
         if n > self._max_body:
             raise _Reject(413, f"body larger than {self._max_body} bytes")
+        if self._stream:
+            self._body_len = n
+            self._events.append(body)
+            return
         budget = self._budget
         if budget is not None:
             if budget.used + len(body) > budget.limit:
@@ -527,6 +601,11 @@ class RequestParser:
         self.phase = IDLE
         if self._discard:
             self._discard = False
+            return
+        if self._open:
+            self._open = False
+            self._body_len = 0
+            self._events.append(BODY_END)
             return
         body = self._body
         if body is not None:
@@ -563,7 +642,7 @@ class RequestParser:
             # Upgrade/CONNECT: not supported; the request was answered normally, then close.
             self.dead = True
             for ev in events:
-                if type(ev) is Request:
+                if isinstance(ev, Request):
                     ev.keep_alive = False
             return events
         except httptools.HttpParserCallbackError as e:
@@ -633,7 +712,8 @@ class RequestParser:
               headers: tuple[tuple[str, str], ...] = ()) -> list[Event]:
         self.close()
         last = self._events[-1] if self._events else None
-        if status == 0 or (type(last) is Request and not last.keep_alive):
+        if status == 0 or (type(last) is Request and not last.keep_alive and not last.more_body) or (
+                last is BODY_END and not self._keep_alive):
             return self._events  # bytes after a closing request are not answered
         self._events.append(HttpError(status, detail, headers))
         return self._events
@@ -838,14 +918,15 @@ class Connection:
 
     ``server_name`` gives the ``Server`` field; the ``Date`` line comes with
     each call (see :class:`DateClock`), so nothing here reads a clock.
+    ``stream``: request bodies come as events (see :class:`RequestParser`).
     """
 
     __slots__ = ("_ok_prefix", "_server_line", "closing", "parser", "receive")
 
     def __init__(self, limits: Limits | None = None, *, budget: BodyBudget | None = None,
                  wants_body: Callable[[str, str], bool] | None = None,
-                 server_name: str = "aem") -> None:
-        self.parser = RequestParser(limits, budget=budget, wants_body=wants_body)
+                 server_name: str = "aem", stream: bool = False) -> None:
+        self.parser = RequestParser(limits, budget=budget, wants_body=wants_body, stream=stream)
         #: ``receive(data)``: the events completed by the received bytes ``data``
         #: (:meth:`RequestParser.feed`: never raises; sets ``parser.timer``).
         self.receive = self.parser.feed

@@ -39,23 +39,29 @@ import signal
 import socket
 import sys
 import traceback
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import aem
 
-__all__ = ["FileWrapper", "WSGIWorkers", "load_app", "worker_main"]
+from .asgi import _Cycle
+
+if TYPE_CHECKING:
+    from .asgi import _Body, _HttpProtocol
+    from .protocol import Request
+
+__all__ = ["ClientDisconnected", "FileWrapper", "WSGIWorkers", "load_app", "worker_main"]
 
 CHUNK = 64 * 1024       # one message's body payload at most
 FIRST = 32 * 1024       # body bytes that ride in the request message (its head may be ~25 KiB)
 RECV = 1 << 18          # receive buffer: larger than any message (the socket's send buffer bounds them)
 _FDS = socket.CMSG_SPACE(array.array("i").itemsize)
 
-_INBOX_MAX = 16         # worker messages the front holds before it stops reading that worker
 
 # message kinds, front → worker
 M_REQUEST = b"Q"        # marshal(request fields) + first body chunk
 M_BODY = b"B"           # a body chunk; b"B" alone: the body is complete
+M_ABORT = b"A"          # the client went away before the end of the body
 # worker → front
 M_HELLO = b"H"          # marshal(pid)
 M_WHOLE = b"R"          # marshal((status, headers, body)): the whole response
@@ -64,6 +70,7 @@ M_DATA = b"D"           # a body chunk
 M_FILE = b"F"           # marshal((offset, count)) + an fd (SCM_RIGHTS)
 M_END = b"E"            # the response is complete
 M_FAIL = b"X"           # the app failed before any byte of its response: 500
+M_WANT = b"W"           # the app reads a body the client sends after 100 Continue: ask for it
 
 
 def load_app(ref: str) -> Any:
@@ -107,13 +114,18 @@ class FileWrapper:
             yield data
 
 
+class ClientDisconnected(OSError):
+    """Raised by ``wsgi.input``: the client went away before the end of the request body."""
+
+
 class _Input(io.RawIOBase):
     """``wsgi.input``: the request body, read from the front's messages as the app asks."""
 
-    def __init__(self, chan: socket.socket, first: bytes, more: bool) -> None:
+    def __init__(self, chan: socket.socket, first: bytes, more: bool, expect: bool = False) -> None:
         self.chan = chan
         self.buf = bytearray(first)
         self.more = more
+        self.expect = expect   # the client waits for 100 Continue: ask the front on the first read
 
     def readable(self) -> bool:
         return True
@@ -121,7 +133,13 @@ class _Input(io.RawIOBase):
     def _fill(self) -> bool:
         if not self.more:
             return False
+        if self.expect:
+            self.expect = False
+            self.chan.sendall(M_WANT)
         msg = self.chan.recv(RECV)
+        if msg[:1] == M_ABORT:
+            self.more = False
+            raise ClientDisconnected("the client went away before the end of the request body")
         if not msg or msg[:1] != M_BODY:
             raise ConnectionError("the front closed the request body")
         if len(msg) == 1:
@@ -162,8 +180,13 @@ class _Input(io.RawIOBase):
 
     def drain(self) -> None:
         """Read and drop what the app left of the body (the next request follows it)."""
-        while self._fill():
-            self.buf.clear()
+        if self.expect:
+            return     # never asked for: the client does not send it
+        try:
+            while self._fill():
+                self.buf.clear()
+        except ClientDisconnected:
+            pass
         self.buf.clear()
 
 
@@ -287,8 +310,8 @@ class _Responder:
 
 def _handle(app: Any, chan: socket.socket, msg: bytes) -> None:
     """One request: environ, app call, response messages."""
-    fields, first, more = marshal.loads(msg[1:])
-    body = _Input(chan, first, more)
+    fields, first, more, expect = marshal.loads(msg[1:])
+    body = _Input(chan, first, more, expect)
     env = _environ(fields, body)
     resp = _Responder(chan)
     result: Any = None
@@ -372,57 +395,71 @@ def worker_main(ev: Any) -> None:
 # ---- the front's side --------------------------------------------------------------------------
 
 
-class _Worker:
-    """The front's end of one worker's channel."""
+def _take_fd(anc: list[tuple[int, int, bytes]]) -> int:
+    """The descriptor passed with a message (SCM_RIGHTS), or -1; any extra ones are closed."""
+    fd = -1
+    for level, kind, cdata in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds = array.array("i")
+            fds.frombytes(cdata[:len(cdata) - len(cdata) % fds.itemsize])
+            for extra in fds[1:]:
+                os.close(extra)
+            if fds:
+                fd = fds[0]
+    return fd
 
-    __slots__ = ("busy", "chan", "dead", "inbox", "loop", "pid", "pool", "reading", "waiter")
+
+class _Worker:
+    """The front's end of one worker's channel: its messages go to the exchange it serves."""
+
+    __slots__ = ("chan", "dead", "deadline", "exchange", "fd", "loop", "pid", "pool", "reading")
 
     def __init__(self, pool: WSGIWorkers, chan: socket.socket) -> None:
         self.pool = pool
         self.chan = chan
+        self.fd = chan.fileno()
         self.loop = pool.loop
         self.pid = 0
-        self.busy = False
         self.dead = False
-        self.inbox: collections.deque[tuple[bytes, int]] = collections.deque()
-        self.waiter: asyncio.Future[None] | None = None
+        self.exchange: _Exchange | None = None
+        #: loop.time() by which the worker owes its next message (0: it owes none now)
+        self.deadline = 0.0
         self.reading = True
-        self.loop.add_reader(chan.fileno(), self._readable)
+        self.loop.add_reader(self.fd, self._readable)
 
     def _readable(self) -> None:
         chan = self.chan
-        while True:
+        while self.reading:
             try:
                 data, anc, _flags, _addr = chan.recvmsg(RECV, _FDS)
             except BlockingIOError:
-                break
+                return
             except OSError:
                 data, anc = b"", []
-            fd = -1
-            for level, kind, cdata in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds = array.array("i")
-                    fds.frombytes(cdata[:len(cdata) - len(cdata) % fds.itemsize])
-                    for extra in fds[1:]:
-                        os.close(extra)
-                    fd = fds[0] if fds else -1
+            fd = _take_fd(anc) if anc else -1
             if not data:
                 self.gone()
-                break
-            if data[:1] == M_HELLO and not self.pid:
+                return
+            ex = self.exchange
+            if ex is not None:
+                if ex.message(data, fd):
+                    return      # the answer is complete: the worker sends nothing more unasked
+            elif data[:1] == M_HELLO and not self.pid:
                 self.pid = marshal.loads(data[1:])
-                self.pool._ready(self)
-                continue
-            self.inbox.append((data, fd))
-            if len(self.inbox) >= _INBOX_MAX:
-                # the client is slower than the app: leave the rest in the socket (the
-                # worker blocks in send) until the front has passed these on
-                self.reading = False
-                self.loop.remove_reader(chan.fileno())
-                break
-        w = self.waiter
-        if w is not None and not w.done():
-            w.set_result(None)
+                self.pool._release(self)
+            elif fd >= 0:
+                os.close(fd)
+
+    def pause(self) -> None:
+        """Leave the worker's messages in the socket (it blocks in send) until :meth:`resume`."""
+        if self.reading and not self.dead:
+            self.reading = False
+            self.loop.remove_reader(self.fd)
+
+    def resume(self) -> None:
+        if not self.reading and not self.dead:
+            self.reading = True
+            self.loop.add_reader(self.fd, self._readable)
 
     def gone(self) -> None:
         """The channel closed: the worker died (or was killed)."""
@@ -430,39 +467,270 @@ class _Worker:
             return
         self.dead = True
         if self.reading:
-            self.loop.remove_reader(self.chan.fileno())
+            self.loop.remove_reader(self.fd)
         self.chan.close()
-        while self.inbox:
-            _, fd = self.inbox.popleft()
-            if fd >= 0:
-                os.close(fd)
         self.pool._lost(self)
-        w = self.waiter
-        if w is not None and not w.done():
-            w.set_result(None)
+        ex = self.exchange
+        self.exchange = None
+        if ex is not None:
+            ex.lost(self)
 
-    async def next(self) -> tuple[bytes, int] | None:
-        """The worker's next message (and its fd, or -1); None if the worker is gone."""
-        while not self.inbox:
-            if self.dead:
-                return None
-            self.waiter = self.loop.create_future()
-            await self.waiter
-            self.waiter = None
-        item = self.inbox.popleft()
-        if not self.reading and not self.dead and len(self.inbox) < _INBOX_MAX // 2:
-            self.reading = True
-            self.loop.add_reader(self.chan.fileno(), self._readable)
-        return item
+
+class _Exchange(_Cycle):
+    """One request answered by a worker: the front's part, with no ASGI messages in between.
+
+    The request goes to the worker in one message (and its body, if more than
+    ``FIRST`` bytes or still arriving, in ``CHUNK`` messages from a task); the
+    worker's messages are handled as they are read — a whole small response is
+    framed and written at once.  The framing is :class:`aem.http.asgi._Cycle`'s.
+    """
+
+    __slots__ = ("ended", "finished", "pool", "pump", "sending", "stuck", "want", "worker")
+
+    def __init__(self, pool: WSGIWorkers, conn: _HttpProtocol, req: Request,
+                 body: _Body | None) -> None:
+        self._setup(conn, req, body)
+        self.pool = pool
+        self.worker: _Worker | None = None
+        self.pump: asyncio.Task[None] | None = None
+        self.want: asyncio.Future[None] | None = None
+        self.stuck: asyncio.TimerHandle | None = None
+        self.sending = False       # a file is being sent (the worker's channel is not read)
+        self.ended = False         # the worker's answer is complete (or the worker is gone)
+        self.finished = False
+        pool._dispatch(self)
+
+    def begin(self, w: _Worker) -> None:
+        """The worker ``w`` takes the request."""
+        self.worker = w
+        w.exchange = self
+        pool = self.pool
+        w.deadline = pool.loop.time() + pool.timeout
+        req = self.req
+        conn = self.conn
+        target = req.target
+        i = target.find("?")
+        raw_path = target if i < 0 else target[:i]
+        if not raw_path.startswith("/"):
+            raw_path = req.path
+        body = self.body
+        data = req.body if body is None else b""
+        fields = (req.method, "http", conn.server.root_path, raw_path.encode("latin-1"),
+                  b"" if i < 0 else target[i + 1:].encode("latin-1"), req.raw_headers,
+                  conn.server_addr, conn.client, req.version, len(data))
+        expect = body is not None and body.expect and not body.continued
+        more = body is not None or len(data) > FIRST
+        try:
+            w.chan.send(M_REQUEST + marshal.dumps((fields, data[:FIRST], more, expect)))
+        except OSError:
+            pool._kill(w)          # (an idle worker's channel has room: it is gone)
+            return
+        if more:
+            self.pump = pool.loop.create_task(self._pump(w, data[FIRST:], expect))
+
+    async def _pump(self, w: _Worker, rest: bytes, expect: bool) -> None:
+        """Pass the rest of the body to the worker, as it arrives; then ``M_BODY`` alone
+        (``M_ABORT`` if the client went away).  With ``expect``, not before the app reads it."""
+        loop = self.pool.loop
+        try:
+            if expect:
+                self.want = loop.create_future()
+                await self.want
+            streamed = self.body is not None
+            while True:
+                view = memoryview(rest)
+                for i in range(0, len(rest), CHUNK):
+                    await loop.sock_sendall(w.chan, M_BODY + view[i:i + CHUNK])
+                if not streamed:
+                    break
+                msg = await self.receive()
+                if msg["type"] != "http.request":
+                    await loop.sock_sendall(w.chan, M_ABORT)
+                    return
+                rest = msg.get("body", b"")
+                streamed = msg.get("more_body", False)
+            await loop.sock_sendall(w.chan, M_BODY)
+        except OSError:
+            pass                   # the worker is gone: its channel's reader says so
+        finally:
+            self.pump = None
+            if self.ended:
+                self._finish()
+
+    def message(self, data: bytes, fd: int) -> bool:
+        """A message of the worker's answer; True when it was the last one."""
+        kind = data[:1]
+        conn = self.conn
+        if kind == M_WHOLE:
+            if not conn.closed:
+                status, headers, payload = marshal.loads(data[1:])
+                self._set_head(status, headers)
+                self._body(payload, False)
+            self._end()
+            return True
+        if kind == M_START:
+            if not conn.closed:
+                status, headers = marshal.loads(data[1:])
+                self._set_head(status, headers)
+        elif kind == M_DATA:
+            if not conn.closed:
+                self._body(data[1:], True)
+        elif kind == M_END:
+            if not conn.closed:
+                self._body(b"", False)
+            self._end()
+            return True
+        elif kind == M_FAIL:
+            if not conn.closed:
+                if not self.head_sent:
+                    self._fail(500)
+                else:
+                    conn.http.closing = True   # the framing cannot be completed
+                    conn.transport.close()
+            self._end()
+            return True
+        elif kind == M_FILE:
+            offset, count = marshal.loads(data[1:])
+            self._file(fd, offset, count)
+            return False
+        elif kind == M_WANT:
+            if self.want is not None and not self.want.done():
+                self.want.set_result(None)
+        elif fd >= 0:
+            os.close(fd)
+        w = self.worker
+        assert w is not None
+        if conn.write_paused and not conn.closed:
+            # the client is slower than the app: the worker waits in its send (the time the
+            # client takes does not count against --timeout; the server's send_timeout does)
+            w.pause()
+            w.deadline = 0.0
+            if self.stuck is None:
+                self.stuck = self.pool.loop.call_later(conn.server.send_timeout, conn._stuck)
+        else:
+            w.deadline = self.pool.loop.time() + self.pool.timeout
+        return False
+
+    def writable(self) -> None:
+        w = self.worker
+        if w is not None and not w.reading and not self.sending:
+            if self.stuck is not None:
+                self.stuck.cancel()
+                self.stuck = None
+            w.deadline = self.pool.loop.time() + self.pool.timeout
+            w.resume()
+
+    def _file(self, fd: int, offset: int, count: int) -> None:
+        w = self.worker
+        assert w is not None
+        w.pause()
+        w.deadline = 0.0
+        self.sending = True
+        self.pool.loop.create_task(self._send_file(w, fd, offset, count))
+
+    async def _send_file(self, w: _Worker, fd: int, offset: int, count: int) -> None:
+        conn = self.conn
+        try:
+            with os.fdopen(fd, "rb") as f:
+                if not conn.closed:
+                    await self._sendfile({"file": f, "offset": offset, "count": count,
+                                          "more_body": True})
+        except (OSError, RuntimeError):
+            if not conn.closed:
+                conn.http.closing = True
+                conn.transport.close()
+        finally:
+            self.sending = False
+            if self.worker is w and not w.dead:
+                w.deadline = self.pool.loop.time() + self.pool.timeout
+                w.resume()
+
+    def _end(self) -> None:
+        """The worker's answer is complete: it may take the next request once the body is passed."""
+        self.ended = True
+        w = self.worker
+        if w is not None:
+            w.deadline = 0.0
+        pump = self.pump
+        if pump is not None and self.want is not None and not self.want.done():
+            pump.cancel()          # answered without reading a body the client waits to send
+        elif pump is None:
+            self._finish()
+
+    def lost(self, w: _Worker) -> None:
+        """The worker died (or was killed past the timeout) before its answer was complete."""
+        if self.ended:
+            return
+        conn = self.conn
+        if not conn.closed:
+            if not self.head_sent and not self.response_done:
+                timed_out = w.pid < 0
+                conn.simple(self.req, 504 if timed_out else 502,
+                            b"504 Gateway Timeout\n" if timed_out else b"502 Bad Gateway\n")
+                self.response_done = True
+            else:
+                conn.http.closing = True
+                conn.transport.close()
+        self.ended = True
+        self.worker = None
+        if self.pump is not None:
+            self.pump.cancel()
+        else:
+            self._finish()
+
+    def cancel(self) -> None:
+        w = self.worker
+        if w is not None and not self.ended:
+            self.pool._kill(w)
+        elif w is None and not self.finished:
+            self._leave_queue()
+
+    def wake(self) -> None:
+        super().wake()
+        if self.worker is None and self.conn.closed and not self.finished:
+            self._leave_queue()     # the client left while the request waited for a worker
+
+    def _leave_queue(self) -> None:
+        try:
+            self.pool.waiting.remove(self)
+        except ValueError:
+            pass
+        self.ended = True
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.stuck is not None:
+            self.stuck.cancel()
+            self.stuck = None
+        w = self.worker
+        self.worker = None
+        if w is not None:
+            w.exchange = None
+            w.deadline = 0.0
+            if not w.dead:
+                w.resume()
+                self.pool._release(w)
+        conn = self.conn
+        conn.server.stats.active -= 1
+        if conn.closed:
+            if conn.cycle is self:
+                conn.cycle = None
+        else:
+            conn.cycle_done()
 
 
 class WSGIWorkers:
-    """The front's pool of WSGI workers, used as an ASGI app by :class:`aem.http.asgi.ASGIServer`.
+    """The WSGI workers of a front: :meth:`direct` answers requests of an
+    :class:`aem.http.asgi.ASGIServer` (its ``direct`` hook) with them.
 
     ``ref``: the app as ``module:attribute`` (each worker imports it; the
     template of the capsule pool has it imported already when the front did).
-    ``workers``: how many capsules; ``timeout``: seconds an app call may
-    take before its worker is killed and its client gets 504.
+    ``workers``: how many capsules; ``timeout``: seconds a worker may keep
+    the front waiting for its next message before it is killed (its client
+    gets 504).
     """
 
     def __init__(self, ref: str, workers: int = 1, timeout: float = 30.0) -> None:
@@ -474,8 +742,8 @@ class WSGIWorkers:
         self.workers = workers
         self.timeout = timeout
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
-        self.idle: collections.deque[_Worker] = collections.deque()
-        self.waiting: collections.deque[asyncio.Future[_Worker]] = collections.deque()
+        self.idle: list[_Worker] = []
+        self.waiting: collections.deque[_Exchange] = collections.deque()
         self.all: set[_Worker] = set()
         self.closing = False
         self.killed = 0
@@ -483,6 +751,7 @@ class WSGIWorkers:
         self._listen: socket.socket | None = None
         self._jobs: list[tuple[aem.UserEvent, int, int]] = []
         self._capsules: Any = None
+        self._ticker: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         """Listen for the workers, start them, wait until each has said hello."""
@@ -518,22 +787,50 @@ class WSGIWorkers:
             if self.loop.time() > deadline:
                 raise RuntimeError(f"WSGI workers did not start ({len(self.idle)}/{self.workers} ready)")
             await asyncio.sleep(0.005)
+        self._ticker = self.loop.call_later(self._tick_s(), self._tick)
+
+    def _tick_s(self) -> float:
+        return min(0.5, self.timeout / 8)
+
+    def _tick(self) -> None:
+        """Kill the workers that owe a message past their deadline (one timer for all)."""
+        now = self.loop.time()
+        for w in [w for w in self.all if 0.0 < w.deadline <= now and w.exchange is not None]:
+            self._hung(w)
+        self._ticker = self.loop.call_later(self._tick_s(), self._tick)
 
     def _accept(self) -> None:
         assert self._listen is not None
         while True:
             try:
                 chan, _ = self._listen.accept()
-            except BlockingIOError:
-                return
             except OSError:
                 return
             chan.setblocking(False)
-            w = _Worker(self, chan)
-            self.all.add(w)
+            self.all.add(_Worker(self, chan))
 
-    def _ready(self, w: _Worker) -> None:
-        self._release(w)
+    def direct(self, conn: _HttpProtocol, req: Request, body: _Body | None) -> _Exchange:
+        """Answer ``req`` with a worker (the ``direct`` hook of :class:`ASGIServer`)."""
+        return _Exchange(self, conn, req, body)
+
+    def _dispatch(self, ex: _Exchange) -> None:
+        idle = self.idle
+        while idle:
+            w = idle.pop()     # the one idle the shortest time: its caches are the warmest
+            if not w.dead:
+                ex.begin(w)
+                return
+        self.waiting.append(ex)
+
+    def _release(self, w: _Worker) -> None:
+        if w.dead:
+            return
+        while self.waiting:
+            ex = self.waiting.popleft()
+            if not ex.finished:
+                ex.begin(w)
+                return
+        self.idle.append(w)
 
     def _lost(self, w: _Worker) -> None:
         self.all.discard(w)
@@ -541,33 +838,6 @@ class WSGIWorkers:
             self.idle.remove(w)
         except ValueError:
             pass
-
-    def _release(self, w: _Worker) -> None:
-        w.busy = False
-        if w.dead:
-            return
-        while self.waiting:
-            fut = self.waiting.popleft()
-            if not fut.done():
-                w.busy = True
-                fut.set_result(w)
-                return
-        self.idle.append(w)
-
-    async def _acquire(self) -> _Worker:
-        while self.idle:
-            w = self.idle.popleft()
-            if not w.dead:
-                w.busy = True
-                return w
-        fut: asyncio.Future[_Worker] = self.loop.create_future()
-        self.waiting.append(fut)
-        try:
-            return await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                self._release(fut.result())
-            raise
 
     def stats(self) -> dict[str, int]:
         """Workers alive, idle; requests waiting for one; killed past the timeout; replaced."""
@@ -577,11 +847,11 @@ class WSGIWorkers:
     async def close(self) -> None:
         """Stop the workers (their channels close; their jobs are shut down) and the pool."""
         self.closing = True
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
         for w in list(self.all):
             w.gone()
-        for fut in self.waiting:
-            if not fut.done():
-                fut.cancel()
         if self._listen is not None:
             self.loop.remove_reader(self._listen.fileno())
             self._listen.close()
@@ -597,93 +867,6 @@ class WSGIWorkers:
             pool, self._capsules = self._capsules, None
             await self.loop.run_in_executor(None, lambda: pool.close(timeout=2.0))
 
-    # -- one request (the ASGI app the front runs) ----------------------------------------------
-
-    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Any],
-                       send: Callable[[dict[str, Any]], Any]) -> None:
-        if scope["type"] == "lifespan":
-            msg = await receive()
-            if msg["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            msg = await receive()
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-        if scope["type"] != "http":
-            raise RuntimeError("WSGI apps serve HTTP only")
-        msg = await receive()
-        body: bytes = msg.get("body", b"")
-        fields = (scope["method"], scope["scheme"], scope["root_path"], scope["raw_path"],
-                  scope["query_string"], scope["headers"],
-                  tuple(scope["server"]) if scope["server"] else None,
-                  tuple(scope["client"]) if scope["client"] else None, scope["http_version"], len(body))
-        w = await self._acquire()
-        # --timeout bounds how long the worker keeps the front waiting for its next message (the
-        # app call until its head, then each chunk); not the time the client takes to read
-        timer: asyncio.TimerHandle | None = self.loop.call_later(self.timeout, self._hung, w)
-        started = False
-        clean = False        # the worker's answer was read to its end: it may take the next request
-        try:
-            first = body[:FIRST]
-            more = len(body) > FIRST
-            w.chan.send(M_REQUEST + marshal.dumps((fields, first, more)))
-            if more:
-                view = memoryview(body)
-                for i in range(FIRST, len(body), CHUNK):
-                    await self.loop.sock_sendall(w.chan, M_BODY + view[i:i + CHUNK])
-                await self.loop.sock_sendall(w.chan, M_BODY)
-            while True:
-                if timer is None:
-                    timer = self.loop.call_later(self.timeout, self._hung, w)
-                item = await w.next()
-                timer.cancel()
-                timer = None
-                if item is None:
-                    if started:
-                        raise ConnectionError("the WSGI worker died during the response")
-                    status = 504 if w.pid and self._timed_out(w) else 502
-                    text = b"504 Gateway Timeout\n" if status == 504 else b"502 Bad Gateway\n"
-                    await _plain(send, status, text)
-                    return
-                data, fd = item
-                kind = data[:1]
-                if kind == M_WHOLE:
-                    clean = True
-                    status, headers, payload = marshal.loads(data[1:])
-                    await send({"type": "http.response.start", "status": status,
-                                "headers": _encode(headers)})
-                    await send({"type": "http.response.body", "body": payload})
-                    break
-                if kind == M_START:
-                    status, headers = marshal.loads(data[1:])
-                    await send({"type": "http.response.start", "status": status,
-                                "headers": _encode(headers)})
-                    started = True
-                elif kind == M_DATA:
-                    await send({"type": "http.response.body", "body": data[1:], "more_body": True})
-                elif kind == M_FILE:
-                    offset, count = marshal.loads(data[1:])
-                    with os.fdopen(fd, "rb") as f:
-                        await send({"type": "http.response.zerocopysend", "file": f, "offset": offset,
-                                    "count": count, "more_body": True})
-                elif kind == M_END:
-                    clean = True
-                    await send({"type": "http.response.body", "body": b""})
-                    break
-                elif kind == M_FAIL:
-                    clean = True
-                    if started:
-                        raise RuntimeError("the WSGI app failed during its response")
-                    await _plain(send, 500, b"500 Internal Server Error\n")
-                    break
-        finally:
-            if timer is not None:
-                timer.cancel()
-            if not clean and not w.dead:
-                # cancelled or failed mid-answer: what the worker still sends would be read as
-                # the next request's answer — end it (the pool starts another)
-                self._kill(w)
-            self._release(w)
-
     def _kill(self, w: _Worker) -> None:
         pid = abs(w.pid)
         if pid:
@@ -695,21 +878,7 @@ class WSGIWorkers:
 
     def _hung(self, w: _Worker) -> None:
         self.killed += 1
-        w.pid = -w.pid if w.pid > 0 else w.pid   # remember: this one timed out
+        w.pid = -w.pid if w.pid > 0 else w.pid   # remember: this one timed out (504)
         print(f"aem serve: WSGI worker {-w.pid} took longer than {self.timeout:g} s: killed",
               file=sys.stderr, flush=True)
         self._kill(w)
-
-    @staticmethod
-    def _timed_out(w: _Worker) -> bool:
-        return w.pid < 0
-
-
-def _encode(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
-    return [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers]
-
-
-async def _plain(send: Callable[[dict[str, Any]], Any], status: int, text: bytes) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
-    await send({"type": "http.response.body", "body": text})
