@@ -11,7 +11,10 @@ number of open connections, as in the article.
 Servers: aem (AEMhttpd), a ``select()`` server and a ``poll()`` server (pure
 Python loops over the whole descriptor set, written here, parsing with
 httptools like the others), asyncio and uvloop (``asyncio.Protocol`` +
-httptools, from :mod:`aem.bench.http`), and nginx (one worker, epoll).
+httptools, from :mod:`aem.bench.http`), nginx (one worker, epoll), and the raw
+floor: the minimal C epoll server of :mod:`aem.bench.http` (one ``recv`` and one
+``send`` per read, nothing else) — what the kernel and the client cost at each
+level, measured in the same run.
 ``select()`` cannot watch a descriptor numbered ``FD_SETSIZE`` (1024) or
 more: its levels past ~1000 connections are marked as not reachable.
 
@@ -56,7 +59,7 @@ from .http import (
 LEVELS = (0, 1000, 5000, 10000, 20000)
 QUICK_LEVELS = (0, 500)
 ACTIVE = 100
-KINDS = ("aem", "select", "poll", "asyncio", "uvloop", "nginx")
+KINDS = ("aem", "select", "poll", "asyncio", "uvloop", "nginx", "floor")
 FD_SETSIZE = 1024
 IDLE_TIMEOUT = 3600.0
 
