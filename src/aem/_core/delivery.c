@@ -88,8 +88,9 @@ static int backoff(EngineObject *self, uint64_t eid, double pause) {
 }
 
 
-/* The exception set, normalised, with its traceback (PyErr_GetRaisedException of 3.12). */
-static PyObject *fetch_exception(void) {
+/* The exception set, normalised, with its traceback (PyErr_GetRaisedException of 3.12);
+ * declared in pyaem.h (the HTTP fast path uses it too). */
+PyObject *aem_fetch_exception(void) {
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
     PyErr_NormalizeException(&type, &value, &tb);
@@ -106,7 +107,7 @@ static PyObject *fetch_exception(void) {
 static int source_failed(EngineObject *self, const target_t *t) {
     if (!PyErr_ExceptionMatches(PyExc_Exception)) return -1;
     self->core.stats.errors++;
-    PyObject *exc = fetch_exception();
+    PyObject *exc = aem_fetch_exception();
     PyObject *key = PyLong_FromUnsignedLongLong(t->eid);
     if (!key) goto fail;
     if (!self->failures && !(self->failures = PyDict_New())) goto fail;
@@ -132,7 +133,7 @@ static int source_failed(EngineObject *self, const target_t *t) {
     if (aem_engine_lookup(&self->core, t->eid, &slot)) aem_py_unregister_slot(self, slot);
     PyErr_Format(AemError, "event %llu (%R) failed %ld times in a row and was unregistered: %R",
                  (unsigned long long)t->eid, t->source ? t->source : Py_None, n, exc);
-    PyObject *err = fetch_exception();
+    PyObject *err = aem_fetch_exception();
     PyException_SetCause(err, exc);  /* steals exc */
     PyErr_SetObject((PyObject *)Py_TYPE(err), err);
     Py_DECREF(err);

@@ -390,13 +390,7 @@ static PyObject *serve_buf(HttpFastObject *self, PyObject *conn, int fd, PyObjec
                     failed = 1;  /* KeyboardInterrupt, SystemExit ...: let it through */
                     break;
                 }
-                PyObject *type, *value, *tb;
-                PyErr_Fetch(&type, &value, &tb);
-                PyErr_NormalizeException(&type, &value, &tb);
-                if (tb) PyException_SetTraceback(value, tb);
-                Py_XDECREF(type);
-                Py_XDECREF(tb);
-                exc = value;
+                exc = aem_fetch_exception();
                 break;
             }
             if (result == Py_None)

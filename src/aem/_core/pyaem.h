@@ -45,6 +45,7 @@ int aem_sources_init_types(PyObject *module);
 /* The longest time aem takes, in seconds (9e9 ns-representable: about 285 years). */
 #define AEM_MAX_SECONDS 9e9
 int64_t aem_seconds_to_ns(PyObject *v, const char *what, int allow_zero);
+PyObject *aem_fetch_exception(void);  /* delivery.c: the raised exception, normalised, with its traceback */
 
 /* ---- the engine object (pyengine.c) -------------------------------------------- */
 

@@ -35,6 +35,7 @@ import aem
 from .asgi import ASGIServer, LifespanFailed
 from .protocol import Limits, Request
 from .static import StaticFiles
+from .workers import shut_down_jobs
 from .wsgi import WSGIWorkers, load_app
 
 __all__ = ["AppConfig", "detect_interface", "serve_app"]
@@ -343,11 +344,7 @@ def _asgi_workers(cfg: AppConfig, app: Any) -> int:
     try:
         aem.current().run(None, until_idle=False)
     finally:
-        for _, eid in jobs:
-            try:
-                aem.control(eid, aem.EVJOBSHTDN)
-            except (aem.AemError, aem.UnknownEventError):
-                pass
+        shut_down_jobs(eid for _, eid in jobs)
         pool.close(timeout=2.0)
     _log(cfg, "stopped")
     return 0

@@ -168,11 +168,7 @@ class FastPath:
             conn.out_len += len(pending)
             conn._block()
         if req is not None:
-            now = time.time()
-            if now >= srv._date_next:
-                srv._date = srv._clock.line(now)
-                srv._date_next = int(now) + 1
-            srv.now = now
+            srv._set_now(time.time())
             if exc is not None:
                 srv.app_errors += 1
                 srv._log_error(f"aem.http: exception in the app for {req.method} {req.target}:\n"
@@ -180,14 +176,7 @@ class FastPath:
                 result = Response(b"500 Internal Server Error\n", 500)
             srv._answer(conn, req, result)
             if not conn.weid:
-                out = conn.out
-                if len(out) > 1 and not conn.files:
-                    out[:] = [b"".join(out)]  # type: ignore[arg-type]
-                if conn.flush():
-                    if http.closing:
-                        conn.finish()
-                    elif conn.eof:
-                        conn.close()
+                conn.send_answers()
         if conn.closed or conn.lingering:
             return b""
         if not conn.weid:

@@ -337,6 +337,18 @@ class _Conn:
             srv._schedule(self, dl)
         return False
 
+    def send_answers(self) -> None:
+        """Send the answers made in one batch (joined into one write), then end the
+        connection if the protocol or the client's EOF says so."""
+        out = self.out
+        if len(out) > 1 and not self.files:
+            out[:] = [b"".join(out)]  # type: ignore[arg-type]
+        if self.flush():
+            if self.http.closing:
+                self.finish()
+            elif self.eof:
+                self.close()
+
     def finish(self) -> None:
         """Every response is out and the connection ends: shut our side, linger for the FIN."""
         if self.eof:
@@ -638,13 +650,16 @@ class HTTPServer:
 
     # -- requests --------------------------------------------------------------------------
 
-    def _dispatch(self, conn: _Conn, events: list[Any]) -> None:
-        """Answer ``events`` in order; flush; queue the rest if the client stops reading."""
-        now = _time()
+    def _set_now(self, now: float) -> None:
+        """The time of the answers about to be made (and their Date line, once a second)."""
         if now >= self._date_next:
             self._date = self._clock.line(now)
             self._date_next = int(now) + 1
         self.now = now
+
+    def _dispatch(self, conn: _Conn, events: list[Any]) -> None:
+        """Answer ``events`` in order; flush; queue the rest if the client stops reading."""
+        self._set_now(_time())
         out = conn.out
         http = conn.http
         for i, ev in enumerate(events):
@@ -663,13 +678,7 @@ class HTTPServer:
                     return
         if conn.closed:
             return
-        if len(out) > 1 and not conn.files:
-            out[:] = [b"".join(out)]  # type: ignore[arg-type]
-        if conn.flush():
-            if http.closing:
-                conn.finish()
-            elif conn.eof:
-                conn.close()
+        conn.send_answers()
 
     def _respond(self, conn: _Conn, req: Request) -> None:
         req.client = conn.addr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 import aem
@@ -60,10 +61,16 @@ def serve_workers(root: str | os.PathLike[str], host: str, port: int, workers: i
     try:
         reason = aem.current().keepalive()
     finally:
-        for _, eid in jobs:
-            try:
-                aem.control(eid, aem.EVJOBSHTDN)
-            except (aem.AemError, aem.UnknownEventError):
-                pass
+        shut_down_jobs(eid for _, eid in jobs)
     print(f"aem serve: stopped ({reason})", file=sys.stderr)
     return 0
+
+
+def shut_down_jobs(eids: Iterable[int]) -> None:
+    """End the worker registrations ``eids`` and their processes (EVJOBSHTDN); those
+    already gone are skipped."""
+    for eid in eids:
+        try:
+            aem.control(eid, aem.EVJOBSHTDN)
+        except (aem.AemError, aem.UnknownEventError):
+            pass
