@@ -904,5 +904,5 @@ int aem_handoff_init(PyObject *module) {
     if (PyModule_AddIntConstant(module, "HANDOFF_RUN", AEM_HO_RUN) < 0) return -1;
     if (PyModule_AddIntConstant(module, "HANDOFF_KEEP", AEM_HO_KEEP) < 0) return -1;
     if (PyModule_AddIntConstant(module, "HANDOFF_HEADER", sizeof(aem_ho_header)) < 0) return -1;
-    return 0;
+    return aem_calls_init(module);
 }

@@ -62,4 +62,7 @@ int aem_handoff_deliver(PyObject *pool, uint64_t eid, int flags, int priority, E
 
 int aem_handoff_init(PyObject *module);
 
+/* The executor's answers, parent side (calls.c): call_recv, wait_readable. */
+int aem_calls_init(PyObject *module);
+
 #endif

@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 from .. import _core
 from .._core import CloseEvent
 from ..sources import UserEvent
-from ._handoff import NATIVE, FdRef, ProcessEvent, decode, rebuild, release, send
+from ._handoff import MAX_INLINE, NATIVE, PICKLE, FdRef, ProcessEvent, decode, rebuild, release, send
 
 
 def report_error(chan: socket.socket, err: str) -> None:
@@ -66,19 +66,32 @@ def run_chunk(fn: Callable[..., Any], chunk: tuple[tuple[Any, ...], ...]) -> lis
     return [fn(*args) for args in chunk]
 
 
-def run_call(blob: bytes) -> tuple[bool, Any]:
-    """An executor call: (True, its result pickled) or (False, (its exception pickled or
-    None, its traceback as text))."""
+def answer_call(chan: socket.socket, blob: bytes) -> None:
+    """Run an executor call and send its answer: the result's bare pickle (a pickle's first
+    byte tells it from the other messages), else ("result", ok, payload): ok False with the
+    exception (see :func:`failure`), or True with a result too large for one message (it
+    travels in a memfd)."""
     try:
         fn, args, kwargs = pickle.loads(blob)
-        return True, pickle.dumps(fn(*args, **kwargs), protocol=5)
+        out = pickle.dumps(fn(*args, **kwargs), protocol=5)
     except BaseException as e:
-        tb = error_text(e)
-        try:
-            exc_blob: bytes | None = pickle.dumps(e, protocol=5)
-        except Exception:
-            exc_blob = None
-        return False, (exc_blob, tb)
+        send(chan, ("result", False, failure(e)))
+        return
+    if len(out) <= MAX_INLINE:
+        chan.send(out)
+    else:
+        send(chan, ("result", True, out))
+
+
+def failure(exc: BaseException) -> tuple[bytes | None, str]:
+    """An exception raised by a call, as it travels: pickled (None if it cannot be) and its
+    traceback as text."""
+    tb = error_text(exc)
+    try:
+        exc_blob: bytes | None = pickle.dumps(exc, protocol=5)
+    except Exception:
+        exc_blob = None
+    return exc_blob, tb
 
 
 def _rehearsal_handler(ev: Any) -> None:
@@ -226,6 +239,8 @@ def _next_event(chan: socket.socket, table: dict[int, Callable[[Any], object]],
         if eid in table:
             return name, eid, event, table[eid], True, None if exc is None else handler_error(exc)
         return name, eid, event, None, False, None
+    if got[1][:1] == PICKLE and not got[2]:  # an executor's call, its bare pickle
+        return "call", 0, got[1], None, False, None
     (op, eid, blob, kind, attrs), fds = decode(got[1], got[2])
     if op == "call":
         return op, 0, blob, None, False, None
@@ -261,7 +276,7 @@ def capsule_main(chan: socket.socket, table: dict[int, Callable[[Any], object]],
                 break
             op, eid, event, handler, ran, err = msg
             if op == "call":  # an executor's call: answer, then wait for the next one
-                send(chan, ("result", *run_call(event)))
+                answer_call(chan, event)
                 continue
             if handler is None:
                 err = f"capsule: no handler for event {eid}"

@@ -15,8 +15,9 @@ import abc
 import concurrent.futures as cf
 import functools
 import itertools
+import math
 import pickle
-import select
+import socket
 import threading
 import time
 from collections import deque
@@ -24,9 +25,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .._core import AemError
+from .._core import AemError, call_recv, wait_readable
 from ._child import run_chunk
-from ._handoff import recv, send, signal_name
+from ._handoff import MAX_INLINE, PICKLE, decode, send, signal_name
 
 if TYPE_CHECKING:
     from ._pool import Capsule
@@ -43,7 +44,7 @@ class RemoteTraceback(Exception):
         return self.tb
 
 
-@dataclass
+@dataclass(slots=True)
 class Call:
     future: cf.Future[Any]
     blob: bytes
@@ -85,6 +86,30 @@ def _chunks(size: int, iterables: tuple[Iterable[Any], ...]) -> Iterator[tuple[t
         yield chunk
 
 
+class _NotAnAnswer(Exception):
+    """A message on a worker's socket that is not a call's answer (skipped)."""
+
+
+def send_call(chan: socket.socket, blob: bytes) -> None:
+    """A call to a worker: its pickle as it is (a pickle's first byte, ``\\x80``, tells it
+    from the other messages), or in a memfd when it is large."""
+    if len(blob) <= MAX_INLINE:
+        chan.send(blob)
+    else:
+        send(chan, ("call", 0, blob, None, None))
+
+
+def answer(data: bytes, fds: list[int]) -> tuple[bool, Any]:
+    """A worker's answer as :func:`aem.capsules._child.answer_call` sent it: (True, result) or
+    (False, exception with its remote traceback).  Raises _NotAnAnswer for another message."""
+    if data[:1] == PICKLE:  # a result, pickled once
+        return True, pickle.loads(data)
+    (op, ok, payload), _fds = decode(data, fds)
+    if op != "result":
+        raise _NotAnAnswer(op)
+    return _outcome(ok, payload)
+
+
 def _outcome(ok: bool, payload: Any) -> tuple[bool, Any]:
     """A worker's answer, unpickled: (True, result) or (False, exception with its remote traceback)."""
     if ok:
@@ -123,9 +148,8 @@ class ExecutorPart(cf.Executor, abc.ABC):
 
         ``fn`` and its arguments are pickled (a module-level function travels by
         reference).  Raises ``RuntimeError`` after :meth:`shutdown` or :meth:`close`."""
-        with self._lock:
-            if self._shutdown_called or self._closed:
-                raise RuntimeError("cannot schedule new futures after shutdown")
+        if self._shutdown_called or self._closed:  # checked again with the lock
+            raise RuntimeError("cannot schedule new futures after shutdown")
         fut: cf.Future[Any] = CallFuture(self)
         try:
             blob = pickle.dumps((fn, args, kwargs), protocol=5)
@@ -135,6 +159,8 @@ class ExecutorPart(cf.Executor, abc.ABC):
         call = Call(fut, blob)
         fut._call = call  # type: ignore[attr-defined]
         with self._lock:
+            if self._shutdown_called or self._closed:
+                raise RuntimeError("cannot schedule new futures after shutdown")
             self._calls.append(call)
             self._dispatch_calls()
         return fut
@@ -233,7 +259,7 @@ class ExecutorPart(cf.Executor, abc.ABC):
                     continue
                 call.started = True
             try:
-                send(cap.chan, ("call", 0, call.blob, None, None))
+                send_call(cap.chan, call.blob)
             except BlockingIOError:  # its socket is full: the call waits for the next answer
                 self._calls.appendleft(call)
                 return
@@ -254,21 +280,21 @@ class ExecutorPart(cf.Executor, abc.ABC):
         """Complete the futures of the answers waiting on a worker's socket; False at its end."""
         while cap.calls:
             try:
-                msg = recv(cap.chan)
-            except BlockingIOError:
+                got = call_recv(cap.chan.fileno())
+            except (OSError, ValueError):
+                return False
+            if got is None:
                 return True
-            except OSError:
+            data, fds = got
+            if not data and not fds:
                 return False
-            if msg is None:
-                return False
-            (op, ok, payload), _fds = msg
-            if op != "result":
-                continue
-            call = cap.calls.popleft()
             try:
-                good, value = _outcome(ok, payload)
+                good, value = answer(data, fds)
+            except _NotAnAnswer:
+                continue
             except Exception as e:  # the result could not be unpickled here
                 good, value = False, e
+            call = cap.calls.popleft()
             if good:
                 call.future.set_result(value)
             else:
@@ -277,32 +303,33 @@ class ExecutorPart(cf.Executor, abc.ABC):
 
     def _await_call(self, call: Call, timeout: float | None) -> None:
         """In the thread waiting for ``call``: read its worker's answers until it is done (or
-        the time is up, or the worker is gone: the manager then completes it)."""
+        the time is up, or the worker is gone: the manager then completes it).  Meanwhile
+        the manager leaves that worker's socket to the threads waiting on it."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             cap = call.worker
             if cap is None or cap.state != "worker" or call.future.done():
                 return
-            cap.waiters += 1  # the manager leaves this worker's answers to us meanwhile
-        poller = select.poll()
+            cap.waiters += 1
         try:
-            poller.register(cap.chan.fileno(), select.POLLIN)
             while True:
                 with self._lock:
-                    if cap.state != "worker" or cap.chan.fileno() < 0:
+                    fd = cap.chan.fileno()
+                    if cap.state != "worker" or fd < 0:
                         return
-                    self._call_done(cap)
+                    self._call_done(cap)  # the answer is often there already: read first
                     if call.future.done():
                         return
-                wait = 50.0 if deadline is None else min(50.0, (deadline - time.monotonic()) * 1000)
+                wait = 50 if deadline is None else min(50, math.ceil((deadline - time.monotonic()) * 1000))
                 if wait <= 0:
                     return
-                poller.poll(wait)
+                wait_readable(fd, wait)
         finally:
             with self._lock:
                 cap.waiters -= 1
-            if not call.future.done():
-                self._wake()  # the manager watches this worker again
+                orphans = bool(cap.calls) and not cap.waiters and cap.state == "worker"
+            if orphans:  # answers nobody waits for here: the manager watches this worker again
+                self._wake()
 
     def _worker_exited(self, cap: Capsule, code: int, errors: list[str]) -> None:
         """A worker ended: the call it was running fails; calls queued behind it go back to

@@ -25,6 +25,8 @@ MAX_INLINE = 60 * 1024  # larger messages travel in a memfd
 #: The kind of an event that travels as a native record (see _core/handoff.c).
 NATIVE = "native"
 FDS_MAX = 16
+#: The first byte of a pickle (protocol 2+): an executor's call or result sent as its bare pickle.
+PICKLE = b"\x80"
 
 
 # ---- what a handler in another process receives ---------------------------------------------
