@@ -4,9 +4,11 @@
  *       One message from a worker's non-blocking socket without waiting: None when
  *       there is none yet (no exception on the common path), (b"", []) at the end of
  *       the stream, else the message's bytes and the fds that came with it.
- *   wait_readable(fd, timeout_ms) -> bool
+ *   wait_readable(fd, timeout_ms, spin_us=0) -> bool
  *       poll() one fd for input, the GIL released; True when readable (or at its
  *       end or on an error: the next call_recv says which), False on timeout.
+ *       With spin_us, it first polls without sleeping (sched_yield() between two
+ *       polls: a worker on this CPU runs meanwhile) for up to spin_us µs.
  *
  * Any thread may call them (the buffer is the call's own).  Errors: OSError.
  */
@@ -15,6 +17,9 @@
 #include <errno.h>
 #include <limits.h>
 #include <poll.h>
+#include <sched.h>
+#include <stdint.h>
+#include <time.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -85,13 +90,27 @@ fail:
     return NULL;
 }
 
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
 static PyObject *wait_readable(PyObject *mod, PyObject *args) {
-    int fd, timeout_ms;
-    if (!PyArg_ParseTuple(args, "ii:wait_readable", &fd, &timeout_ms)) return NULL;
+    int fd, timeout_ms, spin_us = 0;
+    if (!PyArg_ParseTuple(args, "ii|i:wait_readable", &fd, &timeout_ms, &spin_us)) return NULL;
     struct pollfd p = {.fd = fd, .events = POLLIN};
-    int n;
+    int n = 0;
     Py_BEGIN_ALLOW_THREADS
-    n = poll(&p, 1, timeout_ms);
+    if (spin_us > 0) {
+        int64_t end = now_ns() + (int64_t)spin_us * 1000;
+        do {
+            n = poll(&p, 1, 0);
+            if (n != 0) break;
+            sched_yield();
+        } while (now_ns() < end);
+    }
+    if (n == 0) n = poll(&p, 1, timeout_ms);
     Py_END_ALLOW_THREADS
     if (n < 0) {
         if (errno == EINTR) {  /* a signal: its handler runs, the caller waits again */
@@ -108,7 +127,8 @@ static PyMethodDef call_methods[] = {
      "call_recv(sockfd) -> None | (data, fds)\n\nOne message from a non-blocking socket, without "
      "waiting: None if there is none yet, (b\"\", []) at its end."},
     {"wait_readable", wait_readable, METH_VARARGS,
-     "wait_readable(fd, timeout_ms) -> bool\n\npoll() fd for input, the GIL released: True if readable."},
+     "wait_readable(fd, timeout_ms, spin_us=0) -> bool\n\npoll() fd for input, the GIL released, "
+     "after spin_us µs of polls without sleeping: True if readable."},
     {NULL},
 };
 

@@ -8,8 +8,9 @@ event, for:
 * aem ``EVF_CAPSULE`` (a pool of 4 warm capsules), ``EVF_CAPSULE | EVF_KEEPALIVE``
   (one attached capsule), ``CapsulePool.submit`` (its executor side), ``EVF_FORK``;
 * a bare pre-forked child woken through a socketpair (the floor of any hand-off,
-  measured in the same run), ``ProcessPoolExecutor.submit`` (fork and forkserver),
-  ``multiprocessing.Pool.apply_async``, ``os.fork()`` per event.
+  measured in the same run; for round trips, one answering pickled calls),
+  ``ProcessPoolExecutor.submit`` (fork and forkserver), ``multiprocessing.Pool.apply_async``,
+  ``os.fork()`` per event.
 
 The aem events are fired by a driver timer inside one ``run()`` of the engine (as in
 an application, where the engine waits in ``run()``).  The set is measured with the
@@ -27,7 +28,9 @@ import concurrent.futures as cf
 import json
 import multiprocessing as mp
 import os
+import pickle
 import socket
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -200,6 +203,33 @@ class _Prefork:
         os.waitpid(self.pid, 0)
 
 
+class _CallFloor:
+    """The floor of a ``submit(fn).result()`` round trip: a bare pre-forked child answering
+    pickled calls on a ``SOCK_SEQPACKET`` socketpair (what a call must do at least: pickle,
+    send, wake, receive, unpickle, call, and back), with nothing else around it."""
+
+    def __init__(self) -> None:
+        self.a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.pid = os.fork()
+        if self.pid == 0:
+            self.a.close()
+            while True:
+                data = b.recv(65536)
+                if not data:
+                    os._exit(0)
+                fn, args, kwargs = pickle.loads(data)
+                b.send(pickle.dumps(fn(*args, **kwargs), protocol=5))
+        b.close()
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        self.a.send(pickle.dumps((fn, args, {}), protocol=5))
+        return pickle.loads(self.a.recv(65536))
+
+    def close(self) -> None:
+        self.a.close()
+        os.waitpid(self.pid, 0)
+
+
 # -- the suite ---------------------------------------------------------------------------------------
 
 
@@ -251,31 +281,36 @@ def _measure_level(a: _Aem, n: int, rounds: int) -> dict[str, list[float]]:
 
 
 def _throughput(ctx: Context, a: _Aem, k: int, rounds: int) -> None:
-    """Events/s and calls/s against ProcessPoolExecutor with as many workers, interleaved."""
+    """Events/s and calls/s against ProcessPoolExecutor with as many workers, and round trips
+    against their floor too, interleaved (the round trips of one round run back to back)."""
     ppe = cf.ProcessPoolExecutor(WORKERS, mp_context=mp.get_context("fork"))
     list(ppe.map(noop, range(WORKERS * 2)))
+    floor = _CallFloor()
 
     def burst(ex: cf.Executor) -> float:
         t0 = time.perf_counter()
         cf.wait([ex.submit(noop, i) for i in range(k)])
         return k / (time.perf_counter() - t0)
 
-    def round_trips(ex: cf.Executor) -> float:
+    def round_trips(call: Callable[[int], Any]) -> float:
         t0 = time.perf_counter()
         for i in range(k):
-            ex.submit(noop, i).result()
+            call(i)
         return k / (time.perf_counter() - t0)
 
     events = "events handed to capsules, handlers return at once"
     calls = "a burst of submit() calls that return at once"
     trips = "submit(fn).result() round trips"
+    aem_trips, ppe_trips, floor_trips = ((trips, "aem CapsulePool"), (trips, "ProcessPoolExecutor (fork)"),
+                                         (trips, "pre-forked child answering pickled calls on a socketpair"))
     variants: dict[tuple[str, str], Callable[[], float]] = {
         (events, "aem EVF_CAPSULE|EVF_KEEPALIVE"): lambda: a.burst("quiet-keepalive", k),
         (events, "aem EVF_CAPSULE (a fresh capsule per event)"): lambda: a.burst("quiet", k),
         (calls, "aem CapsulePool.submit"): lambda: burst(a.pool),
         (calls, "ProcessPoolExecutor.submit (fork)"): lambda: burst(ppe),
-        (trips, "aem CapsulePool"): lambda: round_trips(a.pool),
-        (trips, "ProcessPoolExecutor (fork)"): lambda: round_trips(ppe),
+        aem_trips: lambda: round_trips(lambda i: a.pool.submit(noop, i).result()),
+        ppe_trips: lambda: round_trips(lambda i: ppe.submit(noop, i).result()),
+        floor_trips: lambda: round_trips(lambda i: floor.call(noop, i)),
     }
     got: dict[tuple[str, str], list[float]] = {key: [] for key in variants}
     try:
@@ -285,11 +320,20 @@ def _throughput(ctx: Context, a: _Aem, k: int, rounds: int) -> None:
                 a.pool.wait_ready(10)
     finally:
         ppe.shutdown()
+        floor.close()
     # the anchor of the events: the same executor burst (as many workers), measured in the same rounds
     got[(events, "ProcessPoolExecutor.submit (fork)")] = got[(calls, "ProcessPoolExecutor.submit (fork)")]
     for (case, variant), values in got.items():
         d = distribution(values)
         ctx.record(case, variant, "per second (median round)", d["p50"], "/s", "higher", values)
+    # the ratio of each round (its figures were measured a second apart), then their median
+    per_round = f"{trips}: aem ÷ anchor, round by round"
+    for anchor in (ppe_trips, floor_trips):
+        q = [x / y for x, y in zip(got[aem_trips], got[anchor], strict=True)]
+        ctx.record(per_round, f"aem CapsulePool ÷ {anchor[1]}", "ratio (median of the rounds)",
+                   statistics.median(q), "×", "higher", q)
+        ctx.note(f"{trips}, aem CapsulePool ÷ {anchor[1]}, round by round: "
+                 + ", ".join(f"{x:.2f}" for x in q) + f" (min {min(q):.2f}, max {max(q):.2f})")
     ctx.note(f"throughput: {k} events or calls per round, {rounds} interleaved rounds, {WORKERS} capsules "
              f"or workers")
 
@@ -351,7 +395,7 @@ def run(ctx: Context) -> None:
     a = _Aem()  # at start-up, before the application grows
     try:
         _run_levels(ctx, a, levels, n, rounds, ballast, p50s, measured_rss)
-        _throughput(ctx, a, k, 1 if ctx.quick else 3)
+        _throughput(ctx, a, k, 1 if ctx.quick else 7)
     finally:
         a.close()
     del ballast

@@ -79,6 +79,11 @@ class CallFuture(cf.Future[Any]):
 #: between two calls).  A worker that dies fails only the one it was running.
 PIPELINE = 2
 
+#: How long a thread in ``result()`` polls its worker's socket (yielding the CPU between
+#: polls) before it sleeps: an answer that comes within it costs no wake-up of this thread
+#: (on another CPU, the worker's answer would otherwise wait for this CPU to wake up).
+SPIN_US = 30
+
 
 def _chunks(size: int, iterables: tuple[Iterable[Any], ...]) -> Iterator[tuple[tuple[Any, ...], ...]]:
     it = zip(*iterables, strict=False)
@@ -323,7 +328,7 @@ class ExecutorPart(cf.Executor, abc.ABC):
                 wait = 50 if deadline is None else min(50, math.ceil((deadline - time.monotonic()) * 1000))
                 if wait <= 0:
                     return
-                wait_readable(fd, wait)
+                wait_readable(fd, wait, SPIN_US)
         finally:
             with self._lock:
                 cap.waiters -= 1
