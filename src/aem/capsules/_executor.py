@@ -109,9 +109,10 @@ def answer(data: bytes, fds: list[int]) -> tuple[bool, Any]:
     (False, exception with its remote traceback).  Raises _NotAnAnswer for another message."""
     if data[:1] == PICKLE:  # a result, pickled once
         return True, pickle.loads(data)
-    (op, ok, payload), _fds = decode(data, fds)
-    if op != "result":
-        raise _NotAnAnswer(op)
+    msg, _fds = decode(data, fds)
+    if msg[0] != "result":
+        raise _NotAnAnswer(msg[0])
+    _op, ok, payload = msg
     return _outcome(ok, payload)
 
 
