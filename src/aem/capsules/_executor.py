@@ -62,17 +62,21 @@ class CallFuture(cf.Future[Any]):
         self._call: Call | None = None
 
     def result(self, timeout: float | None = None) -> Any:
-        self._wait_here(timeout)
+        pool, call = self._pool, self._call
+        if pool is not None and call is not None and self._state not in _DONE:
+            pool._await_call(call, timeout)
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        self._wait_here(timeout)
+        pool, call = self._pool, self._call
+        if pool is not None and call is not None and self._state not in _DONE:
+            pool._await_call(call, timeout)
         return super().exception(timeout)
 
-    def _wait_here(self, timeout: float | None) -> None:
-        pool, call = self._pool, self._call
-        if pool is not None and call is not None and not self.done():
-            pool._await_call(call, timeout)
+
+#: A future's states once it will not change any more (read without its lock: one attribute).
+_CANCELLED = frozenset({cf._base.CANCELLED, cf._base.CANCELLED_AND_NOTIFIED})
+_DONE = _CANCELLED | {cf._base.FINISHED}
 
 
 #: Calls a worker may hold at once when every worker is busy (sent ahead: no round trip
@@ -253,7 +257,7 @@ class ExecutorPart(cf.Executor, abc.ABC):
         """Give waiting calls to workers."""
         while self._calls:
             call = self._calls[0]
-            if call.future.cancelled():
+            if call.future._state in _CANCELLED:
                 self._calls.popleft()
                 continue
             cap = self._take_worker()
@@ -312,30 +316,34 @@ class ExecutorPart(cf.Executor, abc.ABC):
         the time is up, or the worker is gone: the manager then completes it).  Meanwhile
         the manager leaves that worker's socket to the threads waiting on it."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._lock:
+        lock = self._lock
+        with lock:
             cap = call.worker
-            if cap is None or cap.state != "worker" or call.future.done():
+            if cap is None or cap.state != "worker":
                 return
             cap.waiters += 1
-        try:
-            while True:
-                with self._lock:
+            try:
+                while True:
                     fd = cap.chan.fileno()
-                    if cap.state != "worker" or fd < 0:
+                    if cap.state != "worker" or fd < 0 or call.future._state in _DONE:
                         return
                     self._call_done(cap)  # the answer is often there already: read first
-                    if call.future.done():
+                    if call.future._state in _DONE:
                         return
-                wait = 50 if deadline is None else min(50, math.ceil((deadline - time.monotonic()) * 1000))
-                if wait <= 0:
-                    return
-                wait_readable(fd, wait, SPIN_US)
-        finally:
-            with self._lock:
+                    wait = 50
+                    if deadline is not None:
+                        wait = min(wait, math.ceil((deadline - time.monotonic()) * 1000))
+                    if wait <= 0:
+                        return
+                    lock.release()  # sleep without the lock
+                    try:
+                        wait_readable(fd, wait, SPIN_US)
+                    finally:
+                        lock.acquire()
+            finally:
                 cap.waiters -= 1
-                orphans = bool(cap.calls) and not cap.waiters and cap.state == "worker"
-            if orphans:  # answers nobody waits for here: the manager watches this worker again
-                self._wake()
+                if cap.calls and not cap.waiters and cap.state == "worker":
+                    self._wake()  # answers nobody waits for here: the manager watches this worker again
 
     def _worker_exited(self, cap: Capsule, code: int, errors: list[str]) -> None:
         """A worker ended: the call it was running fails; calls queued behind it go back to
