@@ -252,3 +252,23 @@ def test_wait_readable() -> None:
         assert b.recv(10) == b"x"
         a.close()
         assert _core.wait_readable(b.fileno(), 5000) is True  # its end is readable too
+
+
+def test_capsule_serve_spins_then_sleeps() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with a, b:
+        a.send(b"\x80ready")  # there before the spin: taken at once
+        assert _core.capsule_serve(b.fileno(), {}, {}, 1000) == (0, b"\x80ready", [])
+        threading.Timer(0.002, lambda: a.send(b"\x80during")).start()  # comes while it polls
+        assert _core.capsule_serve(b.fileno(), {}, {}, 200_000) == (0, b"\x80during", [])
+        threading.Timer(0.05, lambda: a.send(b"\x80later")).start()  # after the spin: it slept
+        assert _core.capsule_serve(b.fileno(), {}, {}, 100) == (0, b"\x80later", [])
+        a.close()
+        assert _core.capsule_serve(b.fileno(), {}, {}, 100) is None
+
+
+def test_a_worker_answers_calls_spaced_beyond_its_spin() -> None:
+    with aem.CapsulePool(size=1) as pool:
+        for i in range(5):
+            assert pool.submit(size_of, b"z" * i).result(timeout=20) == i
+            time.sleep(0.01)  # far longer than the worker's and the caller's spin

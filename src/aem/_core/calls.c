@@ -96,20 +96,25 @@ static int64_t now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
+int aem_spin_readable(int fd, int spin_us) {
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    int64_t end = now_ns() + (int64_t)spin_us * 1000;
+    int n;
+    do {
+        n = poll(&p, 1, 0);
+        if (n != 0) return n;
+        sched_yield();
+    } while (now_ns() < end);
+    return 0;
+}
+
 static PyObject *wait_readable(PyObject *mod, PyObject *args) {
     int fd, timeout_ms, spin_us = 0;
     if (!PyArg_ParseTuple(args, "ii|i:wait_readable", &fd, &timeout_ms, &spin_us)) return NULL;
     struct pollfd p = {.fd = fd, .events = POLLIN};
     int n = 0;
     Py_BEGIN_ALLOW_THREADS
-    if (spin_us > 0) {
-        int64_t end = now_ns() + (int64_t)spin_us * 1000;
-        do {
-            n = poll(&p, 1, 0);
-            if (n != 0) break;
-            sched_yield();
-        } while (now_ns() < end);
-    }
+    if (spin_us > 0) n = aem_spin_readable(fd, spin_us);
     if (n == 0) n = poll(&p, 1, timeout_ms);
     Py_END_ALLOW_THREADS
     if (n < 0) {

@@ -400,7 +400,7 @@ static char *recv_buf;  /* made, and every page touched, on first use (the capsu
 
 /* One message on sockfd: None (end of stream), (op, eid, event) for a native record,
  * (0, data, fds) for anything else. */
-static PyObject *recv_one(int sockfd, PyObject *sources) {
+static PyObject *recv_one(int sockfd, PyObject *sources, int spin_us) {
     if (!recv_buf) {
         recv_buf = PyMem_RawMalloc(HO_BUF);
         if (!recv_buf) return PyErr_NoMemory();
@@ -420,6 +420,10 @@ static PyObject *recv_one(int sockfd, PyObject *sources) {
         msg.msg_control = ctl.buf;
         msg.msg_controllen = sizeof ctl.buf;
         Py_BEGIN_ALLOW_THREADS
+        if (spin_us > 0) {  /* the next message may be on its way: no sleep, no wake-up */
+            aem_spin_readable(sockfd, spin_us);
+            spin_us = 0;
+        }
         n = recvmsg(sockfd, &msg, MSG_CMSG_CLOEXEC);
         Py_END_ALLOW_THREADS
         if (n >= 0) break;
@@ -467,7 +471,7 @@ static PyObject *handoff_recv(PyObject *mod, PyObject *args) {
     int sockfd;
     PyObject *sources = Py_None;
     if (!PyArg_ParseTuple(args, "i|O:handoff_recv", &sockfd, &sources)) return NULL;
-    return recv_one(sockfd, sources);
+    return recv_one(sockfd, sources, 0);
 }
 
 /* After a keepalive handler that returned: the capsule's copy of the event's fd is
@@ -493,13 +497,17 @@ static void release_native(PyObject *event) {
  * to the caller: None (end of stream), (0, data, fds) (a pickled message), or
  * (op, eid, event, exc) for a native event the caller finishes (releases it, reports,
  * exits after a run): its handler ran and raised exc (None: it returned, op is run),
- * or the table has no handler for eid (exc None, the handler never ran). */
+ * or the table has no handler for eid (exc None, the handler never ran).  With spin_us
+ * (an executor's worker that just answered), the first wait polls for that long before
+ * it sleeps (see aem_spin_readable). */
 static PyObject *capsule_serve(PyObject *mod, PyObject *args) {
-    int sockfd;
+    int sockfd, spin_us = 0;
     PyObject *table, *sources;
-    if (!PyArg_ParseTuple(args, "iO!O:capsule_serve", &sockfd, &PyDict_Type, &table, &sources)) return NULL;
+    if (!PyArg_ParseTuple(args, "iO!O|i:capsule_serve", &sockfd, &PyDict_Type, &table, &sources, &spin_us))
+        return NULL;
     for (;;) {
-        PyObject *got = recv_one(sockfd, sources);
+        PyObject *got = recv_one(sockfd, sources, spin_us);
+        spin_us = 0;
         if (!got || got == Py_None || PyTuple_GET_SIZE(got) != 3 || PyLong_AsLong(PyTuple_GET_ITEM(got, 0)) == 0)
             return got;
         PyObject *op = PyTuple_GET_ITEM(got, 0), *eid = PyTuple_GET_ITEM(got, 1), *event = PyTuple_GET_ITEM(got, 2);
@@ -886,8 +894,9 @@ static PyMethodDef handoff_methods[] = {
      "handoff_recv(sockfd, sources=None) -> None | (op, eid, event) | (0, data, fds)\n\n"
      "Receive one message: a native record rebuilt as an event, or the raw message."},
     {"capsule_serve", capsule_serve, METH_VARARGS,
-     "capsule_serve(sockfd, table, sources) -> None | (0, data, fds) | (op, eid, event, exc)\n\n"
-     "The capsule's receive loop: runs native events whose handler is in table; returns the rest."},
+     "capsule_serve(sockfd, table, sources, spin_us=0) -> None | (0, data, fds) | (op, eid, event, exc)\n\n"
+     "The capsule's receive loop: runs native events whose handler is in table; returns the rest. "
+     "spin_us: poll that long before the first wait sleeps."},
     {"handoff_set_default", set_default, METH_O,
      "handoff_set_default(table | None)\n\nThe idle table the engine uses for EVF_CAPSULE registrations without pool=."},
     {"handoff_default", get_default, METH_NOARGS,

@@ -65,4 +65,8 @@ int aem_handoff_init(PyObject *module);
 /* The executor's answers, parent side (calls.c): call_recv, wait_readable. */
 int aem_calls_init(PyObject *module);
 
+/* Poll fd for input without sleeping, sched_yield() between two polls, for up to spin_us
+ * µs (call it without the GIL): >0 readable, 0 not within that time, <0 an error (errno). */
+int aem_spin_readable(int fd, int spin_us);
+
 #endif
