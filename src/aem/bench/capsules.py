@@ -206,14 +206,24 @@ class _Prefork:
 class _CallFloor:
     """The floor of a ``submit(fn).result()`` round trip: a bare pre-forked child answering
     pickled calls on a ``SOCK_SEQPACKET`` socketpair (what a call must do at least: pickle,
-    send, wake, receive, unpickle, call, and back), with nothing else around it."""
+    send, wake, receive, unpickle, call, and back), with nothing else around it.
 
-    def __init__(self) -> None:
+    ``spin``: both ends poll their socket before they sleep, as a CapsulePool's caller and
+    worker do (``SPIN_US``, ``WORKER_SPIN_US``): the floor of that way of waiting."""
+
+    def __init__(self, spin: bool = False) -> None:
+        from aem._core import wait_readable
+        from aem.capsules._child import WORKER_SPIN_US
+        from aem.capsules._executor import SPIN_US
+
         self.a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.wait = (lambda fd: wait_readable(fd, -1, SPIN_US)) if spin else None
         self.pid = os.fork()
         if self.pid == 0:
             self.a.close()
             while True:
+                if spin:
+                    wait_readable(b.fileno(), -1, WORKER_SPIN_US)
                 data = b.recv(65536)
                 if not data:
                     os._exit(0)
@@ -223,6 +233,8 @@ class _CallFloor:
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         self.a.send(pickle.dumps((fn, args, {}), protocol=5))
+        if self.wait is not None:
+            self.wait(self.a.fileno())
         return pickle.loads(self.a.recv(65536))
 
     def close(self) -> None:
@@ -285,7 +297,7 @@ def _throughput(ctx: Context, a: _Aem, k: int, rounds: int) -> None:
     against their floor too, interleaved (the round trips of one round run back to back)."""
     ppe = cf.ProcessPoolExecutor(WORKERS, mp_context=mp.get_context("fork"))
     list(ppe.map(noop, range(WORKERS * 2)))
-    floor = _CallFloor()
+    floor, spinning = _CallFloor(), _CallFloor(spin=True)
 
     def burst(ex: cf.Executor) -> float:
         t0 = time.perf_counter()
@@ -301,8 +313,9 @@ def _throughput(ctx: Context, a: _Aem, k: int, rounds: int) -> None:
     events = "events handed to capsules, handlers return at once"
     calls = "a burst of submit() calls that return at once"
     trips = "submit(fn).result() round trips"
-    aem_trips, ppe_trips, floor_trips = ((trips, "aem CapsulePool"), (trips, "ProcessPoolExecutor (fork)"),
-                                         (trips, "pre-forked child answering pickled calls on a socketpair"))
+    aem_trips, ppe_trips = (trips, "aem CapsulePool"), (trips, "ProcessPoolExecutor (fork)")
+    floor_trips = (trips, "pre-forked child answering pickled calls on a socketpair")
+    spin_trips = (trips, "the same, both ends polling before they sleep (as aem's)")
     variants: dict[tuple[str, str], Callable[[], float]] = {
         (events, "aem EVF_CAPSULE|EVF_KEEPALIVE"): lambda: a.burst("quiet-keepalive", k),
         (events, "aem EVF_CAPSULE (a fresh capsule per event)"): lambda: a.burst("quiet", k),
@@ -311,6 +324,7 @@ def _throughput(ctx: Context, a: _Aem, k: int, rounds: int) -> None:
         aem_trips: lambda: round_trips(lambda i: a.pool.submit(noop, i).result()),
         ppe_trips: lambda: round_trips(lambda i: ppe.submit(noop, i).result()),
         floor_trips: lambda: round_trips(lambda i: floor.call(noop, i)),
+        spin_trips: lambda: round_trips(lambda i: spinning.call(noop, i)),
     }
     got: dict[tuple[str, str], list[float]] = {key: [] for key in variants}
     try:
@@ -320,6 +334,7 @@ def _throughput(ctx: Context, a: _Aem, k: int, rounds: int) -> None:
                 a.pool.wait_ready(10)
     finally:
         ppe.shutdown()
+        spinning.close()  # first: its child, forked after the floor's, holds the floor's socket too
         floor.close()
     # the anchor of the events: the same executor burst (as many workers), measured in the same rounds
     got[(events, "ProcessPoolExecutor.submit (fork)")] = got[(calls, "ProcessPoolExecutor.submit (fork)")]
@@ -328,7 +343,7 @@ def _throughput(ctx: Context, a: _Aem, k: int, rounds: int) -> None:
         ctx.record(case, variant, "per second (median round)", d["p50"], "/s", "higher", values)
     # the ratio of each round (its figures were measured a second apart), then their median
     per_round = f"{trips}: aem ÷ anchor, round by round"
-    for anchor in (ppe_trips, floor_trips):
+    for anchor in (ppe_trips, floor_trips, spin_trips):
         q = [x / y for x, y in zip(got[aem_trips], got[anchor], strict=True)]
         ctx.record(per_round, f"aem CapsulePool ÷ {anchor[1]}", "ratio (median of the rounds)",
                    statistics.median(q), "×", "higher", q)
