@@ -27,7 +27,9 @@ descriptors than allowed are marked as not reachable).
 from __future__ import annotations
 
 import errno
+import json
 import os
+import re
 import resource
 import select
 import socket
@@ -568,15 +570,119 @@ def _plot(ctx: Context, levels: Sequence[int]) -> None:
     plt.close(fig)
 
 
+# -- where the time goes: a perf trace of one run ---------------------------------------------
+
+TRACE_EVENTS = "syscalls:sys_enter_epoll_wait,syscalls:sys_exit_epoll_wait,sched:sched_switch"
+_SWITCH = re.compile(r"prev_comm=(.*) prev_pid=(\d+) .*prev_state=(\S+) ==> "
+                     r"next_comm=(.*) next_pid=(\d+)")
+_LINE = re.compile(r"\s*(\d+)\s+\[(\d+)\]\s+([\d.]+):\s+(\S+):\s*(.*)")
+
+
+def trace_summary(perf_data: str, server_pid: int, client: str = "wrk") -> dict[str, Any]:
+    """What a ``perf record -a -e TRACE_EVENTS`` of one run shows about the server (an epoll
+    loop, process ``server_pid``) and the client (by command name):
+
+    * ``turns_us``: the server's engine turns — from one ``epoll_wait`` returning to the
+      next call — in on-CPU time (time it was preempted in the middle taken out), and
+      ``events``: what each ``epoll_wait`` returned (percentiles p50, p99, max);
+    * ``preempted``: for the server and the client, each time it was switched out while
+      still runnable, until it ran again: count, total ms, longest µs, and those ms by the
+      task that took its CPU (the first one, when several ran meanwhile);
+    * ``idle_ms``: each CPU's idle time.
+    """
+    out = subprocess.run(["perf", "script", "-i", perf_data, "-F", "tid,cpu,time,event,trace"],
+                         capture_output=True, text=True, check=True).stdout
+    return parse_trace(out, server_pid, client)
+
+
+def parse_trace(text: str, server_pid: int, client: str = "wrk") -> dict[str, Any]:
+    """:func:`trace_summary` of ``perf script -F tid,cpu,time,event,trace`` output."""
+    pid = str(server_pid)
+    watched: dict[str, str] = {pid: "server"}
+    pre: dict[str, list[float]] = {"server": [], "client": []}
+    by: dict[str, dict[str, float]] = {"server": {}, "client": {}}
+    off: dict[str, tuple[float, str]] = {}   # tid -> (when it was preempted, by whom)
+    running: dict[int, tuple[str, str, float]] = {}   # cpu -> (tid, comm, since)
+    idle: dict[int, float] = {}
+    turns: list[float] = []
+    events: list[float] = []
+    turn_cpu, in_turn, server_on, prev_t = 0.0, False, True, None
+    for line in text.splitlines():
+        m = _LINE.match(line)
+        if not m:
+            continue
+        tid, cpu, t, ev, rest = m.group(1), int(m.group(2)), float(m.group(3)), m.group(4), m.group(5)
+        if in_turn and server_on and prev_t is not None:
+            turn_cpu += t - prev_t
+        prev_t = t
+        if ev == "sched:sched_switch":
+            sw = _SWITCH.search(rest)
+            if sw is None:
+                continue
+            pcomm, ppid, pstate, ncomm, npid = sw.groups()
+            for comm, p in ((pcomm, ppid), (ncomm, npid)):
+                if comm == client:
+                    watched[p] = "client"
+            was = running.get(cpu)
+            if was is not None and was[0] == "0":
+                idle[cpu] = idle.get(cpu, 0.0) + t - was[2]
+            running[cpu] = (npid, ncomm, t)
+            if ppid == pid:
+                server_on = False
+            if npid == pid:
+                server_on = True
+            if ppid in watched and pstate.startswith("R"):
+                off[ppid] = (t, ncomm)
+            if npid in off:  # back on its CPU: the wait goes to the task that took it
+                since, taker = off.pop(npid)
+                who = watched[npid]
+                pre[who].append((t - since) * 1e6)
+                by[who][taker] = by[who].get(taker, 0.0) + t - since
+            continue
+        if tid != pid:
+            continue
+        if ev.startswith("syscalls:sys_enter_epoll") and in_turn:
+            turns.append(turn_cpu * 1e6)
+            in_turn = False
+        elif ev.startswith("syscalls:sys_exit_epoll"):
+            in_turn, turn_cpu = True, 0.0
+            try:
+                events.append(float(int(rest.strip(), 16)))
+            except ValueError:
+                pass
+
+    def pct(v: list[float]) -> dict[str, float]:
+        v = sorted(v)
+        if not v:
+            return {"p50": 0.0, "p99": 0.0, "max": 0.0}
+        return {"p50": v[len(v) // 2], "p99": v[min(len(v) - 1, len(v) * 99 // 100)],
+                "max": v[-1]}
+
+    return {
+        "turns_us": pct(turns) | {"n": float(len(turns))},
+        "events": pct(events),
+        "preempted": {k: {"n": len(v), "total_ms": sum(v) / 1e3, "max_us": max(v, default=0.0),
+                          "by_ms": {c: round(ms * 1e3, 1) for c, ms in
+                                    sorted(by[k].items(), key=lambda kv: -kv[1])[:5]}}
+                      for k, v in pre.items()},
+        "idle_ms": {c: round(ms * 1e3, 1) for c, ms in sorted(idle.items())},
+    }
+
+
 def main(argv: Sequence[str]) -> int:
-    """``python -m aem.bench.idle serve select|poll PORT ROOT`` or ``hold``."""
+    """``python -m aem.bench.idle serve select|poll PORT ROOT``, ``hold``, or
+    ``trace PERF_DATA SERVER_PID`` (:func:`trace_summary`, as JSON)."""
     if len(argv) >= 3 and argv[0] == "serve" and argv[1] in ("select", "poll"):
         _loop_server(argv[1], int(argv[2]))
         return 0
     if argv == ["hold"]:
         _hold()
         return 0
-    print("usage: python -m aem.bench.idle serve select|poll PORT ROOT | hold",
+    if len(argv) == 3 and argv[0] == "trace":
+        print(json.dumps(trace_summary(argv[1], int(argv[2])), indent=1))
+        return 0
+    print("usage: python -m aem.bench.idle serve select|poll PORT ROOT | hold | "
+          "trace PERF_DATA SERVER_PID",
           file=sys.stderr)
     return 2
 
