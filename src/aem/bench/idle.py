@@ -67,6 +67,7 @@ FD_SETSIZE = 1024
 IDLE_TIMEOUT = 3600.0
 SETTLE = 0.3        # seconds a server's open descriptors stay unchanged before a run starts
 OTHER_LOAD = 10.0   # % of a CPU other processes may take during a run before it is run again
+PACE_MS = 2         # paced runs: each connection waits this long after each response (wrk's delay())
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -362,13 +363,14 @@ def _own_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def _one_round(s: Server, holders: _Holders, seconds: float) -> dict[str, float]:
+def _one_round(s: Server, holders: _Holders, seconds: float,
+               script: Path | None = None) -> dict[str, float]:
     """One wrk run against ``s``: its figures, and what else ran on the machine meanwhile
     (``other``: % of one CPU used by processes other than the server, wrk, the holders and
     this one; ``holders_ms``: the holders' CPU time, which should be ~0)."""
     busy0, own0, srv0, hold0 = _busy_seconds(), _own_seconds(), s.cpu_seconds(), holders.cpu_seconds()
     t0 = time.monotonic()
-    res = run_wrk(s.port, HELLO_PATH, seconds, ACTIVE)
+    res = run_wrk(s.port, HELLO_PATH, seconds, ACTIVE, script)
     wall = time.monotonic() - t0
     srv, hold = s.cpu_seconds() - srv0, holders.cpu_seconds() - hold0
     other = _busy_seconds() - busy0 - (_own_seconds() - own0) - srv - hold
@@ -377,10 +379,11 @@ def _one_round(s: Server, holders: _Holders, seconds: float) -> dict[str, float]
             "other": max(0.0, other) / wall * 100, "holders_ms": hold * 1e3}
 
 
-def _visit(s: Server, holders: _Holders, base_fds: int, level: int,
-           seconds: float) -> dict[str, float] | str:
+def _visit(s: Server, holders: _Holders, base_fds: int, level: int, seconds: float,
+           paced: Path | None) -> dict[str, float] | str:
     """Hold ``level`` idle connections to ``s`` and measure one round (again, once, when other
-    processes took more than OTHER_LOAD % of a CPU meanwhile: the quieter one is kept).
+    processes took more than OTHER_LOAD % of a CPU meanwhile: the quieter one is kept); then,
+    with ``paced`` (wrk's Lua script), one paced round (``paced_*``).
     Returns the round's figures, or why the level cannot be measured."""
     held, err = holders.hold(s.port, level)
     if held < level or not _wait_held(s, base_fds, level):
@@ -388,9 +391,11 @@ def _visit(s: Server, holders: _Holders, base_fds: int, level: int,
     got = _one_round(s, holders, seconds)
     if got["other"] > OTHER_LOAD:
         again = _one_round(s, holders, seconds)
-        again["retried"] = 1
         got = min(got, again, key=lambda r: r["other"])
         got["retried"] = 1
+    if paced is not None:
+        slow = _one_round(s, holders, seconds, paced)
+        got.update({f"paced_{k}": v for k, v in slow.items()})
     return got
 
 
@@ -403,7 +408,7 @@ def run(ctx: Context) -> None:
         return
     wanted = QUICK_LEVELS if ctx.quick else LEVELS
     seconds = 1.0 if ctx.quick else 2.0
-    rounds = 1 if ctx.quick else 4
+    rounds = 1 if ctx.quick else 3
     limit = _raise_limit(max(wanted) + 4096)
     room = (limit - ACTIVE - 400) // 500 * 500  # what one server process can hold here
     levels = tuple(dict.fromkeys(min(level, room) for level in wanted))
@@ -414,10 +419,12 @@ def run(ctx: Context) -> None:
         tmp = Path(td)
         root = make_root(tmp)
         servers = make_servers(tmp, root, KINDS, idle_timeout=IDLE_TIMEOUT)
+        paced = tmp / "paced.lua"
+        paced.write_text(f"function delay()\n  return {PACE_MS}\nend\n")
         holders = _Holders()
         try:
             started = start_servers(ctx, servers, tmp)
-            samples = _measure(ctx, started, holders, levels, seconds, rounds)
+            samples = _measure(ctx, started, holders, levels, seconds, rounds, paced)
         finally:
             holders.stop()
             for s in servers:
@@ -431,7 +438,7 @@ Samples = dict[tuple[str, int], list[dict[str, float]]]
 
 
 def _measure(ctx: Context, servers: list[Server], holders: _Holders, levels: Sequence[int],
-             seconds: float, rounds: int) -> Samples:
+             seconds: float, rounds: int, paced: Path | None = None) -> Samples:
     """Rounds of one wrk run per (level, server), interleaved: each round walks the levels
     up, the next one down, and at each level the servers in turn, in the other order at the
     next level (A B C, C B A, ...), so that no server or level always comes first or last,
@@ -455,7 +462,7 @@ def _measure(ctx: Context, servers: list[Server], holders: _Holders, levels: Seq
                              f"FD_SETSIZE ({FD_SETSIZE}): not reachable")
                     out.add((s.name, level))
                     continue
-                got = _visit(s, holders, base[s.name], level, seconds)
+                got = _visit(s, holders, base[s.name], level, seconds, paced)
                 if isinstance(got, str):
                     ctx.note(f"{s.name}: could not hold {level} idle connections ({got}): "
                              f"level skipped")
@@ -492,8 +499,12 @@ def _record(ctx: Context, samples: Samples, levels: Sequence[int]) -> None:
             other = [r["other"] for r in rows]
             note = (f"other processes: median {statistics.median(other):.0f}% of a CPU "
                     f"(max {max(other):.0f}%)" + (f"; {errors} errors" if errors else ""))
-            for metric, key in (("p50 latency", "p50"), ("p99 latency", "p99")):
-                vals = [r[key] for r in rows]
+            for metric, key in (("p50 latency", "p50"), ("p99 latency", "p99"),
+                                ("p50 latency, paced", "paced_p50"),
+                                ("p99 latency, paced", "paced_p99")):
+                vals = [r[key] for r in rows if key in r]
+                if not vals:
+                    continue
                 med = finite_median(vals)
                 if med is not None:
                     ctx.record(case, name, metric, med, "µs", "lower",
@@ -502,6 +513,15 @@ def _record(ctx: Context, samples: Samples, levels: Sequence[int]) -> None:
             cpu = [r["cpu"] for r in rows]
             ctx.record(case, name, "req/s", statistics.median(rps), "req/s", "higher", rps)
             ctx.record(case, name, "server CPU/req", statistics.median(cpu), "µs", "lower", cpu)
+            paced_rps = [r["paced_rps"] for r in rows if "paced_rps" in r]
+            if paced_rps:
+                ctx.record(case, name, "req/s, paced", statistics.median(paced_rps), "req/s",
+                           "higher", paced_rps)
+
+
+def _paced_rate() -> str:
+    """The paced runs' rate at most: each connection waits PACE_MS between requests."""
+    return f"{ACTIVE * 1000 // PACE_MS:,}"
 
 
 def _summarise(ctx: Context, samples: Samples, levels: Sequence[int]) -> None:
@@ -523,6 +543,10 @@ def _summarise(ctx: Context, samples: Samples, levels: Sequence[int]) -> None:
         if len(per_round) > 1:
             text += f"; round by round {per_round[0]:.2f}x to {per_round[-1]:.2f}x"
         text += f"; server CPU/req {cpu1 / cpu0:.2f}x"
+        q0 = finite_median([r["paced_p99"] for r in first if "paced_p99" in r])
+        q1 = finite_median([r["paced_p99"] for r in last if "paced_p99" in r])
+        if q0 and q1:
+            text += f"; paced (~{_paced_rate()} req/s): p99 {q1 / q0:.2f}x"
         if name != "floor" and floor_top:
             text += f"; p99 at {top} idle = {p1 / floor_top:.2f}x the floor's"
         ctx.note(text)
@@ -538,7 +562,8 @@ def _summarise(ctx: Context, samples: Samples, levels: Sequence[int]) -> None:
 
 
 def _plot(ctx: Context, levels: Sequence[int]) -> None:
-    rows = [r for r in ctx.rows if r.metric in ("p50 latency", "p99 latency")]
+    panels = ("p50 latency", "p99 latency", "p99 latency, paced")
+    rows = [r for r in ctx.rows if r.metric in panels]
     if not rows:
         return
     import matplotlib
@@ -546,8 +571,8 @@ def _plot(ctx: Context, levels: Sequence[int]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharex=True)
-    for ax, metric in zip(axes, ("p50 latency", "p99 latency"), strict=True):
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6), sharex=True)
+    for ax, metric in zip(axes, panels, strict=True):
         for variant in dict.fromkeys(r.variant for r in rows):
             pts = sorted((int(r.case.split()[0]) + ACTIVE, r.value / 1000.0) for r in rows
                          if r.variant == variant and r.metric == metric)
@@ -560,7 +585,9 @@ def _plot(ctx: Context, levels: Sequence[int]) -> None:
         ax.set_xscale("symlog", linthresh=1000)
         ax.set_xlabel("open connections (idle + 100 active)")
         ax.set_ylabel(f"response time, {metric.split()[0]} (ms)")
-        ax.set_title(f"{metric} of the active connections", fontsize=10)
+        ax.set_title(f"{metric} of the active connections"
+                     + (f" (≤ {_paced_rate()} req/s)" if "paced" in metric else ", at full rate"),
+                     fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("aem bench idle — response time vs open connections (the article's Figure 6)",
