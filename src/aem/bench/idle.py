@@ -1,12 +1,26 @@
 """``aem bench idle``: the article's Figure 6 — response time as idle connections pile up.
 
-100 active keep-alive connections (wrk, ``GET /hello``) while a helper process
-holds 0, 1k, 5k, 10k and 20k idle open connections to the same server
+100 active keep-alive connections (wrk, ``GET /hello``) while helper processes
+hold 0, 1k, 5k, 10k and 20k idle open connections to the same server
 (``--quick``: 0 and 500).  For each server and level: wrk's p50 and p99
-latency, the request rate and the server's CPU time per request (utime+stime
-of its process over the round ÷ requests: less at the mercy of other jobs on
-a shared machine than a p99).  The plot shows response time against the
-number of open connections, as in the article.
+latency at full rate (wrk as fast as it can: both CPUs saturated), the request
+rate and the server's CPU time per request (utime+stime of its process over
+the run ÷ requests: less at the mercy of other jobs on a shared machine than a
+p99); then, with the same idle connections, a paced run (each connection waits
+``PACE_MS`` after each response — wrk's ``delay()`` — so at most 50,000 req/s,
+CPUs not saturated): its p50, p99 and rate.  The plot shows response time
+against the number of open connections, as in the article.
+
+How the runs are ordered (see :func:`_measure`): a warm-up run per server, then
+rounds; each round walks the levels up, the next one down, and at each level
+the servers in turn, in the other order at the next level.  Each (server,
+level) gets one run of each kind per round; the tables show the median of the
+rounds, the notes the same round's p99 ratio (top level ÷ 0) round by round.
+Before each run the server's open descriptors must be steady (the accepts and
+whatever follows them are over); during each run the suite counts the CPU time
+every other process on the machine used (``/proc/stat`` less the server, wrk,
+the holders and itself), runs again once when it passed ``OTHER_LOAD`` % of a
+CPU, and reports it, and the holders' own CPU time (they should sleep).
 
 Servers: aem (AEMhttpd), a ``select()`` server and a ``poll()`` server (pure
 Python loops over the whole descriptor set, written here, parsing with
@@ -19,9 +33,14 @@ level, measured in the same run.
 more: its levels past ~1000 connections are marked as not reachable.
 
 Every server runs on CPU 0 with idle timeouts longer than the run; wrk and the
-helper run on CPU 1.  ``RLIMIT_NOFILE`` is raised for the servers and the
-helper (as root, past the hard limit; otherwise levels that need more
+helpers run on CPU 1.  ``RLIMIT_NOFILE`` is raised for the servers and the
+helpers (as root, past the hard limit; otherwise levels that need more
 descriptors than allowed are marked as not reachable).
+
+Where the time goes in one run: ``perf record -a -e`` :data:`TRACE_EVENTS`
+during it, then ``python -m aem.bench.idle trace PERF_DATA SERVER_PID``
+(:func:`trace_summary`): the server's engine turns in on-CPU time, and who
+preempted the server and wrk.
 """
 
 from __future__ import annotations
