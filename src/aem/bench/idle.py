@@ -604,8 +604,8 @@ def _plot(ctx: Context, levels: Sequence[int]) -> None:
         ax.set_xscale("symlog", linthresh=1000)
         ax.set_xlabel("open connections (idle + 100 active)")
         ax.set_ylabel(f"response time, {metric.split()[0]} (ms)")
-        ax.set_title(f"{metric} of the active connections"
-                     + (f" (≤ {_paced_rate()} req/s)" if "paced" in metric else ", at full rate"),
+        ax.set_title(f"{metric.split(',')[0]} of the active connections, "
+                     + (f"paced (≤ {_paced_rate()} req/s)" if "paced" in metric else "at full rate"),
                      fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
