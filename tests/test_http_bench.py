@@ -25,7 +25,12 @@ def test_http_and_idle_suites_run_quick(tmp_path: Path) -> None:
     assert aem_rps and all(v > 0 for v in aem_rps)
     assert {r["case"] for r in idle_rows if r["variant"] == "aem"} == {"0 idle", "500 idle"}
     assert {r["metric"] for r in idle_rows if r["variant"] == "aem"} == {
-        "p50 latency", "p99 latency", "req/s", "server CPU/req"}
+        "p50 latency", "p99 latency", "req/s", "server CPU/req",
+        "p50 latency, paced", "p99 latency, paced", "req/s, paced"}
+    # paced: each connection waits PACE_MS after each response, which bounds the rate
+    from aem.bench.idle import ACTIVE, PACE_MS
+    paced = [r["value"] for r in idle_rows if r["metric"] == "req/s, paced"]
+    assert paced and all(0 < v <= ACTIVE * 1000 / PACE_MS * 1.02 for v in paced)
     assert (tmp_path / "http-throughput.png").stat().st_size > 0
     assert (tmp_path / "idle-response-time.png").stat().st_size > 0
     assert "## http" in (tmp_path / "results.md").read_text()

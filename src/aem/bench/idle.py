@@ -1,12 +1,26 @@
 """``aem bench idle``: the article's Figure 6 — response time as idle connections pile up.
 
-100 active keep-alive connections (wrk, ``GET /hello``) while a helper process
-holds 0, 1k, 5k, 10k and 20k idle open connections to the same server
+100 active keep-alive connections (wrk, ``GET /hello``) while helper processes
+hold 0, 1k, 5k, 10k and 20k idle open connections to the same server
 (``--quick``: 0 and 500).  For each server and level: wrk's p50 and p99
-latency, the request rate and the server's CPU time per request (utime+stime
-of its process over the round ÷ requests: less at the mercy of other jobs on
-a shared machine than a p99).  The plot shows response time against the
-number of open connections, as in the article.
+latency at full rate (wrk as fast as it can: both CPUs saturated), the request
+rate and the server's CPU time per request (utime+stime of its process over
+the run ÷ requests: less at the mercy of other jobs on a shared machine than a
+p99); then, with the same idle connections, a paced run (each connection waits
+``PACE_MS`` after each response — wrk's ``delay()`` — so at most 50,000 req/s,
+CPUs not saturated): its p50, p99 and rate.  The plot shows response time
+against the number of open connections, as in the article.
+
+How the runs are ordered (see :func:`_measure`): a warm-up run per server, then
+rounds; each round walks the levels up, the next one down, and at each level
+the servers in turn, in the other order at the next level.  Each (server,
+level) gets one run of each kind per round; the tables show the median of the
+rounds, the notes the same round's p99 ratio (top level ÷ 0) round by round.
+Before each run the server's open descriptors must be steady (the accepts and
+whatever follows them are over); during each run the suite counts the CPU time
+every other process on the machine used (``/proc/stat`` less the server, wrk,
+the holders and itself), runs again once when it passed ``OTHER_LOAD`` % of a
+CPU, and reports it, and the holders' own CPU time (they should sleep).
 
 Servers: aem (AEMhttpd), a ``select()`` server and a ``poll()`` server (pure
 Python loops over the whole descriptor set, written here, parsing with
@@ -19,15 +33,22 @@ level, measured in the same run.
 more: its levels past ~1000 connections are marked as not reachable.
 
 Every server runs on CPU 0 with idle timeouts longer than the run; wrk and the
-helper run on CPU 1.  ``RLIMIT_NOFILE`` is raised for the servers and the
-helper (as root, past the hard limit; otherwise levels that need more
+helpers run on CPU 1.  ``RLIMIT_NOFILE`` is raised for the servers and the
+helpers (as root, past the hard limit; otherwise levels that need more
 descriptors than allowed are marked as not reachable).
+
+Where the time goes in one run: ``perf record -a -e`` :data:`TRACE_EVENTS`
+during it, then ``python -m aem.bench.idle trace PERF_DATA SERVER_PID``
+(:func:`trace_summary`): the server's engine turns in on-CPU time, and who
+preempted the server and wrk.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
+import re
 import resource
 import select
 import socket
@@ -52,6 +73,7 @@ from .http import (
     have_wrk,
     make_root,
     make_servers,
+    proc_cpu,
     run_wrk,
     start_servers,
 )
@@ -62,6 +84,10 @@ ACTIVE = 100
 KINDS = ("aem", "select", "poll", "asyncio", "uvloop", "nginx", "floor")
 FD_SETSIZE = 1024
 IDLE_TIMEOUT = 3600.0
+SETTLE = 0.3        # seconds a server's open descriptors stay unchanged before a run starts
+OTHER_LOAD = 10.0   # % of a CPU other processes may take during a run before it is run again
+PACE_MS = 2         # paced runs: each connection waits this long after each response (wrk's delay())
+_TICK = os.sysconf("SC_CLK_TCK")
 
 
 # -- the select() and poll() servers ------------------------------------------------------------
@@ -186,17 +212,19 @@ def _raise_limit(n: int) -> int:
     return soft
 
 
-def _hold(port: int) -> None:
-    """The helper: reads target counts on stdin, keeps that many idle connections open."""
+def _hold() -> None:
+    """The helper: reads ``PORT COUNT`` lines on stdin and keeps that many idle connections
+    open to that port (closing those to any other port first); answers ``HELD [ERROR]``."""
     pin_to_cpu(CLIENT_CPU)
     _raise_limit(1 << 17)
     held: list[socket.socket] = []
+    port = 0
     for line in sys.stdin:
-        want = int(line)
-        while len(held) > want:
-            s = held.pop()
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            s.close()  # a reset: no TIME_WAIT left behind
+        new_port, want = (int(x) for x in line.split())
+        if new_port != port:
+            _drop(held, 0)
+            port = new_port
+        _drop(held, want)
         error = ""
         pending: list[socket.socket] = []
         while len(held) + len(pending) < want and not error:
@@ -218,6 +246,14 @@ def _hold(port: int) -> None:
         if pending and not error:
             error = _settle(pending, held)
         print(f"{len(held)} {error}".strip(), flush=True)
+
+
+def _drop(held: list[socket.socket], keep: int) -> None:
+    """Close held connections until ``keep`` are left."""
+    while len(held) > keep:
+        s = held.pop()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()  # a reset: no TIME_WAIT left behind
 
 
 def _settle(pending: list[socket.socket], held: list[socket.socket]) -> str:
@@ -248,42 +284,50 @@ PER_HELPER = 9000  # idle connections per helper process (each has its own RLIMI
 
 
 class _Holders:
-    """Helper processes that together hold ``n`` idle connections to one port."""
+    """Helper processes (on the client's CPU) that together hold ``n`` idle connections to
+    one server's port; started once, reused for every server and level."""
 
-    def __init__(self, port: int) -> None:
-        self.port = port
+    def __init__(self) -> None:
         self.helpers: list[_Holder] = []
 
-    def hold(self, n: int) -> tuple[int, str]:
+    def hold(self, port: int, n: int) -> tuple[int, str]:
+        """Hold ``n`` idle connections to ``port`` (and none to any other port)."""
         need = -(-n // PER_HELPER)
         while len(self.helpers) < need:
-            self.helpers.append(_Holder(self.port))
+            self.helpers.append(_Holder())
         total, errors = 0, []
         for i, h in enumerate(self.helpers):
             share = min(PER_HELPER, max(0, n - i * PER_HELPER))
-            got, err = h.hold(share)
+            got, err = h.hold(port, share)
             total += got
             if err:
                 errors.append(err)
         return total, "; ".join(errors)
 
+    def cpu_seconds(self) -> float:
+        """utime+stime of the helpers so far (they should sleep while wrk runs)."""
+        return sum(proc_cpu(h.proc.pid) for h in self.helpers)
+
     def stop(self) -> None:
         for h in self.helpers:
-            h.hold(0)
             h.stop()
+        self.helpers.clear()
 
 
 class _Holder:
-    def __init__(self, port: int) -> None:
+    def __init__(self) -> None:
         env = dict(os.environ, PYTHONPATH=_pythonpath())
-        self.proc = subprocess.Popen([sys.executable, "-m", "aem.bench.idle", "hold", str(port)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "aem.bench.idle", "hold"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env=env)
 
-    def hold(self, n: int) -> tuple[int, str]:
+    def hold(self, port: int, n: int) -> tuple[int, str]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(f"{n}\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(f"{port} {n}\n")
+            self.proc.stdin.flush()
+        except OSError as e:
+            return 0, f"the helper is gone ({e})"
         reply = self.proc.stdout.readline().split(" ", 1)
         return int(reply[0] or 0), reply[1].strip() if len(reply) > 1 else ""
 
@@ -307,13 +351,71 @@ def _open_fds(server: Server) -> int:
     return n
 
 
-def _wait_accepted(server: Server, base_fds: int, n: int, timeout: float = 30.0) -> bool:
+def _wait_held(server: Server, base_fds: int, n: int, timeout: float = 30.0) -> bool:
+    """Wait until ``server`` has (about) ``n`` connections open besides its ``base_fds`` and
+    has stopped accepting or closing them (its count steady for a moment): the burst of
+    accepts, and whatever the server does after it, is over before wrk starts."""
     deadline = time.monotonic() + timeout
+    slack = max(16, n // 50)
+    last, since = -1, time.monotonic()
     while time.monotonic() < deadline:
-        if _open_fds(server) >= base_fds + n * 0.98:
+        now_open = _open_fds(server) - base_fds
+        if now_open != last:
+            last, since = now_open, time.monotonic()
+        elif n - slack <= now_open <= n + slack and time.monotonic() - since >= SETTLE:
             return True
-        time.sleep(0.1)
+        time.sleep(0.05)
     return False
+
+
+def _busy_seconds() -> float:
+    """CPU time every process on the machine spent in user and system mode so far
+    (``/proc/stat``; interrupt and softirq time, which no process is charged, left out)."""
+    with open("/proc/stat") as f:
+        v = f.readline().split()
+    return (int(v[1]) + int(v[2]) + int(v[3])) / _TICK
+
+
+def _own_seconds() -> float:
+    """utime+stime of this process and its reaped children (wrk) so far."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _one_round(s: Server, holders: _Holders, seconds: float,
+               script: Path | None = None) -> dict[str, float]:
+    """One wrk run against ``s``: its figures, and what else ran on the machine meanwhile
+    (``other``: % of one CPU used by processes other than the server, wrk, the holders and
+    this one; ``holders_ms``: the holders' CPU time, which should be ~0)."""
+    busy0, own0, srv0, hold0 = _busy_seconds(), _own_seconds(), s.cpu_seconds(), holders.cpu_seconds()
+    t0 = time.monotonic()
+    res = run_wrk(s.port, HELLO_PATH, seconds, ACTIVE, script)
+    wall = time.monotonic() - t0
+    srv, hold = s.cpu_seconds() - srv0, holders.cpu_seconds() - hold0
+    other = _busy_seconds() - busy0 - (_own_seconds() - own0) - srv - hold
+    return {"p50": res.p50_us, "p99": res.p99_us, "rps": res.rps,
+            "cpu": srv / max(1, res.requests) * 1e6, "errors": res.errors,
+            "other": max(0.0, other) / wall * 100, "holders_ms": hold * 1e3}
+
+
+def _visit(s: Server, holders: _Holders, base_fds: int, level: int, seconds: float,
+           paced: Path | None) -> dict[str, float] | str:
+    """Hold ``level`` idle connections to ``s`` and measure one round (again, once, when other
+    processes took more than OTHER_LOAD % of a CPU meanwhile: the quieter one is kept); then,
+    with ``paced`` (wrk's Lua script), one paced round (``paced_*``).
+    Returns the round's figures, or why the level cannot be measured."""
+    held, err = holders.hold(s.port, level)
+    if held < level or not _wait_held(s, base_fds, level):
+        return f"{held} opened{'; ' + err if err else ''}"
+    got = _one_round(s, holders, seconds)
+    if got["other"] > OTHER_LOAD:
+        again = _one_round(s, holders, seconds)
+        got = min(got, again, key=lambda r: r["other"])
+        got["retried"] = 1
+    if paced is not None:
+        slow = _one_round(s, holders, seconds, paced)
+        got.update({f"paced_{k}": v for k, v in slow.items()})
+    return got
 
 
 # -- the suite -------------------------------------------------------------------------------
@@ -324,7 +426,7 @@ def run(ctx: Context) -> None:
         ctx.note("wrk is not installed (scripts/install-system-deps.sh): idle suite skipped")
         return
     wanted = QUICK_LEVELS if ctx.quick else LEVELS
-    seconds = 1.0 if ctx.quick else 3.0
+    seconds = 1.0 if ctx.quick else 2.0
     rounds = 1 if ctx.quick else 3
     limit = _raise_limit(max(wanted) + 4096)
     room = (limit - ACTIVE - 400) // 500 * 500  # what one server process can hold here
@@ -336,75 +438,151 @@ def run(ctx: Context) -> None:
         tmp = Path(td)
         root = make_root(tmp)
         servers = make_servers(tmp, root, KINDS, idle_timeout=IDLE_TIMEOUT)
-        started: list[Server] = []
+        paced = tmp / "paced.lua"
+        paced.write_text(f"function delay()\n  return {PACE_MS}\nend\n")
+        holders = _Holders()
         try:
             started = start_servers(ctx, servers, tmp)
-            _measure(ctx, started, levels, seconds, rounds)
+            samples = _measure(ctx, started, holders, levels, seconds, rounds, paced)
         finally:
+            holders.stop()
             for s in servers:
                 s.stop()
-    _summarise(ctx, levels)
+    _record(ctx, samples, levels)
+    _summarise(ctx, samples, levels)
     _plot(ctx, levels)
 
 
-def _measure(ctx: Context, servers: list[Server], levels: Sequence[int], seconds: float,
-             rounds: int) -> None:
-    for level in levels:
-        for s in servers:
-            variant = s.name
-            case = f"{level} idle"
-            if s.name == "select" and level + ACTIVE >= FD_SETSIZE - 24:
-                ctx.note(f"select: {level} idle + {ACTIVE} active connections exceed FD_SETSIZE "
-                         f"({FD_SETSIZE}): not reachable")
-                continue
-            holder = _Holders(s.port)
-            try:
-                base = _open_fds(s)
-                held, err = holder.hold(level)
-                if held < level or not _wait_accepted(s, base, level):
-                    ctx.note(f"{s.name}: could not hold {level} idle connections "
-                             f"({held} opened{'; ' + err if err else ''}): level skipped")
+Samples = dict[tuple[str, int], list[dict[str, float]]]
+
+
+def _measure(ctx: Context, servers: list[Server], holders: _Holders, levels: Sequence[int],
+             seconds: float, rounds: int, paced: Path | None = None) -> Samples:
+    """Rounds of one wrk run per (level, server), interleaved: each round walks the levels
+    up, the next one down, and at each level the servers in turn, in the other order at the
+    next level (A B C, C B A, ...), so that no server or level always comes first or last,
+    or right after the same neighbour."""
+    base: dict[str, int] = {}
+    for s in servers:  # warm-up (not kept); then what the server has open when idle
+        run_wrk(s.port, HELLO_PATH, 1.0, ACTIVE)
+        _settle_fds(s)
+        base[s.name] = _open_fds(s)
+    samples: Samples = {}
+    out: set[tuple[str, int]] = set()
+    turn = 0
+    for r in range(rounds):
+        for level in (levels if r % 2 == 0 else levels[::-1]):
+            turn += 1
+            for s in (servers if turn % 2 else servers[::-1]):
+                if (s.name, level) in out:
                     continue
-                p50, p99, rps, cpu, errors = [], [], [], [], 0
-                for _ in range(rounds):
-                    c0 = s.cpu_seconds()
-                    res = run_wrk(s.port, HELLO_PATH, seconds, ACTIVE)
-                    cpu.append((s.cpu_seconds() - c0) / max(1, res.requests) * 1e6)
-                    p50.append(res.p50_us)
-                    p99.append(res.p99_us)
-                    rps.append(res.rps)
-                    errors += res.errors
-                note = f"{errors} errors" if errors else ""
-                for metric, vals in (("p50 latency", p50), ("p99 latency", p99)):
-                    med = finite_median(vals)
-                    if med is not None:
-                        ctx.record(case, variant, metric, med, "µs", "lower",
-                                   [v for v in vals if v == v], note)
-                ctx.record(case, variant, "req/s", statistics.median(rps), "req/s", "higher", rps)
-                ctx.record(case, variant, "server CPU/req", statistics.median(cpu), "µs", "lower", cpu)
+                if s.name == "select" and level + ACTIVE >= FD_SETSIZE - 24:
+                    ctx.note(f"select: {level} idle + {ACTIVE} active connections exceed "
+                             f"FD_SETSIZE ({FD_SETSIZE}): not reachable")
+                    out.add((s.name, level))
+                    continue
+                got = _visit(s, holders, base[s.name], level, seconds, paced)
+                if isinstance(got, str):
+                    ctx.note(f"{s.name}: could not hold {level} idle connections ({got}): "
+                             f"level skipped")
+                    out.add((s.name, level))
+                    samples.pop((s.name, level), None)
+                    continue
+                samples.setdefault((s.name, level), []).append(got)
                 if s.proc is not None and s.proc.poll() is not None:
                     ctx.note(f"{s.name} exited at {level} idle connections")
-            finally:
-                holder.stop()
+                    out.update((s.name, lv) for lv in levels)
+    return samples
 
 
-def _summarise(ctx: Context, levels: Sequence[int]) -> None:
+def _settle_fds(s: Server, timeout: float = 10.0) -> None:
+    """Wait until the server's open descriptors stop changing (wrk's connections closed)."""
+    deadline = time.monotonic() + timeout
+    last, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        n = _open_fds(s)
+        if n != last:
+            last, since = n, time.monotonic()
+        elif time.monotonic() - since >= SETTLE:
+            return
+        time.sleep(0.05)
+
+
+def _record(ctx: Context, samples: Samples, levels: Sequence[int]) -> None:
+    for level in levels:
+        for (name, lv), rows in samples.items():
+            if lv != level:
+                continue
+            case = f"{level} idle"
+            errors = sum(int(r["errors"]) for r in rows)
+            other = [r["other"] for r in rows]
+            note = (f"other processes: median {statistics.median(other):.0f}% of a CPU "
+                    f"(max {max(other):.0f}%)" + (f"; {errors} errors" if errors else ""))
+            for metric, key in (("p50 latency", "p50"), ("p99 latency", "p99"),
+                                ("p50 latency, paced", "paced_p50"),
+                                ("p99 latency, paced", "paced_p99")):
+                vals = [r[key] for r in rows if key in r]
+                if not vals:
+                    continue
+                med = finite_median(vals)
+                if med is not None:
+                    ctx.record(case, name, metric, med, "µs", "lower",
+                               [v for v in vals if v == v], note)
+            rps = [r["rps"] for r in rows]
+            cpu = [r["cpu"] for r in rows]
+            ctx.record(case, name, "req/s", statistics.median(rps), "req/s", "higher", rps)
+            ctx.record(case, name, "server CPU/req", statistics.median(cpu), "µs", "lower", cpu)
+            paced_rps = [r["paced_rps"] for r in rows if "paced_rps" in r]
+            if paced_rps:
+                ctx.record(case, name, "req/s, paced", statistics.median(paced_rps), "req/s",
+                           "higher", paced_rps)
+
+
+def _paced_rate() -> str:
+    """The paced runs' rate at most: each connection waits PACE_MS between requests."""
+    return f"{ACTIVE * 1000 // PACE_MS:,}"
+
+
+def _summarise(ctx: Context, samples: Samples, levels: Sequence[int]) -> None:
     top = max(levels)
-    for variant in dict.fromkeys(r.variant for r in ctx.rows):
-        def value(level: int, metric: str, variant: str = variant) -> float | None:
-            vals = [r.value for r in ctx.rows if r.variant == variant and r.metric == metric
-                    and r.case == f"{level} idle"]
-            return vals[0] if vals else None
-        first, last = value(0, "p99 latency"), value(top, "p99 latency")
-        cpu0, cpu1 = value(0, "server CPU/req"), value(top, "server CPU/req")
-        if first and last:
-            ctx.note(f"{variant}: p99 at {top} idle = {last / first:.2f}x p99 at 0 idle"
-                     + (" (target <= 1.2x)" if variant == "aem" else "")
-                     + (f"; server CPU/req {cpu1 / cpu0:.2f}x" if cpu0 and cpu1 else ""))
+    floor_top = finite_median([r["p99"] for r in samples.get(("floor", top), [])])
+    for name in dict.fromkeys(n for n, _ in samples):
+        first, last = samples.get((name, 0), []), samples.get((name, top), [])
+        p0 = finite_median([r["p99"] for r in first])
+        p1 = finite_median([r["p99"] for r in last])
+        if not p0 or not p1:
+            continue
+        # the same ratio within each round (its two runs a few seconds apart): the spread
+        per_round = sorted(b["p99"] / a["p99"] for a, b in zip(first, last, strict=False)
+                           if a["p99"] == a["p99"] and b["p99"] == b["p99"] and a["p99"] > 0)
+        cpu0 = statistics.median(r["cpu"] for r in first)
+        cpu1 = statistics.median(r["cpu"] for r in last)
+        text = (f"{name}: p99 at {top} idle = {p1 / p0:.2f}x p99 at 0 idle"
+                + (" (target <= 1.2x)" if name == "aem" else ""))
+        if len(per_round) > 1:
+            text += f"; round by round {per_round[0]:.2f}x to {per_round[-1]:.2f}x"
+        text += f"; server CPU/req {cpu1 / cpu0:.2f}x"
+        q0 = finite_median([r["paced_p99"] for r in first if "paced_p99" in r])
+        q1 = finite_median([r["paced_p99"] for r in last if "paced_p99" in r])
+        if q0 and q1:
+            text += f"; paced (~{_paced_rate()} req/s): p99 {q1 / q0:.2f}x"
+        if name != "floor" and floor_top:
+            text += f"; p99 at {top} idle = {p1 / floor_top:.2f}x the floor's"
+        ctx.note(text)
+    rows = [r for rs in samples.values() for r in rs]
+    if rows:
+        other = [r["other"] for r in rows]
+        retried = sum(1 for r in rows if r.get("retried"))
+        ctx.note(f"other processes on the machine used a median {statistics.median(other):.0f}% "
+                 f"of a CPU during the runs (max {max(other):.0f}%; {retried} of {len(rows)} "
+                 f"runs over {OTHER_LOAD:.0f}% were measured again once, the quieter kept); "
+                 f"the idle connections' holders used at most "
+                 f"{max(r['holders_ms'] for r in rows):.0f} ms of CPU during a run")
 
 
 def _plot(ctx: Context, levels: Sequence[int]) -> None:
-    rows = [r for r in ctx.rows if r.metric in ("p50 latency", "p99 latency")]
+    panels = ("p50 latency", "p99 latency", "p99 latency, paced")
+    rows = [r for r in ctx.rows if r.metric in panels]
     if not rows:
         return
     import matplotlib
@@ -412,8 +590,8 @@ def _plot(ctx: Context, levels: Sequence[int]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharex=True)
-    for ax, metric in zip(axes, ("p50 latency", "p99 latency"), strict=True):
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6), sharex=True)
+    for ax, metric in zip(axes, panels, strict=True):
         for variant in dict.fromkeys(r.variant for r in rows):
             pts = sorted((int(r.case.split()[0]) + ACTIVE, r.value / 1000.0) for r in rows
                          if r.variant == variant and r.metric == metric)
@@ -426,7 +604,9 @@ def _plot(ctx: Context, levels: Sequence[int]) -> None:
         ax.set_xscale("symlog", linthresh=1000)
         ax.set_xlabel("open connections (idle + 100 active)")
         ax.set_ylabel(f"response time, {metric.split()[0]} (ms)")
-        ax.set_title(f"{metric} of the active connections", fontsize=10)
+        ax.set_title(f"{metric.split(',')[0]} of the active connections, "
+                     + (f"paced (≤ {_paced_rate()} req/s)" if "paced" in metric else "at full rate"),
+                     fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("aem bench idle — response time vs open connections (the article's Figure 6)",
@@ -436,15 +616,119 @@ def _plot(ctx: Context, levels: Sequence[int]) -> None:
     plt.close(fig)
 
 
+# -- where the time goes: a perf trace of one run ---------------------------------------------
+
+TRACE_EVENTS = "syscalls:sys_enter_epoll_wait,syscalls:sys_exit_epoll_wait,sched:sched_switch"
+_SWITCH = re.compile(r"prev_comm=(.*) prev_pid=(\d+) .*prev_state=(\S+) ==> "
+                     r"next_comm=(.*) next_pid=(\d+)")
+_LINE = re.compile(r"\s*(\d+)\s+\[(\d+)\]\s+([\d.]+):\s+(\S+):\s*(.*)")
+
+
+def trace_summary(perf_data: str, server_pid: int, client: str = "wrk") -> dict[str, Any]:
+    """What a ``perf record -a -e TRACE_EVENTS`` of one run shows about the server (an epoll
+    loop, process ``server_pid``) and the client (by command name):
+
+    * ``turns_us``: the server's engine turns — from one ``epoll_wait`` returning to the
+      next call — in on-CPU time (time it was preempted in the middle taken out), and
+      ``events``: what each ``epoll_wait`` returned (percentiles p50, p99, max);
+    * ``preempted``: for the server and the client, each time it was switched out while
+      still runnable, until it ran again: count, total ms, longest µs, and those ms by the
+      task that took its CPU (the first one, when several ran meanwhile);
+    * ``idle_ms``: each CPU's idle time.
+    """
+    out = subprocess.run(["perf", "script", "-i", perf_data, "-F", "tid,cpu,time,event,trace"],
+                         capture_output=True, text=True, check=True).stdout
+    return parse_trace(out, server_pid, client)
+
+
+def parse_trace(text: str, server_pid: int, client: str = "wrk") -> dict[str, Any]:
+    """:func:`trace_summary` of ``perf script -F tid,cpu,time,event,trace`` output."""
+    pid = str(server_pid)
+    watched: dict[str, str] = {pid: "server"}
+    pre: dict[str, list[float]] = {"server": [], "client": []}
+    by: dict[str, dict[str, float]] = {"server": {}, "client": {}}
+    off: dict[str, tuple[float, str]] = {}   # tid -> (when it was preempted, by whom)
+    running: dict[int, tuple[str, str, float]] = {}   # cpu -> (tid, comm, since)
+    idle: dict[int, float] = {}
+    turns: list[float] = []
+    events: list[float] = []
+    turn_cpu, in_turn, server_on, prev_t = 0.0, False, True, None
+    for line in text.splitlines():
+        m = _LINE.match(line)
+        if not m:
+            continue
+        tid, cpu, t, ev, rest = m.group(1), int(m.group(2)), float(m.group(3)), m.group(4), m.group(5)
+        if in_turn and server_on and prev_t is not None:
+            turn_cpu += t - prev_t
+        prev_t = t
+        if ev == "sched:sched_switch":
+            sw = _SWITCH.search(rest)
+            if sw is None:
+                continue
+            pcomm, ppid, pstate, ncomm, npid = sw.groups()
+            for comm, p in ((pcomm, ppid), (ncomm, npid)):
+                if comm == client:
+                    watched[p] = "client"
+            was = running.get(cpu)
+            if was is not None and was[0] == "0":
+                idle[cpu] = idle.get(cpu, 0.0) + t - was[2]
+            running[cpu] = (npid, ncomm, t)
+            if ppid == pid:
+                server_on = False
+            if npid == pid:
+                server_on = True
+            if ppid in watched and pstate.startswith("R"):
+                off[ppid] = (t, ncomm)
+            if npid in off:  # back on its CPU: the wait goes to the task that took it
+                since, taker = off.pop(npid)
+                who = watched[npid]
+                pre[who].append((t - since) * 1e6)
+                by[who][taker] = by[who].get(taker, 0.0) + t - since
+            continue
+        if tid != pid:
+            continue
+        if ev.startswith("syscalls:sys_enter_epoll") and in_turn:
+            turns.append(turn_cpu * 1e6)
+            in_turn = False
+        elif ev.startswith("syscalls:sys_exit_epoll"):
+            in_turn, turn_cpu = True, 0.0
+            try:
+                events.append(float(int(rest.strip(), 16)))
+            except ValueError:
+                pass
+
+    def pct(v: list[float]) -> dict[str, float]:
+        v = sorted(v)
+        if not v:
+            return {"p50": 0.0, "p99": 0.0, "max": 0.0}
+        return {"p50": v[len(v) // 2], "p99": v[min(len(v) - 1, len(v) * 99 // 100)],
+                "max": v[-1]}
+
+    return {
+        "turns_us": pct(turns) | {"n": float(len(turns))},
+        "events": pct(events),
+        "preempted": {k: {"n": len(v), "total_ms": sum(v) / 1e3, "max_us": max(v, default=0.0),
+                          "by_ms": {c: round(ms * 1e3, 1) for c, ms in
+                                    sorted(by[k].items(), key=lambda kv: -kv[1])[:5]}}
+                      for k, v in pre.items()},
+        "idle_ms": {c: round(ms * 1e3, 1) for c, ms in sorted(idle.items())},
+    }
+
+
 def main(argv: Sequence[str]) -> int:
-    """``python -m aem.bench.idle serve select|poll PORT ROOT`` or ``hold PORT``."""
+    """``python -m aem.bench.idle serve select|poll PORT ROOT``, ``hold``, or
+    ``trace PERF_DATA SERVER_PID`` (:func:`trace_summary`, as JSON)."""
     if len(argv) >= 3 and argv[0] == "serve" and argv[1] in ("select", "poll"):
         _loop_server(argv[1], int(argv[2]))
         return 0
-    if len(argv) == 2 and argv[0] == "hold":
-        _hold(int(argv[1]))
+    if argv == ["hold"]:
+        _hold()
         return 0
-    print("usage: python -m aem.bench.idle serve select|poll PORT ROOT | hold PORT",
+    if len(argv) == 3 and argv[0] == "trace":
+        print(json.dumps(trace_summary(argv[1], int(argv[2])), indent=1))
+        return 0
+    print("usage: python -m aem.bench.idle serve select|poll PORT ROOT | hold | "
+          "trace PERF_DATA SERVER_PID",
           file=sys.stderr)
     return 2
 

@@ -36,7 +36,10 @@ Deadlines are checked by one periodic timer (every ``min(1 s, shortest
 timeout / 4)``) against a heap of (check time, connection); a request only
 stores its connection's new deadline (one attribute), and the sweep touches
 a connection only when its check time comes, so ten thousand idle
-connections cost the sweep nothing.
+connections cost the sweep nothing.  The entries of closed connections are
+dropped once they outnumber the open ones (the heap holds at most twice the
+open connections, plus 1024): a closed connection is not kept in memory until
+its old deadline.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ __all__ = ["HTTPServer", "Timeouts", "raise_nofile_limit"]
 
 _HIGH_WATER = 64 * 1024      # flush the output of a batch of pipelined requests past this
 _MAX_FILES = 16              # open files queued on one connection before a flush
+_HEAP_SLACK = 1024           # dead deadline-heap entries tolerated beyond the open connections
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)
 _time = time.time
 _EV_STOP = aem.EVJOBSTOP
@@ -391,7 +395,10 @@ class _Conn:
             self.sock.close()
         except OSError:
             pass
-        self.server._conns.discard(self)
+        srv = self.server
+        srv._conns.discard(self)
+        if len(srv._heap) > 2 * len(srv._conns) + _HEAP_SLACK:
+            srv._compact_heap()
 
 
 class HTTPServer:
@@ -610,6 +617,16 @@ class HTTPServer:
     def _schedule(self, conn: _Conn, when: int) -> None:
         conn.check = when
         heapq.heappush(self._heap, (when, next(self._seq), conn))
+
+    def _compact_heap(self) -> None:
+        """Drop the deadline heap's entries no sweep needs: those of closed connections and
+        those a connection's newer, earlier check replaced.  Without this a closed
+        connection stays in the heap (and in memory) until its old deadline comes — an idle
+        timeout later; called when the heap holds more than twice the open connections, so
+        its cost is spread over the entries it drops."""
+        heap = [e for e in self._heap if not e[2].closed and e[0] == e[2].check]
+        heapq.heapify(heap)
+        self._heap[:] = heap
 
     def _sweep(self, ev: Any) -> None:
         """The periodic timer: close the connections whose deadline passed."""
