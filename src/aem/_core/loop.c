@@ -549,6 +549,7 @@ static PyObject *core_flush_now(LoopCoreObject *self, PyObject *unused) {
  * first turn of each _run_once call always polls: what was ready when run_forever started (or
  * when Python code ran between the calls) is served in that first turn, as asyncio serves it. */
 static PyObject *one_turn(LoopCoreObject *self, int stopping, int must_poll) {
+    self->turns++;
     heap_prune(self);
     double now = now_s();
     if (self->len && !stopping && !must_poll && self->skipped + 1 < LOOP_POLL_TURNS &&

@@ -47,6 +47,7 @@ typedef struct {
     double clock_resolution;
     double last_poll;         /* when the last turn polled for I/O (CLOCK_MONOTONIC, s) */
     int skipped;              /* turns in a row that skipped the poll (callbacks were ready) */
+    uint64_t turns;           /* turns run so far (a transport counts its writes per turn) */
     int closed, debug;
     int in_turn;              /* the loop's own engine turn is delivering (wakers queue handles) */
     uint64_t *parked;         /* eids of wakers' registrations parked outside a turn (loop_fd.c) */
