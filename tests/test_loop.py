@@ -761,6 +761,39 @@ def test_a_closed_loop_refuses_callbacks(lr: LoopRunner) -> None:
         loop.call_at(loop.time(), print)
 
 
+def test_handles_that_ran_are_reused_only_when_nothing_refers_to_them(lr: LoopRunner) -> None:
+    """aem reuses a handle that ran and that nothing refers to: one kept, or weakly referred to,
+    stays what it was (and a weakly referred one dies)."""
+    import gc
+    import weakref
+
+    async def main() -> None:
+        got: list[int] = []
+        kept = lr.loop.call_soon(got.append, 1)
+        ref = weakref.ref(lr.loop.call_soon(got.append, 2))
+        for i in range(3, 200):  # dropped at once: reusable once they ran
+            lr.loop.call_soon(got.append, i)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        for i in range(200, 400):  # made from reused handles on aem
+            lr.loop.call_soon(got.append, i)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        gc.collect()
+        assert got == list(range(1, 400))
+        assert ref() is None
+        assert kept._callback == got.append and kept._args == (1,)  # type: ignore[attr-defined]
+        assert "append" in repr(kept) and not kept.cancelled()
+        again = lr.loop.call_soon(got.append, 400)
+        assert again is not kept and isinstance(again, asyncio.Handle)
+        assert again._args == (400,) and again._context is not None  # type: ignore[attr-defined]
+        again.cancel()
+        await asyncio.sleep(0)
+        assert got[-1] == 399
+
+    lr.run(main())
+
+
 def test_many_cancelled_timers_are_dropped(lr: LoopRunner) -> None:
     async def main() -> tuple[int, int]:
         handles = [lr.loop.call_later(100 + i, print) for i in range(1000)]
