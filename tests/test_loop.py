@@ -368,6 +368,51 @@ def test_writes_of_one_turn_arrive_in_order_and_close_sends_them(lr: LoopRunner)
     assert lr.run(main()) == b"one,mutable,two,three"
 
 
+def test_a_lone_write_goes_out_at_once_and_the_writes_of_a_busy_turn_in_one_send(lr: LoopRunner) -> None:
+    """Each send() on a SOCK_SEQPACKET socket is one record at the peer: the records show the sends.
+
+    aem: a transport whose last writing turn wrote once sends its next write at once (as asyncio
+    does every write); otherwise what a turn writes goes out in one send at the end of the turn."""
+
+    async def main() -> list[tuple[list[bytes], list[bytes]]]:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        a.setblocking(False)
+        waiter = lr.loop.create_future()
+        tr = lr.loop._make_socket_transport(a, asyncio.Protocol(), waiter)  # type: ignore[attr-defined]
+        await waiter
+
+        def records() -> list[bytes]:
+            got = []
+            while True:
+                try:
+                    got.append(b.recv(100, socket.MSG_DONTWAIT))
+                except BlockingIOError:
+                    return got
+
+        seen = []
+        for writes in ([b"a", b"b"], [b"c"], [b"d", b"e", b"f"], [b"g"], [b"h"]):
+            tr.write(writes[0])
+            at_once = records()
+            for w in writes[1:]:
+                tr.write(w)
+            await asyncio.sleep(0)  # the end of this turn
+            seen.append((at_once, records()))
+        tr.close()
+        await asyncio.sleep(0)
+        b.close()
+        return seen
+
+    if lr.kind == "aem":
+        expected = [([], [b"ab"]),            # a fresh transport keeps its first turn's writes
+                    ([], [b"c"]),             # the last turn wrote twice: kept for the turn's end
+                    ([b"d"], [b"ef"]),        # the last turn wrote once: sent at once, the rest together
+                    ([], [b"g"]),
+                    ([b"h"], [])]
+    else:  # asyncio sends every write at once
+        expected = [([b"a"], [b"b"]), ([b"c"], []), ([b"d"], [b"e", b"f"]), ([b"g"], []), ([b"h"], [])]
+    assert lr.run(main()) == expected
+
+
 def test_abort_drops_what_was_not_sent(lr: LoopRunner) -> None:
     async def main() -> tuple[bytes, bool]:
         a, b = socket.socketpair()
@@ -714,6 +759,39 @@ def test_a_closed_loop_refuses_callbacks(lr: LoopRunner) -> None:
         loop.call_later(1, print)
     with pytest.raises(RuntimeError, match="closed"):
         loop.call_at(loop.time(), print)
+
+
+def test_handles_that_ran_are_reused_only_when_nothing_refers_to_them(lr: LoopRunner) -> None:
+    """aem reuses a handle that ran and that nothing refers to: one kept, or weakly referred to,
+    stays what it was (and a weakly referred one dies)."""
+    import gc
+    import weakref
+
+    async def main() -> None:
+        got: list[int] = []
+        kept = lr.loop.call_soon(got.append, 1)
+        ref = weakref.ref(lr.loop.call_soon(got.append, 2))
+        for i in range(3, 200):  # dropped at once: reusable once they ran
+            lr.loop.call_soon(got.append, i)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        for i in range(200, 400):  # made from reused handles on aem
+            lr.loop.call_soon(got.append, i)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        gc.collect()
+        assert got == list(range(1, 400))
+        assert ref() is None
+        assert kept._callback == got.append and kept._args == (1,)  # type: ignore[attr-defined]
+        assert "append" in repr(kept) and not kept.cancelled()
+        again = lr.loop.call_soon(got.append, 400)
+        assert again is not kept and isinstance(again, asyncio.Handle)
+        assert again._args == (400,) and again._context is not None  # type: ignore[attr-defined]
+        again.cancel()
+        await asyncio.sleep(0)
+        assert got[-1] == 399
+
+    lr.run(main())
 
 
 def test_many_cancelled_timers_are_dropped(lr: LoopRunner) -> None:

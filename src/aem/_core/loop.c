@@ -101,15 +101,56 @@ static inline void release(PyObject *h) {
     Py_DECREF(h);
 }
 
+/* A handle that ran and leaves the loop: when nothing else refers to it (the usual case: a
+ * Future's callbacks and most callers drop what call_soon returns) it is emptied and kept for
+ * the next call_soon, untracked by the GC, instead of being freed and allocated again
+ * (asyncio.Handle is a Python class: its allocation and deallocation are the generic, slow ones).
+ * Nothing can tell: no reference, and no weak reference, to it is left. */
+static void recycle(LoopCoreObject *self, PyObject *h) {
+    Py_ssize_t wl = Py_TYPE(h)->tp_weaklistoffset;
+    if (Py_REFCNT(h) != 1 || !Py_IS_TYPE(h, self->handle_type) || self->nspare == LOOP_SPARE_HANDLES ||
+        (wl > 0 && SLOT(h, wl))) {
+        release(h);
+        return;
+    }
+    PyObject *ctx = SLOT(h, off_context);
+    if (ctx && !PyObject_GC_IsTracked(ctx)) PyObject_GC_Track(ctx);
+    PyObject_GC_UnTrack(h);
+    /* may run code (finalizers): h is still only ours */
+    Py_CLEAR(SLOT(h, off_callback));
+    Py_CLEAR(SLOT(h, off_args));
+    Py_CLEAR(SLOT(h, off_context));
+    Py_CLEAR(SLOT(h, off_loop));
+    Py_CLEAR(SLOT(h, off_cancelled));
+    Py_CLEAR(SLOT(h, off_repr));
+    Py_CLEAR(SLOT(h, off_source_tb));
+    if (self->nspare < LOOP_SPARE_HANDLES) {
+        self->spare[self->nspare++] = h;
+    } else {
+        PyObject_GC_Track(h);
+        Py_DECREF(h);
+    }
+}
+
+static void spares_clear(LoopCoreObject *self) {
+    while (self->nspare) {
+        PyObject *h = self->spare[--self->nspare];
+        PyObject_GC_Track(h);
+        Py_DECREF(h);
+    }
+}
+
 /* A new handle of `type` with every slot of asyncio.Handle set (steals nothing). */
 static PyObject *new_handle(LoopCoreObject *self, PyTypeObject *type, PyObject *callback,
                             PyObject *args, PyObject *context) {
-    PyObject *h = type->tp_alloc(type, 0);
+    PyObject *h = type == self->handle_type && self->nspare ? self->spare[--self->nspare]
+                                                           : type->tp_alloc(type, 0);
     if (!h) return NULL;
     int own_context = context == NULL || context == Py_None;
     if (own_context) {
         context = PyContext_CopyCurrent();
         if (!context) {
+            if (!PyObject_GC_IsTracked(h)) PyObject_GC_Track(h);  /* a spare */
             Py_DECREF(h);
             return NULL;
         }
@@ -549,6 +590,7 @@ static PyObject *core_flush_now(LoopCoreObject *self, PyObject *unused) {
  * first turn of each _run_once call always polls: what was ready when run_forever started (or
  * when Python code ran between the calls) is served in that first turn, as asyncio serves it. */
 static PyObject *one_turn(LoopCoreObject *self, int stopping, int must_poll) {
+    self->turns++;
     heap_prune(self);
     double now = now_s();
     if (self->len && !stopping && !must_poll && self->skipped + 1 < LOOP_POLL_TURNS &&
@@ -613,7 +655,7 @@ collected:;
     for (Py_ssize_t i = 0; i < ntodo && self->len; i++) {
         PyObject *h = ring_pop(self);
         int rc = is_cancelled(h) ? 0 : run_handle(self, h);
-        release(h);
+        recycle(self, h);
         if (rc < 0) return NULL;
     }
     return flush_writes(self) < 0 ? NULL : Py_NewRef(Py_None);
@@ -778,6 +820,7 @@ static int core_traverse(LoopCoreObject *self, visitproc visit, void *arg) {
 
 static int core_clear_refs(LoopCoreObject *self) {
     ring_clear(self);
+    spares_clear(self);
     heap_clear(self);
     Py_CLEAR(self->loop);
     Py_CLEAR(self->handle_type);

@@ -16,6 +16,9 @@ extern Py_ssize_t off_callback, off_args, off_cancelled, off_loop, off_source_tb
 
 #define SLOT(o, off) (*(PyObject **)((char *)(o) + (off)))
 
+/* asyncio.Handle objects kept for reuse (loop.c, recycle) */
+#define LOOP_SPARE_HANDLES 64
+
 typedef struct {
     double when;
     uint64_t seq;
@@ -47,6 +50,9 @@ typedef struct {
     double clock_resolution;
     double last_poll;         /* when the last turn polled for I/O (CLOCK_MONOTONIC, s) */
     int skipped;              /* turns in a row that skipped the poll (callbacks were ready) */
+    uint64_t turns;           /* turns run so far (a transport counts its writes per turn) */
+    PyObject *spare[LOOP_SPARE_HANDLES]; /* ran handles nothing else referred to, slots cleared (loop.c) */
+    int nspare;
     int closed, debug;
     int in_turn;              /* the loop's own engine turn is delivering (wakers queue handles) */
     uint64_t *parked;         /* eids of wakers' registrations parked outside a turn (loop_fd.c) */

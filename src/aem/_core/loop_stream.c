@@ -39,6 +39,9 @@ typedef struct {
     PyObject *first;      /* the first write of this turn, not yet sent (bytes), or NULL */
     Py_ssize_t off[A__N]; /* where each is in the transport object (a slot), or -1: getattr() */
     size_t last_read;     /* bytes the last read brought (what the next one is expected to bring) */
+    uint64_t turn;        /* the loop turn of the last write() */
+    int writes;           /* write() calls in that turn */
+    int eager;            /* the turn before that wrote once: this turn's first write is sent at once */
     int fd;
     int flush_queued;
     int buffered;         /* the protocol is a BufferedProtocol: reads go through Python */
@@ -176,6 +179,13 @@ static PyObject *io_write(StreamIOObject *io, PyObject *data) {
     if (len == 0) Py_RETURN_NONE;
     r = attr_true(io, A_CONN_LOST);
     if (r) return r < 0 ? NULL : PyObject_CallMethodOneArg(t, s_write_lost, data);
+    uint64_t turn = ((LoopCoreObject *)io->core)->turns;
+    if (io->turn != turn) {  /* the first write of this turn */
+        io->eager = io->writes == 1;
+        io->turn = turn;
+        io->writes = 0;
+    }
+    io->writes++;
     PyObject *buffer = tattr(io, A_BUFFER);
     if (!buffer) return NULL;
     Py_ssize_t blen = PyObject_Length(buffer);
@@ -188,6 +198,18 @@ static PyObject *io_write(StreamIOObject *io, PyObject *data) {
     } else {
         io->first = PyBytes_CheckExact(data) ? Py_NewRef(data) : PyBytes_FromObject(data);
         if (!io->first) goto fail;
+        if (io->eager && io->writes == 1 && !io->flush_queued) {
+            /* A lone write (the last turn that wrote wrote once): sent now, not at the end of the
+             * turn -- what the rest of the turn runs is not between the peer and its answer. */
+            int busy = attr_true(io, A_CLOSING);
+            if (!busy) busy = attr_true(io, A_PROTOCOL_PAUSED);
+            if (busy < 0) goto fail;
+            if (!busy) {
+                Py_DECREF(buffer);
+                io->flush_queued = 1;  /* aem_stream_flush sends only what is queued */
+                return aem_stream_flush((PyObject *)io) < 0 ? NULL : Py_NewRef(Py_None);
+            }
+        }
         if (!io->flush_queued) {
             if (aem_loop_flush_later(io->core, (PyObject *)io) < 0) goto fail;
             io->flush_queued = 1;
@@ -344,6 +366,9 @@ PyObject *aem_stream_new(PyObject *core, PyObject *transport, int fd) {
     io->first = NULL;
     io->fd = fd;
     io->last_read = 0;
+    io->turn = 0;
+    io->writes = 0;
+    io->eager = 0;
     io->flush_queued = 0;
     io->buffered = 0;
     PyObject_GC_Track(io);

@@ -398,7 +398,7 @@ def run(ctx: Context) -> None:
     _bench_call_soon(ctx, kinds, rounds)
     _bench_timers(ctx, kinds, rounds)
     with tempfile.TemporaryDirectory() as tmp:
-        _bench_echo(ctx, kinds, 1 if ctx.quick else 5, Path(tmp))  # more, shorter rounds: a sturdier median
+        _bench_echo(ctx, kinds, 1 if ctx.quick else 9, Path(tmp))  # more, shorter rounds: a sturdier median
         _bench_uvicorn(ctx, kinds, rounds, Path(tmp))
     ctx.note("ratios within this run; asyncio = asyncio.SelectorEventLoop (epoll)")
 
@@ -480,7 +480,7 @@ def _echo_case(ctx: Context, kinds: list[str], rounds: int, tmp: Path, mode: str
 
 
 def _bench_echo(ctx: Context, kinds: list[str], rounds: int, tmp: Path) -> None:
-    seconds = 0.3 if ctx.quick else 1.5
+    seconds = 0.3 if ctx.quick else 1.0
     pin_to_cpu(CLIENT_CPU)
     try:
         for mode in ("streams", "protocol"):
