@@ -129,3 +129,31 @@ def test_timeout_kills_both_kinds_and_replaces_only_the_steady_one(one: Served) 
     assert one.get("/")[0] == 200
     assert one.stderr().count("took longer than 1.5 s: killed") == 2
     assert one.stderr().count("starting another") == 1
+
+
+def test_one_temporary_worker_per_stuck_worker(tmp_path: Path) -> None:
+    with serve(tmp_path, "flask_app:app", "--workers", "1", "--burst", "2", "--burst-after", "0.2",
+               "--status", wait=WAIT) as s:
+        out: list[tuple[int, bytes]] = []
+        slow = in_background(s, "/sleep?s=1.2", out)
+        time.sleep(0.1)
+        # fast requests (50 ms, below --burst-after) keep waiting while the one worker is stuck:
+        # one temporary worker takes them, and it never counts as stuck itself
+        end = time.monotonic() + 0.8
+        fast = [threading.Thread(target=lambda: [s.get("/sleep?s=0.05") for _ in iter(
+            lambda: time.monotonic() < end, False)]) for _ in range(3)]
+        for t in fast:
+            t.start()
+        for t in fast:
+            t.join(10)
+        w = workers(s)
+        assert (w["bursts"], w["extra"]) == (1, 1)
+        slow.join(10)
+        # two slow handlers at once: each stuck worker gets its temporary one, up to --burst
+        more = [in_background(s, "/sleep?s=1", out) for _ in range(3)]
+        time.sleep(0.8)
+        w = workers(s)
+        assert w["extra"] == 2 and w["workers"] == 3
+        for t in more:
+            t.join(10)
+        assert out == [(200, b"slept")] * 4

@@ -840,20 +840,24 @@ class WSGIWorkers:
     # -- burst workers -----------------------------------------------------------------------
 
     def _check_burst(self) -> None:
-        """Requests wait: start a temporary worker once one worker has been busy with one
-        request for ``burst_after`` seconds; look again then (or while requests still wait)."""
+        """Requests wait: start a temporary worker for each worker that has been busy with one
+        request for ``burst_after`` seconds (stuck in a slow handler), beyond those already
+        started; look again when the next busy one would count (while requests still wait)."""
         self._burst_check = None
         if self.closing or not self.waiting or len(self._extras) >= self.burst:
             return
         now = self.loop.time()
-        busy = [w.since for w in self.all if w.exchange is not None]
-        if not busy:
-            return                 # workers are starting: they take the waiting requests
-        due = min(busy) + self.burst_after
-        if due <= now:
-            if not self._starting:
-                self._start_extra()
-            due = now + self.burst_after
+        after = self.burst_after
+        stuck = 0
+        due = now + after
+        for w in self.all:
+            if w.exchange is not None:
+                if now - w.since >= after:
+                    stuck += 1
+                else:
+                    due = min(due, w.since + after)
+        if stuck > len(self._extras) and not self._starting:
+            self._start_extra()
         self._burst_check = self.loop.call_at(due, self._check_burst)
 
     def _start_extra(self) -> None:
@@ -904,7 +908,12 @@ class WSGIWorkers:
     def _dispatch(self, ex: _Exchange) -> None:
         idle = self.idle
         while idle:
-            w = idle.pop()     # the one idle the shortest time: its caches are the warmest
+            # the one idle the shortest time (its caches are the warmest), a steady one first:
+            # temporary workers then stay idle when they are not needed, and retire
+            i = len(idle) - 1
+            if idle[i].extra:
+                i = next((j for j in range(i - 1, -1, -1) if not idle[j].extra), i)
+            w = idle.pop(i)
             if not w.dead:
                 ex.begin(w)
                 return
