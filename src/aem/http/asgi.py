@@ -434,7 +434,7 @@ class _HttpProtocol(asyncio.Protocol):
             # between requests, a read that is one simple head: C parses it (no llhttp callbacks)
             req = self.http.parser.feed_simple(data)
             if req is not None:
-                self._start(req, None)
+                self._start(req, None, True)
                 return
         events = self.http.receive(data)
         for ev in events:
@@ -642,8 +642,9 @@ class _HttpProtocol(asyncio.Protocol):
         ev, body = self.pending.popleft()
         self._start(ev, body)
 
-    def _start(self, ev: Request | HttpError, body: _Body | None) -> None:
-        """Answer the request ``ev`` (or the error in its place): the app's cycle starts."""
+    def _start(self, ev: Request | HttpError, body: _Body | None, simple: bool = False) -> None:
+        """Answer the request ``ev`` (or the error in its place): the app's cycle starts.
+        ``simple``: ``ev`` passed :meth:`RequestParser.feed_simple` (it has no ``Upgrade``)."""
         self.deadline = 0.0
         srv = self.server
         if not isinstance(ev, Request):
@@ -657,7 +658,7 @@ class _HttpProtocol(asyncio.Protocol):
         srv.stats.requests += 1
         if srv.shutting_down:
             self.http.closing = True
-        if _is_websocket(req):
+        if not simple and _is_websocket(req):
             from ._websocket import WebSocketSession
 
             self.ws = WebSocketSession(self, req)
@@ -974,7 +975,10 @@ class _Cycle:
         req = self.req
         date = conn.server._clock.line()
         if not self.head_sent:
-            self._answering()
+            if self.body is None:
+                self.head_sent = True
+            else:
+                self._answering()
             want = self.want_length
             if not more and (want is None or want == len(body) or req.method == "HEAD"):
                 if req.method == "HEAD" and want is not None and body_allowed("GET", self.status):
@@ -1047,8 +1051,10 @@ class _Cycle:
         self.response_done = True
         srv = self.conn.server
         srv.stats.responses[self.status // 100] += 1
-        self.conn.server_log(self.req, self.status, length)
-        self.wake()  # a receive() waiting for the disconnect returns now
+        if srv.access_log is not None:
+            self.conn.server_log(self.req, self.status, length)
+        if self.waiter is not None:
+            self.wake()  # a receive() waiting for the disconnect returns now
 
     async def _sendfile(self, message: Message) -> None:
         f = message["file"]
