@@ -950,7 +950,7 @@ class _Cycle:
                     self.want_length = int(field[1])
                 continue
             if type(pair) is tuple and type(n) is bytes and type(v) is bytes:
-                if len(known) >= 4096:
+                if len(known) >= 1024:
                     known.clear()
                 known[pair] = field
             fields.append(field)
