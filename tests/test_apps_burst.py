@@ -75,7 +75,8 @@ def test_the_temporary_worker_is_retired_when_idle(one: Served) -> None:
     assert one.get("/")[0] == 200
     assert workers(one)["extra"] == 1
     t.join(10)
-    w = wait_for(one, "retired", 1)
+    wait_for(one, "retired", 1)
+    w = wait_for(one, "extra", 0)
     assert (w["retired"], w["extra"], w["workers"]) == (1, 0, 1)
     assert w["replaced"] == 0          # retiring is not a death that gets replaced
     # and a later burst starts a fresh one
@@ -89,9 +90,9 @@ def test_the_temporary_worker_is_retired_when_idle(one: Served) -> None:
 
 def test_the_burst_bound_holds(one: Served) -> None:
     slow: list[tuple[int, bytes]] = []
-    threads = [in_background(one, "/sleep?s=0.6", slow) for _ in range(3)]
-    time.sleep(0.4)
-    w = workers(one)
+    threads = [in_background(one, "/sleep?s=1.2", slow) for _ in range(3)]
+    time.sleep(0.3)
+    w = wait_for(one, "waiting", 1, timeout=0.6)
     # one steady and one temporary worker sleep; the third request waits for one of them
     assert (w["workers"], w["extra"], w["waiting"]) == (2, 1, 1)
     for t in threads:

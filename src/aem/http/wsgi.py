@@ -941,9 +941,12 @@ class WSGIWorkers:
 
     def stats(self) -> dict[str, int]:
         """Workers alive (temporary ones included), idle; requests waiting for one; killed
-        past the timeout; replaced; temporary (burst) workers now, started, retired."""
+        past the timeout; replaced; temporary (burst) workers serving or starting now, started
+        in all, retired.  (The ``burst`` bound also counts retired ones whose process has not
+        ended yet.)"""
         return {"workers": len(self.all), "idle": len(self.idle), "waiting": len(self.waiting),
-                "killed": self.killed, "replaced": self.replaced, "extra": len(self._extras),
+                "killed": self.killed, "replaced": self.replaced,
+                "extra": sum(1 for w in self.all if w.extra) + len(self._starting),
                 "bursts": self.bursts, "retired": self.retired}
 
     async def close(self) -> None:
