@@ -78,13 +78,25 @@ def test_load_app_errors() -> None:
     ("interface", "cgi", "--interface"), ("workers", 0, "--workers"),
     ("graceful_timeout", -1, "--graceful-timeout"), ("timeout", 0, "--timeout"),
     ("limit_concurrency", 0, "--limit-concurrency"), ("root", "/no/such/dir", "--root"),
-    ("log_level", "loud", "--log-level"),
+    ("log_level", "loud", "--log-level"), ("burst", -1, "--burst"), ("burst_after", 0, "--burst-after"),
 ])
 def test_bad_options_are_refused(field: str, value: Any, message: str) -> None:
     cfg = AppConfig(app="x:y")
     setattr(cfg, field, value)
     with pytest.raises(ValueError, match=message):
         cfg.check()
+
+
+def test_wsgi_workers_refuse_bad_burst_options() -> None:
+    from aem.http.wsgi import WSGIWorkers
+
+    with pytest.raises(ValueError, match="burst must be"):
+        WSGIWorkers("x:y", burst=-1)
+    with pytest.raises(ValueError, match="burst_after and burst_idle"):
+        WSGIWorkers("x:y", burst_after=0)
+    with pytest.raises(ValueError, match="burst_after and burst_idle"):
+        WSGIWorkers("x:y", burst_idle=-1)
+    assert WSGIWorkers("x:y", workers=3).burst == 3      # default: as many as --workers
 
 
 def test_cli_reports_an_app_that_cannot_load(capsys: pytest.CaptureFixture[str]) -> None:

@@ -144,7 +144,7 @@ def _serve_app(args: argparse.Namespace) -> int:
                     graceful_timeout=args.graceful_timeout, limit_concurrency=args.limit_concurrency,
                     timeout_keep_alive=args.timeout_keep_alive, timeout=args.timeout,
                     root_path=args.root_path, lifespan=args.lifespan, status=args.status,
-                    max_body=args.max_body)
+                    max_body=args.max_body, burst=args.burst, burst_after=args.burst_after)
     try:
         return serve_app(cfg)
     except ValueError as e:
@@ -175,6 +175,12 @@ def _add_app_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds a WSGI worker may keep the front waiting (for its response head, then "
                         "for each chunk); then it is killed and replaced, the client gets 504")
+    p.add_argument("--burst", type=int, default=None,
+                   help="WSGI: up to this many temporary workers when requests wait behind a slow "
+                        "handler (default: as many as --workers; 0: none)")
+    p.add_argument("--burst-after", type=float, default=0.02,
+                   help="WSGI: seconds a worker is busy with one request, while others wait, before "
+                        "a temporary worker starts (default: 0.02)")
     p.add_argument("--root-path", default="",
                    help="the ASGI root_path / WSGI SCRIPT_NAME the app is mounted at")
     p.add_argument("--max-body", type=int, default=1 << 20,

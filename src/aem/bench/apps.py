@@ -20,11 +20,16 @@ Figures: req/s (wrk), server CPU µs per request (utime+stime of the server's
 process tree over the run, divided by the requests served), p50/p99.  With 1
 worker every server runs on CPU 0 and wrk on CPU 1; with 2 workers the
 servers may use both CPUs (wrk shares them: the figures are then for the
-machine as a whole).  Rounds are interleaved after a warm-up; medians.
+machine as a whole).  Rounds are interleaved after a warm-up, the servers'
+order reversed every other round (A B C, C B A, ...); medians: throughput of
+5 rounds of 3 s per server, the p99 cases 3 rounds of 5 s.  aem runs the WSGI
+cases with ``--status``, and the notes say how many temporary (burst) workers
+it started.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import statistics
@@ -60,7 +65,8 @@ def _servers(interface: str, workers: int) -> list[Server]:
     port = free_port()
     out.append(Server("aem", [py, "-m", "aem.cli", "serve", app, "--interface", interface,
                               "--workers", str(workers), "--port", str(port), "--no-access-log",
-                              "--log-level", "warning"], port, env))
+                              "--log-level", "warning"] + (["--status"] if interface == "wsgi" else []),
+                      port, env))
     if interface == "asgi":
         uv = _exe("uvicorn")
         if uv is not None:
@@ -119,7 +125,7 @@ def _throughput(ctx: Context, servers: list[Server], cases: Sequence[tuple[str, 
     for case, path in cases:
         results: dict[str, list[tuple[object, float]]] = {s.name: [] for s in servers}
         for r in range(warmup + rounds):
-            for s in servers:
+            for s in (servers if r % 2 == 0 else servers[::-1]):   # A B C, C B A, ...
                 c0 = s.cpu_seconds()
                 res = run_wrk(s.port, path, seconds, conns)
                 cpu = s.cpu_seconds() - c0
@@ -147,7 +153,7 @@ def _p99_with_slow(ctx: Context, servers: list[Server], seconds: float, rounds: 
         alone: dict[str, list[float]] = {s.name: [] for s in servers}
         mixed: dict[str, list[float]] = {s.name: [] for s in servers}
         for r in range(warmup + rounds):
-            for s in servers:
+            for s in (servers if r % 2 == 0 else servers[::-1]):
                 res = run_wrk(s.port, "/hello", seconds, n)
                 stop = threading.Event()
                 t = threading.Thread(target=_slow_client, args=(s.port, stop))
@@ -168,6 +174,24 @@ def _p99_with_slow(ctx: Context, servers: list[Server], seconds: float, rounds: 
                 ctx.record(case, s.name, "p99 with /slow", statistics.median(m), "µs", "lower", m)
                 ctx.record(case, s.name, "p99 ratio slow/alone",
                            statistics.median(m) / statistics.median(a), "x", "lower")
+        burst = _burst_stats(servers)
+        if burst:
+            ctx.note(f"{case}: aem started {burst['bursts']} temporary (burst) worker(s) so far; "
+                     f"{burst['extra']} running at the end, {burst['retired']} retired")
+
+
+def _burst_stats(servers: Sequence[Server]) -> dict[str, int] | None:
+    """aem's WSGI worker counters (its status page), or None."""
+    for s in servers:
+        if s.name == "aem":
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{s.port}/_aem/status?format=json",
+                                            timeout=5) as r:
+                    caps: dict[str, int] = json.loads(r.read())["capsules"]
+                    return caps
+            except (OSError, ValueError, KeyError):
+                return None
+    return None
 
 
 def run(ctx: Context) -> None:
@@ -181,8 +205,11 @@ def run(ctx: Context) -> None:
         except ImportError:
             ctx.note(f"{mod} is not installed (pip install 'aem[bench]'): apps suite skipped")
             return
-    seconds = 1.0 if ctx.quick else 5.0
-    rounds, warmup = (1, 0) if ctx.quick else (3, 1)
+    # throughput: short rounds, many of them, interleaved (each server's median of 5 x 3 s);
+    # the p99 cases: rounds of 5 s (a p99 needs the requests)
+    seconds, p99_seconds = (1.0, 1.0) if ctx.quick else (3.0, 5.0)
+    rounds, warmup = (1, 0) if ctx.quick else (5, 1)
+    p99_rounds = 1 if ctx.quick else 3
     groups: list[tuple[str, int]] = [("asgi", 1), ("wsgi", 1)] if ctx.quick else [
         ("asgi", 1), ("asgi", 2), ("wsgi", 1), ("wsgi", 2)]
     with tempfile.TemporaryDirectory(prefix="aem-bench-apps-") as td:
@@ -202,7 +229,7 @@ def run(ctx: Context) -> None:
                     _throughput(ctx, started, [("wsgi hello" + suffix, "/hello")], WSGI_CONNECTIONS,
                                 seconds, rounds, warmup)
                     if workers == 2:
-                        _p99_with_slow(ctx, started, seconds, rounds, warmup)
+                        _p99_with_slow(ctx, started, p99_seconds, p99_rounds, warmup)
             finally:
                 for s in servers:
                     s.stop()

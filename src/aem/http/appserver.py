@@ -66,6 +66,8 @@ class AppConfig:
     lifespan: str = "auto"
     status: bool = False
     max_body: int = 1 << 20
+    burst: int | None = None
+    burst_after: float = 0.02
 
     def check(self) -> None:
         """Raise ``ValueError`` for an option out of range."""
@@ -81,6 +83,10 @@ class AppConfig:
             raise ValueError("--limit-concurrency must be >= 1")
         if self.root is not None and not os.path.isdir(self.root):
             raise ValueError(f"--root {self.root!r} is not a directory")
+        if self.burst is not None and self.burst < 0:
+            raise ValueError("--burst must be >= 0")
+        if not self.burst_after > 0:
+            raise ValueError("--burst-after must be > 0")
         if self.max_body < 0:
             raise ValueError("--max-body must be >= 0")
         if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
@@ -142,7 +148,8 @@ def serve_app(cfg: AppConfig) -> int:
         return 0
     if interface == "asgi" and cfg.workers > 1:
         return _asgi_workers(cfg, app)
-    target = app if interface == "asgi" else WSGIWorkers(cfg.app, cfg.workers, cfg.timeout)
+    target = app if interface == "asgi" else WSGIWorkers(
+        cfg.app, cfg.workers, cfg.timeout, burst=cfg.burst, burst_after=cfg.burst_after)
     runner = asyncio.Runner(loop_factory=aem.new_event_loop)
     try:
         return runner.run(_serve_one(cfg, target, interface))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import os
 import socket
 import sys
@@ -69,6 +70,9 @@ _ASGI = {"version": "3.0", "spec_version": "2.3"}
 # response fields the server frames itself
 _STRIP = frozenset({"content-length", "connection", "date", "server", "transfer-encoding", "keep-alive"})
 _STRIP_LENGTHS = frozenset(len(n) for n in _STRIP)
+# the app's response fields seen before, (name, value) bytes -> the str pair (never one the
+# server frames itself: those are not kept)
+_FIELDS: dict[tuple[bytes, bytes], tuple[str, str]] = {}
 _PIPELINE_MAX = 16          # parsed requests queued on a connection before reading pauses
 _BODY_HIGH = 256 * 1024     # request-body bytes a connection holds unread before reading pauses
 
@@ -343,7 +347,12 @@ class _HttpProtocol(asyncio.Protocol):
         self.server = server
         self.http = Connection(server.limits, server_name=server.server_name, stream=True)
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
-        self.loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
+        # the app's tasks: asyncio.Task itself (no Python frame of create_task) unless the loop
+        # has a task factory (the one in effect when the connection opened)
+        self.new_task: Callable[[Any], asyncio.Task[None]] = (
+            functools.partial(asyncio.Task, loop=loop) if loop.get_task_factory() is None
+            else loop.create_task)
         # parsed requests not started yet, each with its body when that streams
         self.pending: collections.deque[tuple[Request | HttpError, _Body | None]] = collections.deque()
         self.feeding: _Body | None = None   # the body arriving now
@@ -421,6 +430,12 @@ class _HttpProtocol(asyncio.Protocol):
         if self.ws is not None:
             self.ws.data_received(data)
             return
+        if self.cycle is None and not self.pending and not self.http.closing:
+            # between requests, a read that is one simple head: C parses it (no llhttp callbacks)
+            req = self.http.parser.feed_simple(data)
+            if req is not None:
+                self._start(req, None, True)
+                return
         events = self.http.receive(data)
         for ev in events:
             t = type(ev)
@@ -625,6 +640,11 @@ class _HttpProtocol(asyncio.Protocol):
                 self._arm(self.http.timer if self.http.timer != KEEP else IDLE_TIMER)
             return
         ev, body = self.pending.popleft()
+        self._start(ev, body)
+
+    def _start(self, ev: Request | HttpError, body: _Body | None, simple: bool = False) -> None:
+        """Answer the request ``ev`` (or the error in its place): the app's cycle starts.
+        ``simple``: ``ev`` passed :meth:`RequestParser.feed_simple` (it has no ``Upgrade``)."""
         self.deadline = 0.0
         srv = self.server
         if not isinstance(ev, Request):
@@ -638,7 +658,7 @@ class _HttpProtocol(asyncio.Protocol):
         srv.stats.requests += 1
         if srv.shutting_down:
             self.http.closing = True
-        if _is_websocket(req):
+        if not simple and _is_websocket(req):
             from ._websocket import WebSocketSession
 
             self.ws = WebSocketSession(self, req)
@@ -767,7 +787,7 @@ class _Cycle:
     def __init__(self, conn: _HttpProtocol, req: Request, body: _Body | None = None) -> None:
         self._setup(conn, req, body)
         scope = make_scope(conn, req, "http")
-        self.task: asyncio.Task[None] | None = conn.loop.create_task(self._run(scope))
+        self.task: asyncio.Task[None] | None = conn.new_task(self._run(scope))
 
     def _setup(self, conn: _HttpProtocol, req: Request, body: _Body | None) -> None:
         self.task = None
@@ -888,8 +908,7 @@ class _Cycle:
             status = int(message["status"])
             if not 100 <= status <= 599:
                 raise ValueError(f"status {status} is not an HTTP status code")
-            self._set_head(status, [(bytes(n).decode("latin-1"), bytes(v).decode("latin-1"))
-                                    for n, v in message.get("headers", ())])
+            self._set_raw_head(status, message.get("headers", ()))
             return
         if kind == "http.response.body":
             if not self.status:
@@ -908,6 +927,34 @@ class _Cycle:
             await self._sendfile(message)
             return
         raise RuntimeError(f"unexpected ASGI message {kind!r} in an http scope")
+
+    def _set_raw_head(self, status: int, headers: Any) -> None:
+        """:meth:`_set_head` for the app's byte pairs; each pair seen before is looked up
+        (the ``str`` pair it gives), not decoded again."""
+        self.status = status
+        fields: list[tuple[str, str]] = []
+        known = _FIELDS
+        for pair in headers:
+            try:
+                field = known.get(pair)
+            except TypeError:      # a pair given as a list: not hashable
+                field = None
+            if field is not None:
+                fields.append(field)
+                continue
+            n, v = pair
+            field = (bytes(n).decode("latin-1"), bytes(v).decode("latin-1"))
+            name = field[0]
+            if len(name) in _STRIP_LENGTHS and (lname := name.lower()) in _STRIP:
+                if lname == "content-length":
+                    self.want_length = int(field[1])
+                continue
+            if type(pair) is tuple and type(n) is bytes and type(v) is bytes:
+                if len(known) >= 1024:
+                    known.clear()
+                known[pair] = field
+            fields.append(field)
+        self.headers = fields
 
     def _set_head(self, status: int, headers: list[tuple[str, str]]) -> None:
         """The response's status and fields (those the server frames itself are taken out)."""
@@ -928,7 +975,10 @@ class _Cycle:
         req = self.req
         date = conn.server._clock.line()
         if not self.head_sent:
-            self._answering()
+            if self.body is None:
+                self.head_sent = True
+            else:
+                self._answering()
             want = self.want_length
             if not more and (want is None or want == len(body) or req.method == "HEAD"):
                 if req.method == "HEAD" and want is not None and body_allowed("GET", self.status):
@@ -1001,8 +1051,10 @@ class _Cycle:
         self.response_done = True
         srv = self.conn.server
         srv.stats.responses[self.status // 100] += 1
-        self.conn.server_log(self.req, self.status, length)
-        self.wake()  # a receive() waiting for the disconnect returns now
+        if srv.access_log is not None:
+            self.conn.server_log(self.req, self.status, length)
+        if self.waiter is not None:
+            self.wake()  # a receive() waiting for the disconnect returns now
 
     async def _sendfile(self, message: Message) -> None:
         f = message["file"]

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import aem
 
 from .asgi import _Cycle
+from .workers import shut_down_jobs
 
 if TYPE_CHECKING:
     from .asgi import _Body, _HttpProtocol
@@ -63,7 +64,7 @@ M_REQUEST = b"Q"        # marshal(request fields) + first body chunk
 M_BODY = b"B"           # a body chunk; b"B" alone: the body is complete
 M_ABORT = b"A"          # the client went away before the end of the body
 # worker → front
-M_HELLO = b"H"          # marshal(pid)
+M_HELLO = b"H"          # marshal((pid, tag)): tag names the job (a temporary worker's is < 0)
 M_WHOLE = b"R"          # marshal((status, headers, body)): the whole response
 M_START = b"S"          # marshal((status, headers))
 M_DATA = b"D"           # a body chunk
@@ -371,11 +372,11 @@ def _handle(app: Any, chan: socket.socket, msg: bytes) -> None:
 
 def worker_main(ev: Any) -> None:
     """The handler of a worker's start event, run in its capsule: serve requests until the front goes."""
-    address, ref = ev.payload
+    address, ref, tag = ev.payload
     app = load_app(ref)
     chan = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     chan.connect(address)
-    chan.sendall(M_HELLO + marshal.dumps(os.getpid()))
+    chan.sendall(M_HELLO + marshal.dumps((os.getpid(), tag)))
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the front decides when we stop
     try:
@@ -412,7 +413,8 @@ def _take_fd(anc: list[tuple[int, int, bytes]]) -> int:
 class _Worker:
     """The front's end of one worker's channel: its messages go to the exchange it serves."""
 
-    __slots__ = ("chan", "dead", "deadline", "exchange", "fd", "loop", "pid", "pool", "reading")
+    __slots__ = ("chan", "dead", "deadline", "exchange", "extra", "fd", "loop", "pid", "pool", "reading",
+                 "since")
 
     def __init__(self, pool: WSGIWorkers, chan: socket.socket) -> None:
         self.pool = pool
@@ -424,6 +426,10 @@ class _Worker:
         self.exchange: _Exchange | None = None
         #: loop.time() by which the worker owes its next message (0: it owes none now)
         self.deadline = 0.0
+        #: loop.time() since when it serves its request, or has been idle
+        self.since = 0.0
+        #: the job tag of a temporary (burst) worker, else 0
+        self.extra = 0
         self.reading = True
         self.loop.add_reader(self.fd, self._readable)
 
@@ -445,8 +451,8 @@ class _Worker:
                 if ex.message(data, fd):
                     return      # the answer is complete: the worker sends nothing more unasked
             elif data[:1] == M_HELLO and not self.pid:
-                self.pid = marshal.loads(data[1:])
-                self.pool._release(self)
+                self.pid, tag = marshal.loads(data[1:])
+                self.pool._hello(self, tag)
             elif fd >= 0:
                 os.close(fd)
 
@@ -505,7 +511,8 @@ class _Exchange(_Cycle):
         self.worker = w
         w.exchange = self
         pool = self.pool
-        w.deadline = pool.loop.time() + pool.timeout
+        w.since = pool.loop.time()
+        w.deadline = w.since + pool.timeout
         req = self.req
         conn = self.conn
         target = req.target
@@ -728,19 +735,37 @@ class WSGIWorkers:
 
     ``ref``: the app as ``module:attribute`` (each worker imports it; the
     template of the capsule pool has it imported already when the front did).
-    ``workers``: how many capsules; ``timeout``: seconds a worker may keep
-    the front waiting for its next message before it is killed (its client
-    gets 504).
+    ``workers``: how many capsules serve steadily; ``timeout``: seconds a
+    worker may keep the front waiting for its next message before it is
+    killed (its client gets 504) and replaced.
+
+    Burst workers: when requests wait for a worker while one has been busy
+    with a single request for ``burst_after`` seconds (a slow handler), a
+    temporary worker is started from the capsule pool (a ready capsule: no
+    fork, no import), at most ``burst`` of them at a time (0: never); one
+    that has been idle for ``burst_idle`` seconds is retired (its process
+    ends; the pool keeps its ready capsules).  A temporary worker that dies
+    or hangs past ``timeout`` is not replaced.
     """
 
-    def __init__(self, ref: str, workers: int = 1, timeout: float = 30.0) -> None:
+    def __init__(self, ref: str, workers: int = 1, timeout: float = 30.0, *, burst: int | None = None,
+                 burst_after: float = 0.02, burst_idle: float = 2.0) -> None:
         if workers < 1:
             raise ValueError("workers must be >= 1")
         if not timeout > 0:
             raise ValueError("timeout must be > 0 seconds")
+        if burst is None:
+            burst = workers
+        if burst < 0:
+            raise ValueError("burst must be >= 0")
+        if not (burst_after > 0 and burst_idle > 0):
+            raise ValueError("burst_after and burst_idle must be > 0 seconds")
         self.ref = ref
         self.workers = workers
         self.timeout = timeout
+        self.burst = burst
+        self.burst_after = burst_after
+        self.burst_idle = burst_idle
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.idle: list[_Worker] = []
         self.waiting: collections.deque[_Exchange] = collections.deque()
@@ -748,40 +773,48 @@ class WSGIWorkers:
         self.closing = False
         self.killed = 0
         self.replaced = 0
+        self.bursts = 0            # temporary workers started
+        self.retired = 0           # ... and retired when idle
+        self._address = ""
         self._listen: socket.socket | None = None
         self._jobs: list[tuple[aem.UserEvent, int, int]] = []
+        # temporary workers' jobs by tag (-1, -2, ...), from their start to their process's end
+        self._extras: dict[int, tuple[aem.UserEvent, int, int]] = {}
+        self._extra_tags = 0
+        self._starting: set[int] = set()   # tags of temporary workers not yet said hello
         self._capsules: Any = None
         self._ticker: asyncio.TimerHandle | None = None
+        self._burst_check: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         """Listen for the workers, start them, wait until each has said hello."""
         self.loop = asyncio.get_running_loop()
         lsock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        address = f"\0aem-wsgi-{os.getpid()}-{id(self):x}"
+        address = self._address = f"\0aem-wsgi-{os.getpid()}-{id(self):x}"
         lsock.bind(address)
         lsock.listen(64)
         lsock.setblocking(False)
         self._listen = lsock
         self.loop.add_reader(lsock.fileno(), self._accept)
-        self._capsules = aem.CapsulePool(size=self.workers, reserve=0)
-        flags = aem.EVF_CAPSULE | aem.EVF_KEEPALIVE
-        payload = (address, self.ref)
-        for _ in range(self.workers):
+        # as many ready capsules as burst workers may take at once (they start with no fork)
+        self._capsules = aem.CapsulePool(size=max(self.workers, self.burst), reserve=0)
+        for tag in range(1, self.workers + 1):
             start = aem.UserEvent()
-            eid = aem.register(start, worker_main, flags=flags, pool=self._capsules)
+            eid = aem.register(start, worker_main, flags=aem.EVF_CAPSULE | aem.EVF_KEEPALIVE,
+                               pool=self._capsules)
 
-            def replace(ev: Any, start: aem.UserEvent = start) -> None:
+            def replace(ev: Any, start: aem.UserEvent = start, tag: int = tag) -> None:
                 if self.closing:
                     return
                 self.replaced += 1
                 print(f"aem serve: WSGI worker {ev.pid} ended ({ev.returncode}); starting another",
                       file=sys.stderr, flush=True)
-                start.fire(payload)
+                start.fire((self._address, self.ref, tag))
 
             exit_eid = aem.register(aem.ChildExit(job=eid), replace)
             self._jobs.append((start, eid, exit_eid))
-        for start, _, _ in self._jobs:
-            start.fire(payload)
+        for tag, (start, _, _) in enumerate(self._jobs, 1):
+            start.fire((address, self.ref, tag))
         deadline = self.loop.time() + 30
         while len(self.idle) < self.workers:
             if self.loop.time() > deadline:
@@ -790,14 +823,73 @@ class WSGIWorkers:
         self._ticker = self.loop.call_later(self._tick_s(), self._tick)
 
     def _tick_s(self) -> float:
-        return min(0.5, self.timeout / 8)
+        return min(0.5, self.timeout / 8, self.burst_idle / 4)
 
     def _tick(self) -> None:
-        """Kill the workers that owe a message past their deadline (one timer for all)."""
+        """Kill the workers that owe a message past their deadline, retire the temporary ones
+        idle for ``burst_idle`` (one timer for all)."""
         now = self.loop.time()
         for w in [w for w in self.all if 0.0 < w.deadline <= now and w.exchange is not None]:
             self._hung(w)
+        for w in [w for w in self.idle if w.extra and now - w.since >= self.burst_idle]:
+            self.idle.remove(w)
+            self.retired += 1
+            w.gone()               # its channel closes: worker_main returns, the process ends
         self._ticker = self.loop.call_later(self._tick_s(), self._tick)
+
+    # -- burst workers -----------------------------------------------------------------------
+
+    def _check_burst(self) -> None:
+        """Requests wait: start a temporary worker for each worker that has been busy with one
+        request for ``burst_after`` seconds (stuck in a slow handler), beyond those already
+        started; look again when the next busy one would count (while requests still wait)."""
+        self._burst_check = None
+        if self.closing or not self.waiting or len(self._extras) >= self.burst:
+            return
+        now = self.loop.time()
+        after = self.burst_after
+        stuck = 0
+        due = now + after
+        for w in self.all:
+            if w.exchange is not None:
+                if now - w.since >= after:
+                    stuck += 1
+                else:
+                    due = min(due, w.since + after)
+        if stuck > len(self._extras) and not self._starting:
+            self._start_extra()
+        self._burst_check = self.loop.call_at(due, self._check_burst)
+
+    def _start_extra(self) -> None:
+        self._extra_tags -= 1
+        tag = self._extra_tags
+        start = aem.UserEvent()
+        eid = aem.register(start, worker_main, flags=aem.EVF_CAPSULE | aem.EVF_KEEPALIVE,
+                           pool=self._capsules)
+        exit_eid = aem.register(aem.ChildExit(job=eid), lambda ev: self._extra_ended(tag))
+        self._extras[tag] = (start, eid, exit_eid)
+        self._starting.add(tag)
+        self.bursts += 1
+        start.fire((self._address, self.ref, tag))
+
+    def _extra_ended(self, tag: int) -> None:
+        """A temporary worker's process ended (retired, died or killed): end its jobs."""
+        job = self._extras.pop(tag, None)
+        if job is None:
+            return
+        self._starting.discard(tag)
+        shut_down_jobs(job[1:])
+
+    def _hello(self, w: _Worker, tag: int) -> None:
+        if tag < 0:
+            if tag not in self._extras:   # (its job ended meanwhile)
+                w.gone()
+                return
+            w.extra = tag
+            self._starting.discard(tag)
+        self._release(w)
+
+    # -- requests ------------------------------------------------------------------------------
 
     def _accept(self) -> None:
         assert self._listen is not None
@@ -816,11 +908,18 @@ class WSGIWorkers:
     def _dispatch(self, ex: _Exchange) -> None:
         idle = self.idle
         while idle:
-            w = idle.pop()     # the one idle the shortest time: its caches are the warmest
+            # the one idle the shortest time (its caches are the warmest), a steady one first:
+            # temporary workers then stay idle when they are not needed, and retire
+            i = len(idle) - 1
+            if idle[i].extra:
+                i = next((j for j in range(i - 1, -1, -1) if not idle[j].extra), i)
+            w = idle.pop(i)
             if not w.dead:
                 ex.begin(w)
                 return
         self.waiting.append(ex)
+        if self._burst_check is None and self.burst:
+            self._check_burst()
 
     def _release(self, w: _Worker) -> None:
         if w.dead:
@@ -830,6 +929,7 @@ class WSGIWorkers:
             if not ex.finished:
                 ex.begin(w)
                 return
+        w.since = self.loop.time()
         self.idle.append(w)
 
     def _lost(self, w: _Worker) -> None:
@@ -840,29 +940,32 @@ class WSGIWorkers:
             pass
 
     def stats(self) -> dict[str, int]:
-        """Workers alive, idle; requests waiting for one; killed past the timeout; replaced."""
+        """Workers alive (temporary ones included), idle; requests waiting for one; killed
+        past the timeout; replaced; temporary (burst) workers serving or starting now, started
+        in all, retired.  (The ``burst`` bound also counts retired ones whose process has not
+        ended yet.)"""
         return {"workers": len(self.all), "idle": len(self.idle), "waiting": len(self.waiting),
-                "killed": self.killed, "replaced": self.replaced}
+                "killed": self.killed, "replaced": self.replaced,
+                "extra": sum(1 for w in self.all if w.extra) + len(self._starting),
+                "bursts": self.bursts, "retired": self.retired}
 
     async def close(self) -> None:
         """Stop the workers (their channels close; their jobs are shut down) and the pool."""
         self.closing = True
-        if self._ticker is not None:
-            self._ticker.cancel()
-            self._ticker = None
+        for timer in (self._ticker, self._burst_check):
+            if timer is not None:
+                timer.cancel()
+        self._ticker = self._burst_check = None
         for w in list(self.all):
             w.gone()
         if self._listen is not None:
             self.loop.remove_reader(self._listen.fileno())
             self._listen.close()
             self._listen = None
-        for _, eid, exit_eid in self._jobs:
-            for e in (exit_eid, eid):
-                try:
-                    aem.control(e, aem.EVJOBSHTDN)
-                except (aem.AemError, aem.UnknownEventError):
-                    pass
+        jobs = [*self._jobs, *self._extras.values()]
+        shut_down_jobs(e for _, eid, exit_eid in jobs for e in (exit_eid, eid))
         self._jobs.clear()
+        self._extras.clear()
         if self._capsules is not None:
             pool, self._capsules = self._capsules, None
             await self.loop.run_in_executor(None, lambda: pool.close(timeout=2.0))
