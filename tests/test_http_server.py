@@ -902,6 +902,15 @@ def test_workers_share_the_port_and_a_dead_one_is_replaced(tmp_path: Path) -> No
                or "starting another" not in errfile.read_text()):
             assert time.monotonic() < deadline, "the dead worker was not replaced"
             time.sleep(0.1)
+        # the replacements bind their own SO_REUSEPORT sockets once they run: until the
+        # first of them listens, the port refuses (every worker was killed)
+        while True:
+            try:
+                assert get(port, "/")[2] == b"ok"
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline, "the replacement workers never listened"
+                time.sleep(0.05)
         for _ in range(10):
             assert get(port, "/")[2] == b"ok"
         proc.send_signal(signal.SIGTERM)
