@@ -1,14 +1,19 @@
-"""Helpers shared by the capsule hand-off tests: native records built by hand (see
-aem/_core/handoff.h) and a SOCK_SEQPACKET pair like a capsule's socket."""
+"""Helpers shared by the capsule tests: native records built by hand (see
+aem/_core/handoff.h), a SOCK_SEQPACKET pair like a capsule's socket, and the two
+executors the executor tests run against alike."""
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import contextlib
+import multiprocessing as mp
 import socket
 import struct
 from collections.abc import Iterator
 
 import pytest
 
+import aem
 from aem import _core
 
 #: aem_ho_header: magic, version, op, kind, flags, data_len, reserved, eid, time_ns, a, b, i0, i1, i2
@@ -39,3 +44,21 @@ def pair_fixture() -> Iterator[tuple[socket.socket, socket.socket]]:
     finally:
         a.close()
         b.close()
+
+
+#: The executors the executor tests run against, written once for both.
+EXECUTORS = ["ProcessPoolExecutor", "CapsulePool"]
+
+
+@contextlib.contextmanager
+def executor_of(kind: str, workers: int) -> Iterator[cf.Executor]:
+    """A ``CapsulePool`` or a fork ``ProcessPoolExecutor`` of ``workers``, shut down after."""
+    ex: cf.Executor
+    if kind == "CapsulePool":
+        ex = aem.CapsulePool(size=workers)
+    else:
+        ex = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"))
+    try:
+        yield ex
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)

@@ -7,7 +7,6 @@ for any executor run against ProcessPoolExecutor too."""
 from __future__ import annotations
 
 import concurrent.futures as cf
-import multiprocessing as mp
 import os
 import signal
 import socket
@@ -18,27 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from capsulekit import EXECUTORS, executor_of
 
 import aem
 from aem import _core
 from aem.capsules._executor import _NotAnAnswer, answer
 from aem.capsules._handoff import MAX_INLINE, send
 
-KINDS = ["ProcessPoolExecutor", "CapsulePool"]
 
-
-@pytest.fixture(params=KINDS)
+@pytest.fixture(params=EXECUTORS)
 def executor(request: pytest.FixtureRequest) -> Iterator[cf.Executor]:
     """One worker: calls submitted together go to the same worker."""
-    ex: cf.Executor
-    if request.param == "CapsulePool":
-        ex = aem.CapsulePool(size=1)
-    else:
-        ex = cf.ProcessPoolExecutor(1, mp_context=mp.get_context("fork"))
-    try:
+    with executor_of(request.param, 1) as ex:
         yield ex
-    finally:
-        ex.shutdown(wait=True, cancel_futures=True)
 
 
 def size_of(data: bytes) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
-import multiprocessing as mp
 import os
 import signal
 import threading
@@ -15,23 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from capsulekit import EXECUTORS, executor_of
 
 import aem
 
-KINDS = ["ProcessPoolExecutor", "CapsulePool"]
 
-
-@pytest.fixture(params=KINDS)
+@pytest.fixture(params=EXECUTORS)
 def executor(request: pytest.FixtureRequest) -> Iterator[cf.Executor]:
-    ex: cf.Executor
-    if request.param == "CapsulePool":
-        ex = aem.CapsulePool(size=2)
-    else:
-        ex = cf.ProcessPoolExecutor(2, mp_context=mp.get_context("fork"))
-    try:
+    with executor_of(request.param, 2) as ex:
         yield ex
-    finally:
-        ex.shutdown(wait=True, cancel_futures=True)
 
 
 def is_capsules(ex: cf.Executor) -> bool:
