@@ -9,7 +9,9 @@ import contextlib
 import multiprocessing as mp
 import socket
 import struct
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +64,12 @@ def executor_of(kind: str, workers: int) -> Iterator[cf.Executor]:
         yield ex
     finally:
         ex.shutdown(wait=True, cancel_futures=True)
+
+
+def wait_for_file(path: Path, timeout: float = 10) -> int:
+    """The pid a call wrote to ``path`` when it started (waits for it)."""
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.read_text()):
+        assert time.monotonic() < deadline, "the call never started"
+        time.sleep(0.01)
+    return int(path.read_text())

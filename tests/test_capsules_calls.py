@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from capsulekit import EXECUTORS, executor_of
+from capsulekit import EXECUTORS, executor_of, wait_for_file
 
 import aem
 from aem import _core
@@ -49,14 +49,6 @@ def pid_then_sleep(path: str, seconds: float) -> int:
     Path(path).write_text(str(os.getpid()))
     time.sleep(seconds)
     return os.getpid()
-
-
-def wait_for_file(path: Path, timeout: float = 10) -> int:
-    deadline = time.monotonic() + timeout
-    while not (path.exists() and path.read_text()):
-        assert time.monotonic() < deadline, "the call never started"
-        time.sleep(0.01)
-    return int(path.read_text())
 
 
 # -- any executor ----------------------------------------------------------------------------------
