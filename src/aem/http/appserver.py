@@ -309,8 +309,17 @@ def _asgi_workers(cfg: AppConfig, app: Any) -> int:
     flags = aem.EVF_CAPSULE | aem.EVF_KEEPALIVE
     pids: set[int] = set()
     ready = aem.UserEvent()
-    aem.register(ready, lambda ev: pids.add(ev.payload))
     stopping = [False]
+
+    def on_ready(ev: Any) -> None:
+        pids.add(ev.payload)
+        if stopping[0]:  # it became ready after the stop was asked: it stops too
+            try:
+                os.kill(ev.payload, signal.SIGTERM)
+            except ProcessLookupError:
+                pids.discard(ev.payload)
+
+    aem.register(ready, on_ready)
     jobs: list[tuple[aem.UserEvent, int]] = []
     for _ in range(cfg.workers):
         start = aem.UserEvent()
