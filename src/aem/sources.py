@@ -209,14 +209,18 @@ class Timer(_core.TimerBase, EventSource):
 class _FdSource(EventSource):
     """A source on one file descriptor (kept alive while registered)."""
 
-    __slots__ = ("target",)
+    __slots__ = ("_target",)
     _kind = 0
     _events = 0
 
     def __init__(self, target: FdLike) -> None:
         _fd_of(target)  # validate now
-        #: The object (or fd) given: kept alive while registered.
-        self.target = target
+        self._target = target
+
+    @property
+    def target(self) -> FdLike:
+        """The object (or fd) given: kept alive while registered."""
+        return self._target
 
     @property
     def fd(self) -> int:
@@ -373,7 +377,8 @@ class ChildExit(EventSource):
     ``EVF_CAPSULE`` handlers) that ends, with the handler's exception as text
     in ``error`` when it raised.  The event carries ``pid``, ``returncode``
     (negative: killed by that signal; None when the status is not ours to
-    read), ``job`` and ``error``.
+    read), ``job`` and ``error``.  The source keeps its arguments: ``pid``,
+    ``job`` and ``reap``.
     """
 
     __slots__ = ("job", "pid", "reap")
