@@ -191,3 +191,61 @@ def test_the_built_reference_shows_every_member(tmp_path: Path) -> None:
     missing = [m for path, cls in classes.items()
                for m in _undocumented(cls, path, ids, set(classes.values()))]
     assert not missing, f"members not shown by docs/reference.md: {missing}"
+
+
+# -- the layout and the design describe today's tree ------------------------------------------
+
+SRC = ROOT / "src" / "aem"
+EXTERNAL_FILES = {"Python.h"}  # cited from elsewhere (CPython)
+
+
+def _layout() -> str:
+    readme = (ROOT / "README.md").read_text()
+    part = readme[readme.index("## Layout"):]
+    return part[:part.index("\n## ", 1)]
+
+
+def test_the_readme_layout_names_every_part_of_the_package() -> None:
+    layout = _layout()
+    parts = [p.name for p in SRC.iterdir() if p.is_dir() and (p / "__init__.py").exists()]
+    parts = [f"{p}/" for p in parts] + [p.name for p in SRC.glob("*.py")] + ["_core.pyi"]
+    c_files = [p.name for p in (SRC / "_core").glob("*.c")]
+    missing = [p for p in parts + c_files if p not in layout]
+    assert not missing, f"README.md's layout does not name {missing}"
+
+
+def test_the_design_names_every_c_file() -> None:
+    design = (ROOT / "docs" / "design.md").read_text()
+    missing = [p.name for p in (SRC / "_core").glob("*.[ch]") if p.name not in design]
+    assert not missing, f"docs/design.md does not name {missing}"
+
+
+def test_every_file_the_docs_cite_exists() -> None:
+    """A source, script or test file named in the README or docs/ (``vmtable.c``,
+    ``bench/.../control.py``) is in the repository."""
+    names = {p.name for p in ROOT.rglob("*") if ".git" not in p.parts and ".venv" not in p.parts}
+    missing = []
+    for md in FILES:
+        for cited in set(re.findall(r"([\w./-]*\w\.(?:c|h|py|pyi|sh))\b", md.read_text())):
+            name = cited.rsplit("/", 1)[-1]
+            if name not in names and name not in EXTERNAL_FILES:
+                missing.append(f"{md.name}: {cited}")
+    assert not missing, missing
+
+
+def _includes_python(c_file: Path, seen: frozenset[Path] = frozenset()) -> bool:
+    text = c_file.read_text()
+    if "#include <Python.h>" in text:
+        return True
+    local = [c_file.parent / n for n in re.findall(r'#include "([\w.]+)"', text)]
+    return any(_includes_python(h, seen | {c_file}) for h in local if h not in seen and h.exists())
+
+
+def test_the_designs_c_file_table_says_which_files_use_python() -> None:
+    design = (ROOT / "docs" / "design.md").read_text()
+    rows = re.findall(r"^\| (`[\w.]+`(?:, `[\w.]+`)*) \| (yes|no) \|", design, re.M)
+    said = {name: py == "yes" for names, py in rows for name in re.findall(r"`([\w.]+)`", names)}
+    c_files = sorted((SRC / "_core").glob("*.c"))
+    assert {p.name for p in c_files} <= set(said), "a C file is missing from the table"
+    wrong = [p.name for p in c_files if said[p.name] != _includes_python(p)]
+    assert not wrong, f"docs/design.md says the wrong thing about Python.h in {wrong}"

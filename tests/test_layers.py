@@ -4,6 +4,7 @@ SourceHost, no magic numbers, and the C core's types are described in one place.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,63 @@ def test_every_c_type_has_its_stub_in_core_pyi() -> None:
 def test_deliver_now_stub_says_it_may_return_none() -> None:
     stub = (PKG / "_core.pyi").read_text()
     assert "def _deliver_now(self, eid: int, values: tuple[Any, ...], /) -> bool | None" in stub
+
+
+def test_no_module_imports_another_in_a_cycle() -> None:
+    """Across the whole package, at import time (module level, outside ``TYPE_CHECKING``):
+    a module may import a lower layer, never one that imports it back, however indirectly.
+    (Imports inside functions are how a higher layer is reached late, on purpose.)"""
+    modules = {".".join(p.relative_to(PKG.parent).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in PKG.rglob("*.py")}
+
+    def deps(name: str) -> set[str]:
+        path = modules[name]
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        out: set[str] = set()
+        body = list(ast.parse(path.read_text()).body)
+        while body:
+            node = body.pop()
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                continue
+            if isinstance(node, (ast.If, ast.Try)):
+                body += node.body + node.orelse + [s for h in getattr(node, "handlers", []) for s in h.body]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([node.module] if node.module else []))
+                out |= {f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names}
+            elif isinstance(node, ast.Import):
+                out |= {a.name for a in node.names}
+        # a package's own parents are imported first by Python itself: not an edge
+        return {d for d in out if d in modules and d != name and not name.startswith(d + ".")}
+
+    graph = {m: deps(m) for m in modules}
+    cycles = []
+    for start in graph:
+        stack, seen = [(start, (start,))], set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    cycles.append(" -> ".join((*path, nxt)))
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, (*path, nxt)))
+    assert not cycles, cycles[:5]
+
+
+def _c_sources() -> list[Path]:
+    """The C core's sources, in the repository (the installed package has only the binary)."""
+    files = sorted((Path(__file__).resolve().parent.parent / "src" / "aem" / "_core").glob("*.[ch]"))
+    assert files
+    return files
+
+
+@pytest.mark.xfail(strict=True, reason="loop.c (aem.EventLoop's timers) still has its own sift_up/"
+                   "sift_down over asyncio handles: owned by the loop work, to move onto heap.h")
+def test_one_binary_heap_in_the_c_core() -> None:
+    """heap.h is the C core's one binary heap: no other file writes its own sift-up/down."""
+    own = [p.name for p in _c_sources() if p.name != "heap.h"
+           and re.search(r"^static\b[^;{]*\bsift_(up|down)\s*\(", p.read_text(), re.M)]
+    assert not own, f"binary heaps of their own in {own}: use heap.h's AEM_HEAP_DEFINE"
