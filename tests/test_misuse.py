@@ -108,8 +108,9 @@ def test_a_listener_that_stops_listening_is_disabled_not_spun(
         lst.shutdown(socket.SHUT_RDWR)  # still open, no longer listening: accept() says EINVAL
         t0 = time.monotonic()
         assert engine.run(timeout=5) == "idle"
-        assert time.monotonic() - t0 < 2
-        assert len(errors) == 1
+        took = time.monotonic() - t0
+        assert 0.1 < took < 2, took  # paused between failures (10+20+40+80 ms), not a spin
+        assert len(errors) == 1 and engine.stats()["errors"] == 5
         exc = errors[0][0]
         assert "Accept" in str(exc) and "unregistered" in str(exc)
         assert isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.EINVAL
@@ -223,11 +224,21 @@ def test_one_conversion_of_seconds_for_timer_and_run(engine: aem.Engine, bad: An
     assert str(timer_err.value).replace("after", "X") == str(run_err.value).replace("timeout", "X")
 
 
-def test_an_fd_number_that_is_aems_own_is_named(engine: aem.Engine) -> None:
-    own = [fd for fd in map(int, os.listdir("/proc/self/fd")) if _is_epoll(fd)]
-    assert own
-    with pytest.raises(ValueError, match=r"one of aem's own descriptors|cannot be watched by epoll"):
-        engine.register(aem.Readable(own[-1]), lambda ev: None)
+def test_an_fd_number_that_is_aems_own_is_named() -> None:
+    before = _epoll_fds()
+    eng = aem.Engine()
+    try:
+        own = _epoll_fds() - before  # this engine's epoll fd (a stale number that now is aem's)
+        assert len(own) == 1
+        with pytest.raises(ValueError, match=r"fd \d+ is one of aem's own descriptors \(its epoll"):
+            eng.register(aem.Readable(own.pop()), lambda ev: None)
+        assert eng.stats()["registered"] == 0
+    finally:
+        eng.close()
+
+
+def _epoll_fds() -> set[int]:
+    return {fd for fd in map(int, os.listdir("/proc/self/fd")) if _is_epoll(fd)}
 
 
 def _is_epoll(fd: int) -> bool:
