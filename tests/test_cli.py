@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import importlib.util
 import json
 import os
 import re
@@ -206,3 +207,29 @@ def test_make_test_and_bench_install_their_own_extras(tmp_path: Path) -> None:
     assert "mkdocs build --strict" in out and "pytest" in out
     out = _make_dry_run("bench", tmp_path)
     assert "install-system-deps" in out and "'.[bench]'" in out and "aem bench" in out
+
+
+def test_every_bench_suite_says_what_runs_now() -> None:
+    """A suite's progress line shows what it measures now: the suite goes through
+    ``interleave()`` (which says it) or says it itself with ``ctx.step()``."""
+    from aem import bench
+
+    silent = []
+    for name in bench.SUITES + bench.EXTRA_SUITES:
+        spec = importlib.util.find_spec(f"aem.bench.{name}")
+        assert spec is not None and spec.origin is not None
+        text = Path(spec.origin).read_text()
+        if "interleave(" not in text and "ctx.step(" not in text:
+            silent.append(name)
+    assert not silent, f"bench suites that never say what runs now: {silent}"
+
+
+def test_bench_step_shows_in_the_progress_line(tmp_path: Path) -> None:
+    from aem.bench import _harness
+
+    pytest.importorskip("rich")
+    with _harness.progress("[1/1] demo-suite"):
+        _harness.Context("demo-suite", True, tmp_path).step("case x: server y, round 2/3")
+        (task,) = _harness._progress.bar.tasks  # what a terminal shows on the suite's line
+        assert task.description == "[1/1] demo-suite"
+        assert task.fields["status"] == "case x: server y, round 2/3"

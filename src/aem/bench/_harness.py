@@ -218,6 +218,10 @@ class Context:
         _progress.show(f"measured {case}: {variant}")
         return row
 
+    def step(self, what: str) -> None:
+        """Say what runs now (a server, a case, a round) in the suite's progress line."""
+        _progress.show(what)
+
     def note(self, text: str) -> None:
         """A sentence printed under the suite's table and kept in the results."""
         self.notes.append(text)

@@ -126,6 +126,7 @@ def _throughput(ctx: Context, servers: list[Server], cases: Sequence[tuple[str, 
         results: dict[str, list[tuple[object, float]]] = {s.name: [] for s in servers}
         for r in range(warmup + rounds):
             for s in (servers if r % 2 == 0 else servers[::-1]):   # A B C, C B A, ...
+                ctx.step(f"{case}: {s.name}, round {r + 1}/{warmup + rounds}")
                 c0 = s.cpu_seconds()
                 res = run_wrk(s.port, path, seconds, conns)
                 cpu = s.cpu_seconds() - c0
@@ -154,6 +155,7 @@ def _p99_with_slow(ctx: Context, servers: list[Server], seconds: float, rounds: 
         mixed: dict[str, list[float]] = {s.name: [] for s in servers}
         for r in range(warmup + rounds):
             for s in (servers if r % 2 == 0 else servers[::-1]):
+                ctx.step(f"{case}: {s.name}, round {r + 1}/{warmup + rounds}")
                 res = run_wrk(s.port, "/hello", seconds, n)
                 stop = threading.Event()
                 t = threading.Thread(target=_slow_client, args=(s.port, stop))

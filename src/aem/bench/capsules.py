@@ -295,6 +295,7 @@ def _measure_level(a: _Aem, n: int, rounds: int) -> dict[str, list[float]]:
 def _throughput(ctx: Context, a: _Aem, k: int, rounds: int) -> None:
     """Events/s and calls/s against ProcessPoolExecutor with as many workers, and round trips
     against their floor too, interleaved (the round trips of one round run back to back)."""
+    ctx.step(f"throughput: events, submit bursts, round trips, {rounds} rounds")
     ppe = cf.ProcessPoolExecutor(WORKERS, mp_context=mp.get_context("fork"))
     list(ppe.map(noop, range(WORKERS * 2)))
     floor, spinning = _CallFloor(), _CallFloor(spin=True)
@@ -440,8 +441,9 @@ def _run_levels(ctx: Context, a: _Aem, levels: list[int], n: int, rounds: int,
             ballast.append(block)
         rss = _rss_mb()
         measured_rss.append(rss)
-        results = _measure_level(a, n, rounds)
         case = f"parent RSS {target} MB"
+        ctx.step(f"latency at {case}: every variant, {rounds} rounds")
+        results = _measure_level(a, n, rounds)
         for name, samples in results.items():
             d = distribution(samples)
             ctx.record(case, name, "latency p50", d["p50"], "µs", "lower", samples)

@@ -651,6 +651,7 @@ def _measure(ctx: Context, tmp: Path, servers: list[Server], cases: Sequence[_Ca
         results: dict[str, list[tuple[WrkResult, float]]] = {s.name: [] for s in servers}
         for r in range(warmup + rounds):
             for s in servers:  # interleaved: A B C ... A B C ...
+                ctx.step(f"{case.name}: {s.name}, round {r + 1}/{warmup + rounds}")
                 c0 = s.cpu_seconds()
                 res = run_wrk(s.port, case.path, seconds, CONNECTIONS, script)
                 cpu = s.cpu_seconds() - c0

@@ -481,6 +481,7 @@ def _measure(ctx: Context, servers: list[Server], holders: _Holders, levels: Seq
                              f"FD_SETSIZE ({FD_SETSIZE}): not reachable")
                     out.add((s.name, level))
                     continue
+                ctx.step(f"{level} idle: {s.name}, round {r + 1}/{rounds}")
                 got = _visit(s, holders, base[s.name], level, seconds, paced)
                 if isinstance(got, str):
                     ctx.note(f"{s.name}: could not hold {level} idle connections ({got}): "

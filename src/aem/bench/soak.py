@@ -57,6 +57,7 @@ def run(ctx: Context) -> None:
             t0 = time.monotonic()
             times, rss, rates, errors = [0.0], [_rss_kb(pid) / 1024], [], 0
             while time.monotonic() - t0 < total:
+                ctx.step(f"{time.monotonic() - t0:.0f} of {total:g} s, RSS {rss[-1]:.1f} MiB")
                 res = run_wrk(server.port, "/hello", chunk, CONNECTIONS, script)
                 rates.append(res.rps)
                 errors += res.errors
