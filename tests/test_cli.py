@@ -125,6 +125,7 @@ def test_bench_help_lists_the_suites(capsys: pytest.CaptureFixture[str]) -> None
     for name in bench.SUITES + bench.EXTRA_SUITES:
         assert re.search(rf"^  {name}\s+\S", out, re.M), name
     assert "aem[bench]" in out
+    assert "``" not in out, "reST markup from the suites' docstrings"
 
 
 def test_bench_without_its_extra_says_what_to_install_before_measuring(

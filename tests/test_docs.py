@@ -249,3 +249,20 @@ def test_the_designs_c_file_table_says_which_files_use_python() -> None:
     assert {p.name for p in c_files} <= set(said), "a C file is missing from the table"
     wrong = [p.name for p in c_files if said[p.name] != _includes_python(p)]
     assert not wrong, f"docs/design.md says the wrong thing about Python.h in {wrong}"
+
+
+GUIDE_TOPICS = {
+    "an echo server": ("aem.Accept(", "aem.Read("),
+    "writing to a slow peer with backpressure": ("aem.Writable(", "BlockingIOError", "aem.EVJOBSTOP"),
+    "a handler in a capsule": ("aem.EVF_CAPSULE", "aem.CapsulePool(", "aem.ChildExit(job="),
+    "the default pool": ("aem.default_pool()",),
+    "EVF_KEEPALIVE": ("aem.EVF_KEEPALIVE",),
+    "a failing source": ("aem.Source", "aem.set_error_handler"),
+}
+
+
+@pytest.mark.parametrize("topic", GUIDE_TOPICS)
+def test_the_guide_shows_each_topic_in_a_block_that_runs(topic: str) -> None:
+    """What a newcomer needs first (issue 10): each shown by an example the tests run."""
+    run = [b.code for b in ALL if b.path.name == "guide.md" and b.marker != "skip"]
+    assert any(all(word in code for word in GUIDE_TOPICS[topic]) for code in run), topic

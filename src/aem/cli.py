@@ -216,14 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Measure aem beside its anchors, in one run (interleaved rounds, "
                                    "medians); needs the bench extra: pip install 'aem[bench]'.",
-                       epilog="suites:\n" + "\n".join(f"  {n:<{width}}  {d}" for n, d in describe()))
+                       epilog="suites:\n" + "\n".join(f"  {n:<{width}}  {d.replace('``', '')}"
+                                                       for n, d in describe()))
     p.add_argument("suites", nargs="*", metavar="SUITE",
                    help=f"suites to run (default: {' '.join(SUITES)})")
     p.add_argument("--quick", action="store_true", help="small sizes, few rounds: checks that suites run")
     p.add_argument("--out", default="bench-results", help="directory for results.json, results.md and plots")
     p.set_defaults(fn=_cmd_bench)
 
-    p = sub.add_parser("serve", help="AEMhttpd: serve the files of a directory over HTTP/1.1")
+    p = sub.add_parser("serve", help="AEMhttpd: serve static files, or an ASGI, WSGI or aem app "
+                                     "(module:app), over HTTP/1.1")
     p.add_argument("--root", default=None,
                    help="directory of static files (default: the current one; with an app: none)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
