@@ -172,3 +172,24 @@ def test_one_binary_heap_in_the_c_core() -> None:
     own = [p.name for p in _c_sources() if p.name != "heap.h"
            and re.search(r"^static\b[^;{]*\bsift_(up|down)\s*\(", p.read_text(), re.M)]
     assert not own, f"binary heaps of their own in {own}: use heap.h's AEM_HEAP_DEFINE"
+
+
+def _defines(text: str, name: str) -> bool:
+    """Whether C source ``text`` defines function ``name`` (not merely calls or declares it)."""
+    return re.search(rf"^[A-Za-z][^;\n]*\b{name}\s*\([^;]*?\)\s*\{{", text, re.M) is not None
+
+
+def test_the_c_core_is_split_by_concern() -> None:
+    """What issue 10 moved out of the binding stays out: per-kind delivery in delivery.c,
+    asynchronous delivery (the doorbell's drain) in async_delivery.c, the vmtable's
+    benchmark loops in vmtable_bench.c."""
+    files = {p.name: p.read_text() for p in _c_sources()}
+    homes = {"delivery.c": ["deliver_accept", "deliver_read", "deliver_custom", "aem_py_deliver_one",
+                            "source_failed"],
+             "async_delivery.c": ["drain", "aem_py_engine_start", "aem_py_stop_async"],
+             "vmtable_bench.c": ["py_vmt_bench", "py_vmt_latency"]}
+    for home, names in homes.items():
+        for name in names:
+            where = [f for f, text in files.items() if _defines(text, name)]
+            assert where == [home], f"{name} is defined in {where}, not only in {home}"
+    assert "CLOCK_MONOTONIC" not in files["vmtable_py.c"], "timing loops belong in vmtable_bench.c"
