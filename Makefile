@@ -3,7 +3,7 @@
 #   make test    + the test, bench and docs extras and the Debian packages the
 #                benchmarks use; then ruff, mypy --strict, the docs site, pytest
 #   make bench   + the bench extra and those Debian packages; then aem bench
-#   make docs    the docs site (mkdocs, warnings are errors) into build/site
+#   make docs    + the docs extra; the docs site (mkdocs, warnings are errors) into build/site
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -20,6 +20,7 @@ $(PY):
 EXTRAS_run :=
 EXTRAS_test := [test,bench,docs]
 EXTRAS_bench := [bench]
+EXTRAS_docs := [docs]
 $(VENV)/.installed-%: $(PY) $(SOURCES)
 	$(PY) -m pip install --quiet '.$(EXTRAS_$*)'
 	@touch $@
@@ -37,11 +38,14 @@ lint: $(VENV)/.installed-test
 typecheck: $(VENV)/.installed-test
 	$(VENV)/bin/mypy
 
-docs: $(VENV)/.installed-test
-	$(VENV)/bin/mkdocs build --strict --quiet --site-dir build/site
+MKDOCS := $(VENV)/bin/mkdocs build --strict --quiet --site-dir build/site
 
-test: system-deps $(VENV)/.installed-test lint typecheck docs
-	cd tests && ../$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+docs: $(VENV)/.installed-docs
+	$(MKDOCS)
+
+test: system-deps $(VENV)/.installed-test lint typecheck
+	$(MKDOCS)
+	cd tests && $(abspath $(VENV))/bin/python -m pytest -q -p no:cacheprovider
 
 run: $(VENV)/.installed-run
 	@echo "AEMhttpd: open http://127.0.0.1:8080/ (status page: http://127.0.0.1:8080/_aem/status); Ctrl-C stops it"

@@ -234,3 +234,9 @@ def test_bench_step_shows_in_the_progress_line(tmp_path: Path) -> None:
         (task,) = _harness._progress.bar.tasks  # what a terminal shows on the suite's line
         assert task.description == "[1/1] demo-suite"
         assert task.fields["status"] == "case x: server y, round 2/3"
+
+
+def test_make_docs_installs_only_the_docs_extra(tmp_path: Path) -> None:
+    out = _make_dry_run("docs", tmp_path)
+    assert "'.[docs]'" in out and "mkdocs build --strict" in out
+    assert "install-system-deps" not in out and "[test" not in out and "bench" not in out
