@@ -240,3 +240,24 @@ def test_make_docs_installs_only_the_docs_extra(tmp_path: Path) -> None:
     out = _make_dry_run("docs", tmp_path)
     assert "'.[docs]'" in out and "mkdocs build --strict" in out
     assert "install-system-deps" not in out and "[test" not in out and "bench" not in out
+
+
+def test_demo_ends_quietly_when_its_reader_goes_away() -> None:
+    """``aem demo | head -2``: once head exits, the demo stops (it went on forever, printing a
+    BrokenPipeError traceback per event, and then could not even be stopped by SIGTERM)."""
+    env = dict(os.environ, PYTHONPATH=AEM_PATH)
+    p = subprocess.Popen([sys.executable, "-c", "from aem.cli import main; raise SystemExit(main(['demo']))"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)
+    try:
+        assert p.stdout is not None and p.stderr is not None
+        assert "aem demo" in p.stdout.readline()
+        p.stdout.close()  # the reader goes away
+        p.wait(timeout=10)
+        err = p.stderr.read()
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert p.returncode == 0, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

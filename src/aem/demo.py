@@ -24,7 +24,14 @@ def main(duration: float | None = None) -> int:
     state = {"primes": 0, "stop": False}
 
     def log(what: str) -> None:
-        print(f"[{time.monotonic() - t0:7.3f}s] {what:<52} (primes so far: {state['primes']})", flush=True)
+        try:
+            print(f"[{time.monotonic() - t0:7.3f}s] {what:<52} (primes so far: {state['primes']})",
+                  flush=True)
+        except BrokenPipeError:  # the reader went away (aem demo | head): stop, quietly
+            state["stop"] = True
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
 
     def on_timer(ev: aem.TimerEvent) -> None:
         log(f"timer fired (count={ev.count})")
@@ -40,8 +47,8 @@ def main(duration: float | None = None) -> int:
         log(f"user event from a thread: {ev.payload!r}")
 
     def on_signal(ev: aem.SignalEvent) -> None:
-        log(f"signal {signal.Signals(ev.signum).name} from pid {ev.info['pid']}: stopping")
         state["stop"] = True
+        log(f"signal {signal.Signals(ev.signum).name} from pid {ev.info['pid']}: stopping")
 
     ours, theirs = socket.socketpair()
     pid = os.fork()
