@@ -82,18 +82,27 @@ def test_engine_implements_source_host() -> None:
     assert not missing, missing
 
 
-@pytest.mark.parametrize("module", ["engine", "sources", "vmtable"])
+_MODULES = sorted(".".join(p.relative_to(PKG).with_suffix("").parts) for p in PKG.rglob("*.py")
+                  if "bench" not in p.relative_to(PKG).parts)
+_MAGIC_LEFT = {"capsules._fork": "2**31 - 1 as a priority: the capsules work is to name it"}
+
+
+@pytest.mark.parametrize("module", [
+    pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=_MAGIC_LEFT[m])) if m in _MAGIC_LEFT else m
+    for m in _MODULES])
 def test_no_magic_numbers(module: str) -> None:
-    """errno values by name (errno.EMSGSIZE, not 90) and named limits (not 2**31 - 1)."""
+    """errno values by name (errno.EMSGSIZE, not 90) and named limits (not 2**31 - 1), in
+    every module of the package (the benchmarks aside)."""
     bad = []
     tree = _tree(module)
     named = {id(n) for t in tree.body if isinstance(t, ast.Assign) for n in ast.walk(t)}
     for node in ast.walk(tree):
         if isinstance(node, ast.Compare) and "errno" in ast.unparse(node.left) and any(
-                isinstance(c, ast.Constant) for c in node.comparators):
+                isinstance(c, ast.Constant) and isinstance(c.value, int) for c in node.comparators):
             bad.append(ast.unparse(node))
-        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow) and id(node) not in named:
-            bad.append(ast.unparse(node))  # a power outside a module-level constant
+        if (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow) and id(node) not in named
+                and isinstance(node.left, ast.Constant) and isinstance(node.right, ast.Constant)):
+            bad.append(ast.unparse(node))  # a constant power outside a module-level constant
     assert not bad, bad
 
 
