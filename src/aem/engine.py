@@ -50,9 +50,10 @@ ErrorHandler = Callable[[BaseException, "Event | None"], object]
 DEFAULT_KICK_SIGNAL: int = signal.SIGURG
 
 
-#: Priority of the channel UserEvents fired from other processes arrive on: the highest, so a
-#: backlog of datagrams never waits behind the application's own events.
-_CHANNEL_PRIORITY = 2**31 - 1
+#: Priority of the engine's own registrations (the channel UserEvents fired from other processes
+#: arrive on, the exit watch of a forked handler): the highest, so a backlog of datagrams or a
+#: child's exit never waits behind the application's own events.
+INTERNAL_PRIORITY = 2**31 - 1
 #: Datagrams taken from the channel per readiness (then other events get their turn).
 _CHANNEL_BATCH = 256
 #: The largest datagram read from the channel (a larger payload is refused at fire()).
@@ -215,7 +216,7 @@ class Engine(_core.Engine):
             r, w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
             r.setblocking(False)
             self._add(_core.K_READABLE, r.fileno(), _core.EPOLLIN, self._on_channel, 0,
-                      _CHANNEL_PRIORITY, r, 0, True)
+                      INTERNAL_PRIORITY, r, 0, True)
             self._channel = (r, w)
         return self._channel[1]
 

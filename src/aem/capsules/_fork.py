@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import _core
-from ..engine import Engine
+from ..engine import INTERNAL_PRIORITY, Engine
 from ._child import capsule_main, child_signals, report_error, run_handler
 from ._handoff import close_socks, event_state, fields, flush_stdio, read_errors, send, signal_name
 
@@ -105,7 +105,7 @@ def fork_handler(engine: Engine, eid: int, handler: Callable[[Any], object], eve
     pidfd = os.pidfd_open(pid)
     try:
         engine._add(_core.K_CHILD, pidfd, _core.EPOLLIN, forked_exit_handler(engine), 0,
-                    2**31 - 1, None, pid, True)
+                    INTERNAL_PRIORITY, None, pid, True)
     except BaseException:
         os.close(pidfd)
         raise
