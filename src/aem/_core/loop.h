@@ -94,4 +94,10 @@ int aem_stream_check(PyObject *obj);       /* obj is a StreamIO */
 int aem_stream_flush(PyObject *io);        /* end of turn: send what was written; 0 or -1 */
 PyObject *aem_stream_new(PyObject *core, PyObject *transport, int fd);
 
+/* loop_feed.c: StreamReaderProtocol.data_received in C (1 done, 0 take the Python call, -1 error) */
+int aem_feed_init(void);
+void aem_feed_prepare(void);
+int aem_feed_stream_reader(PyObject *proto, PyObject *data);
+unsigned long long aem_feed_count(void); /* reads fed in C so far */
+
 #endif

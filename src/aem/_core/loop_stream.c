@@ -142,7 +142,8 @@ static PyObject *io_read_ready(StreamIOObject *io, PyObject *unused) {
         Py_DECREF(data);
         return NULL;
     }
-    PyObject *r = PyObject_CallMethodOneArg(proto, s_data_received, data);
+    int fed = aem_feed_stream_reader(proto, data); /* a StreamReaderProtocol's, without its frames */
+    PyObject *r = fed > 0 ? Py_NewRef(Py_None) : fed < 0 ? NULL : PyObject_CallMethodOneArg(proto, s_data_received, data);
     Py_DECREF(proto);
     Py_DECREF(data);
     if (!r) return to_fatal_error(t, m_proto_error);
@@ -358,6 +359,7 @@ static PyObject *io_detach(StreamIOObject *io, PyObject *unused) {
 }
 
 PyObject *aem_stream_new(PyObject *core, PyObject *transport, int fd) {
+    aem_feed_prepare();
     StreamIOObject *io = PyObject_GC_New(StreamIOObject, StreamIO_Type);
     if (!io) return NULL;
     io->core = Py_NewRef(core);
@@ -427,6 +429,7 @@ static PyType_Spec io_spec = {
 };
 
 int aem_stream_init_type(PyObject *module) {
+    if (aem_feed_init() < 0) return -1;
     const char *state[A__N] = {"_conn_lost", "_buffer", "_eof", "_empty_waiter", "_protocol", "_closing",
                                "_protocol_paused", "_high_water"};
     for (int a = 0; a < A__N; a++)
