@@ -69,6 +69,70 @@ def test_the_transport_pauses_past_twice_the_limit_and_resumes(lr: LoopRunner) -
     lr.run(main())
 
 
+def test_reads_of_changing_sizes_arrive_whole(lr: LoopRunner) -> None:
+    """Big reads go straight into the reader's buffer on aem; smaller and bigger than the last."""
+    sizes = [20_000, 100_000, 17_000, 3, 70_000, 200_000, 1, 65_536, 300_000]
+
+    async def main() -> None:
+        reader, _, tr, peer = await _stream(lr, limit=1 << 20)
+        peer.setblocking(False)
+        for n in sizes:
+            payload = bytes([n % 251]) * n
+            _, got = await asyncio.gather(lr.loop.sock_sendall(peer, payload), reader.readexactly(n))
+            assert got == payload
+        _close(tr, peer)
+
+    lr.run(main())
+
+
+def test_a_big_read_pauses_the_transport(lr: LoopRunner) -> None:
+    async def main() -> None:
+        reader, _, tr, peer = await _stream(lr, limit=16_384)
+        peer.sendall(b"x" * 20_000)  # the next read is expected big
+        assert await reader.readexactly(20_000) == b"x" * 20_000
+        peer.sendall(b"y" * 40_000)
+        await _until(lambda: reader._paused, "the pause")
+        assert not tr.is_reading()
+        assert await reader.readexactly(40_000) == b"y" * 40_000
+        assert tr.is_reading()
+        _close(tr, peer)
+
+    lr.run(main())
+
+
+def test_a_transport_that_cannot_pause_is_forgotten(lr: LoopRunner) -> None:
+    def cannot() -> None:
+        raise NotImplementedError
+
+    async def main() -> None:
+        reader, _, tr, peer = await _stream(lr, limit=1024)
+        tr.pause_reading = cannot
+        peer.sendall(b"z" * 4096)
+        await _until(lambda: len(reader._buffer) == 4096, "the read")
+        assert reader._transport is None and not reader._paused and tr.is_reading()
+        assert await reader.read(5000) == b"z" * 4096
+        _close(tr, peer)
+
+    lr.run(main())
+
+
+def test_a_buffer_held_by_a_memoryview_is_a_protocol_error(lr: LoopRunner) -> None:
+    async def main() -> None:
+        reader, _, tr, peer = await _stream(lr)
+        peer.sendall(b"first")
+        await _until(lambda: len(reader._buffer) == 5, "the read")
+        view = memoryview(reader._buffer)
+        peer.sendall(b"second")
+        await _until(tr.is_closing, "the transport to close")
+        view.release()
+        assert bytes(reader._buffer) == b"first"
+        peer.close()
+
+    lr.run(main())
+    (ctx,) = lr.expect_errors(1)
+    assert "data_received() call failed" in ctx["message"] and isinstance(ctx["exception"], BufferError)
+
+
 def test_eof_after_data(lr: LoopRunner) -> None:
     async def main() -> None:
         reader, _, tr, peer = await _stream(lr)

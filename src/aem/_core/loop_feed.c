@@ -5,21 +5,23 @@
  * the _stream_reader property, StreamReader.feed_data and StreamReader._wakeup_waiter.  When the
  * protocol is exactly asyncio.streams.StreamReaderProtocol and its reader exactly
  * asyncio.streams.StreamReader, with those methods the ones asyncio.streams defines (checked
- * again whenever either class is modified: its version tag changes), aem_feed_stream_reader does
- * what they do, in the same order, on the same attributes:
+ * again whenever either class is modified: its version tag changes), the transport (loop_stream.c)
+ * reads straight into the reader's buffer and aem_feed_end does the rest of what they do, in the
+ * same order, on the same attributes:
  *
- *   reader = protocol._stream_reader_wr()           (nothing if None or dead)
- *   reader._buffer.extend(data)
+ *   reader = protocol._stream_reader_wr()
+ *   reader._buffer.extend(data)                      (the read itself, aem_loop_read_append)
  *   waiter = reader._waiter; if waiter is not None:
  *       reader._waiter = None; if not waiter.cancelled(): waiter.set_result(None)
+ *   if reader._transport is not None and not reader._paused and len(reader._buffer) > 2 * reader._limit:
+ *       try: reader._transport.pause_reading()
+ *       except NotImplementedError: reader._transport = None
+ *       else: reader._paused = True
  *
- * and hands back to the Python call anything else, before changing anything: a subclass, an
- * instance with its own data_received/feed_data/_wakeup_waiter, feed_data after EOF (asyncio's
- * assert), a read that would pause the transport (the buffer past 2 x limit), attributes of other
- * types than asyncio sets, a profiler or tracer (it sees the Python calls).
- *
- * Returns 1 (done), 0 (take the Python call; nothing changed) or -1 (an exception is set: what the
- * Python data_received would have raised, at the same point).
+ * Everything else takes the Python call, decided before the read: a subclass, an instance with its
+ * own data_received/feed_data/_wakeup_waiter, no reader, feed_data after EOF (asyncio's assert), a
+ * buffer with exports (memoryviews of it), attributes of types asyncio never sets, a profiler or a
+ * tracer (they see the Python calls).
  */
 #include "loop.h"
 
@@ -31,7 +33,7 @@ static unsigned int proto_tag, reader_tag;       /* their version tags when last
 static unsigned long long fed;                   /* reads fed here so far (tests look) */
 static int loaded;                               /* 1: the types are known; -1: asyncio.streams unusable */
 static PyObject *n_module, *n_data_received, *n_stream_reader, *n_feed_data, *n_wakeup_waiter, *n_wr, *n_eof,
-    *n_buffer, *n_waiter, *n_transport, *n_paused, *n_limit, *n_cancelled, *n_set_result;
+    *n_buffer, *n_waiter, *n_transport, *n_paused, *n_limit, *n_cancelled, *n_set_result, *n_pause_reading;
 
 /* tp.name is asyncio.streams' own function (qualname), or a property whose getter is. */
 static int is_original(PyTypeObject *tp, PyObject *name, const char *qualname, int property) {
@@ -108,82 +110,84 @@ static int own_method(PyObject *obj, PyObject *name) {
     return r;
 }
 
-/* Read obj.<names[i]> into v[i] (new references; all NULL and -1 on error). */
-static int attrs(PyObject *obj, PyObject *const *names, PyObject **v, int n) {
-    for (int i = 0; i < n; i++) {
-        if (!(v[i] = PyObject_GetAttr(obj, names[i]))) {
-            while (i--) Py_CLEAR(v[i]);
-            return -1;
-        }
-    }
-    return 0;
-}
-
-enum { R_EOF, R_BUFFER, R_WAITER, R_TRANSPORT, R_PAUSED, R_LIMIT, R__N };
-
-int aem_feed_stream_reader(PyObject *proto, PyObject *data) {
+int aem_feed_begin(PyObject *proto, aem_feed *st) {
+    *st = (aem_feed){NULL};
     if (loaded <= 0 || Py_TYPE(proto) != proto_type) return 0;
     PyThreadState *ts = PyThreadState_Get();
     if (ts->c_profilefunc || ts->c_tracefunc || !types_unchanged()) return 0;
-    int own = own_method(proto, n_data_received);
-    if (own <= 0) return own;
-    /* reader = self._stream_reader (the property: None or the weakly referred reader) */
-    PyObject *wr = PyObject_GetAttr(proto, n_wr), *reader = NULL, *v[R__N] = {NULL};
-    if (!wr) return -1;
-    int rc = 0;
-    if (wr == Py_None) {  /* the protocol has no reader: data_received does nothing */
-        rc = 1;
-        goto done;
-    }
-    if (!PyWeakref_CheckRefExact(wr)) goto done;
-    reader = Py_NewRef(PyWeakref_GET_OBJECT(wr));
-    if (reader == Py_None) {
-        rc = 1;
-        goto done;
-    }
-    if (Py_TYPE(reader) != reader_type) goto done;
-    if ((own = own_method(reader, n_feed_data)) <= 0 || (own = own_method(reader, n_wakeup_waiter)) <= 0) {
-        rc = own;
-        goto done;
-    }
-    PyObject *const names[R__N] = {n_eof, n_buffer, n_waiter, n_transport, n_paused, n_limit};
-    if (attrs(reader, names, v, R__N) < 0) goto error;
-    PyObject *buffer = v[R_BUFFER], *paused = v[R_PAUSED], *limit = v[R_LIMIT];
-    if (v[R_EOF] != Py_False || !PyByteArray_CheckExact(buffer)) goto done; /* feed_data asserts not _eof */
-    Py_ssize_t blen = PyByteArray_GET_SIZE(buffer), dlen = PyBytes_GET_SIZE(data);
-    if (v[R_TRANSPORT] != Py_None && paused != Py_True) {  /* would this read pause the transport? */
-        if (paused != Py_False || !PyLong_CheckExact(limit)) goto done;
-        int overflow;
-        long long lim = PyLong_AsLongLongAndOverflow(limit, &overflow);
-        if (lim == -1 && PyErr_Occurred()) goto error;
-        if (overflow < 0 || (!overflow && lim <= LLONG_MAX / 2 && (long long)blen + dlen > 2 * lim))
-            goto done; /* the Python call pauses it */
-    }
-    /* From here on, what feed_data and _wakeup_waiter do, in their order. */
-    if (PyByteArray_Resize(buffer, blen + dlen) < 0) goto error;
-    memcpy(PyByteArray_AS_STRING(buffer) + blen, PyBytes_AS_STRING(data), (size_t)dlen);
-    PyObject *waiter = v[R_WAITER];
+    if (own_method(proto, n_data_received) <= 0) goto no;
+    /* reader = self._stream_reader: the property reads _stream_reader_wr (None or a weakref) */
+    PyObject *wr = PyObject_GetAttr(proto, n_wr);
+    if (!wr) goto no;
+    PyObject *reader = PyWeakref_CheckRefExact(wr) ? PyWeakref_GET_OBJECT(wr) : NULL;
+    st->reader = reader && Py_TYPE(reader) == reader_type ? Py_NewRef(reader) : NULL;
+    Py_DECREF(wr);
+    if (!st->reader || own_method(reader, n_feed_data) <= 0 || own_method(reader, n_wakeup_waiter) <= 0) goto no;
+    PyObject *eof = PyObject_GetAttr(reader, n_eof);
+    if (!eof) goto no;
+    Py_DECREF(eof);  /* compared by identity only */
+    if (eof != Py_False) goto no;  /* feed_data asserts not _eof: the Python call raises */
+    if (!(st->buffer = PyObject_GetAttr(reader, n_buffer)) || !(st->waiter = PyObject_GetAttr(reader, n_waiter)) ||
+        !(st->transport = PyObject_GetAttr(reader, n_transport)) ||
+        !(st->paused = PyObject_GetAttr(reader, n_paused)) || !(st->limit = PyObject_GetAttr(reader, n_limit)))
+        goto no;
+    if (!PyByteArray_CheckExact(st->buffer) || ((PyByteArrayObject *)st->buffer)->ob_exports > 0) goto no;
+    if (st->transport != Py_None && st->paused != Py_True &&
+        (st->paused != Py_False || !PyLong_CheckExact(st->limit)))
+        goto no;  /* a state asyncio never sets: its own code decides */
+    return 1;
+no:
+    PyErr_Clear(); /* the Python call meets the same error, where asyncio would */
+    aem_feed_release(st);
+    return 0;
+}
+
+void aem_feed_release(aem_feed *st) {
+    Py_CLEAR(st->reader);
+    Py_CLEAR(st->buffer);
+    Py_CLEAR(st->waiter);
+    Py_CLEAR(st->transport);
+    Py_CLEAR(st->paused);
+    Py_CLEAR(st->limit);
+}
+
+/* The rest of feed_data once the read is in the buffer: _wakeup_waiter, then the pause. */
+static int feed_end(aem_feed *st) {
+    PyObject *reader = st->reader, *waiter = st->waiter;
     if (waiter != Py_None) {
-        if (PyObject_SetAttr(reader, n_waiter, Py_None) < 0) goto error;
+        if (PyObject_SetAttr(reader, n_waiter, Py_None) < 0) return -1;
         PyObject *c = PyObject_CallMethodNoArgs(waiter, n_cancelled);
         int cancelled = c ? PyObject_IsTrue(c) : -1;
         Py_XDECREF(c);
-        if (cancelled < 0) goto error;
+        if (cancelled < 0) return -1;
         if (!cancelled) {
-            PyObject *s = PyObject_CallMethodOneArg(waiter, n_set_result, Py_None);
-            if (!s) goto error;
-            Py_DECREF(s);
+            PyObject *r = PyObject_CallMethodOneArg(waiter, n_set_result, Py_None);
+            if (!r) return -1;
+            Py_DECREF(r);
         }
     }
-    fed++;
-    rc = 1;
-    goto done;
-error:
-    rc = -1;
-done:
-    for (int i = 0; i < R__N; i++) Py_XDECREF(v[i]);
-    Py_XDECREF(reader);
-    Py_DECREF(wr);
+    if (st->transport == Py_None || st->paused != Py_False) return 0;
+    int overflow;
+    long long lim = PyLong_AsLongLongAndOverflow(st->limit, &overflow);
+    if (lim == -1 && PyErr_Occurred()) return -1;
+    long long len = PyByteArray_GET_SIZE(st->buffer);
+    if (overflow > 0 || (!overflow && lim > LLONG_MAX / 2) || (!overflow && len <= 2 * lim)) return 0;
+    /* try: self._transport.pause_reading() except NotImplementedError: self._transport = None
+     * else: self._paused = True */
+    PyObject *r = PyObject_CallMethodNoArgs(st->transport, n_pause_reading);
+    if (r) {
+        Py_DECREF(r);
+        return PyObject_SetAttr(reader, n_paused, Py_True);
+    }
+    if (!PyErr_ExceptionMatches(PyExc_NotImplementedError)) return -1;
+    PyErr_Clear();
+    return PyObject_SetAttr(reader, n_transport, Py_None);
+}
+
+int aem_feed_end(aem_feed *st) {
+    int rc = feed_end(st);
+    if (rc == 0) fed++;
+    aem_feed_release(st);
     return rc;
 }
 
@@ -198,7 +202,7 @@ int aem_feed_init(void) {
         {&n_module, "asyncio.streams"}, {&n_data_received, "data_received"}, {&n_stream_reader, "_stream_reader"},
         {&n_feed_data, "feed_data"}, {&n_wakeup_waiter, "_wakeup_waiter"}, {&n_wr, "_stream_reader_wr"},
         {&n_eof, "_eof"}, {&n_buffer, "_buffer"}, {&n_waiter, "_waiter"}, {&n_transport, "_transport"},
-        {&n_paused, "_paused"}, {&n_limit, "_limit"}, {&n_cancelled, "cancelled"}, {&n_set_result, "set_result"},
+        {&n_paused, "_paused"}, {&n_limit, "_limit"}, {&n_cancelled, "cancelled"}, {&n_set_result, "set_result"}, {&n_pause_reading, "pause_reading"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if (!(*names[i].p = PyUnicode_InternFromString(names[i].s))) return -1;
