@@ -762,6 +762,9 @@ static PyObject *core_set_state(LoopCoreObject *self, PyObject *args, PyObject *
 static Py_ssize_t core_len(LoopCoreObject *self) { return self->len; }
 
 static PyObject *core_get_ntimers(LoopCoreObject *self, void *unused) { return PyLong_FromSsize_t(self->hlen); }
+static PyObject *core_get_streams_fed(LoopCoreObject *self, void *unused) {
+    return PyLong_FromUnsignedLongLong(aem_feed_count());
+}
 static PyObject *core_get_ncancelled(LoopCoreObject *self, void *unused) {
     return PyLong_FromSsize_t(self->cancelled);
 }
@@ -891,6 +894,8 @@ static PyMethodDef core_methods[] = {
 static PyGetSetDef core_getset[] = {
     {"ntimers", (getter)core_get_ntimers, NULL, "Timers in the heap (cancelled ones included).", NULL},
     {"ncancelled", (getter)core_get_ncancelled, NULL, "Cancelled timers still in the heap.", NULL},
+    {"streams_fed", (getter)core_get_streams_fed, NULL,
+     "Reads handed to a StreamReaderProtocol's reader in C so far (every loop of the process).", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -83,6 +83,10 @@ PyObject *aem_loop_recv(PyObject *const *args, Py_ssize_t nargs);
  * exactly what came (b"" at EOF), or NULL with an exception set, or NULL with *err = the errno of
  * a failed read (no exception set). */
 PyObject *aem_loop_read(int fd, size_t max, size_t guess, int *err);
+/* One read of fd appended to the bytearray buf (no exports): the bytes added (> 0), 0 at EOF, or -1:
+ * *err = the errno of a failed read (no exception set), or an exception set.  On EOF and errors buf is
+ * left as it was. */
+Py_ssize_t aem_loop_read_append(int fd, PyObject *buf, size_t guess, int *err);
 void aem_loop_unpark(LoopCoreObject *self); /* before a poll: re-arm what wakers parked */
 
 /* http_fast.c: the offset of a plain __slots__ attribute of tp, or -1 */
@@ -93,5 +97,19 @@ int aem_stream_init_type(PyObject *module);
 int aem_stream_check(PyObject *obj);       /* obj is a StreamIO */
 int aem_stream_flush(PyObject *io);        /* end of turn: send what was written; 0 or -1 */
 PyObject *aem_stream_new(PyObject *core, PyObject *transport, int fd);
+
+/* loop_feed.c: StreamReaderProtocol.data_received in C.  aem_feed_begin: 1 if proto's next read can go
+ * straight into its StreamReader's buffer (st holds the reader's state), 0 if it takes the Python call
+ * (st empty, nothing changed).  After the read is in st->buffer, aem_feed_end wakes the reader (0, or -1
+ * with data_received's exception set); aem_feed_release drops st without it (EOF, a failed read). */
+typedef struct {
+    PyObject *reader, *buffer, *waiter, *transport, *paused, *limit;
+} aem_feed;
+int aem_feed_init(void);
+void aem_feed_prepare(void);
+int aem_feed_begin(PyObject *proto, aem_feed *st);
+int aem_feed_end(aem_feed *st);
+void aem_feed_release(aem_feed *st);
+unsigned long long aem_feed_count(void); /* reads fed in C so far */
 
 #endif

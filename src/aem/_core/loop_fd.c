@@ -218,6 +218,37 @@ PyObject *aem_loop_read(int fd, size_t max, size_t guess, int *err) {
     return all;
 }
 
+Py_ssize_t aem_loop_read_append(int fd, PyObject *buf, size_t guess, int *err) {
+    *err = 0;
+    if (!recv_buf && !(recv_buf = PyMem_RawMalloc(RECV_BUF))) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (guess > RECV_GUESS_MAX) guess = RECV_GUESS_MAX;
+    size_t direct = guess >= RECV_HANDOVER ? guess : 0; /* a big read expected: straight into buf */
+    Py_ssize_t blen = PyByteArray_GET_SIZE(buf);
+    if (direct && PyByteArray_Resize(buf, blen + (Py_ssize_t)direct) < 0) return -1;
+    ssize_t n;
+    do {
+        if (direct) {
+            struct iovec iov[2] = {{PyByteArray_AS_STRING(buf) + blen, direct}, {recv_buf, RECV_BUF - direct}};
+            n = readv(fd, iov, 2);
+        } else {
+            n = recv(fd, recv_buf, RECV_BUF, 0);
+        }
+    } while (n < 0 && errno == EINTR && PyErr_CheckSignals() == 0);
+    int e = errno;
+    if (n <= 0) {
+        if (direct && PyByteArray_Resize(buf, blen) < 0) return -1;
+        if (n < 0 && !PyErr_Occurred()) *err = e;
+        return n < 0 ? -1 : 0;
+    }
+    size_t spill = (size_t)n > direct ? (size_t)n - direct : 0; /* what landed in the shared buffer */
+    if (PyByteArray_Resize(buf, blen + n) < 0) return -1;
+    if (spill) memcpy(PyByteArray_AS_STRING(buf) + blen + (n - (Py_ssize_t)spill), recv_buf, spill);
+    return n;
+}
+
 /* recv(fd, max_size) -> bytes: one read (b"" at EOF); OSError (BlockingIOError ...) on failure. */
 PyObject *aem_loop_recv(PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2) {

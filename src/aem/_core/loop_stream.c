@@ -111,6 +111,15 @@ static PyObject *to_fatal_error(PyObject *t, PyObject *message) {
 
 /* ---- reading -------------------------------------------------------------------------------------- */
 
+/* A read failed: err is its errno, or 0 with an exception set (a signal handler's). */
+static PyObject *read_failed(PyObject *t, int err) {
+    if (!err) return NULL;
+    if (err == EAGAIN || err == EWOULDBLOCK) Py_RETURN_NONE;
+    errno = err;
+    PyErr_SetFromErrno(PyExc_OSError);
+    return to_fatal_error(t, m_read_error);
+}
+
 static PyObject *io_read_ready(StreamIOObject *io, PyObject *unused) {
     PyObject *t = io->transport;
     if (!t) Py_RETURN_NONE;
@@ -123,25 +132,32 @@ static PyObject *io_read_ready(StreamIOObject *io, PyObject *unused) {
     }
     int lost = attr_true(io, A_CONN_LOST);
     if (lost) return lost < 0 ? NULL : Py_NewRef(Py_None);
+    PyObject *proto = tattr(io, A_PROTOCOL);
+    if (!proto) return NULL;
     int err;
+    aem_feed st;
+    if (aem_feed_begin(proto, &st)) {  /* a StreamReaderProtocol: the read goes into its reader's buffer */
+        Py_DECREF(proto);
+        Py_ssize_t n = aem_loop_read_append(io->fd, st.buffer, io->last_read, &err);
+        if (n > 0) {
+            io->last_read = (size_t)n;
+            return aem_feed_end(&st) < 0 ? to_fatal_error(t, m_proto_error) : Py_NewRef(Py_None);
+        }
+        aem_feed_release(&st);
+        if (n == 0) return call_method0(t, s_on_eof);
+        return read_failed(t, err);
+    }
     PyObject *data = aem_loop_read(io->fd, SIZE_MAX, io->last_read, &err);
     if (!data) {
-        if (!err) return NULL;
-        if (err == EAGAIN || err == EWOULDBLOCK) Py_RETURN_NONE;
-        errno = err;
-        PyErr_SetFromErrno(PyExc_OSError);
-        return to_fatal_error(t, m_read_error);
+        Py_DECREF(proto);
+        return read_failed(t, err);
     }
     if (PyBytes_GET_SIZE(data) == 0) {
+        Py_DECREF(proto);
         Py_DECREF(data);
         return call_method0(t, s_on_eof);
     }
     io->last_read = (size_t)PyBytes_GET_SIZE(data);
-    PyObject *proto = tattr(io, A_PROTOCOL);
-    if (!proto) {
-        Py_DECREF(data);
-        return NULL;
-    }
     PyObject *r = PyObject_CallMethodOneArg(proto, s_data_received, data);
     Py_DECREF(proto);
     Py_DECREF(data);
@@ -358,6 +374,7 @@ static PyObject *io_detach(StreamIOObject *io, PyObject *unused) {
 }
 
 PyObject *aem_stream_new(PyObject *core, PyObject *transport, int fd) {
+    aem_feed_prepare();
     StreamIOObject *io = PyObject_GC_New(StreamIOObject, StreamIO_Type);
     if (!io) return NULL;
     io->core = Py_NewRef(core);
@@ -427,6 +444,7 @@ static PyType_Spec io_spec = {
 };
 
 int aem_stream_init_type(PyObject *module) {
+    if (aem_feed_init() < 0) return -1;
     const char *state[A__N] = {"_conn_lost", "_buffer", "_eof", "_empty_waiter", "_protocol", "_closing",
                                "_protocol_paused", "_high_water"};
     for (int a = 0; a < A__N; a++)

@@ -398,7 +398,7 @@ def run(ctx: Context) -> None:
     _bench_call_soon(ctx, kinds, rounds)
     _bench_timers(ctx, kinds, rounds)
     with tempfile.TemporaryDirectory() as tmp:
-        _bench_echo(ctx, kinds, 1 if ctx.quick else 9, Path(tmp))  # more, shorter rounds: a sturdier median
+        _bench_echo(ctx, kinds, 1 if ctx.quick else 13, Path(tmp))  # more, shorter rounds: a sturdier median
         _bench_uvicorn(ctx, kinds, rounds, Path(tmp))
     ctx.note("ratios within this run; asyncio = asyncio.SelectorEventLoop (epoll)")
 
