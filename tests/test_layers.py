@@ -174,8 +174,6 @@ def _c_sources() -> list[Path]:
     return files
 
 
-@pytest.mark.xfail(strict=True, reason="loop.c (aem.EventLoop's timers) still has its own sift_up/"
-                   "sift_down over asyncio handles: owned by the loop work, to move onto heap.h")
 def test_one_binary_heap_in_the_c_core() -> None:
     """heap.h is the C core's one binary heap: no other file writes its own sift-up/down."""
     own = [p.name for p in _c_sources() if p.name != "heap.h"

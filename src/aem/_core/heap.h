@@ -1,6 +1,6 @@
 /* heap.h — the engine's one binary heap, used by the timers (timers.c: a min-heap on
  * (deadline, start order)) and by the pending queue (engine.c: on (priority desc,
- * arrival asc)).
+ * arrival asc)), and by aem.EventLoop's timers (loop.c: on (when, scheduling order)).
  *
  * AEM_HEAP_DEFINE(name, T, BEFORE, PLACED) defines static inline functions over an
  * array of T (no function pointers on the hot path):

@@ -31,6 +31,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "heap.h"
 #include "loop.h"
 
 static PyTypeObject *LoopCore_Type;
@@ -207,54 +208,23 @@ static inline int tbefore(const tent *a, const tent *b) {
     return a->when < b->when || (a->when == b->when && a->seq < b->seq);
 }
 
-static void sift_up(tent *heap, Py_ssize_t i) {
-    tent t = heap[i];
-    while (i > 0) {
-        Py_ssize_t p = (i - 1) / 2;
-        if (!tbefore(&t, &heap[p])) break;
-        heap[i] = heap[p];
-        i = p;
-    }
-    heap[i] = t;
-}
-
-static void sift_down(tent *heap, Py_ssize_t n, Py_ssize_t i) {
-    tent t = heap[i];
-    for (;;) {
-        Py_ssize_t c = 2 * i + 1;
-        if (c >= n) break;
-        if (c + 1 < n && tbefore(&heap[c + 1], &heap[c])) c++;
-        if (!tbefore(&heap[c], &t)) break;
-        heap[i] = heap[c];
-        i = c;
-    }
-    heap[i] = t;
-}
+/* The engine's one binary heap (heap.h); a timer's slot is not tracked (cancelled ones are pruned). */
+AEM_HEAP_DEFINE(lheap, tent, tbefore, AEM_HEAP_NOT_TRACKED)
 
 static int heap_push(LoopCoreObject *self, double when, PyObject *h) {  /* takes a new reference */
-    if (self->hlen == self->hcap) {
-        Py_ssize_t cap = self->hcap ? self->hcap * 2 : 256;
-        tent *n = PyMem_Realloc(self->heap, sizeof(tent) * (size_t)cap);
-        if (!n) {
-            Py_DECREF(h);
-            PyErr_NoMemory();
-            return -1;
-        }
-        self->heap = n;
-        self->hcap = cap;
+    if (lheap_grow(&self->heap, &self->hcap, self->hlen) < 0) {
+        Py_DECREF(h);
+        PyErr_NoMemory();
+        return -1;
     }
-    self->heap[self->hlen] = (tent){.when = when, .seq = self->seq++, .handle = h};
-    sift_up(self->heap, self->hlen++);
+    lheap_sift_up(self, self->heap, self->hlen++, (tent){.when = when, .seq = self->seq++, .handle = h});
     Py_SETREF(SLOT(h, off_scheduled), Py_NewRef(Py_True));
     return 0;
 }
 
 static PyObject *heap_pop(LoopCoreObject *self) {  /* returns the reference */
     PyObject *h = self->heap[0].handle;
-    if (--self->hlen > 0) {
-        self->heap[0] = self->heap[self->hlen];
-        sift_down(self->heap, self->hlen, 0);
-    }
+    lheap_remove_at(self, self->heap, &self->hlen, 0);
     Py_SETREF(SLOT(h, off_scheduled), Py_NewRef(Py_False));
     return h;
 }
@@ -267,8 +237,8 @@ static void heap_clear(LoopCoreObject *self) {
 /* Drop cancelled timers: all of them when they are many, else those at the top. */
 static void heap_prune(LoopCoreObject *self) {
     if (self->hlen > 100 && self->cancelled * 2 > self->hlen) {
-        Py_ssize_t k = 0;
-        for (Py_ssize_t i = 0; i < self->hlen; i++) {
+        uint32_t k = 0;
+        for (uint32_t i = 0; i < self->hlen; i++) {
             PyObject *h = self->heap[i].handle;
             if (is_cancelled(h)) {
                 Py_SETREF(SLOT(h, off_scheduled), Py_NewRef(Py_False));
@@ -278,7 +248,7 @@ static void heap_prune(LoopCoreObject *self) {
             }
         }
         self->hlen = k;
-        for (Py_ssize_t i = k / 2; i-- > 0;) sift_down(self->heap, k, i);
+        for (uint32_t i = k / 2; i-- > 0;) lheap_sift_down(self, self->heap, k, i, self->heap[i]);
         self->cancelled = 0;
         return;
     }
@@ -746,7 +716,7 @@ static PyObject *core_popleft(LoopCoreObject *self, PyObject *unused) {
 static PyObject *core_timers(LoopCoreObject *self, PyObject *unused) {
     PyObject *l = PyList_New(self->hlen);
     if (!l) return NULL;
-    for (Py_ssize_t i = 0; i < self->hlen; i++) PyList_SET_ITEM(l, i, Py_NewRef(self->heap[i].handle));
+    for (uint32_t i = 0; i < self->hlen; i++) PyList_SET_ITEM(l, i, Py_NewRef(self->heap[i].handle));
     return l;
 }
 
@@ -761,7 +731,7 @@ static PyObject *core_set_state(LoopCoreObject *self, PyObject *args, PyObject *
 
 static Py_ssize_t core_len(LoopCoreObject *self) { return self->len; }
 
-static PyObject *core_get_ntimers(LoopCoreObject *self, void *unused) { return PyLong_FromSsize_t(self->hlen); }
+static PyObject *core_get_ntimers(LoopCoreObject *self, void *unused) { return PyLong_FromUnsignedLong(self->hlen); }
 static PyObject *core_get_streams_fed(LoopCoreObject *self, void *unused) {
     return PyLong_FromUnsignedLongLong(aem_feed_count());
 }
@@ -817,7 +787,7 @@ static int core_traverse(LoopCoreObject *self, visitproc visit, void *arg) {
     Py_VISIT(self->remove_fd[0]);
     Py_VISIT(self->remove_fd[1]);
     for (Py_ssize_t i = 0; i < self->len; i++) Py_VISIT(self->ring[(self->head + i) & (self->cap - 1)]);
-    for (Py_ssize_t i = 0; i < self->hlen; i++) Py_VISIT(self->heap[i].handle);
+    for (uint32_t i = 0; i < self->hlen; i++) Py_VISIT(self->heap[i].handle);
     return 0;
 }
 
@@ -847,7 +817,7 @@ static void core_dealloc(LoopCoreObject *self) {
     PyObject_GC_UnTrack(self);
     core_clear_refs(self);
     PyMem_Free(self->ring);
-    PyMem_Free(self->heap);
+    free(self->heap);  /* heap.h's grow reallocs with the C allocator */
     PyMem_Free(self->parked);
     PyMem_Free(self->to_flush);
     tp->tp_free((PyObject *)self);

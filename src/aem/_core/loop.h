@@ -44,7 +44,7 @@ typedef struct {
     PyObject **ring;          /* ready handles: ring[(head + i) % cap], i < len; cap a power of 2 */
     Py_ssize_t head, len, cap;
     tent *heap;
-    Py_ssize_t hlen, hcap;
+    uint32_t hlen, hcap;  /* the timer heap (heap.h) */
     uint64_t seq;
     Py_ssize_t cancelled;     /* cancelled timers still in the heap */
     double clock_resolution;
