@@ -76,6 +76,7 @@ _STRIP_LENGTHS = frozenset(len(n) for n in _STRIP)
 # server frames itself: those are not kept)
 _FIELDS: dict[tuple[bytes, bytes], tuple[str, str]] = {}
 _core.asgi_configure(_STATUS_LINES)
+_core.asgi_scope_configure(_ASGI)
 _PIPELINE_MAX = 16          # parsed requests queued on a connection before reading pauses
 _BODY_HIGH = 256 * 1024     # request-body bytes a connection holds unread before reading pauses
 
@@ -807,7 +808,10 @@ class _Cycle(_core.AsgiCycle):
 
     def __init__(self, conn: _HttpProtocol, req: Request, body: _Body | None = None) -> None:
         self._setup(conn, req, body)
-        scope = make_scope(conn, req, "http")
+        srv = conn.server
+        scope = _core.asgi_scope(req, srv.root_path, conn.server_addr, conn.client, srv.state)
+        if scope is None:
+            scope = make_scope(conn, req, "http")
         self.task = conn.new_task(self._run(scope))
 
     def cancel(self) -> None:
@@ -939,8 +943,8 @@ class _Cycle(_core.AsgiCycle):
 
     def _set_raw_head(self, status: int, headers: Any) -> None:
         """:meth:`_set_head` for the app's byte pairs; each pair seen before is looked up
-        (the ``str`` pair it gives), not decoded again."""
-        self.status = status
+        (the ``str`` pair it gives), not decoded again.  (``status`` is set last: a field
+        that raises leaves the response unstarted, and the app's failure gets a 500.)"""
         fields: list[tuple[str, str]] = []
         known = _FIELDS
         for pair in headers:
@@ -964,6 +968,7 @@ class _Cycle(_core.AsgiCycle):
                 known[pair] = field
             fields.append(field)
         self.headers = fields
+        self.status = status
 
     def _set_head(self, status: int, headers: list[tuple[str, str]]) -> None:
         """The response's status and fields (those the server frames itself are taken out)."""
