@@ -129,6 +129,8 @@ typedef struct {
     PyObject *held;       /* bytes waiting for the end of the turn, or NULL */
     PyObject *responses;  /* the server's stats.responses (by status class) */
     PyObject *stats;      /* the server's stats (active) */
+    PyObject *http;       /* the connection's aem.http.protocol.Connection */
+    PyObject *server_line;  /* its Server line (bytes) */
     int log;              /* the server keeps an access log (the Python _done writes it) */
     int queued;           /* in the loop's flush queue */
 } AsgiLinkObject;
@@ -160,27 +162,41 @@ static int link_hold(AsgiLinkObject *k, PyObject *data) {
 }
 
 static PyObject *link_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
-    PyObject *write, *core, *stats;
+    PyObject *write, *core, *stats, *http;
     int log;
-    static char *kwlist[] = {"write", "core", "stats", "log", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOp:AsgiLink", kwlist, &write, &core, &stats, &log))
+    static char *kwlist[] = {"write", "core", "stats", "log", "http", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOpO:AsgiLink", kwlist, &write, &core, &stats, &log, &http))
         return NULL;
+    PyObject *server_line = PyObject_GetAttr(http, s_server_line);
+    if (!server_line) return NULL;
+    if (!PyBytes_CheckExact(server_line)) {
+        Py_DECREF(server_line);
+        PyErr_SetString(PyExc_TypeError, "http._server_line must be bytes");
+        return NULL;
+    }
     PyObject *responses = PyObject_GetAttr(stats, s_responses);
-    if (!responses) return NULL;
+    if (!responses) {
+        Py_DECREF(server_line);
+        return NULL;
+    }
     if (!PyList_CheckExact(responses) || PyList_GET_SIZE(responses) < 6) {
         Py_DECREF(responses);
+        Py_DECREF(server_line);
         PyErr_SetString(PyExc_TypeError, "stats.responses must be a list of 6 counters");
         return NULL;
     }
     AsgiLinkObject *k = (AsgiLinkObject *)type->tp_alloc(type, 0);
     if (!k) {
         Py_DECREF(responses);
+        Py_DECREF(server_line);
         return NULL;
     }
     k->write = Py_NewRef(write);
     k->core = Py_TYPE(core) == LoopCore_T ? Py_NewRef(core) : NULL;
     k->stats = Py_NewRef(stats);
     k->responses = responses;
+    k->http = Py_NewRef(http);
+    k->server_line = server_line;
     k->log = log;
     return (PyObject *)k;
 }
@@ -192,6 +208,7 @@ static int link_traverse(AsgiLinkObject *k, visitproc visit, void *arg) {
     Py_VISIT(k->held);
     Py_VISIT(k->responses);
     Py_VISIT(k->stats);
+    Py_VISIT(k->http);
     return 0;
 }
 
@@ -201,6 +218,8 @@ static int link_clear(AsgiLinkObject *k) {
     Py_CLEAR(k->held);
     Py_CLEAR(k->responses);
     Py_CLEAR(k->stats);
+    Py_CLEAR(k->http);
+    Py_CLEAR(k->server_line);
     return 0;
 }
 
@@ -253,7 +272,7 @@ static PyType_Slot link_slots[] = {
     {Py_tp_clear, link_clear},
     {Py_tp_methods, link_methods},
     {Py_tp_getset, link_getset},
-    {Py_tp_doc, "AsgiLink(write, core, stats, log): a connection's output held to the end of the loop turn."},
+    {Py_tp_doc, "AsgiLink(write, core, stats, log, http): a connection's output held to the end of the loop turn."},
     {0, NULL},
 };
 
@@ -551,10 +570,10 @@ static int body_fast(AsgiCycleObject *c, PyObject *msg) {
     int head = PyUnicode_Check(method) && PyUnicode_Compare(method, s_head_method) == 0;
     Py_DECREF(method);
     if (head) return 0;
-    PyObject *http = PyObject_GetAttr(c->conn, s_http);
-    if (!http) return -1;
+    AsgiLinkObject *k = c->link;
+    PyObject *http = k->http, *server_line = k->server_line;
     int rc = -1;
-    PyObject *server_line = NULL, *sline = NULL, *version = NULL, *out = NULL;
+    PyObject *sline = NULL, *version = NULL, *out = NULL;
     int keep = attr_true(req, s_keep_alive);
     if (keep < 0) goto done;
     if (keep) {
@@ -563,12 +582,6 @@ static int body_fast(AsgiCycleObject *c, PyObject *msg) {
         keep = !closing;
     }
     if (!keep && PyObject_SetAttr(http, s_closing, Py_True) < 0) goto done;
-    server_line = PyObject_GetAttr(http, s_server_line);
-    if (!server_line) goto done;
-    if (!PyBytes_CheckExact(server_line)) {
-        PyErr_SetString(PyExc_TypeError, "the server line must be bytes");
-        goto done;
-    }
     version = PyObject_GetAttr(req, s_version);
     if (!version) goto done;
     int v10 = PyUnicode_Check(version) && PyUnicode_Compare(version, s_v10) == 0;
@@ -577,9 +590,20 @@ static int body_fast(AsgiCycleObject *c, PyObject *msg) {
     int status = c->status;
     int no_length = status < 200 || status == 204 || status == 304;
     int send_body = status >= 200 && status != 204 && status != 304 && n;
-    char tail[64];
+    char tail[48];
     size_t tn = 0;
-    if (!no_length) tn = (size_t)snprintf(tail, sizeof tail, "Content-Length: %zd\r\n", n);
+    if (!no_length) {   /* "Content-Length: %zd\r\n" */
+        char digits[24];
+        int nd = 0;
+        size_t x = (size_t)n;
+        do digits[nd++] = (char)('0' + x % 10);
+        while ((x /= 10));
+        memcpy(tail, "Content-Length: ", 16);
+        tn = 16;
+        while (nd) tail[tn++] = digits[--nd];
+        tail[tn++] = '\r';
+        tail[tn++] = '\n';
+    }
     const char *conn_line = !keep ? "Connection: close\r\n\r\n" : v10 ? "Connection: keep-alive\r\n\r\n" : "\r\n";
     size_t cl = strlen(conn_line);
     Py_ssize_t ns = PyBytes_GET_SIZE(sline), nv = PyBytes_GET_SIZE(server_line), nf = PyBytes_GET_SIZE(c->fields);
@@ -601,7 +625,6 @@ static int body_fast(AsgiCycleObject *c, PyObject *msg) {
     o += cl;
     if (send_body) memcpy(o, PyBytes_AS_STRING(body), (size_t)n);
     c->head_sent = 1;
-    AsgiLinkObject *k = c->link;
     if (link_hold(k, out) < 0) goto done;
     if (k->log || c->waiter != Py_None) {  /* the access log, a receive() waiting: the Python _done */
         PyObject *len = PyLong_FromSsize_t(n);
@@ -620,8 +643,6 @@ static int body_fast(AsgiCycleObject *c, PyObject *msg) {
     }
     rc = 1;
 done:
-    Py_DECREF(http);
-    Py_XDECREF(server_line);
     Py_XDECREF(version);
     Py_XDECREF(sline);
     Py_XDECREF(out);

@@ -77,6 +77,7 @@ _STRIP_LENGTHS = frozenset(len(n) for n in _STRIP)
 _FIELDS: dict[tuple[bytes, bytes], tuple[str, str]] = {}
 _core.asgi_configure(_STATUS_LINES)
 _core.asgi_scope_configure(_ASGI)
+_TASK_NAME = "aem-asgi-request"   # the name of every request's task
 _PIPELINE_MAX = 16          # parsed requests queued on a connection before reading pauses
 _BODY_HIGH = 256 * 1024     # request-body bytes a connection holds unread before reading pauses
 
@@ -353,10 +354,11 @@ class _HttpProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         loop = self.loop = asyncio.get_running_loop()
         # the app's tasks: asyncio.Task itself (no Python frame of create_task) unless the loop
-        # has a task factory (the one in effect when the connection opened)
+        # has a task factory (the one in effect when the connection opened); named (on 3.11 a
+        # task without a name formats one, "Task-N", as it is made)
         self.new_task: Callable[[Any], asyncio.Task[None]] = (
-            functools.partial(asyncio.Task, loop=loop) if loop.get_task_factory() is None
-            else loop.create_task)
+            functools.partial(asyncio.Task, loop=loop, name=_TASK_NAME) if loop.get_task_factory() is None
+            else functools.partial(loop.create_task, name=_TASK_NAME))
         # parsed requests not started yet, each with its body when that streams
         self.pending: collections.deque[tuple[Request | HttpError, _Body | None]] = collections.deque()
         self.feeding: _Body | None = None   # the body arriving now
@@ -383,7 +385,7 @@ class _HttpProtocol(asyncio.Protocol):
         self.transport = transport
         srv = self.server
         self.link = _core.AsgiLink(transport.write, getattr(self.loop, "_core", None), srv.stats,
-                                   srv.access_log is not None)
+                                   srv.access_log is not None, self.http)
         srv._conns.add(self)
         srv.stats.connections += 1
         sock = transport.get_extra_info("socket")
