@@ -739,6 +739,11 @@ class _HttpProtocol(asyncio.Protocol):
         self.cycle = None
         if self.http.closing:
             self.pending.clear()
+        elif self.feeding is None and not (self.pending or self.paused or self.eof
+                                           or self.server.shutting_down):
+            # the usual keep-alive case, _next's last branch without its calls: the idle deadline
+            self.deadline = self.loop.time() + self.server.timer_s[self.http.parser.timer or IDLE_TIMER]
+            return
         self._next()
 
     def shutdown(self) -> None:
