@@ -253,6 +253,15 @@ def test_the_c_scope_is_make_scope(path: str, query: str | None, names: list[str
     assert scope["state"] is not server.state and scope["extensions"] is not want["extensions"]
 
 
+def test_lowering_a_one_letter_name_leaves_the_shared_bytes_alone() -> None:
+    """b"X" made from a string is the interpreter's one shared object: never lowered in place."""
+    name = bytes([ord("X")])
+    req = Request("GET", "/", "1.1", [(name, b"1"), (b"Y", b"2")], b"")
+    scope = _core.asgi_scope(req, "", None, None, {})
+    assert scope is not None and scope["headers"] == [(b"x", b"1"), (b"y", b"2")]
+    assert bytes([88])[0] == 88 and bytes([89])[0] == 89   # (the shared objects' own bytes)
+
+
 def test_the_c_scope_declines_what_it_does_not_build() -> None:
     state: dict[str, Any] = {}
     for target in ("*", "http://h/p", "/a%20b"):

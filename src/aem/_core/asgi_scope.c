@@ -143,11 +143,12 @@ static PyObject *lower_headers(PyObject *raw) {
             Py_INCREF(low);
         } else {
             if (PyErr_Occurred()) goto fail;
-            low = PyBytes_FromStringAndSize(s, len);
+            /* a new object to lower in place (from NULL: a one-byte bytes made from a string is
+             * the interpreter's shared singleton) */
+            low = PyBytes_FromStringAndSize(NULL, len);
             if (!low) goto fail;
             char *d = PyBytes_AS_STRING(low);
-            for (Py_ssize_t m = j; m < len; m++)
-                if (d[m] >= 'A' && d[m] <= 'Z') d[m] = (char)(d[m] + 32);
+            for (Py_ssize_t m = 0; m < len; m++) d[m] = (char)(s[m] >= 'A' && s[m] <= 'Z' ? s[m] + 32 : s[m]);
             if (PyDict_GET_SIZE(lowered) >= 512) PyDict_Clear(lowered);
             if (PyDict_SetItem(lowered, name, low) < 0) {
                 Py_DECREF(low);
