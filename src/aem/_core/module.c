@@ -31,6 +31,8 @@ int aem_vmtable_module_init(PyObject *module);
 int aem_vmtable_bench_init(PyObject *module);  /* vmtable_bench.c */
 int aem_http_fast_init(PyObject *module);
 int aem_handoff_init(PyObject *module);
+int aem_asgi_init(PyObject *module);     /* asgi_cycle.c */
+int aem_asgi_scope_init(PyObject *module);  /* asgi_scope.c */
 
 static PyObject *set_types(PyObject *module, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"timer", NULL};
@@ -98,6 +100,7 @@ PyMODINIT_FUNC PyInit__core(void) {
     if (aem_vmtable_bench_init(m) < 0) goto fail;
     if (aem_http_fast_init(m) < 0) goto fail;
     if (aem_handoff_init(m) < 0) goto fail;
+    if (aem_asgi_init(m) < 0 || aem_asgi_scope_init(m) < 0) goto fail;
 
     ADD_INT("K_TIMER", AEM_K_TIMER);
     ADD_INT("K_READABLE", AEM_K_READABLE);

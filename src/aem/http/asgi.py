@@ -40,8 +40,10 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, TextIO
 from urllib.parse import unquote
 
+from .. import _core
 from . import status as _status
 from .protocol import (
+    _STATUS_LINES,
     BODY_END,
     BODY_TIMER,
     CONTINUE,
@@ -73,6 +75,9 @@ _STRIP_LENGTHS = frozenset(len(n) for n in _STRIP)
 # the app's response fields seen before, (name, value) bytes -> the str pair (never one the
 # server frames itself: those are not kept)
 _FIELDS: dict[tuple[bytes, bytes], tuple[str, str]] = {}
+_core.asgi_configure(_STATUS_LINES)
+_core.asgi_scope_configure(_ASGI)
+_TASK_NAME = "aem-asgi-request"   # the name of every request's task
 _PIPELINE_MAX = 16          # parsed requests queued on a connection before reading pauses
 _BODY_HIGH = 256 * 1024     # request-body bytes a connection holds unread before reading pauses
 
@@ -349,10 +354,11 @@ class _HttpProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         loop = self.loop = asyncio.get_running_loop()
         # the app's tasks: asyncio.Task itself (no Python frame of create_task) unless the loop
-        # has a task factory (the one in effect when the connection opened)
+        # has a task factory (the one in effect when the connection opened); named (on 3.11 a
+        # task without a name formats one, "Task-N", as it is made)
         self.new_task: Callable[[Any], asyncio.Task[None]] = (
-            functools.partial(asyncio.Task, loop=loop) if loop.get_task_factory() is None
-            else loop.create_task)
+            functools.partial(asyncio.Task, loop=loop, name=_TASK_NAME) if loop.get_task_factory() is None
+            else functools.partial(loop.create_task, name=_TASK_NAME))
         # parsed requests not started yet, each with its body when that streams
         self.pending: collections.deque[tuple[Request | HttpError, _Body | None]] = collections.deque()
         self.feeding: _Body | None = None   # the body arriving now
@@ -367,6 +373,9 @@ class _HttpProtocol(asyncio.Protocol):
         self.write_paused = False
         self.drained: asyncio.Future[None] | None = None
         self.ws: Any = None
+        # a finished response held to the end of the loop turn (written then, or before any
+        # other output of the connection: see flush())
+        self.link: _core.AsgiLink = None  # type: ignore[assignment]
         self.lingering = False   # answered an error mid-body: reading and dropping, then closing
 
     # -- asyncio.Protocol -------------------------------------------------------------------
@@ -375,6 +384,8 @@ class _HttpProtocol(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         srv = self.server
+        self.link = _core.AsgiLink(transport.write, getattr(self.loop, "_core", None), srv.stats,
+                                   srv.access_log is not None, self.http)
         srv._conns.add(self)
         srv.stats.connections += 1
         sock = transport.get_extra_info("socket")
@@ -386,6 +397,7 @@ class _HttpProtocol(asyncio.Protocol):
         self._arm(IDLE_TIMER)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.link.drop()
         self.closed = True
         self.server._conns.discard(self)
         self.http.close()
@@ -425,6 +437,7 @@ class _HttpProtocol(asyncio.Protocol):
         self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
+        self.link.flush()   # what this read answers goes out after what was answered before
         if self.lingering:
             return
         if self.ws is not None:
@@ -470,6 +483,7 @@ class _HttpProtocol(asyncio.Protocol):
             self._flow()
 
     def eof_received(self) -> bool | None:
+        self.link.flush()
         if self.lingering:
             self.transport.close()
             return None
@@ -616,6 +630,7 @@ class _HttpProtocol(asyncio.Protocol):
         self.deadline = 0.0
         if self.closed:
             return
+        self.link.flush()
         if self.cycle is not None:
             if self.feeding is not None and not self.paused:
                 self._body_failed(HttpError(408, "request body not received in time"))
@@ -633,12 +648,14 @@ class _HttpProtocol(asyncio.Protocol):
             self._flow()
         if not self.pending:
             if self.http.closing or self.server.shutting_down or self.eof:
+                self.link.flush()
                 self.transport.close()
             elif self.feeding is not None:
                 self._arm(BODY_TIMER)   # the rest of an answered request's body, dropped
             else:
                 self._arm(self.http.timer if self.http.timer != KEEP else IDLE_TIMER)
             return
+        self.link.flush()
         ev, body = self.pending.popleft()
         self._start(ev, body)
 
@@ -722,10 +739,16 @@ class _HttpProtocol(asyncio.Protocol):
         self.cycle = None
         if self.http.closing:
             self.pending.clear()
+        elif self.feeding is None and not (self.pending or self.paused or self.eof
+                                           or self.server.shutting_down):
+            # the usual keep-alive case, _next's last branch without its calls: the idle deadline
+            self.deadline = self.loop.time() + self.server.timer_s[self.http.parser.timer or IDLE_TIMER]
+            return
         self._next()
 
     def shutdown(self) -> None:
         """Graceful shutdown: close now if idle, else after the response in progress."""
+        self.link.flush()
         if self.ws is not None:
             self.ws.shutdown()
         elif self.cycle is None and not self.pending:
@@ -734,6 +757,7 @@ class _HttpProtocol(asyncio.Protocol):
             self.http.closing = True
 
     def abort(self) -> None:
+        self.link.drop()
         if self.cycle is not None:
             self.cycle.cancel()
         self.transport.abort()
@@ -778,36 +802,24 @@ def make_scope(conn: _HttpProtocol, req: Request, kind: str) -> dict[str, Any]:
     return scope
 
 
-class _Cycle:
-    """One request and its response: the app's ``receive`` and ``send``."""
+class _Cycle(_core.AsgiCycle):
+    """One request and its response: the app's ``receive`` and ``send``.
 
-    __slots__ = ("body", "body_sent", "chunked", "conn", "head_sent", "headers", "length", "req",
-                 "request_read", "response_done", "sent", "status", "task", "waiter", "want_length")
+    The state and the usual ``receive()``/``send()`` are C (:class:`aem._core.AsgiCycle`,
+    asgi_cycle.c; ``_setup`` starts an exchange); what they do not do themselves comes here:
+    :meth:`_receive_slow` and :meth:`_send_slow`.  ``body`` is the request body when it
+    streams (else it is ``req.body``, whole).
+    """
+
+    __slots__ = ()
 
     def __init__(self, conn: _HttpProtocol, req: Request, body: _Body | None = None) -> None:
         self._setup(conn, req, body)
-        scope = make_scope(conn, req, "http")
-        self.task: asyncio.Task[None] | None = conn.new_task(self._run(scope))
-
-    def _setup(self, conn: _HttpProtocol, req: Request, body: _Body | None) -> None:
-        self.task = None
-        self.conn = conn
-        self.req = req
-        self.body = body          # the body, when it streams (else it is req.body, whole)
-        if body is not None:
-            body.cycle = self
-        self.status = 0
-        self.head_sent = False
-        self.response_done = False
-        self.request_read = False
-        self.chunked = False
-        self.length = 0
-        self.want_length: int | None = None
-        self.sent = 0
-        self.body_sent = False
-        self.waiter: asyncio.Future[None] | None = None
-        self.headers: list[tuple[str, str]] = []
-        conn.server.stats.active += 1
+        srv = conn.server
+        scope = _core.asgi_scope(req, srv.root_path, conn.server_addr, conn.client, srv.state)
+        if scope is None:
+            scope = make_scope(conn, req, "http")
+        self.task = conn.new_task(self._run(scope))
 
     def cancel(self) -> None:
         """The connection is being aborted (shutdown past its grace period): stop the app call."""
@@ -862,7 +874,7 @@ class _Cycle:
         if w is not None and not w.done():
             w.set_result(None)
 
-    async def receive(self) -> Message:
+    async def _receive_slow(self) -> Message:
         if not self.request_read:
             if self.body is not None:
                 return await self._receive_body(self.body)
@@ -897,7 +909,7 @@ class _Cycle:
         self.request_read = True
         return {"type": "http.disconnect"}
 
-    async def send(self, message: Message) -> None:
+    async def _send_slow(self, message: Message) -> None:
         kind = message["type"]
         conn = self.conn
         if conn.closed:
@@ -915,6 +927,7 @@ class _Cycle:
                 raise RuntimeError("http.response.body before http.response.start")
             if self.response_done:
                 raise RuntimeError("http.response.body after the response ended")
+            self._own_head()
             body = message.get("body", b"")
             more = message.get("more_body", False)
             self._body(bytes(body) if type(body) is not bytes else body, more)
@@ -924,14 +937,21 @@ class _Cycle:
         if kind == "http.response.zerocopysend":
             if not self.status:
                 raise RuntimeError("http.response.zerocopysend before http.response.start")
+            self._own_head()
             await self._sendfile(message)
             return
         raise RuntimeError(f"unexpected ASGI message {kind!r} in an http scope")
 
+    def _own_head(self) -> None:
+        """The response fields, if only the C half read them: as :meth:`_set_raw_head` keeps them."""
+        raw = self._take_raw_head()
+        if raw is not None:
+            self._set_raw_head(self.status, raw)
+
     def _set_raw_head(self, status: int, headers: Any) -> None:
         """:meth:`_set_head` for the app's byte pairs; each pair seen before is looked up
-        (the ``str`` pair it gives), not decoded again."""
-        self.status = status
+        (the ``str`` pair it gives), not decoded again.  (``status`` is set last: a field
+        that raises leaves the response unstarted, and the app's failure gets a 500.)"""
         fields: list[tuple[str, str]] = []
         known = _FIELDS
         for pair in headers:
@@ -955,6 +975,7 @@ class _Cycle:
                 known[pair] = field
             fields.append(field)
         self.headers = fields
+        self.status = status
 
     def _set_head(self, status: int, headers: list[tuple[str, str]]) -> None:
         """The response's status and fields (those the server frames itself are taken out)."""

@@ -54,7 +54,7 @@ from typing import Final
 
 import httptools
 
-from aem._core import http_parse as _http_parse
+from aem._core import simple_request as _simple_request
 
 __all__ = [
     "ALLOW_METHODS", "BODY_END", "BODY_TIMER", "CONTINUE", "CONTINUE_RESPONSE", "HEADER_TIMER", "IDLE_TIMER",
@@ -628,18 +628,18 @@ class RequestParser:
         between requests; else None, and nothing was consumed (then :meth:`feed` it).
 
         Simple is what AEMhttpd's C fast path parses in one pass
-        (``aem._core.http_parse``, fuzzed and differential-tested against this parser):
+        (``aem._core.http_parse``, fuzzed and differential-tested against this parser; the
+        :class:`Request` is built in C too, ``aem._core.simple_request``):
         ``GET``/``HEAD``, an origin-form target, ``HTTP/1.1``, one valid ``Host``, no
         ``Content-Length``, ``Transfer-Encoding``, ``Connection``, ``Expect`` or
         ``Upgrade``, within the limits.  It never accepts what :meth:`feed` rejects.
         """
         if self.phase != IDLE or self.dead or self._lenient:
             return None
-        r = _http_parse(data, self._max_url, self._max_head, self._max_headers)
-        if r is None or r[2] != len(data):
-            return None
-        self.timer = IDLE_TIMER
-        return Request(r[0], r[1].decode("latin-1"), "1.1", r[5], b"", True)
+        req = _simple_request(data, self._max_url, self._max_head, self._max_headers, Request)
+        if req is not None:
+            self.timer = IDLE_TIMER
+        return req
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Parse ``data`` (the next bytes of the stream); return the events it completes.
