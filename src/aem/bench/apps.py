@@ -45,6 +45,7 @@ from pathlib import Path
 
 from ._harness import Context, aem_pythonpath
 from .http import Server, free_port, have_wrk, run_wrk, start_servers
+from .idle import OTHER_LOAD, _busy_seconds, _own_seconds
 
 TARGETS = "aem.bench._app_targets"
 CONNECTIONS = 64
@@ -147,20 +148,42 @@ def _slow_client(port: int, stop: threading.Event) -> None:
             time.sleep(0.01)
 
 
-def _fast_run(port: int, seconds: float, conns: int, slow: bool) -> tuple[float, int]:
-    """wrk on ``/hello`` (p99 µs, requests), with one client on ``/slow`` beside it or not."""
-    if not slow:
-        res = run_wrk(port, "/hello", seconds, conns)
-        return res.p99_us, res.requests
+def _fast_run(s: Server, seconds: float, conns: int, slow: bool) -> tuple[float, int, float]:
+    """wrk on ``/hello``, with one client on ``/slow`` beside it or not: (p99 µs, requests,
+    % of a CPU that other processes on the machine took meanwhile)."""
+    busy0, own0, srv0 = _busy_seconds(), _own_seconds(), s.cpu_seconds()
+    t0 = time.monotonic()
     stop = threading.Event()
-    t = threading.Thread(target=_slow_client, args=(port, stop))
-    t.start()
+    t = threading.Thread(target=_slow_client, args=(s.port, stop)) if slow else None
+    if t is not None:
+        t.start()
     try:
-        res = run_wrk(port, "/hello", seconds, conns)
+        res = run_wrk(s.port, "/hello", seconds, conns)
     finally:
         stop.set()
-        t.join(15)
-    return res.p99_us, res.requests
+        if t is not None:
+            t.join(15)
+    wall = time.monotonic() - t0
+    other = _busy_seconds() - busy0 - (_own_seconds() - own0) - (s.cpu_seconds() - srv0)
+    return res.p99_us, res.requests, max(0.0, other) / wall * 100
+
+
+def _fast_pair(s: Server, seconds: float, conns: int, slow_first: bool) -> tuple[float, float, int, float]:
+    """Both runs of a round for ``s`` (without and with the slow client, in the order asked),
+    again once when other processes took more than ``OTHER_LOAD`` % of a CPU during either:
+    the quieter pair is kept.  Returns (p99 alone, p99 with /slow, fewest requests, other %)."""
+    best: tuple[float, float, int, float] | None = None
+    for _ in range(2):
+        got = {slow: _fast_run(s, seconds, conns, slow) for slow in ((True, False) if slow_first
+                                                                   else (False, True))}
+        (p_a, n_a, o_a), (p_m, n_m, o_m) = got[False], got[True]
+        pair = (p_a, p_m, min(n_a, n_m), max(o_a, o_m))
+        if best is None or pair[3] < best[3]:
+            best = pair
+        if best[3] <= OTHER_LOAD:
+            break
+    assert best is not None
+    return best
 
 
 def _p99_with_slow(ctx: Context, servers: list[Server], seconds: float, rounds: int,
@@ -171,23 +194,25 @@ def _p99_with_slow(ctx: Context, servers: list[Server], seconds: float, rounds: 
     for each, both runs back to back, the one without the slow client first in
     even rounds and second in odd ones; the ratio is taken per round (the two
     runs of the same server, seconds apart) and its median reported, with the
-    spread and the number of fast requests each p99 rests on in the notes."""
+    spread and the number of fast requests each p99 rests on in the notes.  A
+    round's pair of runs is run again once when other processes took more than
+    ``OTHER_LOAD`` % of a CPU meanwhile (the quieter pair is kept)."""
     for n in conns:
         case = f"wsgi fast p99 ({n} conn{'s' if n > 1 else ''}) + /slow, 2 workers"
         alone: dict[str, list[float]] = {s.name: [] for s in servers}
         mixed: dict[str, list[float]] = {s.name: [] for s in servers}
         ratio: dict[str, list[float]] = {s.name: [] for s in servers}
         counts: list[int] = []
+        others: list[float] = []
         for r in range(warmup + rounds):
             for s in (servers if r % 2 == 0 else servers[::-1]):
-                order = (False, True) if r % 2 == 0 else (True, False)
-                got = {slow: _fast_run(s.port, seconds, n, slow) for slow in order}
-                (p_a, n_a), (p_m, n_m) = got[False], got[True]
+                p_a, p_m, count, other = _fast_pair(s, seconds, n, slow_first=r % 2 == 1)
                 if r >= warmup and p_a == p_a and p_m == p_m:
                     alone[s.name].append(p_a)
                     mixed[s.name].append(p_m)
                     ratio[s.name].append(p_m / p_a)
-                    counts += [n_a, n_m]
+                    counts.append(count)
+                    others.append(other)
         for s in servers:
             a, m, q = alone[s.name], mixed[s.name], ratio[s.name]
             if not q:
@@ -199,9 +224,12 @@ def _p99_with_slow(ctx: Context, servers: list[Server], seconds: float, rounds: 
                      f"(median {statistics.median(q):.2f} of {len(q)} rounds; ratio of the medians "
                      f"{statistics.median(m) / statistics.median(a):.2f})")
         if counts:
-            ctx.note(f"{case}: each p99 is of {min(counts):,}–{max(counts):,} fast requests "
-                     f"(one run of {seconds:g} s): it rests on the slowest 1% of them, "
-                     f"{min(counts) // 100:,}–{max(counts) // 100:,} requests")
+            ctx.note(f"{case}: each p99 is of {min(counts):,} or more fast requests (one run of "
+                     f"{seconds:g} s; {max(counts):,} at most): it rests on the slowest 1% of them, "
+                     f"{min(counts) // 100:,} or more; other processes on the machine took "
+                     f"{min(others):.0f}–{max(others):.0f} % of a CPU during a round's runs "
+                     f"(median {statistics.median(others):.0f} %; a round is run again once "
+                     f"above {OTHER_LOAD:g} %, the quieter kept)")
         burst = _burst_stats(servers)
         if burst:
             ctx.note(f"{case}: aem started {burst['bursts']} temporary (burst) worker(s) so far; "
