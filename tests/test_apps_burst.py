@@ -50,7 +50,7 @@ def one(tmp_path: Path) -> Iterator[Served]:
 def test_a_slow_request_does_not_block_fast_ones_behind_it(one: Served) -> None:
     assert workers(one)["workers"] == 1
     slow: list[tuple[int, bytes]] = []
-    t = in_background(one, "/sleep?s=1.5", slow)
+    t = in_background(one, "/sleep?s=1.2", slow)   # (below --timeout 1.5: never killed)
     time.sleep(0.2)
     t0 = time.monotonic()
     pids = set()
@@ -158,3 +158,25 @@ def test_one_temporary_worker_per_stuck_worker(tmp_path: Path) -> None:
         for t in more:
             t.join(10)
         assert out == [(200, b"slept")] * 4
+
+
+def test_fast_requests_keep_the_warm_worker_and_a_slow_path_takes_the_cold_one(tmp_path: Path) -> None:
+    with serve(tmp_path, "flask_app:app", "--workers", "2", "--burst", "0", "--status",
+               wait=WAIT) as s:
+        out: list[tuple[int, bytes]] = []
+        slow = in_background(s, "/sleep-pid", out)       # 0.3 s on one worker ...
+        time.sleep(0.1)
+        fast = {s.get("/pid")[2] for _ in range(3)}     # ... the fast ones on the other, at once
+        slow.join(10)
+        assert len(fast) == 1 and out[0][0] == 200 and out[0][1] not in fast
+        cold, (warm,) = out[0][1], fast
+        # the slow worker was given back last, but slept: the fast requests stay on the warm one
+        assert {s.get("/pid")[2] for _ in range(3)} == {warm}
+        # the path took long last time: it gets the worker that ran longest ago, not the warm one
+        slow = in_background(s, "/sleep-pid", out)
+        time.sleep(0.1)
+        assert s.get("/pid")[2] == warm
+        slow.join(10)
+        assert out[1] == (200, cold)
+        w = workers(s)
+        assert (w["workers"], w["bursts"], w["waiting"]) == (2, 0, 0)

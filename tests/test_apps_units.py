@@ -138,3 +138,25 @@ def test_bench_apps_runs_quick(tmp_path: Path) -> None:
     cases = {r["case"] for r in rows if r["variant"] == "aem"}
     assert {"asgi hello, 1 worker", "asgi json, 1 worker", "wsgi hello, 1 worker"} <= cases
     assert all(r["value"] == r["value"] and r["value"] >= 0 for r in rows)
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+def test_bench_apps_p99_case_runs_round_by_round(tmp_path: Path) -> None:
+    from aem.bench import apps
+    from aem.bench._harness import Context
+    from aem.bench.http import start_servers
+
+    ctx = Context("apps", True, tmp_path)
+    servers = [s for s in apps._servers("wsgi", 2) if s.name == "aem"]
+    try:
+        started = start_servers(ctx, servers, tmp_path)
+        assert started
+        apps._p99_with_slow(ctx, started, 1.0, 2, 0, conns=(1,))
+    finally:
+        for s in servers:
+            s.stop()
+    rows = {r.metric: r for r in ctx.rows}
+    assert set(rows) == {"p99 alone", "p99 with /slow", "p99 ratio slow/alone"}
+    assert len(rows["p99 ratio slow/alone"].samples) == 2          # one ratio per round
+    assert all(v > 0 for r in rows.values() for v in r.samples)
+    assert any("per round" in n for n in ctx.notes) and any("fast requests" in n for n in ctx.notes)

@@ -129,6 +129,50 @@ def test_worker_that_dies_fails_only_its_request(flask: Served) -> None:
     assert ok == 10
 
 
+_FROZEN = """
+import asyncio, gc, os, signal, sys
+import aem
+from aem.http.appserver import AppConfig, _serve_one
+from aem.http.wsgi import WSGIWorkers
+
+async def main() -> int:
+    before = gc.get_freeze_count()
+    async def watch() -> None:
+        for _ in range(1000):
+            if gc.get_freeze_count():
+                break
+            await asyncio.sleep(0.01)
+        print(before, gc.get_freeze_count(), flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+    task = asyncio.get_running_loop().create_task(watch())
+    cfg = AppConfig("flask_app:app", interface="wsgi", port=0, access_log=False, log_level="warning")
+    rc = await _serve_one(cfg, WSGIWorkers("flask_app:app", 1), "wsgi", quiet=True)
+    await task
+    return rc
+
+with asyncio.Runner(loop_factory=aem.new_event_loop) as runner:
+    sys.exit(runner.run(main()))
+"""
+
+
+def test_the_front_freezes_its_startup_objects_out_of_the_collector(tmp_path: Path) -> None:
+    # what the front holds before it forks the workers (the app imported) is frozen: a full
+    # collection in the front walks none of it (the workers' template freezes its own)
+    import subprocess
+    import sys
+
+    from appkit import APPS
+
+    from conftest import AEM_PATH
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([AEM_PATH, str(APPS)]))
+    out = subprocess.run([sys.executable, "-c", _FROZEN], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    before, after = map(int, out.stdout.split())
+    assert before == 0 and after > 10_000     # (Flask and aem: tens of thousands of objects)
+
+
 def test_slow_handler_does_not_hold_up_fast_ones(flask: Served) -> None:
     t = threading.Thread(target=lambda: flask.get("/sleep?s=0.8"))
     t.start()

@@ -13,8 +13,9 @@ Starlette for ASGI, Flask for WSGI.  Cases:
   and with 4 connections while one client keeps asking ``/slow`` (sleeps
   100 ms) one request after another; the p99 of the fast requests with the
   slow client and without it (the ratio is what the issue's target is
-  about).  With 1 fast connection a worker is always free for it; with 4 the
-  fast load alone needs both workers, so the slow handler's worker is missed.
+  about; taken round by round, see :func:`_p99_with_slow`).  With 1 fast
+  connection a worker is always free for it; with 4 the fast load alone
+  needs both workers, so the slow handler's worker is missed.
 
 Figures: req/s (wrk), server CPU µs per request (utime+stime of the server's
 process tree over the run, divided by the requests served), p50/p99.  With 1
@@ -22,7 +23,8 @@ worker every server runs on CPU 0 and wrk on CPU 1; with 2 workers the
 servers may use both CPUs (wrk shares them: the figures are then for the
 machine as a whole).  Rounds are interleaved after a warm-up, the servers'
 order reversed every other round (A B C, C B A, ...); medians: throughput of
-5 rounds of 3 s per server, the p99 cases 3 rounds of 5 s.  aem runs the WSGI
+5 rounds of 3 s per server, the p99 cases 5 rounds of 4 s without and 4 s
+with the slow client.  aem runs the WSGI
 cases with ``--status``, and the notes say how many temporary (burst) workers
 it started.
 """
@@ -43,6 +45,7 @@ from pathlib import Path
 
 from ._harness import Context, aem_pythonpath
 from .http import Server, free_port, have_wrk, run_wrk, start_servers
+from .idle import OTHER_LOAD, _busy_seconds, _own_seconds
 
 TARGETS = "aem.bench._app_targets"
 CONNECTIONS = 64
@@ -146,36 +149,89 @@ def _slow_client(port: int, stop: threading.Event) -> None:
             time.sleep(0.01)
 
 
+def _fast_run(s: Server, seconds: float, conns: int, slow: bool) -> tuple[float, int, float]:
+    """wrk on ``/hello``, with one client on ``/slow`` beside it or not: (p99 µs, requests,
+    % of a CPU that other processes on the machine took meanwhile)."""
+    busy0, own0, srv0 = _busy_seconds(), _own_seconds(), s.cpu_seconds()
+    t0 = time.monotonic()
+    stop = threading.Event()
+    t = threading.Thread(target=_slow_client, args=(s.port, stop)) if slow else None
+    if t is not None:
+        t.start()
+    try:
+        res = run_wrk(s.port, "/hello", seconds, conns)
+    finally:
+        stop.set()
+        if t is not None:
+            t.join(15)
+    wall = time.monotonic() - t0
+    other = _busy_seconds() - busy0 - (_own_seconds() - own0) - (s.cpu_seconds() - srv0)
+    return res.p99_us, res.requests, max(0.0, other) / wall * 100
+
+
+def _fast_pair(s: Server, seconds: float, conns: int, slow_first: bool) -> tuple[float, float, int, float]:
+    """Both runs of a round for ``s`` (without and with the slow client, in the order asked),
+    again once when other processes took more than ``OTHER_LOAD`` % of a CPU during either:
+    the quieter pair is kept.  Returns (p99 alone, p99 with /slow, fewest requests, other %)."""
+    best: tuple[float, float, int, float] | None = None
+    for _ in range(2):
+        got = {slow: _fast_run(s, seconds, conns, slow) for slow in ((True, False) if slow_first
+                                                                   else (False, True))}
+        (p_a, n_a, o_a), (p_m, n_m, o_m) = got[False], got[True]
+        pair = (p_a, p_m, min(n_a, n_m), max(o_a, o_m))
+        if best is None or pair[3] < best[3]:
+            best = pair
+        if best[3] <= OTHER_LOAD:
+            break
+    assert best is not None
+    return best
+
+
 def _p99_with_slow(ctx: Context, servers: list[Server], seconds: float, rounds: int,
                    warmup: int, conns: Sequence[int] = (1, 4)) -> None:
-    """p99 of ``/hello`` alone and while one client keeps ``/slow`` (100 ms) busy, interleaved."""
+    """p99 of ``/hello`` alone and while one client keeps ``/slow`` (100 ms) busy, interleaved.
+
+    Each round runs every server (their order reversed every other round) and,
+    for each, both runs back to back, the one without the slow client first in
+    even rounds and second in odd ones; the ratio is taken per round (the two
+    runs of the same server, seconds apart) and its median reported, with the
+    spread and the number of fast requests each p99 rests on in the notes.  A
+    round's pair of runs is run again once when other processes took more than
+    ``OTHER_LOAD`` % of a CPU meanwhile (the quieter pair is kept)."""
     for n in conns:
         case = f"wsgi fast p99 ({n} conn{'s' if n > 1 else ''}) + /slow, 2 workers"
         alone: dict[str, list[float]] = {s.name: [] for s in servers}
         mixed: dict[str, list[float]] = {s.name: [] for s in servers}
+        ratio: dict[str, list[float]] = {s.name: [] for s in servers}
+        counts: list[int] = []
+        others: list[float] = []
         for r in range(warmup + rounds):
             for s in (servers if r % 2 == 0 else servers[::-1]):
                 ctx.step(f"{case}: {s.name}, round {r + 1}/{warmup + rounds}")
-                res = run_wrk(s.port, "/hello", seconds, n)
-                stop = threading.Event()
-                t = threading.Thread(target=_slow_client, args=(s.port, stop))
-                t.start()
-                try:
-                    res2 = run_wrk(s.port, "/hello", seconds, n)
-                finally:
-                    stop.set()
-                    t.join(15)
-                if r >= warmup:
-                    alone[s.name].append(res.p99_us)
-                    mixed[s.name].append(res2.p99_us)
+                p_a, p_m, count, other = _fast_pair(s, seconds, n, slow_first=r % 2 == 1)
+                if r >= warmup and p_a == p_a and p_m == p_m:
+                    alone[s.name].append(p_a)
+                    mixed[s.name].append(p_m)
+                    ratio[s.name].append(p_m / p_a)
+                    counts.append(count)
+                    others.append(other)
         for s in servers:
-            a = [v for v in alone[s.name] if v == v]
-            m = [v for v in mixed[s.name] if v == v]
-            if a and m:
-                ctx.record(case, s.name, "p99 alone", statistics.median(a), "µs", "lower", a)
-                ctx.record(case, s.name, "p99 with /slow", statistics.median(m), "µs", "lower", m)
-                ctx.record(case, s.name, "p99 ratio slow/alone",
-                           statistics.median(m) / statistics.median(a), "x", "lower")
+            a, m, q = alone[s.name], mixed[s.name], ratio[s.name]
+            if not q:
+                continue
+            ctx.record(case, s.name, "p99 alone", statistics.median(a), "µs", "lower", a)
+            ctx.record(case, s.name, "p99 with /slow", statistics.median(m), "µs", "lower", m)
+            ctx.record(case, s.name, "p99 ratio slow/alone", statistics.median(q), "x", "lower", q)
+            ctx.note(f"{case}, {s.name}: p99 ratio slow/alone per round {min(q):.2f}–{max(q):.2f} "
+                     f"(median {statistics.median(q):.2f} of {len(q)} rounds; ratio of the medians "
+                     f"{statistics.median(m) / statistics.median(a):.2f})")
+        if counts:
+            ctx.note(f"{case}: each p99 is of {min(counts):,} or more fast requests (one run of "
+                     f"{seconds:g} s; {max(counts):,} at most): it rests on the slowest 1% of them, "
+                     f"{min(counts) // 100:,} or more; other processes on the machine took "
+                     f"{min(others):.0f}–{max(others):.0f} % of a CPU during a round's runs "
+                     f"(median {statistics.median(others):.0f} %; a round is run again once "
+                     f"above {OTHER_LOAD:g} %, the quieter kept)")
         burst = _burst_stats(servers)
         if burst:
             ctx.note(f"{case}: aem started {burst['bursts']} temporary (burst) worker(s) so far; "
@@ -208,10 +264,10 @@ def run(ctx: Context) -> None:
             ctx.note(f"{mod} is not installed (pip install 'aem[bench]'): apps suite skipped")
             return
     # throughput: short rounds, many of them, interleaved (each server's median of 5 x 3 s);
-    # the p99 cases: rounds of 5 s (a p99 needs the requests)
-    seconds, p99_seconds = (1.0, 1.0) if ctx.quick else (3.0, 5.0)
+    # the p99 cases: 5 rounds of 4 s + 4 s (a p99 needs the requests)
+    seconds, p99_seconds = (1.0, 1.0) if ctx.quick else (3.0, 4.0)
     rounds, warmup = (1, 0) if ctx.quick else (5, 1)
-    p99_rounds = 1 if ctx.quick else 3
+    p99_rounds = 1 if ctx.quick else 5
     groups: list[tuple[str, int]] = [("asgi", 1), ("wsgi", 1)] if ctx.quick else [
         ("asgi", 1), ("asgi", 2), ("wsgi", 1), ("wsgi", 2)]
     with tempfile.TemporaryDirectory(prefix="aem-bench-apps-") as td:

@@ -396,6 +396,13 @@ def worker_main(ev: Any) -> None:
 # ---- the front's side --------------------------------------------------------------------------
 
 
+_LONG_PATHS = 4096      # slow paths remembered (the set is cleared when full)
+
+
+def _warmth(w: _Worker) -> float:
+    return w.warm
+
+
 def _take_fd(anc: list[tuple[int, int, bytes]]) -> int:
     """The descriptor passed with a message (SCM_RIGHTS), or -1; any extra ones are closed."""
     fd = -1
@@ -414,7 +421,7 @@ class _Worker:
     """The front's end of one worker's channel: its messages go to the exchange it serves."""
 
     __slots__ = ("chan", "dead", "deadline", "exchange", "extra", "fd", "loop", "pid", "pool", "reading",
-                 "since")
+                 "since", "warm")
 
     def __init__(self, pool: WSGIWorkers, chan: socket.socket) -> None:
         self.pool = pool
@@ -428,6 +435,9 @@ class _Worker:
         self.deadline = 0.0
         #: loop.time() since when it serves its request, or has been idle
         self.since = 0.0
+        #: loop.time() it last ran, as far as the front knows: when it answered its last
+        #: request, or when it began it if that took long (it slept or waited meanwhile)
+        self.warm = 0.0
         #: the job tag of a temporary (burst) worker, else 0
         self.extra = 0
         self.reading = True
@@ -719,7 +729,7 @@ class _Exchange(_Cycle):
             w.deadline = 0.0
             if not w.dead:
                 w.resume()
-                self.pool._release(w)
+                self.pool._release(w, self.req.path)
         conn = self.conn
         conn.server.stats.active -= 1
         if conn.closed:
@@ -738,6 +748,10 @@ class WSGIWorkers:
     ``workers``: how many capsules serve steadily; ``timeout``: seconds a
     worker may keep the front waiting for its next message before it is
     killed (its client gets 504) and replaced.
+
+    Which idle worker takes a request: the one that ran last (its caches are
+    the warmest), except for a path whose last request took ``burst_after``
+    seconds or more (a slow handler): it gets the one that ran longest ago.
 
     Burst workers: when requests wait for a worker while one has been busy
     with a single request for ``burst_after`` seconds (a slow handler), a
@@ -769,6 +783,8 @@ class WSGIWorkers:
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.idle: list[_Worker] = []
         self.waiting: collections.deque[_Exchange] = collections.deque()
+        #: paths whose last request took ``burst_after`` or longer (see :meth:`_pick`)
+        self._long: set[str] = set()
         self.all: set[_Worker] = set()
         self.closing = False
         self.killed = 0
@@ -908,12 +924,7 @@ class WSGIWorkers:
     def _dispatch(self, ex: _Exchange) -> None:
         idle = self.idle
         while idle:
-            # the one idle the shortest time (its caches are the warmest), a steady one first:
-            # temporary workers then stay idle when they are not needed, and retire
-            i = len(idle) - 1
-            if idle[i].extra:
-                i = next((j for j in range(i - 1, -1, -1) if not idle[j].extra), i)
-            w = idle.pop(i)
+            w = idle.pop() if len(idle) == 1 else self._pick(ex.req.path)
             if not w.dead:
                 ex.begin(w)
                 return
@@ -921,15 +932,41 @@ class WSGIWorkers:
         if self._burst_check is None and self.burst:
             self._check_burst()
 
-    def _release(self, w: _Worker) -> None:
+    def _pick(self, path: str) -> _Worker:
+        """Take the idle worker for a request to ``path`` (two or more are idle).
+
+        A steady one first (temporary workers then stay idle when they are not
+        needed, and retire); among them the one that ran last (its caches are
+        the warmest) — unless the last request to ``path`` took long (a slow
+        handler): that one gets the worker that ran longest ago, and the warm
+        ones are left to the fast requests, for which a cold worker's first
+        requests would cost the most."""
+        idle = self.idle
+        pool = [w for w in idle if not w.extra] or idle
+        w = (min if path in self._long else max)(pool, key=_warmth)
+        idle.remove(w)
+        return w
+
+    def _release(self, w: _Worker, path: str | None = None) -> None:
+        """``w`` is free: it answered a request to ``path`` (None: it has just started)."""
         if w.dead:
             return
+        now = self.loop.time()
+        if path is not None and now - w.since >= self.burst_after:
+            w.warm = w.since       # it slept or waited most of that time
+            if len(self._long) >= _LONG_PATHS:
+                self._long.clear()
+            self._long.add(path)
+        else:
+            w.warm = now
+            if path is not None and self._long:
+                self._long.discard(path)
         while self.waiting:
             ex = self.waiting.popleft()
             if not ex.finished:
                 ex.begin(w)
                 return
-        w.since = self.loop.time()
+        w.since = now
         self.idle.append(w)
 
     def _lost(self, w: _Worker) -> None:
