@@ -90,22 +90,8 @@ static PyObject *simple_request(PyObject *module, PyObject *const *args, Py_ssiz
     aem_http_limits lim = {(size_t)max_line, (size_t)max_size, (int)max_fields};
     aem_http_req r;
     if (aem_http_parse(buf, len, &lim, &r, fields) < 0 || r.head_len != len) Py_RETURN_NONE;
-    PyObject *raw = PyList_New(r.nfields);
+    PyObject *raw = aem_http_raw_fields(fields, r.nfields);
     if (!raw) return NULL;
-    for (int i = 0; i < r.nfields; i++) {
-        PyObject *pair = PyTuple_New(2);
-        PyObject *k = pair ? PyBytes_FromStringAndSize(fields[i].name, (Py_ssize_t)fields[i].name_len) : NULL;
-        PyObject *v = k ? PyBytes_FromStringAndSize(fields[i].value, (Py_ssize_t)fields[i].value_len) : NULL;
-        if (!v) {
-            Py_XDECREF(k);
-            Py_XDECREF(pair);
-            Py_DECREF(raw);
-            return NULL;
-        }
-        PyTuple_SET_ITEM(pair, 0, k);
-        PyTuple_SET_ITEM(pair, 1, v);
-        PyList_SET_ITEM(raw, i, pair);
-    }
     PyObject *target = PyUnicode_DecodeLatin1(r.target, (Py_ssize_t)r.target_len, NULL);
     if (!target) {
         Py_DECREF(raw);

@@ -229,11 +229,12 @@ static PyObject *new_request(HttpFastObject *self, PyObject *const *args) {
     return obj;
 }
 
-static PyObject *make_request(HttpFastObject *self, const aem_http_req *req, PyObject *target, PyObject *addr) {
-    PyObject *raw = PyList_New(req->nfields);
+/* The parsed fields as a list of (name, value) bytes pairs, as they came (a new reference, or NULL). */
+PyObject *aem_http_raw_fields(const aem_http_field *fields, int n) {
+    PyObject *raw = PyList_New(n);
     if (!raw) return NULL;
-    for (int i = 0; i < req->nfields; i++) {
-        const aem_http_field *f = &self->fields[i];
+    for (int i = 0; i < n; i++) {
+        const aem_http_field *f = &fields[i];
         PyObject *pair = PyTuple_New(2);
         PyObject *k = pair ? PyBytes_FromStringAndSize(f->name, (Py_ssize_t)f->name_len) : NULL;
         PyObject *v = k ? PyBytes_FromStringAndSize(f->value, (Py_ssize_t)f->value_len) : NULL;
@@ -247,6 +248,12 @@ static PyObject *make_request(HttpFastObject *self, const aem_http_req *req, PyO
         PyTuple_SET_ITEM(pair, 1, v);
         PyList_SET_ITEM(raw, i, pair);
     }
+    return raw;
+}
+
+static PyObject *make_request(HttpFastObject *self, const aem_http_req *req, PyObject *target, PyObject *addr) {
+    PyObject *raw = aem_http_raw_fields(self->fields, req->nfields);
+    if (!raw) return NULL;
     PyObject *args[7] = {req->method == AEM_HTTP_GET ? self->s_get : self->s_head, target, self->s_version,
                          raw, self->s_empty, Py_True, addr};
     PyObject *r = new_request(self, args);

@@ -76,4 +76,7 @@ int aem_http_status_json(HttpFastObject *self, const char *target, size_t ntarge
 PyObject *aem_http_set_status_method(HttpFastObject *self, PyObject *args);
 int aem_http_status_init(void);
 
+/* The parsed fields as a list of (name, value) bytes pairs (http_fast.c; a new reference or NULL). */
+PyObject *aem_http_raw_fields(const aem_http_field *fields, int n);
+
 #endif
