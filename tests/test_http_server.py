@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+import aem.http
 from conftest import AEM_PATH
 
 SECRET = b"SECRET-OUTSIDE-THE-ROOT"
@@ -922,3 +923,17 @@ def test_workers_share_the_port_and_a_dead_one_is_replaced(tmp_path: Path) -> No
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("bad", [True, False, "5", None])
+def test_timeouts_refuse_what_is_not_a_number_of_seconds(bad: object) -> None:
+    """Timeouts(idle=True) once meant one second; a bool, str or None is refused by name."""
+    with pytest.raises(TypeError, match="timeout idle must be a number of seconds"):
+        aem.http.Timeouts(idle=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), 1e12])
+def test_timeouts_refuse_a_value_out_of_range(bad: float) -> None:
+    with pytest.raises(ValueError, match="timeout header must be > 0 and <= "):
+        aem.http.Timeouts(header=bad)
+    assert aem.http.Timeouts(header=0.25).header == 0.25

@@ -89,6 +89,7 @@ _EV_STOP = aem.EVJOBSTOP
 _EV_START = aem.EVJOBSTART
 _STATUS_PATH = _status.PATH
 _STATUS_KEEP = 60.0          # seconds the status snapshot is refreshed after the page was asked
+_TIMEOUT_MAX = 86400.0 * 365  # a connection timeout longer than a year is a mistake (also nan, inf)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,8 +104,11 @@ class Timeouts:
 
     def __post_init__(self) -> None:
         for name in ("idle", "header", "body", "send", "linger"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"timeout {name} must be > 0 seconds")
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"timeout {name} must be a number of seconds, not {type(v).__name__}")
+            if not (0 < v <= _TIMEOUT_MAX):
+                raise ValueError(f"timeout {name} must be > 0 and <= {_TIMEOUT_MAX:g} seconds, not {v!r}")
 
 
 def raise_nofile_limit() -> int:
