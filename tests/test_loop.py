@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import errno
 import logging
 import os
 import signal
@@ -1221,3 +1222,100 @@ def _chain(loop: asyncio.AbstractEventLoop, n: int) -> None:
 
     loop.call_soon(step)
     loop.run_forever()
+
+
+class _Hello(asyncio.Protocol):
+    """Answers ``hello`` and closes (a server's protocol for the accept tests)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(b"hello")
+        transport.close()
+
+
+async def _read_all(port: int) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        return await reader.read()
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_failing_protocol_factory_closes_that_connection_and_the_server_goes_on(debug: bool) -> None:
+    """aem's loop only: asyncio leaves that connection open until the collector finds it
+    (in debug mode its report holds it: the client waits forever)."""
+    lr = LoopRunner("aem")
+    made = 0
+
+    def factory() -> asyncio.Protocol:
+        nonlocal made
+        made += 1
+        if made == 1:
+            raise RuntimeError("no protocol for you")
+        return _Hello()
+
+    async def main() -> tuple[bytes, bytes]:
+        lr.loop.set_debug(debug)
+        server = await lr.loop.create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            first = await _read_all(port)      # closed at once: nothing, no hang
+            second = await _read_all(port)
+        finally:
+            server.close()
+            await server.wait_closed()
+        return first, second
+
+    try:
+        assert lr.run(main(), timeout=10) == (b"", b"hello")
+        errors = lr.expect_errors()
+    finally:
+        lr.close()
+    if debug:   # asyncio's report, in debug mode only
+        assert [e["message"] for e in errors] == ["Error on transport creation for incoming connection"]
+        assert isinstance(errors[0]["exception"], RuntimeError)
+    else:
+        assert errors == []
+
+
+def test_accept_out_of_descriptors_is_reported_and_serving_resumes(lr: LoopRunner) -> None:
+    """The kernel's own refusal (EMFILE under a lowered RLIMIT_NOFILE): reported, the
+    listening socket left alone for a while, then the waiting client is served."""
+    import resource
+
+    async def main() -> bytes:
+        server = await lr.loop.create_server(_Hello, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        client = socket.socket()
+        client.setblocking(False)
+        try:
+            used = {int(fd) for fd in os.listdir("/proc/self/fd")}
+            lowest_free = next(fd for fd in range(len(used) + 1) if fd not in used)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # no new descriptor
+            try:
+                with pytest.raises(BlockingIOError):
+                    client.connect(("127.0.0.1", port))
+                deadline = time.monotonic() + 5
+                while not lr.errors and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            errors = lr.expect_errors()   # aem: one; asyncio tries its whole backlog: 100
+            assert errors and all(e["message"] == "socket.accept() out of system resource"
+                                  and e["exception"].errno == errno.EMFILE for e in errors), errors
+            assert len(errors) == 1 or lr.kind == "asyncio"
+            got = b""
+            while not got.endswith(b"hello"):   # served after asyncio's retry delay (1 s)
+                data = await lr.loop.sock_recv(client, 100)
+                if not data:
+                    break
+                got += data
+            return got
+        finally:
+            client.close()
+            server.close()
+            await server.wait_closed()
+
+    assert lr.run(main(), timeout=15) == b"hello"

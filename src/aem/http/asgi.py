@@ -388,12 +388,10 @@ class _HttpProtocol(asyncio.Protocol):
                                    srv.access_log is not None, self.http)
         srv._conns.add(self)
         srv.stats.connections += 1
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            peer = transport.get_extra_info("peername")
-            if peer:
-                self.client = [peer[0], peer[1]]
+        # (asyncio's transports set TCP_NODELAY themselves; an AF_UNIX peer is a str)
+        peer = transport.get_extra_info("peername")
+        if type(peer) is tuple and peer:
+            self.client = [peer[0], peer[1]]
         self._arm(IDLE_TIMER)
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -15,10 +15,12 @@ two things the engine does natively taken from it:
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import selectors
 import sys
 import weakref
-from asyncio import base_events, events, format_helpers, unix_events
+from asyncio import base_events, constants, events, format_helpers, trsock, unix_events
 from asyncio.log import logger
 from collections.abc import Iterator
 from typing import Any
@@ -34,6 +36,7 @@ __all__ = ["EventLoop", "EventLoopPolicy", "install", "new_event_loop"]
 # asyncio's Unix loop; its private helpers (_add_callback, _check_signal ...) are not in typeshed.
 _UnixLoop: Any = unix_events.SelectorEventLoop
 _Policy: Any = unix_events.DefaultEventLoopPolicy
+_EVENT_READ = selectors.EVENT_READ
 _LOOP_SLOTS = ("_debug", "_stopping")  # a name, not a literal: see transports.py
 
 
@@ -158,6 +161,88 @@ class EventLoop(_UnixLoop):  # type: ignore[misc]
     def _make_socket_transport(self, sock: Any, protocol: Any, waiter: Any = None, *, extra: Any = None,
                                server: Any = None) -> Any:
         return SocketTransport(self, sock, protocol, waiter, extra, server)
+
+    # -- a server's new connections --------------------------------------------------------------
+
+    def _accept_connection(self, protocol_factory: Any, sock: Any, sslcontext: Any = None,
+                           server: Any = None, backlog: int = 100, *args: Any, **kwargs: Any) -> None:
+        """Accept what the listening ``sock`` has (up to ``backlog``), each connection's
+        protocol and transport made at once (asyncio makes them in a task of its own, one
+        task, one future and three loop turns per connection).  TLS is asyncio's path."""
+        if sslcontext is not None:
+            super()._accept_connection(protocol_factory, sock, sslcontext, server, backlog, *args, **kwargs)
+            return
+        for _ in range(backlog):
+            try:
+                conn, addr = sock.accept()
+                if self._debug:
+                    logger.debug("%r got a new connection from %r: %r", server, addr, conn)
+                conn.setblocking(False)
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # out of descriptors or memory: asyncio's way (stop accepting for a while)
+                    self.call_exception_handler({"message": "socket.accept() out of system resource",
+                                                 "exception": exc, "socket": trsock.TransportSocket(sock)})
+                    self._remove_reader(sock.fileno())
+                    self.call_later(constants.ACCEPT_RETRY_DELAY, self._start_serving, protocol_factory,
+                                    sock, sslcontext, server, backlog, *args, **kwargs)
+                    return
+                raise  # the loop's exception handler reports it
+            protocol = None
+            try:
+                protocol = protocol_factory()
+                self._make_socket_transport(conn, protocol, extra={"peername": addr}, server=server)
+            except (SystemExit, KeyboardInterrupt):
+                conn.close()
+                raise
+            except BaseException as exc:
+                conn.close()
+                if self._debug:
+                    context = {"message": "Error on transport creation for incoming connection",
+                               "exception": exc}
+                    if protocol is not None:
+                        context["protocol"] = protocol
+                    self.call_exception_handler(context)
+
+    # -- readers: asyncio's, without its two exceptions per call for a new descriptor -----------
+
+    def _add_reader(self, fd: Any, callback: Any, *args: Any) -> events.Handle:
+        if type(fd) is not int:
+            return super()._add_reader(fd, callback, *args)  # type: ignore[no-any-return]
+        self._check_closed()
+        handle = events.Handle(callback, args, self, None)
+        selector = self._selector
+        key = selector._fd_to_key.get(fd)
+        if key is None:
+            selector.register(fd, _EVENT_READ, (handle, None))
+        else:
+            reader, writer = key.data
+            selector.modify(fd, key.events | _EVENT_READ, (handle, writer))
+            if reader is not None:
+                reader.cancel()
+        return handle
+
+    def _remove_reader(self, fd: Any) -> bool:
+        if type(fd) is not int:
+            return super()._remove_reader(fd)  # type: ignore[no-any-return]
+        if self._closed:
+            return False
+        selector = self._selector
+        key = selector._fd_to_key.get(fd)
+        if key is None:
+            return False
+        reader, writer = key.data
+        mask = key.events & ~_EVENT_READ
+        if not mask:
+            selector.unregister(fd)
+        else:
+            selector.modify(fd, mask, (None, writer))
+        if reader is not None:
+            reader.cancel()
+            return True
+        return False
 
     # -- signals: the engine's signal routing ------------------------------------------------
 
