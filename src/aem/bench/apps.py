@@ -15,13 +15,17 @@ Starlette for ASGI, Flask for WSGI.  Cases:
   slow client and without it (the ratio is what the issue's target is
   about; taken round by round, see :func:`_p99_with_slow`).  With 1 fast
   connection a worker is always free for it; with 4 the fast load alone
-  needs both workers, so the slow handler's worker is missed.
+  needs both workers, so the slow handler's worker is missed.  Run twice:
+  *pinned* (every process of the server on CPU 0, wrk and the slow client
+  on CPU 1, as BENCHMARKS.md asks) and with the *CPUs shared* (the server
+  and the slow client on either CPU, wrk on CPU 1: there the slow client,
+  the front and the workers also run on wrk's CPU and delay wrk itself).
 
 Figures: req/s (wrk), server CPU µs per request (utime+stime of the server's
 process tree over the run, divided by the requests served), p50/p99.  With 1
 worker every server runs on CPU 0 and wrk on CPU 1; with 2 workers the
-servers may use both CPUs (wrk shares them: the figures are then for the
-machine as a whole).  Rounds are interleaved after a warm-up, the servers'
+servers may use both CPUs for throughput (wrk shares them: the figures are
+then for the machine as a whole).  Rounds are interleaved after a warm-up, the servers'
 order reversed every other round (A B C, C B A, ...); medians: throughput of
 5 rounds of 3 s per server, the p99 cases 5 rounds of 4 s without and 4 s
 with the slow client.  aem runs the WSGI
@@ -45,7 +49,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ._harness import Context, aem_pythonpath
-from .http import Server, free_port, have_wrk, run_wrk, start_servers
+from .http import CLIENT_CPU, SERVER_CPU, Server, free_port, have_wrk, run_wrk, start_servers
 from .idle import OTHER_LOAD, _busy_seconds, _own_seconds
 
 TARGETS = "aem.bench._app_targets"
@@ -94,9 +98,12 @@ def _servers(interface: str, workers: int) -> list[Server]:
     return out
 
 
-def _unpin(servers: Sequence[Server]) -> None:
-    """Let a multi-worker server use every CPU (every thread of every process of it)."""
-    cpus = set(range(os.cpu_count() or 1))
+def _set_cpus(servers: Sequence[Server], cpus: set[int]) -> None:
+    """Let every thread of every process of each server run on ``cpus`` (processes it forks
+    later inherit that)."""
+    cpus &= set(range(os.cpu_count() or 1))
+    if not cpus:
+        return
     for s in servers:
         for pid in s.pids():
             try:
@@ -144,14 +151,17 @@ def _throughput(ctx: Context, servers: list[Server], cases: Sequence[tuple[str, 
 _SLOW_REQUEST = b"GET /slow HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
 
 
-def _slow_client(port: int, stop: threading.Event) -> None:
-    """Ask ``/slow`` again and again, a new connection each time, until ``stop``.
+def _slow_client(port: int, stop: threading.Event, cpu: int | None = None) -> None:
+    """Ask ``/slow`` again and again, a new connection each time, until ``stop``; on CPU
+    ``cpu`` only when given (this thread alone).
 
     A bare socket (send, read to the end): the client's own CPU is ~0.05 ms a
     request, where ``urllib`` took ~0.6 ms on the same two CPUs as the server
     and wrk, at the moment the slow answer arrives (measured in session 15:
     the ratio read 1.31 with urllib and 1.08 with this client, aem, 1 fast
     connection, 3 rounds each)."""
+    if cpu is not None and cpu < (os.cpu_count() or 1):
+        os.sched_setaffinity(0, {cpu})   # 0: the calling thread
     while not stop.is_set():
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
@@ -162,13 +172,16 @@ def _slow_client(port: int, stop: threading.Event) -> None:
             time.sleep(0.01)
 
 
-def _fast_run(s: Server, seconds: float, conns: int, slow: bool) -> tuple[float, int, float]:
-    """wrk on ``/hello``, with one client on ``/slow`` beside it or not: (p99 µs, requests,
-    % of a CPU that other processes on the machine took meanwhile)."""
+def _fast_run(s: Server, seconds: float, conns: int, slow: bool,
+              pinned: bool = False) -> tuple[float, int, float]:
+    """wrk on ``/hello``, with one client on ``/slow`` beside it or not (on wrk's CPU when
+    ``pinned``): (p99 µs, requests, % of a CPU that other processes on the machine took
+    meanwhile)."""
     busy0, own0, srv0 = _busy_seconds(), _own_seconds(), s.cpu_seconds()
     t0 = time.monotonic()
     stop = threading.Event()
-    t = threading.Thread(target=_slow_client, args=(s.port, stop)) if slow else None
+    t = threading.Thread(target=_slow_client, args=(s.port, stop, CLIENT_CPU if pinned else None)) \
+        if slow else None
     if t is not None:
         t.start()
     try:
@@ -182,14 +195,15 @@ def _fast_run(s: Server, seconds: float, conns: int, slow: bool) -> tuple[float,
     return res.p99_us, res.requests, max(0.0, other) / wall * 100
 
 
-def _fast_pair(s: Server, seconds: float, conns: int, slow_first: bool) -> tuple[float, float, int, float]:
+def _fast_pair(s: Server, seconds: float, conns: int, slow_first: bool,
+               pinned: bool = False) -> tuple[float, float, int, float]:
     """Both runs of a round for ``s`` (without and with the slow client, in the order asked),
     again once when other processes took more than ``OTHER_LOAD`` % of a CPU during either:
     the quieter pair is kept.  Returns (p99 alone, p99 with /slow, fewest requests, other %)."""
     best: tuple[float, float, int, float] | None = None
     for _ in range(2):
-        got = {slow: _fast_run(s, seconds, conns, slow) for slow in ((True, False) if slow_first
-                                                                   else (False, True))}
+        got = {slow: _fast_run(s, seconds, conns, slow, pinned)
+               for slow in ((True, False) if slow_first else (False, True))}
         (p_a, n_a, o_a), (p_m, n_m, o_m) = got[False], got[True]
         pair = (p_a, p_m, min(n_a, n_m), max(o_a, o_m))
         if best is None or pair[3] < best[3]:
@@ -201,8 +215,12 @@ def _fast_pair(s: Server, seconds: float, conns: int, slow_first: bool) -> tuple
 
 
 def _p99_with_slow(ctx: Context, servers: list[Server], seconds: float, rounds: int,
-                   warmup: int, conns: Sequence[int] = (1, 4)) -> None:
+                   warmup: int, conns: Sequence[int] = (1, 4), pinned: bool = False) -> None:
     """p99 of ``/hello`` alone and while one client keeps ``/slow`` (100 ms) busy, interleaved.
+
+    ``pinned``: every process of the servers on CPU 0 and both clients (wrk and the
+    slow one) on CPU 1, as BENCHMARKS.md asks (the caller pins the servers); else the
+    servers and the slow client may run on either CPU and only wrk is pinned.
 
     Each round runs every server (their order reversed every other round) and,
     for each, both runs back to back, the one without the slow client first in
@@ -212,7 +230,8 @@ def _p99_with_slow(ctx: Context, servers: list[Server], seconds: float, rounds: 
     round's pair of runs is run again once when other processes took more than
     ``OTHER_LOAD`` % of a CPU meanwhile (the quieter pair is kept)."""
     for n in conns:
-        case = f"wsgi fast p99 ({n} conn{'s' if n > 1 else ''}) + /slow, 2 workers"
+        case = (f"wsgi fast p99 ({n} conn{'s' if n > 1 else ''}) + /slow, 2 workers, "
+                f"{'pinned' if pinned else 'CPUs shared'}")
         alone: dict[str, list[float]] = {s.name: [] for s in servers}
         mixed: dict[str, list[float]] = {s.name: [] for s in servers}
         ratio: dict[str, list[float]] = {s.name: [] for s in servers}
@@ -221,7 +240,7 @@ def _p99_with_slow(ctx: Context, servers: list[Server], seconds: float, rounds: 
         for r in range(warmup + rounds):
             for s in (servers if r % 2 == 0 else servers[::-1]):
                 ctx.step(f"{case}: {s.name}, round {r + 1}/{warmup + rounds}")
-                p_a, p_m, count, other = _fast_pair(s, seconds, n, slow_first=r % 2 == 1)
+                p_a, p_m, count, other = _fast_pair(s, seconds, n, r % 2 == 1, pinned)
                 if r >= warmup and p_a == p_a and p_m == p_m:
                     alone[s.name].append(p_a)
                     mixed[s.name].append(p_m)
@@ -291,7 +310,7 @@ def run(ctx: Context) -> None:
                 started = start_servers(ctx, servers, tmp)
                 if workers > 1:
                     time.sleep(1.0)    # every worker up
-                    _unpin(started)
+                    _set_cpus(started, set(range(os.cpu_count() or 1)))
                 suffix = f", {workers} worker{'s' if workers > 1 else ''}"
                 if interface == "asgi":
                     cases = [("asgi hello" + suffix, "/hello"), ("asgi json" + suffix, "/json")]
@@ -301,6 +320,8 @@ def run(ctx: Context) -> None:
                                 seconds, rounds, warmup)
                     if workers == 2:
                         _p99_with_slow(ctx, started, p99_seconds, p99_rounds, warmup)
+                        _set_cpus(started, {SERVER_CPU})
+                        _p99_with_slow(ctx, started, p99_seconds, p99_rounds, warmup, pinned=True)
             finally:
                 for s in servers:
                     s.stop()
