@@ -21,10 +21,19 @@ SIMPLE = [
     b"GET /a/b?c=d&e HTTP/1.1\r\nHost: localhost:8080\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n",
     b"HEAD /x%20y HTTP/1.1\r\nhost: example.org\r\nX-Two: 1\r\nx-two: 2\r\n\r\n",
 ]
+# simple too, with a Connection field the C parser reads (close: the connection ends)
+CONNECTION = [
+    b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    b"GET /c HTTP/1.1\r\nconnection:Close\r\nHost: x\r\n\r\n",
+    b"HEAD / HTTP/1.1\r\nHost: x\r\nCONNECTION: keep-alive\r\n\r\n",
+]
 NOT_SIMPLE = [
     b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nab",
     b"GET / HTTP/1.0\r\n\r\n",
-    b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close, TE\r\n\r\n",     # a list
+    b"GET / HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nConnection: close\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nConnection: closed\r\n\r\n",
     b"GET / HTTP/1.1\r\n\r\n",                                      # no Host
     b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n",
@@ -40,7 +49,7 @@ def same(a: Request, b: Request) -> None:
         b.method, b.target, b.version, b.raw_headers, b.body, b.keep_alive)
 
 
-@pytest.mark.parametrize("data", SIMPLE)
+@pytest.mark.parametrize("data", SIMPLE + CONNECTION)
 def test_feed_simple_gives_what_feed_gives(data: bytes) -> None:
     fast = RequestParser().feed_simple(data)
     assert fast is not None
@@ -70,10 +79,23 @@ def test_feed_simple_only_between_requests() -> None:
     assert p.feed_simple(SIMPLE[0]) is None            # a closed (dead) parser takes nothing
 
 
+def test_after_a_closing_request_feed_simple_and_feed_take_nothing_more() -> None:
+    nxt = SIMPLE[0]
+    p = RequestParser()
+    req = p.feed_simple(CONNECTION[0])
+    assert req is not None and not req.keep_alive
+    assert p.feed_simple(nxt) is None and p.feed(nxt) == []
+    full = RequestParser()
+    events = full.feed(CONNECTION[0])
+    assert len(events) == 1 and not events[0].keep_alive  # type: ignore[union-attr]
+    assert not any(isinstance(e, Request) for e in full.feed(nxt))   # not answered either way
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.sampled_from([b"GET", b"HEAD", b"POST", b" ", b"/", b"?", b"%", b"a", b"\r\n",
                                  b"HTTP/1.1", b"HTTP/1.0", b"Host: x", b"Host:", b":", b"\t",
                                  b"Content-Length: 0", b"Connection: keep-alive", b"\x00",
+                                 b"Connection: close", b"Connection: ", b"close", b",",
                                  b"\xff", b"X-A: b", b"\r\n\r\n"]), max_size=16),
        st.integers(1, 200))
 def test_feed_simple_never_disagrees_with_feed(parts: list[bytes], max_line: int) -> None:
@@ -169,6 +191,15 @@ def test_one_read_and_split_reads_answer_alike(data: bytes) -> None:
     (fast, fast_scopes), (full, full_scopes) = exchange(echo_app, [[data], [data[:7], data[7:]]])
     assert fast.startswith(b"HTTP/1.1 200 OK\r\n") and b"x-list: pair\r\n" in fast
     assert fast == full
+    assert [dict(s, state=None) for s in fast_scopes] == [dict(s, state=None) for s in full_scopes]
+
+
+@pytest.mark.parametrize("data", CONNECTION)
+def test_a_connection_field_is_answered_alike_in_one_read_or_two(data: bytes) -> None:
+    (fast, fast_scopes), = exchange(echo_app, [[data]])
+    (full, full_scopes), = exchange(echo_app, [[data[:7], data[7:]]])
+    assert fast == full and fast.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert (b"\r\nConnection: close\r\n" in fast) == (b"keep-alive" not in data)
     assert [dict(s, state=None) for s in fast_scopes] == [dict(s, state=None) for s in full_scopes]
 
 

@@ -28,6 +28,7 @@ SEEDS = [
     b"HEAD /a/b.txt?x=1 HTTP/1.1\r\nHost: [::1]:8080\r\nIf-None-Match: *\r\nX:\r\n\r\n",
     b"GET /%41 HTTP/1.1\r\nhost: h\r\nRange: bytes=0-1\r\nA: b\tc\r\n\r\nGET / HTTP/1.1\r\n",
     b"POST / HTTP/1.0\r\nContent-Length: 1\r\n\r\nx",
+    b"GET /c HTTP/1.1\r\nConnection: close\r\nHost: c\r\n\r\n",
 ]
 
 

@@ -433,7 +433,7 @@ class HttpReadHook:
 
 def http_parse(data: bytes, max_request_line: int = 8192, max_header_size: int = 16384,
                max_headers: int = 100) -> tuple[str, bytes, int, bool, bool,
-                                                list[tuple[bytes, bytes]]] | None: ...
+                                                list[tuple[bytes, bytes]], bool] | None: ...
 
 # -- the ASGI server's per-request path (asgi_cycle.c; glue: aem.http.asgi) --
 

@@ -97,7 +97,8 @@ static PyObject *simple_request(PyObject *module, PyObject *const *args, Py_ssiz
         Py_DECREF(raw);
         return NULL;
     }
-    PyObject *argv[6] = {r.method == AEM_HTTP_GET ? s_get : s_head, target, s_v11, raw, s_empty_bytes, Py_True};
+    PyObject *argv[6] = {r.method == AEM_HTTP_GET ? s_get : s_head, target, s_v11, raw, s_empty_bytes,
+                         (r.flags & AEM_HTTP_CLOSE) ? Py_False : Py_True};
     PyObject *req = new_request((PyTypeObject *)args[4], argv);
     Py_DECREF(target);
     Py_DECREF(raw);

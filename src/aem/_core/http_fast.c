@@ -343,6 +343,7 @@ static PyObject *serve_buf(HttpFastObject *self, PyObject *conn, int fd, PyObjec
     while (pos < len) {
         aem_http_req r;
         if (aem_http_parse(buf + pos, len - pos, &self->lim, &r, self->fields) < 0) break;
+        if (r.flags & AEM_HTTP_CLOSE) break;  /* the glue answers it and closes */
         int head_only = r.method == AEM_HTTP_HEAD;
         int st = 0;
         size_t length = 0;
@@ -684,8 +685,8 @@ static PyType_Spec fast_spec = {
 PyDoc_STRVAR(parse_doc,
 "http_parse(data, max_request_line=8192, max_header_size=16384, max_headers=100)\n\n"
 "The fast path's verdict on the head at the start of data: (method, target, head_len,\n"
-"conditional, canonical, [(name, value), ...]) for a simple request, or None (the full\n"
-"parser decides).  For tests and fuzzing.");
+"conditional, canonical, [(name, value), ...], close) for a simple request, or None (the\n"
+"full parser decides); close: it asked for Connection: close.  For tests and fuzzing.");
 
 static PyObject *http_parse_py(PyObject *module, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"data", "max_request_line", "max_header_size", "max_headers", NULL};
@@ -719,10 +720,11 @@ static PyObject *http_parse_py(PyObject *module, PyObject *args, PyObject *kwds)
         else PyList_SET_ITEM(raw, i, pair);
     }
     if (raw)
-        ret = Py_BuildValue("(sy#nOON)", r.method == AEM_HTTP_GET ? "GET" : "HEAD", r.target,
+        ret = Py_BuildValue("(sy#nOONO)", r.method == AEM_HTTP_GET ? "GET" : "HEAD", r.target,
                             (Py_ssize_t)r.target_len, (Py_ssize_t)r.head_len,
                             (r.flags & AEM_HTTP_CONDITIONAL) ? Py_True : Py_False,
-                            (r.flags & AEM_HTTP_CANONICAL) ? Py_True : Py_False, raw);
+                            (r.flags & AEM_HTTP_CANONICAL) ? Py_True : Py_False, raw,
+                            (r.flags & AEM_HTTP_CLOSE) ? Py_True : Py_False);
 done:
     PyMem_Free(fields);
     PyBuffer_Release(&view);

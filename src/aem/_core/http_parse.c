@@ -43,6 +43,7 @@ static int lower_eq(const char *s, size_t n, const char *lit, size_t litn) {
 }
 
 #define NAME_IS(f, lit) lower_eq((f)->name, (f)->name_len, lit, sizeof(lit) - 1)
+#define VALUE_IS(f, lit) lower_eq((f)->value, (f)->value_len, lit, sizeof(lit) - 1)
 
 /* Host = uri-host [ ":" port ], uri-host a reg-name or an IPv6 literal, never empty. */
 static int valid_host(const char *v, size_t n) {
@@ -112,7 +113,7 @@ int aem_http_parse(const char *buf, size_t len, const aem_http_limits *lim, aem_
     p += 11;
     req->flags = canonical(req->target, req->target_len) ? AEM_HTTP_CANONICAL : 0;
     /* the fields */
-    int n = 0, hosts = 0;
+    int n = 0, hosts = 0, connections = 0;
     size_t field_bytes = 0;
     for (;;) {
         if (p == end) return -EAGAIN;
@@ -158,7 +159,12 @@ int aem_http_parse(const char *buf, size_t len, const aem_http_limits *lim, aem_
             if (NAME_IS(f, "upgrade")) return -EINVAL;
             break;
         case 10:
-            if (NAME_IS(f, "connection")) return -EINVAL;
+            if (NAME_IS(f, "connection")) {
+                /* one token, close or keep-alive (a list, or another option: the full path's) */
+                if (++connections > 1) return -EINVAL;
+                if (VALUE_IS(f, "close")) req->flags |= AEM_HTTP_CLOSE;
+                else if (!VALUE_IS(f, "keep-alive")) return -EINVAL;
+            }
             break;
         case 14:
             if (NAME_IS(f, "content-length")) return -EINVAL;

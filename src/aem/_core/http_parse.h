@@ -6,8 +6,9 @@
  *   *( token ":" OWS field-value CRLF )
  *   CRLF
  *
- * with exactly one valid Host field and no Content-Length, Transfer-Encoding,
- * Connection, Expect or Upgrade field.  Anything else — incomplete, malformed,
+ * with exactly one valid Host field, at most one Connection field whose value is
+ * "close" or "keep-alive" (any case), and no Content-Length, Transfer-Encoding,
+ * Expect or Upgrade field.  Anything else — incomplete, malformed,
  * over a limit, or merely unusual — is refused, and the caller hands the bytes
  * to the full parser (httptools), which decides what they mean.  It never
  * accepts what the full path would reject; it may refuse what it accepts.
@@ -24,6 +25,7 @@ enum { AEM_HTTP_GET = 1, AEM_HTTP_HEAD = 2 };
 #define AEM_HTTP_CONDITIONAL 1u   /* an If-* or Range field: not for the file cache */
 #define AEM_HTTP_CANONICAL 2u     /* the target is a plain path: [A-Za-z0-9._~-/], no query,
                                      no empty, "." or ".." segment (one spelling per file) */
+#define AEM_HTTP_CLOSE 4u         /* "Connection: close": the connection ends with the answer */
 
 typedef struct {
     const char *name, *value;

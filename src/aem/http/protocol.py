@@ -630,15 +630,19 @@ class RequestParser:
         Simple is what AEMhttpd's C fast path parses in one pass
         (``aem._core.http_parse``, fuzzed and differential-tested against this parser; the
         :class:`Request` is built in C too, ``aem._core.simple_request``):
-        ``GET``/``HEAD``, an origin-form target, ``HTTP/1.1``, one valid ``Host``, no
-        ``Content-Length``, ``Transfer-Encoding``, ``Connection``, ``Expect`` or
-        ``Upgrade``, within the limits.  It never accepts what :meth:`feed` rejects.
+        ``GET``/``HEAD``, an origin-form target, ``HTTP/1.1``, one valid ``Host``, at most
+        one ``Connection`` field, ``close`` or ``keep-alive``, no ``Content-Length``,
+        ``Transfer-Encoding``, ``Expect`` or ``Upgrade``, within the limits.  It never
+        accepts what :meth:`feed` rejects.  After a ``Connection: close`` request the parser
+        takes nothing more, as after :meth:`feed` gave one (what follows is not answered).
         """
         if self.phase != IDLE or self.dead or self._lenient:
             return None
         req = _simple_request(data, self._max_url, self._max_head, self._max_headers, Request)
         if req is not None:
             self.timer = IDLE_TIMER
+            if not req.keep_alive:
+                self.dead = True
         return req
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
