@@ -3,6 +3,7 @@ what can only fail later, backed off and disabled — the engine never spins."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import socket
@@ -78,6 +79,71 @@ def test_a_source_whose_collect_raises_is_disabled_with_one_clear_error(
     assert engine.stats()["errors"] == 5
     with pytest.raises(aem.UnknownEventError):
         engine.unregister(eid)
+
+
+def _on_aem_loop(main: Any) -> tuple[Any, list[BaseException]]:
+    """Run ``main(engine)`` on an aem loop; what it returned and what its error handler got."""
+    errors: list[BaseException] = []
+
+    async def run() -> Any:
+        engine = asyncio.get_running_loop().engine  # type: ignore[attr-defined]
+        engine.set_error_handler(lambda exc, ev: errors.append(exc))
+        return await main(engine)
+
+    with asyncio.Runner(loop_factory=aem.new_event_loop) as r:
+        return r.run(run()), errors
+
+
+def test_wait_on_a_source_the_engine_gives_up_raises_its_error(raising: _Raising) -> None:
+    async def main(engine: Any) -> tuple[BaseException, int, int]:
+        with pytest.raises(aem.AemError) as caught:
+            await aem.wait(raising, timeout=10)   # hung until the timeout before
+        return caught.value, engine.stats()["registered"], engine.stats()["errors"]
+
+    (exc, registered, count), errors = _on_aem_loop(main)
+    assert "5 times in a row" in str(exc) and isinstance(exc.__cause__, RuntimeError)
+    assert raising.calls == 5 and registered == 0 and count == 5
+    assert errors == []   # raised where it is awaited, not also to the error handler
+
+
+def test_events_of_a_source_the_engine_gives_up_end_with_its_error() -> None:
+    src = _Raising(fail=1 << 30)
+    src.fail = 0      # the first collect works (the eventfd's count), then every one fails
+
+    async def main(engine: Any) -> tuple[list[int], BaseException | None, int]:
+        got: list[int] = []
+        error = None
+        it = aem.events(src)
+        try:
+            async for ev in it:
+                got.append(ev.value)
+                src.fail = 1 << 30
+                os.eventfd_write(src.fd, 1)   # ready again: collect fails from now on
+        except aem.AemError as e:
+            error = e
+        with pytest.raises(StopAsyncIteration):   # ended: a second call does not raise again
+            await it.__anext__()
+        return got, error, engine.stats()["registered"]
+
+    try:
+        (got, error, registered), errors = _on_aem_loop(main)
+    finally:
+        src.close()
+    assert got == [1] and isinstance(error, aem.AemError) and "5 times in a row" in str(error)
+    assert registered == 0 and errors == []
+
+
+def test_a_give_up_nobody_awaits_still_goes_to_the_error_handler(raising: _Raising) -> None:
+    async def main(engine: Any) -> int:
+        eid = engine.register(raising, lambda ev: None)
+        for _ in range(200):
+            if engine.stats()["registered"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        return int(eid)
+
+    eid, errors = _on_aem_loop(main)
+    assert len(errors) == 1 and f"event {eid} " in str(errors[0])
 
 
 def test_a_source_that_recovers_is_kept(engine: aem.Engine, errors: list[tuple[BaseException, Any]]) -> None:

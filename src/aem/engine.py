@@ -123,6 +123,9 @@ class Engine(_core.Engine):
         self._jobs: dict[int, set[int]] = {}
         #: eids paused by a back-off (see _backoff) that its timer will resume
         self._backing_off: set[int] = set()
+        #: eid -> what to call with the AemError if the engine gives the registration up
+        #: (its source failed again and again): aem.wait and aem.events await it
+        self._give_up_watchers: dict[int, Callable[[BaseException], None]] = {}
         self._set_hooks(spawn=self._spawn, unregister=self._on_unregister,
                         pool=lambda pool: _support().check_pool(pool))
         _engines.add(self)
@@ -196,6 +199,23 @@ class Engine(_core.Engine):
                 pass  # unregistered meanwhile
 
         self._add_timer(pause, resume)
+
+    def _watch_give_up(self, eid: int, callback: Callable[[BaseException], None] | None) -> None:
+        """Call ``callback(error)`` if the engine unregisters ``eid`` because its source kept
+        failing (instead of the error handler); None stops watching."""
+        if callback is None:
+            self._give_up_watchers.pop(eid, None)
+        else:
+            self._give_up_watchers[eid] = callback
+
+    def _gave_up(self, eid: int, error: BaseException) -> bool:
+        """Called by the engine when it unregistered ``eid`` after repeated failures of its
+        source: True if a watcher took ``error`` (then the error handler does not get it)."""
+        callback = self._give_up_watchers.pop(eid, None)
+        if callback is None:
+            return False
+        callback(error)
+        return True
 
     def control(self, eid: int, op: int, arg: Any = None) -> None:
         """Job control of registration ``eid`` (see :func:`aem.control`)."""

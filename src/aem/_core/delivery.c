@@ -102,8 +102,10 @@ PyObject *aem_fetch_exception(void) {
 
 /* An exception is set by the engine's own work for registration t.  An Exception is
  * counted and the registration backs off; at the AEM_FAILURES_MAX-th in a row it is
- * unregistered and the error handler gets one AemError naming it (eid, source, the last
- * exception as its __cause__).  Returns 0, or -1 when a BaseException must propagate. */
+ * unregistered and one AemError names it (eid, source, the last exception as its
+ * __cause__): it goes to whoever awaits the registration (Engine._gave_up: aem.wait,
+ * aem.events), else to the error handler.  Returns 0, or -1 when a BaseException must
+ * propagate. */
 static int source_failed(EngineObject *self, const target_t *t) {
     if (!PyErr_ExceptionMatches(PyExc_Exception)) return -1;
     self->core.stats.errors++;
@@ -135,6 +137,17 @@ static int source_failed(EngineObject *self, const target_t *t) {
                  (unsigned long long)t->eid, t->source ? t->source : Py_None, n, exc);
     PyObject *err = aem_fetch_exception();
     PyException_SetCause(err, exc);  /* steals exc */
+    PyObject *taken = PyObject_CallMethod((PyObject *)self, "_gave_up", "KO", (unsigned long long)t->eid, err);
+    int awaited = taken ? PyObject_IsTrue(taken) : -1;
+    Py_XDECREF(taken);
+    if (awaited > 0) {  /* counted above, raised where it is awaited */
+        Py_DECREF(err);
+        return 0;
+    }
+    if (awaited < 0 && report(self, NULL) < 0) {  /* _gave_up itself failed: reported first */
+        Py_DECREF(err);
+        return -1;
+    }
     PyErr_SetObject((PyObject *)Py_TYPE(err), err);
     Py_DECREF(err);
     self->core.stats.errors--;  /* report() counts it */

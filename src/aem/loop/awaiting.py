@@ -38,6 +38,8 @@ async def wait(source: EventSource, timeout: float | None = None) -> Event:
 
     ``timeout`` (seconds): raise :class:`TimeoutError` if nothing came by then.
     The registration exists only while waiting: cancelled or timed out, it is gone.
+    If the engine gives the source up (its ``collect()`` failed again and again),
+    the :class:`aem.AemError` saying so is raised here.
     """
     _check_source(source)
     loop = _aem_loop("aem.wait()")
@@ -48,14 +50,21 @@ async def wait(source: EventSource, timeout: float | None = None) -> Event:
             ev.keep()
             fut.set_result(ev)
 
-    eid = loop.engine.register(source, deliver)
+    def given_up(error: BaseException) -> None:
+        if not fut.done():
+            fut.set_exception(error)
+
+    engine = loop.engine
+    eid = engine.register(source, deliver)
+    engine._watch_give_up(eid, given_up)
     try:
         if timeout is None:
             return await fut
         async with asyncio.timeout(timeout):
             return await fut
     finally:
-        loop.engine.unregister(eid, missing_ok=True)
+        engine._watch_give_up(eid, None)
+        engine.unregister(eid, missing_ok=True)
 
 
 class _Occurrences:
@@ -67,8 +76,10 @@ class _Occurrences:
         self._queue: collections.deque[Event] = collections.deque()
         self._maxlen = maxlen
         self._waiter: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None
         self.dropped = 0
         self._eid: int | None = self._loop.engine.register(source, self._deliver)
+        self._loop.engine._watch_give_up(self._eid, self._given_up)
         self._loop._aem_iterators.add(self)
 
     def _deliver(self, ev: Event) -> None:
@@ -81,12 +92,24 @@ class _Occurrences:
         if w is not None and not w.done():
             w.set_result(None)
 
+    def _given_up(self, error: BaseException) -> None:
+        """The engine unregistered the source (it kept failing): the iteration ends with
+        ``error`` once the queued occurrences are consumed."""
+        self._error = error
+        self._eid = None
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
     def __aiter__(self) -> _Occurrences:
         return self
 
     async def __anext__(self) -> Event:
         while not self._queue:
             if self._eid is None:
+                error, self._error = self._error, None
+                if error is not None:
+                    raise error
                 raise StopAsyncIteration
             self._waiter = self._loop.create_future()
             try:
@@ -102,6 +125,7 @@ class _Occurrences:
     def close(self) -> None:
         """Unregister the source (also done by ``async with`` and when the loop closes)."""
         if self._eid is not None:
+            self._loop.engine._watch_give_up(self._eid, None)
             self._loop.engine.unregister(self._eid, missing_ok=True)
             self._eid = None
             w = self._waiter
@@ -122,6 +146,8 @@ def events(source: EventSource, maxlen: int | None = None) -> AsyncIterator[Even
     ``async with aem.events(src) as it``); the iteration ends after closing,
     once queued occurrences are consumed.  ``maxlen`` bounds the queue of
     occurrences not yet consumed (more are dropped and counted in ``dropped``).
+    If the engine gives the source up (its ``collect()`` failed again and again),
+    the iteration ends with the :class:`aem.AemError` saying so.
     """
     return _Occurrences(source, maxlen)
 
