@@ -91,6 +91,31 @@ def test_after_a_closing_request_feed_simple_and_feed_take_nothing_more() -> Non
     assert not any(isinstance(e, Request) for e in full.feed(nxt))   # not answered either way
 
 
+class _WithMore:
+    """Request's slots and one more: the C side must call it (filling the slots in directly
+    would leave ``seen`` unset)."""
+
+    __slots__ = ("_headers", "body", "client", "keep_alive", "method", "raw_headers", "seen",
+                 "target", "version")
+
+    def __init__(self, method: str, target: str, version: str, raw_headers: Any, body: bytes,
+                 keep_alive: bool = True, client: object = None) -> None:
+        self.method, self.target, self.version = method, target, version
+        self.raw_headers, self.body, self.keep_alive, self.client = raw_headers, body, keep_alive, client
+        self._headers = None
+        self.seen = True
+
+
+def test_a_request_class_of_another_shape_is_called_not_filled_in() -> None:
+    from aem._core import simple_request
+
+    for cls in (_WithMore, Request, _WithMore):   # the shape is found again when the class changes
+        req = simple_request(CONNECTION[0], 8192, 16384, 100, cls)
+        assert type(req) is cls and req.target == "/" and req.keep_alive is False
+        if cls is _WithMore:
+            assert req.seen is True
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.sampled_from([b"GET", b"HEAD", b"POST", b" ", b"/", b"?", b"%", b"a", b"\r\n",
                                  b"HTTP/1.1", b"HTTP/1.0", b"Host: x", b"Host:", b":", b"\t",

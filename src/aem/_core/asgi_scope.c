@@ -28,37 +28,8 @@ static PyObject *lowered;       /* header name (bytes) -> the same in lower case
 static aem_http_field *fields;
 static int nfields_cap;
 
-static PyTypeObject *req_type;     /* the Request class the offsets below are of */
-static Py_ssize_t req_off[8];      /* its slots, in REQ_NAMES order; req_direct: all found */
-static int req_direct;
-static const char *const REQ_NAMES[8] = {"method", "target", "version", "raw_headers",
-                                         "body", "keep_alive", "client", "_headers"};
-
-static void find_slots(PyTypeObject *tp) {
-    Py_XSETREF(req_type, (PyTypeObject *)Py_NewRef(tp));
-    req_direct = 0;
-    if (tp->tp_new != PyBaseObject_Type.tp_new || tp->tp_dictoffset || tp->tp_base != &PyBaseObject_Type) return;
-    for (int i = 0; i < 8; i++) {
-        PyObject *name = PyUnicode_InternFromString(REQ_NAMES[i]);
-        if (!name) {
-            PyErr_Clear();
-            return;
-        }
-        req_off[i] = aem_slot_offset(tp, name);
-        Py_DECREF(name);
-        if (req_off[i] < 0) return;
-    }
-    req_direct = 1;
-}
-
-static PyObject *new_request(PyTypeObject *tp, PyObject *const *args) {
-    if (tp != req_type) find_slots(tp);
-    if (!req_direct) return PyObject_Vectorcall((PyObject *)tp, args, 6, NULL);
-    PyObject *obj = tp->tp_alloc(tp, 0);
-    if (!obj) return NULL;
-    for (int i = 0; i < 8; i++) *(PyObject **)((char *)obj + req_off[i]) = Py_NewRef(i < 6 ? args[i] : Py_None);
-    return obj;
-}
+static aem_request_shape req_shape;   /* of the last request_type seen (held: req_type) */
+static PyObject *req_type;
 
 PyDoc_STRVAR(request_doc,
 "simple_request(data, max_request_line, max_header_size, max_headers, request_type)\n\n"
@@ -99,7 +70,11 @@ static PyObject *simple_request(PyObject *module, PyObject *const *args, Py_ssiz
     }
     PyObject *argv[6] = {r.method == AEM_HTTP_GET ? s_get : s_head, target, s_v11, raw, s_empty_bytes,
                          (r.flags & AEM_HTTP_CLOSE) ? Py_False : Py_True};
-    PyObject *req = new_request((PyTypeObject *)args[4], argv);
+    if (args[4] != req_type) {
+        Py_XSETREF(req_type, Py_NewRef(args[4]));
+        aem_request_shape_find(&req_shape, (PyTypeObject *)args[4]);
+    }
+    PyObject *req = aem_request_new(&req_shape, argv, 6);
     Py_DECREF(target);
     Py_DECREF(raw);
     return req;

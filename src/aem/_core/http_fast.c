@@ -195,15 +195,12 @@ done:
     return rc;
 }
 
-/* Request.__init__ stores its arguments in these slots (and None in _headers); when the
- * class has exactly these __slots__, the object is filled in directly, without running
- * __init__ (a Python frame per request).  Any other shape: the class is called. */
 static const char *const REQ_SLOTS[8] = {"method", "target", "version", "raw_headers",
                                          "body", "keep_alive", "client", "_headers"};
 
-static void find_request_slots(HttpFastObject *self) {
-    self->req_direct = 0;
-    PyTypeObject *tp = (PyTypeObject *)self->request_type;
+void aem_request_shape_find(aem_request_shape *shape, PyTypeObject *tp) {
+    shape->tp = tp;
+    shape->direct = 0;
     if (!PyType_Check(tp) || tp->tp_new != PyBaseObject_Type.tp_new || tp->tp_dictoffset ||
         tp->tp_base != &PyBaseObject_Type)
         return;
@@ -214,18 +211,17 @@ static void find_request_slots(HttpFastObject *self) {
         if (!d || !Py_IS_TYPE(d, &PyMemberDescr_Type)) return;
         PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
         if (m->type != T_OBJECT_EX || (m->flags & READONLY)) return;
-        self->req_off[i] = m->offset;
+        shape->off[i] = m->offset;
     }
-    self->req_direct = 1;
+    shape->direct = 1;
 }
 
-static PyObject *new_request(HttpFastObject *self, PyObject *const *args) {
-    if (!self->req_direct) return PyObject_Vectorcall(self->request_type, args, 7, NULL);
-    PyTypeObject *tp = (PyTypeObject *)self->request_type;
-    PyObject *obj = tp->tp_alloc(tp, 0);
+PyObject *aem_request_new(const aem_request_shape *shape, PyObject *const *args, Py_ssize_t nargs) {
+    if (!shape->direct) return PyObject_Vectorcall((PyObject *)shape->tp, args, (size_t)nargs, NULL);
+    PyObject *obj = shape->tp->tp_alloc(shape->tp, 0);
     if (!obj) return NULL;
     for (int i = 0; i < 8; i++)
-        *(PyObject **)((char *)obj + self->req_off[i]) = Py_NewRef(i < 7 ? args[i] : Py_None);
+        *(PyObject **)((char *)obj + shape->off[i]) = Py_NewRef(i < nargs ? args[i] : Py_None);
     return obj;
 }
 
@@ -256,7 +252,7 @@ static PyObject *make_request(HttpFastObject *self, const aem_http_req *req, PyO
     if (!raw) return NULL;
     PyObject *args[7] = {req->method == AEM_HTTP_GET ? self->s_get : self->s_head, target, self->s_version,
                          raw, self->s_empty, Py_True, addr};
-    PyObject *r = new_request(self, args);
+    PyObject *r = aem_request_new(&self->req, args, 7);
     Py_DECREF(raw);
     return r;
 }
@@ -544,7 +540,7 @@ static int fast_init(HttpFastObject *self, PyObject *args, PyObject *kwds) {
     }
     Py_XSETREF(self->app, Py_NewRef(app));
     Py_XSETREF(self->request_type, Py_NewRef(rt));
-    find_request_slots(self);
+    aem_request_shape_find(&self->req, (PyTypeObject *)rt);
     Py_XSETREF(self->response_type, Py_NewRef(respt));
     PyObject *rnames[3] = {str_status, str_headers, str_body};
     for (int i = 0; i < 3; i++) self->resp_off[i] = aem_slot_offset((PyTypeObject *)respt, rnames[i]);
@@ -624,7 +620,7 @@ static PyObject *fast_get_cache(HttpFastObject *self, void *closure) {
 }
 
 static PyMemberDef fast_members[] = {
-    {"direct_requests", T_INT, offsetof(HttpFastObject, req_direct), READONLY,
+    {"direct_requests", T_INT, offsetof(HttpFastObject, req.direct), READONLY,
      "True when Requests are filled in directly (the class has Request's __slots__)."},
     {"status_served", T_PYSSIZET, offsetof(HttpFastObject, status_served), READONLY,
      "Status page JSON answers made here (no Python)."},

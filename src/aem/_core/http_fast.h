@@ -8,6 +8,21 @@
 
 #include <time.h>
 
+/* A Request class as the C side builds it: when the class has exactly the slots of
+ * aem.http.protocol.Request (and nothing else of its own), its objects are filled in
+ * directly, without running __init__ (a Python frame per request); any other shape is
+ * called.  tp is borrowed: whoever holds the shape keeps the class alive. */
+typedef struct {
+    PyTypeObject *tp;
+    Py_ssize_t off[8];            /* method, target, version, raw_headers, body, keep_alive,
+                                     client, _headers */
+    int direct;
+} aem_request_shape;
+
+void aem_request_shape_find(aem_request_shape *shape, PyTypeObject *tp);
+/* Request(*args) (nargs 6 or 7: without or with the client; the rest None), a new reference. */
+PyObject *aem_request_new(const aem_request_shape *shape, PyObject *const *args, Py_ssize_t nargs);
+
 typedef struct {
     PyObject_HEAD
     PyObject *server, *app, *request_type, *response_type, *status_lines, *slow, *cache, *by_class;
@@ -19,9 +34,8 @@ typedef struct {
     aem_http_field *fields;
     char *out;
     size_t out_len, out_cap;
-    Py_ssize_t req_off[8];        /* the Request's slots (REQ_SLOTS), when filled directly */
+    aem_request_shape req;        /* how request_type's objects are made */
     Py_ssize_t resp_off[3];       /* Response's status, headers, body slots (-1: by name) */
-    int req_direct;
     Py_ssize_t answered;          /* requests answered here from start to end */
     int slowed;                   /* the last pass called the glue */
     time_t date_sec;
