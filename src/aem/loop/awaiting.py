@@ -88,15 +88,17 @@ class _Occurrences:
             return
         ev.keep()
         self._queue.append(ev)
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
+        self._wake()
 
     def _given_up(self, error: BaseException) -> None:
         """The engine unregistered the source (it kept failing): the iteration ends with
         ``error`` once the queued occurrences are consumed."""
         self._error = error
         self._eid = None
+        self._wake()
+
+    def _wake(self) -> None:
+        """Let a pending ``__anext__`` look again (at the queue, or at the end)."""
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
@@ -128,9 +130,7 @@ class _Occurrences:
             self._loop.engine._watch_give_up(self._eid, None)
             self._loop.engine.unregister(self._eid, missing_ok=True)
             self._eid = None
-            w = self._waiter
-            if w is not None and not w.done():
-                w.set_result(None)
+            self._wake()
 
     async def __aenter__(self) -> _Occurrences:
         return self
