@@ -1279,6 +1279,186 @@ def test_a_failing_protocol_factory_closes_that_connection_and_the_server_goes_o
         assert errors == []
 
 
+class _Recorder(asyncio.Protocol):
+    """Keeps what the transport tells of its connection, answers ``ok`` and closes."""
+
+    seen: list[tuple[Any, Any, int, int]] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        sock = transport.get_extra_info("socket")
+        nodelay = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) \
+            if sock.family != socket.AF_UNIX else -1
+        self.seen.append((transport.get_extra_info("peername"), transport.get_extra_info("sockname"),
+                          nodelay, sock.gettimeout() == 0.0))
+        transport.write(b"ok")
+        transport.close()
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6", "unix", "abstract"])
+def test_accepted_connections_carry_the_peer_address_and_options_accept_gives(
+        lr: LoopRunner, family: str, tmp_path: Any) -> None:
+    """peername as socket.accept() spells it (aem's loop takes it from its C accept), the
+    socket non-blocking, TCP_NODELAY set on TCP: the same on both loops."""
+    if family == "ipv6" and not _has_ipv6_loopback():
+        pytest.skip("no IPv6 loopback here")
+    _Recorder.seen = []
+
+    async def main() -> tuple[Any, Any]:
+        if family in ("ipv4", "ipv6"):
+            host = "127.0.0.1" if family == "ipv4" else "::1"
+            server = await lr.loop.create_server(_Recorder, host, 0)
+            client = socket.socket(socket.AF_INET if family == "ipv4" else socket.AF_INET6)
+            client.connect(server.sockets[0].getsockname()[:2])
+        else:
+            path: Any = str(tmp_path / "s") if family == "unix" else f"\0aem-test-{os.getpid()}"
+            server = await lr.loop.create_unix_server(_Recorder, path)
+            client = socket.socket(socket.AF_UNIX)
+            if family == "abstract":
+                client.bind(f"\0aem-client-{os.getpid()}")
+            client.connect(path)
+        try:
+            client.setblocking(False)
+            got = b""
+            while not got.endswith(b"ok"):
+                data = await lr.loop.sock_recv(client, 10)
+                assert data
+                got += data
+            return client.getsockname(), client.getpeername()
+        finally:
+            client.close()
+            server.close()
+            await server.wait_closed()
+
+    client_name, server_name = lr.run(main())
+    [(peer, sockname, nodelay, nonblocking)] = _Recorder.seen
+    if family == "abstract":   # the abstract names come back as bytes, as from socket.accept()
+        client_name = client_name.encode() if isinstance(client_name, str) else client_name
+    assert peer == client_name and sockname == server_name
+    assert nonblocking
+    assert nodelay == (-1 if family in ("unix", "abstract") else 1)
+
+
+def test_a_burst_of_connections_waiting_in_the_backlog_is_all_served(lr: LoopRunner) -> None:
+    """Connections that queue up before the loop looks are all accepted (in batches of the
+    server's backlog at most per readiness), each answered."""
+
+    async def main() -> list[bytes]:
+        server = await lr.loop.create_server(_Hello, "127.0.0.1", 0, backlog=200)
+        port = server.sockets[0].getsockname()[1]
+        clients = []
+        try:
+            for _ in range(150):    # connected by the kernel before the loop accepts any
+                c = socket.create_connection(("127.0.0.1", port))
+                c.setblocking(False)
+                clients.append(c)
+
+            async def read(c: socket.socket) -> bytes:
+                got = b""
+                while data := await lr.loop.sock_recv(c, 10):
+                    got += data
+                return got
+
+            return await asyncio.gather(*(read(c) for c in clients))
+        finally:
+            for c in clients:
+                c.close()
+            server.close()
+            await server.wait_closed()
+
+    assert lr.run(main()) == [b"hello"] * 150
+
+
+def test_a_closed_connection_s_transport_is_freed_without_the_collector() -> None:
+    """aem's loop: nothing keeps a transport in a reference cycle once its connection is
+    lost (asyncio's reader callback, a bound method, does: the collector frees it)."""
+    import gc
+    import weakref
+
+    lr = LoopRunner("aem")
+    refs: list[weakref.ref[Any]] = []
+
+    class Keep(_Hello):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            refs.append(weakref.ref(transport))
+            super().connection_made(transport)
+
+    async def main() -> None:
+        server = await lr.loop.create_server(Keep, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            for _ in range(3):
+                assert await _read_all(port) == b"hello"
+            await asyncio.sleep(0.01)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    gc.collect()
+    gc.disable()
+    try:
+        lr.run(main(), timeout=10)
+        assert len(refs) == 3 and all(r() is None for r in refs)
+    finally:
+        gc.enable()
+        lr.close()
+
+
+def test_the_transport_s_state_is_asyncio_s() -> None:
+    """aem's SocketTransport sets its state in one constructor: the same attributes, with the
+    same values, as asyncio's own transport constructors give (run on this Python)."""
+    from asyncio import selector_events
+
+    from aem.loop import transports
+
+    lr = LoopRunner("aem")
+
+    def state(tr: Any) -> dict[str, Any]:
+        names = set(vars(tr)) | {n for c in type(tr).__mro__ for n in getattr(c, "__slots__", ())
+                                 if hasattr(tr, n)}
+        names -= {"_io", "write", "_read_ready", "is_closing", "__weakref__", "__dict__"}
+        out = {}
+        for n in names:
+            v = getattr(tr, n)
+            if n == "_extra":
+                v = {k: (type(x) if k == "socket" else x) for k, x in v.items()}
+            elif n == "_read_ready_cb":
+                v = v.__func__.__name__
+            elif n in ("_loop", "_protocol", "_server", "_sock"):
+                v = n   # each its own object: present is what is compared
+            out[n] = v
+        return out
+
+    async def main() -> tuple[dict[str, Any], dict[str, Any]]:
+        got = []
+        for cls in (transports.SocketTransport, selector_events._SelectorSocketTransport):  # type: ignore[attr-defined]
+            a, b = socket.socketpair()
+            waiter = lr.loop.create_future()
+            tr = cls(lr.loop, a, asyncio.Protocol(), waiter)
+            await waiter
+            got.append(state(tr))
+            tr.close()
+            await asyncio.sleep(0)
+            b.close()
+        return got[0], got[1]
+
+    try:
+        ours, theirs = lr.run(main(), timeout=10)
+    finally:
+        lr.close()
+    assert transports._INLINE_INIT == (sys.version_info[:2] == (3, 11))
+    assert ours == theirs
+
+
 def test_accept_out_of_descriptors_is_reported_and_serving_resumes(lr: LoopRunner) -> None:
     """The kernel's own refusal (EMFILE under a lowered RLIMIT_NOFILE): reported, the
     listening socket left alone for a while, then the waiting client is served."""

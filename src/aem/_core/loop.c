@@ -315,6 +315,17 @@ static PyObject *core_call_soon(LoopCoreObject *self, PyObject *const *args, Py_
     return h;
 }
 
+/* handle(callback, args): a new asyncio.Handle in the current context, not queued (a reader's). */
+static PyObject *core_handle(LoopCoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyTuple_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "handle(callback, args: tuple)");
+        return NULL;
+    }
+    PyObject *h = new_handle(self, self->handle_type, args[0], args[1], NULL);
+    if (h) unhide(h);  /* an ordinary handle from now on: the GC sees it */
+    return h;
+}
+
 /* _call_soon(callback, args, context): asyncio's internal entry (call_soon_threadsafe ...). */
 static PyObject *core__call_soon(LoopCoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3 || !PyTuple_Check(args[1])) {
@@ -682,6 +693,10 @@ static PyObject *core_waker(LoopCoreObject *self, PyObject *const *args, Py_ssiz
     return aem_loop_waker(self, args, nargs);
 }
 
+static PyObject *core_accept(LoopCoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return aem_loop_accept(args, nargs);
+}
+
 static PyObject *core_recv(LoopCoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
     return aem_loop_recv(args, nargs);
 }
@@ -833,6 +848,8 @@ static PyMethodDef core_methods[] = {
      "call_at(when, callback, *args, context=None) -> asyncio.TimerHandle"},
     {"_call_soon", (PyCFunction)(void (*)(void))core__call_soon, METH_FASTCALL,
      "_call_soon(callback, args, context) -> asyncio.Handle"},
+    {"handle", (PyCFunction)(void (*)(void))core_handle, METH_FASTCALL,
+     "handle(callback, args) -> asyncio.Handle in the current context, not queued."},
     {"_add_callback", (PyCFunction)core_add_callback, METH_O, "Queue a ready handle (unless cancelled)."},
     {"_push_timer", (PyCFunction)core_push_timer, METH_O, "Schedule a TimerHandle made elsewhere."},
     {"_timer_handle_cancelled", (PyCFunction)core_timer_cancelled, METH_O, "A scheduled timer was cancelled."},
@@ -849,6 +866,8 @@ static PyMethodDef core_methods[] = {
      "_attach_engine(engine, fd_to_key, remove_reader, remove_writer): turns are engine turns."},
     {"waker", (PyCFunction)(void (*)(void))core_waker, METH_FASTCALL,
      "waker(fd, write) -> the engine handler that queues fd's reader (or writer) handle."},
+    {"accept", (PyCFunction)(void (*)(void))core_accept, METH_FASTCALL,
+     "accept(fd) -> (conn_fd, address) | None: one pending connection (close-on-exec), None if none is."},
     {"recv", (PyCFunction)(void (*)(void))core_recv, METH_FASTCALL,
      "recv(fd, max_size) -> bytes: one read of a socket, into a shared buffer."},
     {"append", (PyCFunction)core_append, METH_O, "Queue a ready handle."},

@@ -79,6 +79,7 @@ int aem_loop_flush_later(PyObject *core, PyObject *obj);
 int aem_loop_waker_init_type(PyObject *module);
 PyObject *aem_loop_waker(LoopCoreObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *aem_loop_recv(PyObject *const *args, Py_ssize_t nargs);
+PyObject *aem_loop_accept(PyObject *const *args, Py_ssize_t nargs);
 /* One read of fd (at most max bytes; guess: the size expected, 0 if small): a bytes object of
  * exactly what came (b"" at EOF), or NULL with an exception set, or NULL with *err = the errno of
  * a failed read (no exception set). */

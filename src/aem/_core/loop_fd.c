@@ -19,10 +19,16 @@
 #define _GNU_SOURCE
 #include "loop.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <stddef.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <sys/un.h>
+#include <unistd.h>
 
 /* A waker is the engine handler of one direction of one fd of the loop: when the engine
  * delivers, it queues the reader's (or writer's) handle of the fd's selector key, as
@@ -274,6 +280,72 @@ PyObject *aem_loop_recv(PyObject *const *args, Py_ssize_t nargs) {
         PyErr_SetFromErrno(PyExc_OSError);
     }
     return b;
+}
+
+/* ---- a listening socket's new connections ------------------------------------------------------------ */
+
+/* The peer's address as socket.accept() gives it (CPython's makesockaddr): (host, port) for
+ * AF_INET, (host, port, flowinfo, scope_id) for AF_INET6, the path for AF_UNIX (bytes in the
+ * abstract namespace); None for another family (the caller asks getpeername()). */
+static PyObject *peer_address(const struct sockaddr_storage *ss, socklen_t len) {
+    char host[NI_MAXHOST];
+    switch (ss->ss_family) {
+    case AF_INET: {
+        const struct sockaddr_in *a = (const struct sockaddr_in *)ss;
+        if (!inet_ntop(AF_INET, &a->sin_addr, host, sizeof host)) break;
+        return Py_BuildValue("(si)", host, (int)ntohs(a->sin_port));
+    }
+    case AF_INET6: {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)ss;
+        if (getnameinfo((const struct sockaddr *)ss, len, host, sizeof host, NULL, 0, NI_NUMERICHOST)) break;
+        return Py_BuildValue("(siII)", host, (int)ntohs(a->sin6_port), (unsigned)ntohl(a->sin6_flowinfo),
+                             (unsigned)a->sin6_scope_id);
+    }
+    case AF_UNIX: {
+        const struct sockaddr_un *a = (const struct sockaddr_un *)ss;
+        size_t n = len > offsetof(struct sockaddr_un, sun_path) ? len - offsetof(struct sockaddr_un, sun_path) : 0;
+        if (n > 0 && a->sun_path[0] == 0) return PyBytes_FromStringAndSize(a->sun_path, (Py_ssize_t)n);
+        return PyUnicode_DecodeFSDefaultAndSize(a->sun_path, (Py_ssize_t)strnlen(a->sun_path, n));
+    }
+    }
+    Py_RETURN_NONE;
+}
+
+/* accept(fd) -> (conn_fd, address) | None: one connection from listening socket fd, its
+ * descriptor close-on-exec (as socket.accept()); None when none is pending, so draining the
+ * backlog costs no BlockingIOError.  A connection the peer aborted before it was taken is
+ * skipped; other failures raise OSError (EMFILE ...). */
+PyObject *aem_loop_accept(PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 1) {
+        PyErr_SetString(PyExc_TypeError, "accept(fd)");
+        return NULL;
+    }
+    long lfd = PyLong_AsLong(args[0]);
+    if (lfd == -1 && PyErr_Occurred()) return NULL;
+    if (lfd < 0 || lfd > INT32_MAX) {
+        errno = EBADF;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    struct sockaddr_storage ss;
+    socklen_t len;
+    int fd;
+    for (;;) {
+        memset(&ss, 0, sizeof ss);
+        len = sizeof ss;
+        fd = accept4((int)lfd, (struct sockaddr *)&ss, &len, SOCK_CLOEXEC);
+        if (fd >= 0) break;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) Py_RETURN_NONE;
+        if (errno == ECONNABORTED) continue;
+        if (errno == EINTR) {
+            if (PyErr_CheckSignals() < 0) return NULL;
+            continue;
+        }
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    PyObject *addr = peer_address(&ss, len);
+    PyObject *r = addr ? Py_BuildValue("(iN)", fd, addr) : NULL;
+    if (!r) close(fd);
+    return r;
 }
 
 int aem_loop_waker_init_type(PyObject *module) {

@@ -14,10 +14,12 @@ two things the engine does natively taken from it:
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import os
 import selectors
+import socket
 import sys
 import weakref
 from asyncio import base_events, constants, events, format_helpers, trsock, unix_events
@@ -37,6 +39,9 @@ __all__ = ["EventLoop", "EventLoopPolicy", "install", "new_event_loop"]
 _UnixLoop: Any = unix_events.SelectorEventLoop
 _Policy: Any = unix_events.DefaultEventLoopPolicy
 _EVENT_READ = selectors.EVENT_READ
+# A socket's family and type as plain ints (socket.socket's properties convert them to enums).
+_raw_family = _socket.socket.family.__get__  # type: ignore[attr-defined]
+_raw_type = _socket.socket.type.__get__  # type: ignore[attr-defined]
 _LOOP_SLOTS = ("_debug", "_stopping")  # a name, not a literal: see transports.py
 
 
@@ -168,32 +173,46 @@ class EventLoop(_UnixLoop):  # type: ignore[misc]
                            server: Any = None, backlog: int = 100, *args: Any, **kwargs: Any) -> None:
         """Accept what the listening ``sock`` has (up to ``backlog``), each connection's
         protocol and transport made at once (asyncio makes them in a task of its own, one
-        task, one future and three loop turns per connection).  TLS is asyncio's path."""
+        task, one future and three loop turns per connection).  The C core's ``accept``
+        answers None once the backlog is drained (no BlockingIOError per batch).  TLS is
+        asyncio's path."""
         if sslcontext is not None:
             super()._accept_connection(protocol_factory, sock, sslcontext, server, backlog, *args, **kwargs)
             return
+        assert self._core is not None
+        accept = self._core.accept
+        listen_fd = sock.fileno()
+        family, kind, proto = _raw_family(sock), _raw_type(sock), sock.proto
+        own_transport = type(self)._make_socket_transport is EventLoop._make_socket_transport
         for _ in range(backlog):
             try:
-                conn, addr = sock.accept()
-                if self._debug:
-                    logger.debug("%r got a new connection from %r: %r", server, addr, conn)
-                conn.setblocking(False)
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                return
+                got = accept(listen_fd)
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     # out of descriptors or memory: asyncio's way (stop accepting for a while)
                     self.call_exception_handler({"message": "socket.accept() out of system resource",
                                                  "exception": exc, "socket": trsock.TransportSocket(sock)})
-                    self._remove_reader(sock.fileno())
+                    self._remove_reader(listen_fd)
                     self.call_later(constants.ACCEPT_RETRY_DELAY, self._start_serving, protocol_factory,
                                     sock, sslcontext, server, backlog, *args, **kwargs)
                     return
                 raise  # the loop's exception handler reports it
+            if got is None:
+                return
+            conn = socket.socket(family, kind, proto, got[0])
+            addr = got[1]
             protocol = None
             try:
+                conn.setblocking(False)
+                if addr is None:  # a family the C side does not spell out
+                    addr = conn.getpeername()
+                if self._debug:
+                    logger.debug("%r got a new connection from %r: %r", server, addr, conn)
                 protocol = protocol_factory()
-                self._make_socket_transport(conn, protocol, extra={"peername": addr}, server=server)
+                if own_transport:
+                    SocketTransport(self, conn, protocol, None, {"peername": addr}, server)
+                else:
+                    self._make_socket_transport(conn, protocol, extra={"peername": addr}, server=server)
             except (SystemExit, KeyboardInterrupt):
                 conn.close()
                 raise
@@ -211,12 +230,15 @@ class EventLoop(_UnixLoop):  # type: ignore[misc]
     def _add_reader(self, fd: Any, callback: Any, *args: Any) -> events.Handle:
         if type(fd) is not int:
             return super()._add_reader(fd, callback, *args)  # type: ignore[no-any-return]
-        self._check_closed()
-        handle = events.Handle(callback, args, self, None)
+        if self._closed:
+            raise RuntimeError("Event loop is closed")
+        core = self._core
+        handle = core.handle(callback, args) if core is not None and not self._debug \
+            else events.Handle(callback, args, self, None)
         selector = self._selector
         key = selector._fd_to_key.get(fd)
         if key is None:
-            selector.register(fd, _EVENT_READ, (handle, None))
+            selector.register_fd(fd, _EVENT_READ, (handle, None))
         else:
             reader, writer = key.data
             selector.modify(fd, key.events | _EVENT_READ, (handle, writer))
@@ -236,7 +258,7 @@ class EventLoop(_UnixLoop):  # type: ignore[misc]
         reader, writer = key.data
         mask = key.events & ~_EVENT_READ
         if not mask:
-            selector.unregister(fd)
+            selector.unregister_fd(fd)
         else:
             selector.modify(fd, mask, (None, writer))
         if reader is not None:

@@ -94,6 +94,22 @@ class EngineSelector(_SelectorImpl):  # type: ignore[misc]
             raise
         return key
 
+    def register_fd(self, fd: int, events: int, data: Any) -> None:
+        """``register`` for an int fd not registered yet (the loop's own readers and writers)."""
+        if fd < 0:
+            raise ValueError(f"Invalid file descriptor: {fd}")
+        self._fd_to_key[fd] = selectors.SelectorKey(fd, fd, events, data)
+        try:
+            self._arm(fd, events)
+        except BaseException:
+            del self._fd_to_key[fd]
+            raise
+
+    def unregister_fd(self, fd: int) -> None:
+        """``unregister`` for a registered int fd."""
+        key = self._fd_to_key.pop(fd)
+        self._disarm(fd, key.events)
+
     def unregister(self, fileobj: Any) -> selectors.SelectorKey:
         key: selectors.SelectorKey = super().unregister(fileobj)
         self._disarm(key.fd, key.events)

@@ -17,11 +17,20 @@ buffered protocols, ``sendfile``) with two changes:
 
 from __future__ import annotations
 
+import _socket
 import socket
-from asyncio import BufferedProtocol, selector_events
+import sys
+import weakref
+from asyncio import BufferedProtocol, futures, selector_events, trsock
 from typing import Any
 
 _SelectorSocketTransport: Any = selector_events._SelectorSocketTransport  # type: ignore[attr-defined]
+#: The constructor is asyncio 3.11's, inline (its state differs in later versions: theirs is used).
+_INLINE_INIT = sys.version_info[:2] == (3, 11)
+_HIGH_WATER = 64 * 1024  # asyncio's default write buffer limits: high, and low = high // 4
+_TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+_raw_family = _socket.socket.family.__get__  # type: ignore[attr-defined]  # an int, not an enum
+_raw_type = _socket.socket.type.__get__  # type: ignore[attr-defined]
 _STATE_SLOTS = ("_buffer", "_closing", "_conn_lost", "_empty_waiter", "_eof", "_protocol")
 
 
@@ -40,17 +49,73 @@ class SocketTransport(_SelectorSocketTransport):  # type: ignore[misc]
 
     def __init__(self, loop: Any, sock: Any, protocol: Any, waiter: Any = None, extra: Any = None,
                  server: Any = None) -> None:
-        io = loop._core.stream_io(self, sock.fileno())
+        fd = sock.fileno()
+        io = loop._core.stream_io(self, fd)
         self._io = io
         self._read_ready = io.read_ready  # asyncio's __init__ registers this reader
         self.write = io.write
         self.is_closing = io.is_closing  # StreamWriter.drain() asks on every message
-        super().__init__(loop, sock, protocol, waiter, extra, server)
+        if not _INLINE_INIT:
+            super().__init__(loop, sock, protocol, waiter, extra, server)
+            return
+        # What asyncio 3.11's four constructors (BaseTransport, _FlowControlMixin,
+        # _SelectorTransport, _SelectorSocketTransport) do, in one: a server's every new
+        # connection runs this.  tests/test_loop.py checks it leaves the state theirs leaves.
+        self._read_ready_cb = None
+        if extra is None:
+            extra = {}
+        self._extra = extra
+        self._loop = loop
+        self._protocol_paused = False
+        self._high_water = _HIGH_WATER
+        self._low_water = _HIGH_WATER // 4
+        extra["socket"] = trsock.TransportSocket(sock)
+        try:
+            extra["sockname"] = sock.getsockname()
+        except OSError:
+            extra["sockname"] = None
+        if "peername" not in extra:
+            try:
+                extra["peername"] = sock.getpeername()
+            except OSError:
+                extra["peername"] = None
+        self._sock = sock
+        self._sock_fd = fd
+        buffered = isinstance(protocol, BufferedProtocol)  # set_protocol(protocol), inline
+        self._read_ready_cb = self._read_ready__get_buffer if buffered else self._read_ready__data_received
+        self._protocol = protocol
+        self._protocol_connected = True
+        if buffered:
+            io.set_buffered(True)
+        self._server = server
+        self._buffer = bytearray()
+        self._conn_lost = 0
+        self._closing = False
+        self._paused = False
+        if server is not None:
+            server._attach()
+        # loop._transports is a WeakValueDictionary; a plain weak reference in its data is what
+        # its lookups read (a dead one reads as absent), without its Python __setitem__ and
+        # KeyedRef; the next transport on the same fd replaces it.
+        loop._transports.data[fd] = weakref.ref(self)
+        self._eof = False
+        self._empty_waiter = None
+        if _raw_family(sock) in _TCP_FAMILIES and _raw_type(sock) == socket.SOCK_STREAM \
+                and sock.proto == socket.IPPROTO_TCP:  # asyncio's _set_nodelay, without its enums
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        loop.call_soon(protocol.connection_made, self)
+        loop.call_soon(self._add_reader, fd, self._read_ready)  # reading starts after connection_made
+        if waiter is not None:
+            loop.call_soon(futures._set_result_unless_cancelled, waiter, None)  # type: ignore[attr-defined]
 
     def set_protocol(self, protocol: Any) -> None:
         """Set the protocol (a BufferedProtocol is read through asyncio's Python path)."""
         super().set_protocol(protocol)
         self._io.set_buffered(isinstance(protocol, BufferedProtocol))
+
+    def _add_reader(self, fd: int, callback: Any, *args: Any) -> None:
+        if not self._closing and not self._paused:  # asyncio's is_reading(), inline
+            self._loop._add_reader(fd, callback, *args)
 
     # -- what the C side hands back on uncommon paths ----------------------------------------------
 
@@ -71,7 +136,8 @@ class SocketTransport(_SelectorSocketTransport):  # type: ignore[misc]
 
     def _aem_flush_done(self) -> None:
         """Everything was sent and someone waits for that (flow control, close, write_eof, sendfile)."""
-        self._maybe_resume_protocol()
+        if self._protocol_paused:
+            self._maybe_resume_protocol()
         if self._empty_waiter is not None and not self._empty_waiter.done():
             self._empty_waiter.set_result(None)
         if self._closing:
@@ -111,8 +177,25 @@ class SocketTransport(_SelectorSocketTransport):  # type: ignore[misc]
 
     def _call_connection_lost(self, exc: BaseException | None) -> None:
         try:
-            super()._call_connection_lost(exc)
+            if _INLINE_INIT:  # asyncio 3.11's two _call_connection_lost, inline
+                try:
+                    if self._protocol_connected:
+                        self._protocol.connection_lost(exc)
+                finally:
+                    self._sock.close()
+                    self._sock = None
+                    self._protocol = None
+                    self._loop = None
+                    server = self._server
+                    if server is not None:
+                        server._detach()
+                        self._server = None
+                if self._empty_waiter is not None:
+                    self._empty_waiter.set_exception(ConnectionError("Connection is closed by peer"))
+            else:
+                super()._call_connection_lost(exc)
         finally:
-            self._io.detach()  # no cycle left through the C side
+            self._io.detach()  # no cycle left through the C side ...
             for name in ("write", "_read_ready", "is_closing"):
                 self.__dict__.pop(name, None)
+            self._read_ready_cb = None  # ... nor through a bound method: freed without the GC
