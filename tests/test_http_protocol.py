@@ -595,6 +595,29 @@ def test_connection_keep_alive_and_close() -> None:
     assert not follows and b"Content-Length" not in head
 
 
+@pytest.mark.parametrize("version", ["1.0", "1.1"])
+@pytest.mark.parametrize("connection", ["", "close", "keep-alive"])
+@pytest.mark.parametrize("method", ["GET", "HEAD", "POST"])
+@pytest.mark.parametrize("status", [200, 404])
+def test_connection_response_shortcuts_give_what_render_head_gives(
+        version: str, connection: str, method: str, status: int) -> None:
+    """The usual answers skip render_head (one field, small body, kept alive or closing):
+    the bytes are the same as its, for every combination around them (the field seen
+    before, so that the shortcut applies where it can)."""
+    field = ("Content-Type", "text/plain; charset=utf-8")
+    render_head(200, [field], 1, True, "1.1", DATE, b"S: s\r\n")  # the field's line is known
+    head = f"{method} / HTTP/{version}\r\nHost: h\r\n"
+    if connection:
+        head += f"Connection: {connection}\r\n"
+    c, req = _conn_request((head + "\r\n").encode())
+    keep = req.keep_alive
+    body = b"hello"
+    first, second = c.response(req, status, [field], body, DATE)
+    want = render_head(status, [field], len(body), keep, version, DATE, c._server_line)
+    assert first + second == want + (b"" if method == "HEAD" else body)
+    assert c.closing is (not keep)
+
+
 def test_connection_errors_and_timeouts() -> None:
     c = Connection()
     [err] = c.receive(b"BREW / HTTP/1.1\r\nHost: h\r\n\r\n")

@@ -986,13 +986,17 @@ class Connection:
         if not keep:
             self.closing = True
         n = len(body)
-        if (status == 200 and keep and len(headers) == 1 and n < _SMALL
-                and req.version == "1.1" and req.method != "HEAD"):
-            # the usual answer: one field (its Content-Type), kept alive, a small body
+        if status == 200 and len(headers) == 1 and n < _SMALL and req.method != "HEAD":
+            # the usual answer: one field (its Content-Type), a small body; what render_head
+            # gives, without its list: kept alive (HTTP/1.1), or the last on its connection
             line = _LINES.get(headers[0])
             if line is not None:
-                return b"%s%s%sContent-Length: %d\r\n\r\n%s" % (
-                    self._ok_prefix, date_line, line, n, body), b""
+                if not keep:
+                    return b"%s%s%sContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (
+                        self._ok_prefix, date_line, line, n, body), b""
+                if req.version == "1.1":
+                    return b"%s%s%sContent-Length: %d\r\n\r\n%s" % (
+                        self._ok_prefix, date_line, line, n, body), b""
         send = body_allowed(req.method, status)
         no_length = status < 200 or status == 204 or status == 304
         head = render_head(status, headers, None if no_length else n, keep, req.version,
