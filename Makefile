@@ -1,7 +1,8 @@
 # aem — each target installs what it needs, and nothing more, in .venv:
 #   make run     aem itself (and httptools): starts AEMhttpd; no root needed
 #   make test    + the test, bench and docs extras and the Debian packages the
-#                benchmarks use; then ruff, mypy --strict, the docs site, pytest
+#                benchmarks use; then ruff, mypy --strict, the docs site, pytest;
+#                then the event loop's tests on the other Pythons found (3.12, 3.13)
 #   make bench   + the bench extra and those Debian packages; then aem bench
 #   make docs    + the docs extra; the docs site (mkdocs, warnings are errors) into build/site
 SHELL := /bin/bash
@@ -46,6 +47,7 @@ docs: $(VENV)/.installed-docs
 test: system-deps $(VENV)/.installed-test lint typecheck
 	$(MKDOCS)
 	cd tests && $(abspath $(VENV))/bin/python -m pytest -q -p no:cacheprovider
+	scripts/test-other-pythons.sh
 
 run: $(VENV)/.installed-run
 	@echo "AEMhttpd: open http://127.0.0.1:8080/ (status page: http://127.0.0.1:8080/_aem/status); Ctrl-C stops it"
@@ -55,4 +57,4 @@ bench: system-deps $(VENV)/.installed-bench
 	$(VENV)/bin/aem bench
 
 clean:
-	rm -rf build dist *.egg-info src/*.egg-info $(VENV) src/aem/*.so
+	rm -rf build dist *.egg-info src/*.egg-info $(VENV) .venv-3.* src/aem/*.so

@@ -170,7 +170,8 @@ def test_the_front_freezes_its_startup_objects_out_of_the_collector(tmp_path: Pa
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     before, after = map(int, out.stdout.split())
-    assert before == 0 and after > 10_000     # (Flask and aem: tens of thousands of objects)
+    # (Flask and aem: tens of thousands of objects; 3.12+ starts with a few hundred frozen)
+    assert after - before > 10_000
 
 
 def test_slow_handler_does_not_hold_up_fast_ones(flask: Served) -> None:

@@ -143,7 +143,7 @@ class _Trap:
 
 def _probe(ev: Any) -> None:
     time.monotonic_ns()
-    _Trap.calls += len([x for x in (1, 2)])
+    _Trap.calls += len(list(1 for _ in ()))  # a generator has a code object (3.12 inlines comprehensions)
 
 
 def test_touch_handler_reaches_code_globals_and_named_attributes() -> None:
@@ -153,7 +153,7 @@ def test_touch_handler_reaches_code_globals_and_named_attributes() -> None:
     for obj in (_probe, _probe.__code__, _probe.__globals__, time, time.monotonic_ns, _Trap, len):
         assert id(obj) in ids, obj
     nested = [c for c in _probe.__code__.co_consts if isinstance(c, types.CodeType)]
-    assert nested and all(id(c) in ids for c in nested), "the comprehension's code too"
+    assert nested and all(id(c) in ids for c in nested), "the generator's code too"
 
 
 def test_touch_handler_only_reads() -> None:

@@ -75,7 +75,10 @@ class _Result(unittest.TestResult):
     def stopTest(self, test: unittest.TestCase) -> None:
         signal.alarm(0)
         super().stopTest(test)
-        cur = self._cur
+        # (3.12+ may stop a test it did not start: a class whose set-up failed)
+        cur = self._cur if "id" in self._cur else {"id": test.id(), "loops0": self.counter[0],
+                                                   "t0": time.monotonic(), **self._cur}
+        self._cur = {}
         rec = {"id": cur["id"], "outcome": cur.get("outcome", "passed"),
                "bound": self.counter[0] > cur["loops0"], "seconds": round(time.monotonic() - cur["t0"], 3)}
         if "detail" in cur:

@@ -108,9 +108,11 @@ static inline void release(PyObject *h) {
  * (asyncio.Handle is a Python class: its allocation and deallocation are the generic, slow ones).
  * Nothing can tell: no reference, and no weak reference, to it is left. */
 static void recycle(LoopCoreObject *self, PyObject *h) {
+    /* where its weak references are listed: a slot (3.11), or before the object (a negative
+     * offset: 3.12+ "managed" weak references, which asyncio.Handle has there) */
     Py_ssize_t wl = Py_TYPE(h)->tp_weaklistoffset;
     if (Py_REFCNT(h) != 1 || !Py_IS_TYPE(h, self->handle_type) || self->nspare == LOOP_SPARE_HANDLES ||
-        (wl > 0 && SLOT(h, wl))) {
+        (wl != 0 && *(PyObject **)((char *)h + wl))) {
         release(h);
         return;
     }

@@ -199,8 +199,12 @@ class EventLoop(_UnixLoop):  # type: ignore[misc]
                 raise  # the loop's exception handler reports it
             if got is None:
                 return
-            conn = socket.socket(family, kind, proto, got[0])
-            addr = got[1]
+            fd, addr = got
+            try:
+                conn = socket.socket(family, kind, proto, fd)
+            except BaseException:
+                os.close(fd)
+                raise
             protocol = None
             try:
                 conn.setblocking(False)

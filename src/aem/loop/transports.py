@@ -9,10 +9,13 @@ buffered protocols, ``sendfile``) with two changes:
   ``socket.recv(256 KiB)`` allocating 256 KiB per read;
 * writes are coalesced: what is written during one loop turn goes out at the
   end of the turn in one ``send``/``sendmsg`` (a ``writev``), not one ``send``
-  per ``write()``.  Both are C (``aem._core.StreamIO``).  The first write of a turn is kept as is (no copy of
-  ``bytes``); later ones are appended to asyncio's buffer.  Everything that
-  looks at the buffer (``get_write_buffer_size``, flow control, ``close``,
-  ``write_eof``, ``sendfile``, ``abort``) sees the pending bytes.
+  per ``write()``.  Both are C (``aem._core.StreamIO``).  The first write of a
+  turn is kept as is (no copy of ``bytes``); later ones are appended to the
+  transport's buffer, a ``bytearray`` on every Python (asyncio 3.12+'s own is
+  a deque of chunks; what a send leaves over goes out through
+  :meth:`SocketTransport._write_buffered`).  Everything that looks at the
+  buffer (``get_write_buffer_size``, flow control, ``close``, ``write_eof``,
+  ``sendfile``, ``abort``) sees the pending bytes.
 """
 
 from __future__ import annotations
@@ -57,11 +60,14 @@ class SocketTransport(_SelectorSocketTransport):  # type: ignore[misc]
         self.is_closing = io.is_closing  # StreamWriter.drain() asks on every message
         if not _INLINE_INIT:
             super().__init__(loop, sock, protocol, waiter, extra, server)
+            # 3.12+: asyncio's buffer is a deque of chunks and its writer an instance attribute
+            # working on it; the C side appends to one bytearray, on every Python
+            self._buffer = bytearray()
+            self.__dict__.pop("_write_ready", None)
             return
         # What asyncio 3.11's four constructors (BaseTransport, _FlowControlMixin,
         # _SelectorTransport, _SelectorSocketTransport) do, in one: a server's every new
         # connection runs this.  tests/test_loop.py checks it leaves the state theirs leaves.
-        self._read_ready_cb = None
         if extra is None:
             extra = {}
         self._extra = extra
@@ -131,8 +137,48 @@ class SocketTransport(_SelectorSocketTransport):  # type: ignore[misc]
 
     def _aem_flush_partial(self) -> None:
         """The socket took part of the turn's writes: the rest waits for writability."""
-        self._loop._add_writer(self._sock_fd, self._write_ready)
+        self._loop._add_writer(self._sock_fd, self._write_buffered)
         self._maybe_pause_protocol()
+
+    def _write_buffered(self) -> None:
+        """The socket is writable again: send what the buffer holds; once it is empty, stop
+        watching and do what waited for it (resume the protocol, close, shut down writing)."""
+        if self._conn_lost:
+            return
+        buf = self._buffer
+        try:
+            n = self._sock.send(buf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._loop._remove_writer(self._sock_fd)
+            self._aem_flush_failed(exc)
+            return
+        del buf[:n]
+        self._maybe_resume_protocol()
+        if not buf:
+            self._loop._remove_writer(self._sock_fd)
+            if self._empty_waiter is not None and not self._empty_waiter.done():
+                self._empty_waiter.set_result(None)
+            if self._closing:
+                self._call_connection_lost(None)
+            elif self._eof:
+                self._sock.shutdown(socket.SHUT_WR)
+
+    _write_ready = _write_buffered  # the name asyncio's own methods register
+
+    def writelines(self, list_of_data: Any) -> None:
+        """Write the buffers in order (one write: the turn's writes go out in one send)."""
+        if not _INLINE_INIT:  # asyncio 3.12+'s own checks (3.11's writelines is a join and a write)
+            if self._eof:
+                raise RuntimeError("Cannot call writelines() after write_eof()")
+            if self._empty_waiter is not None:
+                raise RuntimeError("unable to writelines; sendfile is in progress")
+            if not list_of_data:
+                return
+        self.write(b"".join(list_of_data))
 
     def _aem_flush_done(self) -> None:
         """Everything was sent and someone waits for that (flow control, close, write_eof, sendfile)."""
