@@ -160,12 +160,7 @@ class SocketTransport(_SelectorSocketTransport):  # type: ignore[misc]
         self._maybe_resume_protocol()
         if not buf:
             self._loop._remove_writer(self._sock_fd)
-            if self._empty_waiter is not None and not self._empty_waiter.done():
-                self._empty_waiter.set_result(None)
-            if self._closing:
-                self._call_connection_lost(None)
-            elif self._eof:
-                self._sock.shutdown(socket.SHUT_WR)
+            self._aem_flush_done()
 
     _write_ready = _write_buffered  # the name asyncio's own methods register
 
