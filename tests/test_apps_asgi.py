@@ -6,6 +6,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +24,8 @@ from wsproto.events import (
     TextMessage,
 )
 from wsproto.events import Request as WSRequest
+
+from conftest import AEM_PATH
 
 
 @pytest.fixture(scope="module")
@@ -332,6 +336,45 @@ def test_two_asgi_workers_share_the_port_and_stop_on_sigterm(tmp_path: Path) -> 
                 time.sleep(0.05)
         assert s.get("/json")[0] == 200
         assert s.stop() == 0
+
+
+def _get_over_unix(path: str, target: str) -> bytes:
+    with socket.socket(socket.AF_UNIX) as c:
+        c.settimeout(5)
+        c.connect(path)
+        c.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        out = b""
+        while chunk := c.recv(1000):
+            out += chunk
+    return out.partition(b"\r\n\r\n")[2]
+
+
+def test_two_asgi_workers_share_a_unix_socket_and_stop_on_sigterm(tmp_path: Path) -> None:
+    """--uds with --workers: the supervisor listens on the path and hands the socket to each
+    worker; both serve on it; SIGTERM stops them all and the path goes."""
+    path = str(tmp_path / "app.sock")
+    with serve(tmp_path, "starlette_app:app", "--uds", path, "--workers", "2",
+               wait=r"on unix:\S+ with 2 workers()") as s:
+        pids: set[bytes] = set()
+        deadline = time.monotonic() + 15
+        while len(pids) < 2 and time.monotonic() < deadline:
+            try:
+                pids.add(_get_over_unix(path, "/pid"))
+            except OSError:
+                time.sleep(0.02)   # the workers are still starting
+        assert len(pids) == 2, pids
+        assert _get_over_unix(path, "/") == b"Hello, world!"
+        assert s.stop() == 0
+    assert not os.path.exists(path)
+
+
+def test_uds_with_workers_reports_a_path_it_cannot_listen_on(tmp_path: Path) -> None:
+    path = str(tmp_path / "missing-dir" / "app.sock")
+    proc = subprocess.run([sys.executable, "-m", "aem.cli", "serve", "starlette_app:app", "--uds", path,
+                           "--workers", "2"], cwd=APPS, capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join([AEM_PATH, str(APPS)])))
+    assert proc.returncode == 1
+    assert f"cannot listen on {path}" in proc.stderr
 
 
 def test_aem_interface_app(tmp_path: Path) -> None:

@@ -67,6 +67,10 @@ async def scope_info(request: Request) -> Response:
                          "http_version": s["http_version"]})
 
 
+async def pid(request: Request) -> Response:
+    return PlainTextResponse(str(os.getpid()))
+
+
 async def slow(request: Request) -> Response:
     await asyncio.sleep(float(request.query_params.get("s", "0.5")))
     return PlainTextResponse("slow done")
@@ -99,7 +103,7 @@ async def ws_reject(ws: WebSocket) -> None:
 app = Starlette(lifespan=lifespan, routes=[
     Route("/", hello), Route("/json", json_), Route("/echo", echo, methods=["POST"]),
     Route("/count", stream_in, methods=["POST"]), Route("/stream", stream),
-    Route("/scope", scope_info), Route("/slow", slow), Route("/boom", boom),
+    Route("/scope", scope_info), Route("/slow", slow), Route("/boom", boom), Route("/pid", pid),
     WebSocketRoute("/ws", ws_echo), WebSocketRoute("/ws-reject", ws_reject),
 ])
 

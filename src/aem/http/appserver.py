@@ -18,11 +18,13 @@ close the connections; lifespan shutdown last.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import inspect
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -206,7 +208,8 @@ def _static(app: Any, root: str) -> Any:
     return with_static
 
 
-def _server(cfg: AppConfig, app: Any, interface: str, reuse_port: bool = False) -> ASGIServer:
+def _server(cfg: AppConfig, app: Any, interface: str, reuse_port: bool = False,
+            sock: socket.socket | None = None) -> ASGIServer:
     direct: Any = None
     pool: WSGIWorkers | None = None
     if isinstance(app, WSGIWorkers):
@@ -226,7 +229,8 @@ def _server(cfg: AppConfig, app: Any, interface: str, reuse_port: bool = False) 
 
     if cfg.root is not None:
         app = _static(app, cfg.root)
-    return ASGIServer(app, direct=direct, host=cfg.host, port=cfg.port, uds=cfg.uds, reuse_port=reuse_port,
+    return ASGIServer(app, direct=direct, host=cfg.host, port=cfg.port, uds=cfg.uds, sock=sock,
+                      reuse_port=reuse_port,
                       root_path=cfg.root_path,
                       limits=Limits(max_body=cfg.max_body, max_buffered=max(64 << 20, 4 * cfg.max_body)),
                       timeout_keep_alive=cfg.timeout_keep_alive,
@@ -237,7 +241,7 @@ def _server(cfg: AppConfig, app: Any, interface: str, reuse_port: bool = False) 
 
 
 async def _serve_one(cfg: AppConfig, app: Any, interface: str, reuse_port: bool = False,
-                     quiet: bool = False) -> int:
+                     quiet: bool = False, sock: socket.socket | None = None) -> int:
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
 
@@ -257,7 +261,7 @@ async def _serve_one(cfg: AppConfig, app: Any, interface: str, reuse_port: bool 
             gc.collect()
             gc.freeze()
             await workers.start()
-        server = _server(cfg, app, interface, reuse_port)
+        server = _server(cfg, app, interface, reuse_port, sock)
         try:
             await server.start()
         except LifespanFailed as e:
@@ -284,34 +288,96 @@ async def _serve_one(cfg: AppConfig, app: Any, interface: str, reuse_port: bool 
 
 
 def _asgi_worker(ev: Any) -> None:
-    """One ASGI worker in its capsule: its own loop and server on the shared port."""
-    cfg, ready = ev.payload
+    """One ASGI worker in its capsule: its own loop and server on the shared port, or on the
+    supervisor's Unix socket (``--uds``), whose descriptor it asks the supervisor for."""
+    cfg, ready, handout = ev.payload
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     app = load_app(cfg.app)
+    sock = _take_listener(handout) if handout else None
     ready.fire(os.getpid())
     runner = asyncio.Runner(loop_factory=aem.new_event_loop)
     try:
-        runner.run(_serve_one(cfg, app, "asgi", reuse_port=True, quiet=True))
+        runner.run(_serve_one(cfg, app, "asgi", reuse_port=True, quiet=True, sock=sock))
     finally:
         runner.close()
     os._exit(0)
 
 
-def _asgi_workers(cfg: AppConfig, app: Any) -> int:
-    """``--workers N`` for an ASGI app: N servers in capsules on one port (SO_REUSEPORT)."""
-    import socket
+def _take_listener(handout: str) -> socket.socket:
+    """The listening socket the supervisor hands out at ``handout`` (SCM_RIGHTS)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        s.settimeout(10)
+        s.connect(handout)
+        _, fds, _, _ = socket.recv_fds(s, 16, 1)
+    if len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        raise RuntimeError("aem serve: the supervisor handed out no listening socket")
+    return socket.socket(fileno=fds[0])
 
-    if cfg.uds is not None:
-        print("aem serve: --uds with --workers > 1 is for wsgi apps", file=sys.stderr)
+
+def _uds_listener(cfg: AppConfig) -> tuple[socket.socket, socket.socket, str]:
+    """``--uds`` with several ASGI workers: the Unix socket, listened on here (the workers
+    share it: a path has no SO_REUSEPORT), and a handout socket whose every connection gets
+    its descriptor (capsules start without the application's files)."""
+    assert cfg.uds is not None
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    handout = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        if os.path.exists(cfg.uds) and not os.path.isdir(cfg.uds):
+            os.unlink(cfg.uds)
+        listener.bind(cfg.uds)
+        listener.listen(1024)
+        address = f"\0aem-uds-{os.getpid()}-{id(listener):x}"
+        handout.bind(address)
+        handout.listen(64)
+    except BaseException:
+        listener.close()
+        handout.close()
+        raise
+    return listener, handout, address
+
+
+def _asgi_workers(cfg: AppConfig, app: Any) -> int:
+    """``--workers N`` for an ASGI app: N servers in capsules on one port (SO_REUSEPORT), or
+    on one Unix socket (``--uds``) listened on here and handed to each."""
+    listener: socket.socket | None = None
+    handout: socket.socket | None = None
+    address = ""
+    try:
+        if cfg.uds is not None:
+            listener, handout, address = _uds_listener(cfg)
+        else:
+            with socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                probe.bind((cfg.host, cfg.port))
+    except OSError as e:
+        where = cfg.uds or f"{cfg.host}:{cfg.port}"
+        print(f"aem serve: cannot listen on {where}: {e.strerror or e}", file=sys.stderr)
         return 1
     try:
-        with socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            probe.bind((cfg.host, cfg.port))
-    except OSError as e:
-        print(f"aem serve: cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}", file=sys.stderr)
-        return 1
+        return _supervise_asgi_workers(cfg, listener, handout, address)
+    finally:
+        if listener is not None and handout is not None:
+            handout.close()
+            listener.close()
+            with contextlib.suppress(OSError):
+                os.unlink(cfg.uds or "")
+
+
+def _supervise_asgi_workers(cfg: AppConfig, listener: socket.socket | None, handout: socket.socket | None,
+                            address: str) -> int:
+    handout_eid = 0
+    if listener is not None and handout is not None:
+        lfd = listener.fileno()
+
+        def hand_out(ev: Any) -> None:
+            with ev.conn as conn:
+                with contextlib.suppress(OSError):  # a worker that went away meanwhile
+                    socket.send_fds(conn, [b"L"], [lfd])
+
+        handout_eid = aem.register(aem.Accept(handout), hand_out)
     pool = aem.CapsulePool(size=cfg.workers, reserve=0)
     flags = aem.EVF_CAPSULE | aem.EVF_KEEPALIVE
     pids: set[int] = set()
@@ -339,14 +405,14 @@ def _asgi_workers(cfg: AppConfig, app: Any) -> int:
                     aem.stop()
                 return
             _log(cfg, f"worker {ev.pid} ended ({ev.returncode}); starting another")
-            start.fire((cfg, ready))
+            start.fire((cfg, ready, address))
 
         aem.register(aem.ChildExit(job=eid), replace)
         jobs.append((start, eid))
     for start, _ in jobs:
-        start.fire((cfg, ready))
-    _log(cfg, f"asgi app {cfg.app} on http://{cfg.host}:{cfg.port}/ with {cfg.workers} workers "
-              f"(pid {os.getpid()})")
+        start.fire((cfg, ready, address))
+    where = f"unix:{cfg.uds}" if cfg.uds else f"http://{cfg.host}:{cfg.port}/"
+    _log(cfg, f"asgi app {cfg.app} on {where} with {cfg.workers} workers (pid {os.getpid()})")
 
     def on_signal(ev: Any) -> None:
         if stopping[0]:
@@ -369,6 +435,8 @@ def _asgi_workers(cfg: AppConfig, app: Any) -> int:
     finally:
         shut_down_jobs(eid for _, eid in jobs)
         pool.close(timeout=2.0)
+        if handout_eid:
+            aem.unregister(handout_eid)
     _log(cfg, "stopped")
     return 0
 
