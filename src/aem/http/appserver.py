@@ -35,7 +35,7 @@ from urllib.parse import unquote
 
 import aem
 
-from .asgi import ASGIServer, LifespanFailed
+from .asgi import ASGIServer, LifespanFailed, listen_unix
 from .protocol import Limits, Request
 from .static import StaticFiles
 from .workers import shut_down_jobs
@@ -322,13 +322,9 @@ def _uds_listener(cfg: AppConfig) -> tuple[socket.socket, socket.socket, str]:
     share it: a path has no SO_REUSEPORT), and a handout socket whose every connection gets
     its descriptor (capsules start without the application's files)."""
     assert cfg.uds is not None
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener = listen_unix(cfg.uds)
     handout = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
-        if os.path.exists(cfg.uds) and not os.path.isdir(cfg.uds):
-            os.unlink(cfg.uds)
-        listener.bind(cfg.uds)
-        listener.listen(1024)
         address = f"\0aem-uds-{os.getpid()}-{id(listener):x}"
         handout.bind(address)
         handout.listen(64)

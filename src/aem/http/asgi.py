@@ -168,15 +168,7 @@ class ASGIServer:
         if self._sock is not None:
             return self._sock
         if self.uds is not None:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                if os.path.exists(self.uds) and not os.path.isdir(self.uds):
-                    os.unlink(self.uds)
-                s.bind(self.uds)
-                s.listen(1024)
-            except BaseException:
-                s.close()
-                raise
+            s = listen_unix(self.uds)
         else:
             family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
             s = socket.socket(family, socket.SOCK_STREAM)
@@ -343,6 +335,21 @@ class _Body:
         self.expect = False         # the client waits for 100 Continue
         self.continued = False      # ... and it was sent
         self.cycle: _Cycle | None = None
+
+
+def listen_unix(path: str) -> socket.socket:
+    """A stream socket listening on the Unix socket ``path`` (a stale socket file there is
+    replaced; a directory is not)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if os.path.exists(path) and not os.path.isdir(path):
+            os.unlink(path)
+        s.bind(path)
+        s.listen(1024)
+    except BaseException:
+        s.close()
+        raise
+    return s
 
 
 class _HttpProtocol(asyncio.Protocol):
