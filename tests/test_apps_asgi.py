@@ -20,6 +20,7 @@ from wsproto.events import (
     AcceptConnection,
     BytesMessage,
     CloseConnection,
+    Ping,
     RejectConnection,
     TextMessage,
 )
@@ -192,6 +193,41 @@ def test_websocket_client_disconnect_reaches_the_app(star: Served, marks: Path) 
     while not (marks / "ws_disconnect").exists() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert (marks / "ws_disconnect").exists()
+
+
+def test_websocket_keepalive_drops_a_peer_that_stops_answering_pings(tmp_path: Path) -> None:
+    """Pings every --ws-ping-interval: a peer that answers them stays connected; one that does
+    not is closed (1011) once --ws-ping-timeout passes, and the app gets its disconnect."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    with serve(tmp_path, "starlette_app:app", "--ws-ping-interval", "0.2", "--ws-ping-timeout", "0.3",
+               env={"AEM_TEST_MARKS": str(marks)}) as s:
+        mute, wm, events = _ws_connect(s.port, "/ws")    # never sends a pong
+        with mute:
+            assert isinstance(events[0], AcceptConnection)
+            got = []
+            while (ev := _ws_next(mute, wm)) is not None:   # the server ends it (recv times out if not)
+                got.append(ev)
+        assert isinstance(got[0], Ping)
+        assert [e.code for e in got if isinstance(e, CloseConnection)] == [1011]
+        deadline = time.monotonic() + 5
+        while not (marks / "ws_disconnect").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (marks / "ws_disconnect").exists()
+
+        alive, wa, events = _ws_connect(s.port, "/ws")   # answers every ping
+        with alive:
+            assert isinstance(events[0], AcceptConnection)
+            pings = 0
+            while pings < 4:   # well past interval + timeout
+                ev = _ws_next(alive, wa)
+                assert isinstance(ev, Ping), ev
+                pings += 1
+                alive.sendall(wa.send(ev.response()))
+            alive.sendall(wa.send(TextMessage(data="still here")))
+            while isinstance(ev := _ws_next(alive, wa), Ping):
+                alive.sendall(wa.send(ev.response()))
+            assert isinstance(ev, TextMessage) and ev.data == "echo: still here"
 
 
 def test_websocket_closed_before_accept_is_403(star: Served) -> None:

@@ -79,12 +79,23 @@ def test_load_app_errors() -> None:
     ("graceful_timeout", -1, "--graceful-timeout"), ("timeout", 0, "--timeout"),
     ("limit_concurrency", 0, "--limit-concurrency"), ("root", "/no/such/dir", "--root"),
     ("log_level", "loud", "--log-level"), ("burst", -1, "--burst"), ("burst_after", 0, "--burst-after"),
+    ("ws_ping_interval", -1.0, "--ws-ping-interval"), ("ws_ping_timeout", float("nan"), "--ws-ping-timeout"),
 ])
 def test_bad_options_are_refused(field: str, value: Any, message: str) -> None:
     cfg = AppConfig(app="x:y")
     setattr(cfg, field, value)
     with pytest.raises(ValueError, match=message):
         cfg.check()
+
+
+def test_asgi_server_refuses_bad_websocket_ping_options() -> None:
+    from aem.http.asgi import ASGIServer
+
+    for kw in ({"ws_ping_interval": 0}, {"ws_ping_timeout": -2.0}, {"ws_ping_interval": float("inf")}):
+        with pytest.raises(ValueError, match="must be > 0 seconds"):
+            ASGIServer(lambda *a: None, **kw)  # type: ignore[arg-type]
+    off = ASGIServer(lambda *a: None, ws_ping_interval=None, ws_ping_timeout=None)  # type: ignore[arg-type]
+    assert (off.ws_ping_interval, off.ws_ping_timeout) == (None, None)
 
 
 def test_wsgi_workers_refuse_bad_burst_options() -> None:

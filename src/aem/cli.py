@@ -144,7 +144,9 @@ def _serve_app(args: argparse.Namespace) -> int:
                     graceful_timeout=args.graceful_timeout, limit_concurrency=args.limit_concurrency,
                     timeout_keep_alive=args.timeout_keep_alive, timeout=args.timeout,
                     root_path=args.root_path, lifespan=args.lifespan, status=args.status,
-                    max_body=args.max_body, burst=args.burst, burst_after=args.burst_after)
+                    max_body=args.max_body, burst=args.burst, burst_after=args.burst_after,
+                    ws_ping_interval=args.ws_ping_interval or None,
+                    ws_ping_timeout=args.ws_ping_timeout or None)
     try:
         return serve_app(cfg)
     except ValueError as e:
@@ -187,6 +189,11 @@ def _add_app_options(p: argparse.ArgumentParser) -> None:
                    help="the largest request body an app is given, in bytes (larger: 413)")
     p.add_argument("--lifespan", default="auto", choices=["auto", "on", "off"],
                    help="ASGI lifespan events (default: auto)")
+    p.add_argument("--ws-ping-interval", type=float, default=20.0,
+                   help="ASGI WebSockets: seconds between keepalive pings (0: none; default: 20)")
+    p.add_argument("--ws-ping-timeout", type=float, default=20.0,
+                   help="ASGI WebSockets: seconds a ping's pong may take, then the connection closes "
+                        "(0: wait forever; default: 20)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,10 @@
 The HTTP parser hands over the upgrade request; from then on the
 connection's bytes go to a :class:`wsproto.WSConnection` (handshake
 validation, framing, masking, fragmentation, ping/pong and the closing
-handshake are wsproto's).
+handshake are wsproto's).  An accepted connection is pinged every
+``ws_ping_interval`` seconds (the server's); a peer whose pong does not come
+within ``ws_ping_timeout`` is gone: the connection is closed (1011) and the
+app gets ``websocket.disconnect``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ class WebSocketSession:
         self.handshake_ok = False
         self.parts: list[Any] = []
         self.loop = conn.loop
+        self.ping_payload = b""      # the ping whose pong is awaited (b"": none)
+        self.pings = 0
+        self.keepalive: asyncio.TimerHandle | None = None
         srv = conn.server
         srv.stats.active += 1
         head = [f"{req.method} {req.target} HTTP/1.1\r\n".encode("latin-1")]
@@ -82,6 +88,7 @@ class WebSocketSession:
         self._pump()
 
     def connection_lost(self) -> None:
+        self._stop_keepalive()
         if not self.closed:
             self.closed = True
             self.inbox.put_nowait({"type": "websocket.disconnect", "code": 1006})
@@ -93,6 +100,7 @@ class WebSocketSession:
             BytesMessage,
             CloseConnection,
             Ping,
+            Pong,
             TextMessage,
         )
         from wsproto.events import Request as WSRequest
@@ -112,6 +120,10 @@ class WebSocketSession:
                     self.inbox.put_nowait(msg)
             elif isinstance(event, Ping):
                 self._write(event.response())
+            elif isinstance(event, Pong):
+                if self.ping_payload and bytes(event.payload) == self.ping_payload:
+                    self.ping_payload = b""
+                    self._keepalive_after(self.conn.server.ws_ping_interval)
             elif isinstance(event, CloseConnection):
                 if not self.closed:
                     self.closed = True
@@ -148,6 +160,7 @@ class WebSocketSession:
             self.accepted = True
             extra = [(bytes(k), bytes(v)) for k, v in message.get("headers", ())]
             self._write(AcceptConnection(subprotocol=message.get("subprotocol"), extra_headers=extra))
+            self._keepalive_after(self.conn.server.ws_ping_interval)
             return
         if kind == "websocket.send":
             if not self.accepted:
@@ -175,7 +188,43 @@ class WebSocketSession:
         from wsproto.events import CloseConnection
 
         self.closed = True
+        self._stop_keepalive()
         self._write(CloseConnection(code=code, reason=reason))
+
+    # -- keepalive: a ping every ws_ping_interval, its pong within ws_ping_timeout -------------
+
+    def _keepalive_after(self, delay: float | None) -> None:
+        self._stop_keepalive()
+        if delay is not None and not self.closed and not self.conn.closed:
+            self.keepalive = self.loop.call_later(delay, self._ping)
+
+    def _stop_keepalive(self) -> None:
+        if self.keepalive is not None:
+            self.keepalive.cancel()
+            self.keepalive = None
+
+    def _ping(self) -> None:
+        from wsproto.events import Ping
+
+        self.keepalive = None
+        if self.closed or self.conn.closed:
+            return
+        self.pings += 1
+        self.ping_payload = b"aem-%d" % self.pings
+        self._write(Ping(payload=self.ping_payload))
+        timeout = self.conn.server.ws_ping_timeout
+        if timeout is not None:
+            self.keepalive = self.loop.call_later(timeout, self._pong_missed)
+
+    def _pong_missed(self) -> None:
+        """The peer did not answer the ping in time: it is gone (as a dropped network would
+        leave it), so the connection closes without waiting for a closing handshake."""
+        self.keepalive = None
+        if self.closed or self.conn.closed:
+            return
+        self._close(1011, "keepalive ping timeout")
+        self.inbox.put_nowait({"type": "websocket.disconnect", "code": 1011})
+        self.conn.transport.close()
 
     def _reject(self, status: int) -> None:
         if self.conn.closed:

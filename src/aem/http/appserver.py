@@ -71,6 +71,8 @@ class AppConfig:
     max_body: int = 1 << 20
     burst: int | None = None
     burst_after: float = 0.02
+    ws_ping_interval: float | None = 20.0
+    ws_ping_timeout: float | None = 20.0
 
     def check(self) -> None:
         """Raise ``ValueError`` for an option out of range."""
@@ -92,6 +94,10 @@ class AppConfig:
             raise ValueError("--burst-after must be > 0")
         if self.max_body < 0:
             raise ValueError("--max-body must be >= 0")
+        for name, v in (("--ws-ping-interval", self.ws_ping_interval),
+                        ("--ws-ping-timeout", self.ws_ping_timeout)):
+            if v is not None and not 0 < v < float("inf"):
+                raise ValueError(f"{name} must be > 0 (0: none)")
         if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
             raise ValueError("--log-level is one of critical, error, warning, info, debug, trace")
 
@@ -237,7 +243,8 @@ def _server(cfg: AppConfig, app: Any, interface: str, reuse_port: bool = False,
                       limit_concurrency=cfg.limit_concurrency,
                       lifespan=cfg.lifespan if interface == "asgi" else "off",
                       access_log=sys.stdout if cfg.access_log else None,
-                      status_page=cfg.status, pool=pool)
+                      status_page=cfg.status, pool=pool,
+                      ws_ping_interval=cfg.ws_ping_interval, ws_ping_timeout=cfg.ws_ping_timeout)
 
 
 async def _serve_one(cfg: AppConfig, app: Any, interface: str, reuse_port: bool = False,

@@ -114,7 +114,10 @@ class ASGIServer:
     workers).  ``direct(conn, req, body)``: asked first for each request; it
     may return the object that answers it (a :class:`_Cycle` of its own, as
     the WSGI front does, with no ASGI messages in between), or None: then
-    ``app`` answers.
+    ``app`` answers.  ``ws_ping_interval``: seconds between the pings an
+    accepted WebSocket is sent (None: none); ``ws_ping_timeout``: seconds its
+    pong may take, after which the connection is closed (1011) and the app
+    gets ``websocket.disconnect`` (None: wait forever).
     """
 
     def __init__(self, app: ASGIApp, *, host: str = "127.0.0.1", port: int = 8000,
@@ -125,6 +128,7 @@ class ASGIServer:
                  access_log: TextIO | None = None, error_log: TextIO | None = None,
                  server_name: str = "aem", status_page: bool = False, pool: object = None,
                  direct: Callable[[_HttpProtocol, Request, _Body | None], _Cycle | None] | None = None,
+                 ws_ping_interval: float | None = 20.0, ws_ping_timeout: float | None = 20.0,
                  ) -> None:
         if lifespan not in ("auto", "on", "off"):
             raise ValueError("lifespan is 'auto', 'on' or 'off'")
@@ -132,7 +136,11 @@ class ASGIServer:
             raise ValueError("timeouts must be > 0 seconds")
         if limit_concurrency is not None and limit_concurrency < 1:
             raise ValueError("limit_concurrency must be >= 1")
+        for name, v in (("ws_ping_interval", ws_ping_interval), ("ws_ping_timeout", ws_ping_timeout)):
+            if v is not None and not 0 < v < float("inf"):
+                raise ValueError(f"{name} must be > 0 seconds (or None)")
         self.app = app
+        self.ws_ping_interval, self.ws_ping_timeout = ws_ping_interval, ws_ping_timeout
         self.host, self.port_wanted, self.uds, self.reuse_port = host, port, uds, reuse_port
         self.root_path = root_path
         self.limits = limits or Limits()
