@@ -1348,6 +1348,34 @@ def test_accepted_connections_carry_the_peer_address_and_options_accept_gives(
     assert nodelay == (-1 if family in ("unix", "abstract") else 1)
 
 
+def test_accepted_ipv4_peer_addresses_are_spelled_as_socket_accept_spells_them(lr: LoopRunner) -> None:
+    """Clients bound to 127.x.y.z with one-, two- and three-digit octets: the peername each
+    connection's transport gives is the client's own address (aem's loop writes it in C)."""
+    _Recorder.seen = []
+    octets = [(0, 0, 1), (1, 2, 3), (9, 10, 99), (100, 0, 255), (255, 254, 9), (10, 200, 20)]
+
+    async def main() -> list[Any]:
+        server = await lr.loop.create_server(_Recorder, "0.0.0.0", 0)
+        port = server.sockets[0].getsockname()[1]
+        names = []
+        try:
+            for a, b, c in octets:
+                with socket.socket() as client:
+                    client.bind((f"127.{a}.{b}.{c}", 0))
+                    client.connect(("127.0.0.1", port))
+                    names.append(client.getsockname())
+                    client.setblocking(False)
+                    while await lr.loop.sock_recv(client, 10):
+                        pass
+        finally:
+            server.close()
+            await server.wait_closed()
+        return names
+
+    names = lr.run(main())
+    assert [peer for peer, _, _, _ in _Recorder.seen] == names
+
+
 def test_a_burst_of_connections_waiting_in_the_backlog_is_all_served(lr: LoopRunner) -> None:
     """Connections that queue up before the loop looks are all accepted (in batches of the
     server's backlog at most per readiness), each answered."""
