@@ -32,9 +32,14 @@ for v in 3.12 3.13; do
         continue
     fi
     venv=".venv-$v"
-    [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
-    "$venv/bin/python" -m pip install --quiet --upgrade pip
-    "$venv/bin/python" -m pip install --quiet '.[test]'
+    # a venv that cannot be made or filled (no ensurepip, a dependency with no wheel and no
+    # way to build it) is this machine's limit, not a failure of aem's tests: said, skipped
+    if ! { [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"; } \
+        || ! "$venv/bin/python" -m pip install --quiet --upgrade pip \
+        || ! "$venv/bin/python" -m pip install --quiet '.[test]'; then
+        echo "test-other-pythons: Python $v: could not install aem and its test extra in $venv: SKIPPED"
+        continue
+    fi
     files=(test_loop.py test_loop_streams.py test_loop_apps.py)
     what="the loop's tests"
     if "$venv/bin/python" -c "import test.test_asyncio" 2>/dev/null; then
