@@ -45,6 +45,32 @@ def test_json_is_asked_for_by_query_or_accept() -> None:
     assert json.loads(status.render_json(data))["server"] == {"requests": 3}
 
 
+_LOOK_ONLY = """
+import aem
+from aem.http import status
+assert aem.vmtable.existing() is None
+data = status.collect({"requests": 1})
+assert "vmtable" not in data and aem.vmtable.existing() is None   # looking made none
+t = aem.vmtable()
+assert aem.vmtable.existing() is t
+assert "vmtable" in status.collect({"requests": 1})
+print("ok")
+"""
+
+
+def test_the_page_shows_a_vmtable_only_when_one_was_made() -> None:
+    """Looking at the status must not make the process's vmtable (64 MiB of memory): in a
+    fresh process, where no vmtable exists yet."""
+    import subprocess
+    import sys
+
+    from conftest import AEM_PATH
+
+    out = subprocess.run([sys.executable, "-c", _LOOK_ONLY], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=AEM_PATH))
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
 def test_who_sees_the_page() -> None:
     from aem.http import HTTPServer
     from aem.http.server import _is_loopback

@@ -289,6 +289,12 @@ class _ProcessVMTableAccess:
         return process_vmtable()
 
     @staticmethod
+    def existing() -> VMTable | None:
+        """The process's vmtable if one was made, else None (this never makes one: a status
+        page that looks must not allocate its 64 MiB)."""
+        return _process
+
+    @staticmethod
     def configure_process_vmtable(arg: dict[str, Any] | None) -> None:
         """Create the process's vmtable from ``arg`` (see :func:`configure_process_vmtable`)."""
         configure_process_vmtable(arg)

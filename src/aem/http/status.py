@@ -95,10 +95,11 @@ def collect(server: Mapping[str, Any] | None = None, pool: object = None) -> dic
         data["capsules"] = dict(capsules)
     vmt = engine.pop("vmtable", None)
     if vmt is None:
-        getter = getattr(aem, "vmtable", None)
-        if callable(getter):
+        # the process's vmtable if there is one: looking must not make it (64 MiB)
+        existing = getattr(getattr(aem, "vmtable", None), "existing", None)
+        if callable(existing):
             try:
-                vmt = _stats_of(getter())
+                vmt = _stats_of(existing())
             except Exception:
                 vmt = None
     if isinstance(vmt, Mapping):
