@@ -112,3 +112,63 @@ def raw(port: int, data: bytes, timeout: float = 5.0, until_close: bool = True) 
         except TimeoutError:
             pass
         return b"".join(chunks)
+
+
+def abstract_sockets(pid: int, prefix: str) -> list[str]:
+    """The abstract Unix socket names (``\\0...``) starting with ``prefix`` that ``pid`` listens on
+    (its accepted connections carry the same name: only the listening one counts)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    names = []
+    with open("/proc/net/unix") as f:
+        next(f)
+        for line in f:
+            parts = line.split()
+            listening = int(parts[3], 16) & 0x10000 if len(parts) >= 8 else 0   # __SO_ACCEPTCON
+            if listening and parts[6] in inodes and parts[7].startswith("@" + prefix):
+                names.append("\0" + parts[7][1:])
+    return names
+
+
+def connect_as(address: str, uid: int | None, wait: float = 5.0) -> tuple[str, int]:
+    """Connect to the SEQPACKET socket ``address`` from a process of user ``uid`` (None: this
+    one's; a forked child that drops to ``uid``) and read one message: (its text, the number
+    of descriptors it carried); ``("", 0)`` when the other side closed, ``("timeout", 0)`` when
+    nothing came within ``wait`` seconds."""
+    import json
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only system calls, then _exit
+        code = 1
+        try:
+            if uid is not None:
+                os.setgid(uid)
+                os.setuid(uid)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as c:
+                c.settimeout(wait)
+                c.connect(address)
+                try:
+                    msg, fds, _, _ = socket.recv_fds(c, 64, 1)
+                    for fd in fds:
+                        os.close(fd)
+                    got = [msg.decode("latin-1"), len(fds)]
+                except TimeoutError:
+                    got = ["timeout", 0]
+            os.write(w, json.dumps(got).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb") as f:
+            data = f.read()
+    finally:
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and data, "the client process failed"
+    msg, nfds = json.loads(data)
+    return msg, nfds

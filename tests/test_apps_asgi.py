@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from appkit import APPS, Served, free_port, raw, serve
+from appkit import APPS, Served, abstract_sockets, connect_as, free_port, raw, serve
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
@@ -402,6 +402,17 @@ def test_two_asgi_workers_share_a_unix_socket_and_stop_on_sigterm(tmp_path: Path
         assert _get_over_unix(path, "/") == b"Hello, world!"
         assert s.stop() == 0
     assert not os.path.exists(path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user")
+def test_the_listening_socket_is_handed_only_to_processes_of_the_same_user(tmp_path: Path) -> None:
+    path = str(tmp_path / "app.sock")
+    with serve(tmp_path, "starlette_app:app", "--uds", path, "--workers", "2",
+               wait=r"on unix:\S+ with 2 workers()") as s:
+        [handout] = abstract_sockets(s.proc.pid, "aem-uds-")
+        assert connect_as(handout, None) == ("L", 1)            # as a worker would
+        assert connect_as(handout, 65534) == ("", 0)            # nobody: closed, nothing handed
+        assert _get_over_unix(path, "/") == b"Hello, world!"
 
 
 def test_uds_with_workers_reports_a_path_it_cannot_listen_on(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from appkit import Served, raw, serve
+from appkit import Served, abstract_sockets, connect_as, raw, serve
 
 WAIT = r"on http://127\.0\.0\.1:(\d+)/ with \d+ WSGI workers"
 
@@ -46,6 +46,16 @@ def test_app_runs_in_worker_processes_not_the_front(flask: Served) -> None:
     pids = _pids(flask)
     assert str(flask.proc.pid) not in pids
     assert len(pids) in (1, 2)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user")
+def test_only_processes_of_the_same_user_can_pose_as_workers(flask: Served) -> None:
+    """The front's worker socket is abstract (no file permissions): another user's process is
+    closed at once; one of this user's is kept (waiting for its hello, as a worker's)."""
+    [address] = abstract_sockets(flask.proc.pid, "aem-wsgi-")
+    assert connect_as(address, 65534) == ("", 0)
+    assert connect_as(address, None, wait=0.5) == ("timeout", 0)
+    assert flask.get("/")[0] == 200
 
 
 def test_request_body_streams_into_wsgi_input(flask: Served) -> None:

@@ -38,7 +38,7 @@ import aem
 from .asgi import ASGIServer, LifespanFailed, listen_unix
 from .protocol import Limits, Request
 from .static import StaticFiles
-from .workers import shut_down_jobs
+from .workers import same_user, shut_down_jobs
 from .wsgi import WSGIWorkers, load_app
 
 __all__ = ["AppConfig", "detect_interface", "serve_app"]
@@ -378,7 +378,8 @@ def _supervise_asgi_workers(cfg: AppConfig, listener: socket.socket | None, hand
         def hand_out(ev: Any) -> None:
             with ev.conn as conn:
                 with contextlib.suppress(OSError):  # a worker that went away meanwhile
-                    socket.send_fds(conn, [b"L"], [lfd])
+                    if same_user(conn):
+                        socket.send_fds(conn, [b"L"], [lfd])
 
         handout_eid = aem.register(aem.Accept(handout), hand_out)
     pool = aem.CapsulePool(size=cfg.workers, reserve=0)

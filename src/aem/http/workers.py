@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -13,6 +14,17 @@ import aem
 from .server import HTTPServer
 
 __all__ = ["serve_workers"]
+
+
+def same_user(conn: socket.socket) -> bool:
+    """Whether the peer of a connected Unix socket runs as this process's user (SO_PEERCRED).
+
+    The fronts' abstract sockets (where WSGI workers report, where ASGI workers take the
+    listening socket) have no file permissions: any local process could connect; only one of
+    this user, as the workers are, is answered."""
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    uid: int = struct.unpack("3i", creds)[1]
+    return uid == os.getuid()
 
 
 def serve_workers(root: str | os.PathLike[str], host: str, port: int, workers: int,

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import aem
 
 from .asgi import _Cycle
-from .workers import shut_down_jobs
+from .workers import same_user, shut_down_jobs
 
 if TYPE_CHECKING:
     from .asgi import _Body, _HttpProtocol
@@ -914,6 +914,9 @@ class WSGIWorkers:
                 chan, _ = self._listen.accept()
             except OSError:
                 return
+            if not same_user(chan):  # not one of our workers (another user's process)
+                chan.close()
+                continue
             chan.setblocking(False)
             self.all.add(_Worker(self, chan))
 
