@@ -254,26 +254,35 @@ Py_ssize_t aem_loop_read_append(int fd, PyObject *buf, size_t guess, int *err) {
     return n;
 }
 
+/* A file descriptor argument: its value, or -1 with an exception set (OSError EBADF when out of
+ * range). */
+static int fd_arg(PyObject *o) {
+    long fd = PyLong_AsLong(o);
+    if (fd == -1 && PyErr_Occurred()) return -1;
+    if (fd < 0 || fd > INT32_MAX) {
+        errno = EBADF;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    return (int)fd;
+}
+
 /* recv(fd, max_size) -> bytes: one read (b"" at EOF); OSError (BlockingIOError ...) on failure. */
 PyObject *aem_loop_recv(PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "recv(fd, max_size)");
         return NULL;
     }
-    long fd = PyLong_AsLong(args[0]);
-    if (fd == -1 && PyErr_Occurred()) return NULL;
+    int fd = fd_arg(args[0]);
+    if (fd < 0) return NULL;
     Py_ssize_t max = PyLong_AsSsize_t(args[1]);
     if (max == -1 && PyErr_Occurred()) return NULL;
     if (max <= 0) {
         PyErr_SetString(PyExc_ValueError, "max_size must be positive");
         return NULL;
     }
-    if (fd < 0 || fd > INT32_MAX) {
-        errno = EBADF;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
     int err;
-    PyObject *b = aem_loop_read((int)fd, (size_t)max, 0, &err);
+    PyObject *b = aem_loop_read(fd, (size_t)max, 0, &err);
     if (!b && err) {
         errno = err;
         PyErr_SetFromErrno(PyExc_OSError);
@@ -334,19 +343,15 @@ PyObject *aem_loop_accept(PyObject *const *args, Py_ssize_t nargs) {
         PyErr_SetString(PyExc_TypeError, "accept(fd)");
         return NULL;
     }
-    long lfd = PyLong_AsLong(args[0]);
-    if (lfd == -1 && PyErr_Occurred()) return NULL;
-    if (lfd < 0 || lfd > INT32_MAX) {
-        errno = EBADF;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
+    int lfd = fd_arg(args[0]);
+    if (lfd < 0) return NULL;
     struct sockaddr_storage ss;
     socklen_t len;
     int fd;
     for (;;) {
         memset(&ss, 0, sizeof ss);
         len = sizeof ss;
-        fd = accept4((int)lfd, (struct sockaddr *)&ss, &len, SOCK_CLOEXEC);
+        fd = accept4(lfd, (struct sockaddr *)&ss, &len, SOCK_CLOEXEC);
         if (fd >= 0) break;
         if (errno == EAGAIN || errno == EWOULDBLOCK) Py_RETURN_NONE;
         if (errno == ECONNABORTED) continue;

@@ -345,12 +345,10 @@ def _uds_listener(cfg: AppConfig) -> tuple[socket.socket, socket.socket, str]:
 def _asgi_workers(cfg: AppConfig, app: Any) -> int:
     """``--workers N`` for an ASGI app: N servers in capsules on one port (SO_REUSEPORT), or
     on one Unix socket (``--uds``) listened on here and handed to each."""
-    listener: socket.socket | None = None
-    handout: socket.socket | None = None
-    address = ""
+    uds: tuple[socket.socket, socket.socket, str] | None = None
     try:
         if cfg.uds is not None:
-            listener, handout, address = _uds_listener(cfg)
+            uds = _uds_listener(cfg)
         else:
             with socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -360,19 +358,23 @@ def _asgi_workers(cfg: AppConfig, app: Any) -> int:
         print(f"aem serve: cannot listen on {where}: {e.strerror or e}", file=sys.stderr)
         return 1
     try:
-        return _supervise_asgi_workers(cfg, listener, handout, address)
+        return _supervise_asgi_workers(cfg, uds)
     finally:
-        if listener is not None and handout is not None:
+        if uds is not None:
+            listener, handout, _ = uds
             handout.close()
             listener.close()
             with contextlib.suppress(OSError):
                 os.unlink(cfg.uds or "")
 
 
-def _supervise_asgi_workers(cfg: AppConfig, listener: socket.socket | None, handout: socket.socket | None,
-                            address: str) -> int:
+def _supervise_asgi_workers(cfg: AppConfig, uds: tuple[socket.socket, socket.socket, str] | None) -> int:
+    """Start the workers, replace those that end, stop them all on SIGTERM/SIGINT.  ``uds``:
+    the Unix socket listened on here, the handout socket, its address (see :func:`_uds_listener`)."""
     handout_eid = 0
-    if listener is not None and handout is not None:
+    address = ""
+    if uds is not None:
+        listener, handout, address = uds
         lfd = listener.fileno()
 
         def hand_out(ev: Any) -> None:

@@ -22,7 +22,10 @@ def same_user(conn: socket.socket) -> bool:
     The fronts' abstract sockets (where WSGI workers report, where ASGI workers take the
     listening socket) have no file permissions: any local process could connect; only one of
     this user, as the workers are, is answered."""
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    try:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:   # not a connected Unix socket: not a worker
+        return False
     uid: int = struct.unpack("3i", creds)[1]
     return uid == os.getuid()
 

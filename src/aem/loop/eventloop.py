@@ -14,7 +14,6 @@ two things the engine does natively taken from it:
 
 from __future__ import annotations
 
-import _socket
 import asyncio
 import errno
 import os
@@ -30,7 +29,7 @@ from typing import Any
 from .. import _core
 from ..engine import Engine, current
 from .selector import EngineSelector
-from .transports import SocketTransport
+from .transports import SocketTransport, _raw_family, _raw_type
 
 __all__ = ["EventLoop", "EventLoopPolicy", "install", "new_event_loop"]
 
@@ -39,9 +38,6 @@ __all__ = ["EventLoop", "EventLoopPolicy", "install", "new_event_loop"]
 _UnixLoop: Any = unix_events.SelectorEventLoop
 _Policy: Any = unix_events.DefaultEventLoopPolicy
 _EVENT_READ = selectors.EVENT_READ
-# A socket's family and type as plain ints (socket.socket's properties convert them to enums).
-_raw_family = _socket.socket.family.__get__  # type: ignore[attr-defined]
-_raw_type = _socket.socket.type.__get__  # type: ignore[attr-defined]
 _LOOP_SLOTS = ("_debug", "_stopping")  # a name, not a literal: see transports.py
 
 

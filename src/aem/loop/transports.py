@@ -32,7 +32,8 @@ _SelectorSocketTransport: Any = selector_events._SelectorSocketTransport  # type
 _INLINE_INIT = sys.version_info[:2] == (3, 11)
 _HIGH_WATER = 64 * 1024  # asyncio's default write buffer limits: high, and low = high // 4
 _TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
-_raw_family = _socket.socket.family.__get__  # type: ignore[attr-defined]  # an int, not an enum
+# A socket's family and type as plain ints (socket.socket's properties convert them to enums).
+_raw_family = _socket.socket.family.__get__  # type: ignore[attr-defined]
 _raw_type = _socket.socket.type.__get__  # type: ignore[attr-defined]
 _STATE_SLOTS = ("_buffer", "_closing", "_conn_lost", "_empty_waiter", "_eof", "_protocol")
 
