@@ -59,6 +59,49 @@ def test_native_occurrences_go_from_the_engine_to_a_capsule(pool: aem.CapsulePoo
     assert st["activations"] == 3 and st["failed"] == 0
 
 
+def _switches(tid: int) -> int:
+    """The voluntary context switches of thread ``tid`` of this process so far."""
+    with open(f"/proc/self/task/{tid}/status") as f:
+        for line in f:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches line")
+
+
+def test_a_full_pool_s_manager_sleeps_until_something_happens(pool: aem.CapsulePool) -> None:
+    assert pool.wait_ready(10)
+    time.sleep(0.1)
+    tid = pool._manager.native_id
+    assert tid is not None
+    before = _switches(tid)
+    time.sleep(0.6)
+    assert _switches(tid) - before <= 1, "the manager thread woke up with nothing to do (polling)"
+
+
+def test_the_pool_refills_what_the_engine_took_before_those_capsules_end(
+        pool: aem.CapsulePool, counted: list[Any]) -> None:
+    started = aem.UserEvent()
+    got: list[int] = []
+    aem.register(started, lambda ev: got.append(ev.payload))
+    ue = aem.UserEvent()
+
+    def long_job(ev: Any) -> None:
+        started.fire(os.getpid())
+        time.sleep(5)
+
+    aem.register(ue, long_job, flags=aem.EVF_CAPSULE | aem.EVF_NOCLDWAIT, pool=pool)
+    pool.refresh()
+    assert pool.wait_ready(10)
+    size = pool.stats()["size"]
+    for _ in range(size):               # every capsule taken by the engine itself ...
+        ue.fire(None)
+    run_until(lambda: len(got) == size)
+    assert counted == [], "the engine took them"
+    # ... and the pool is full again while they still run (their exits are seconds away)
+    run_until(lambda: pool._table.idle == size, timeout=3)
+    assert pool.stats()["busy"] == size
+
+
 def test_python_path_for_what_the_engine_does_not_take(pool: aem.CapsulePool, counted: list[Any]) -> None:
     results = aem.UserEvent()
     got: list[Any] = []

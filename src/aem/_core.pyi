@@ -75,6 +75,8 @@ class HandoffTable:
     reserve_priority: int
     lifo: int
     kept: int
+    wake_fd: int
+    low_water: int
     @property
     def idle(self) -> int: ...
     @property

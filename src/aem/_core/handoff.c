@@ -581,6 +581,7 @@ typedef struct {
     PyObject *known;  /* frozenset of the eids the capsules' template knows, or NULL */
     int open, reserve, reserve_priority;
     int lifo;  /* nonzero (the default): take the newest idle capsule, else the oldest */
+    int wake_fd, low_water;  /* a take that leaves low_water or fewer idle writes a byte to wake_fd */
     pid_t pid;
 } HandoffTable;
 
@@ -608,6 +609,7 @@ static int table_init(HandoffTable *self, PyObject *args, PyObject *kwds) {
     self->reserve = reserve;
     self->reserve_priority = prio;
     self->lifo = 1;
+    self->wake_fd = -1;
     self->pid = getpid();
     return 0;
 }
@@ -760,6 +762,10 @@ static PyMemberDef table_members[] = {
     {"lifo", T_INT, offsetof(HandoffTable, lifo), 0,
      "nonzero (default): the newest idle capsule takes the next event (the shortest sleep, the "
      "warmest caches); 0: the oldest (kept to measure one against the other)"},
+    {"wake_fd", T_INT, offsetof(HandoffTable, wake_fd), 0,
+     "a non-blocking pipe's write end (-1: none): a take by the engine that leaves low_water or "
+     "fewer capsules idle writes a byte to it (the pool's manager wakes up and refills)"},
+    {"low_water", T_INT, offsetof(HandoffTable, low_water), 0, "see wake_fd"},
     {NULL},
 };
 
@@ -866,6 +872,10 @@ int aem_handoff_deliver(PyObject *pool, uint64_t eid, int flags, int priority, E
         err = send_record(cap.fd, &p, fd);
         idle_drop(tbl, at);  /* sent, or broken: either way the pool decides what it is now */
         if (record_take(tbl, &cap, eid, flags, err) < 0) err = -1;
+        if (tbl->wake_fd >= 0 && tbl->nidle <= tbl->low_water) {  /* the pool runs low: refill */
+            ssize_t w = write(tbl->wake_fd, "t", 1);
+            (void)w;  /* a full pipe already holds a wake-up */
+        }
     }
     if (p.view.obj) PyBuffer_Release(&p.view);
     if (err < 0) {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
+import math
 import os
 import pickle
 import select
@@ -57,6 +58,9 @@ def send_message(sock: socket.socket, msg: Any, fds: list[int]) -> None:
     else:
         send(sock, msg, fds)
 
+
+#: Seconds between tries to start a template after the kernel refused the fork.
+_RETRY_TEMPLATE = 0.05
 
 #: Events with at least this priority may use a pool's reserve capsules.
 RESERVE_PRIORITY = 100
@@ -168,6 +172,10 @@ class CapsulePool(ExecutorPart):
         self._table = _core.HandoffTable(reserve, reserve_priority)
         self._table.open = 1
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # the engine's takes wake the manager once half the ordinary capsules are gone (it
+        # refills then; a one-shot capsule's exit refills too, a keepalive attach wakes it)
+        self._table.wake_fd = self._wake_w
+        self._table.low_water = reserve + size // 2
         self._init_executor()
         self._start_template()
         self._manager = threading.Thread(target=self._manage, name="aem-capsule-manager", daemon=True)
@@ -205,6 +213,7 @@ class CapsulePool(ExecutorPart):
     def wait_ready(self, timeout: float = 10.0) -> bool:
         """Block until every capsule (size + reserve) is idle, or ``timeout``; True if ready."""
         deadline = time.monotonic() + timeout
+        self._wake()  # the manager refills what the engine took since it last looked
         while time.monotonic() < deadline:
             with self._lock:
                 self._sync()
@@ -233,6 +242,7 @@ class CapsulePool(ExecutorPart):
                 return
             self._closed = True
             self._table.open = 0
+            self._table.wake_fd = -1  # the pipe closes below
             self._table.clear()
             for eid in self._attached:
                 self._table.detach(eid)
@@ -384,6 +394,7 @@ class CapsulePool(ExecutorPart):
         cap.state = "attached" if keep else "busy"
         if keep:
             self._attached[act.eid] = cap
+            self._wake()  # one capsule fewer for new events: the manager makes another
         self._send_to(cap, act, attach=keep)
         if keep:
             self._publish(act.eid, self._attached.get(act.eid))
@@ -486,6 +497,7 @@ class CapsulePool(ExecutorPart):
             send_message(cap.chan, msg, fds)
         except BlockingIOError:
             cap.backlog.append((msg, fds, act.socks))
+            self._wake()  # the manager sends it once the capsule's socket takes more
             return
         except OSError as e:  # the capsule died before taking it: this event failed (once)
             cap.state, cap.job = "dead", 0
@@ -586,11 +598,18 @@ class CapsulePool(ExecutorPart):
         self._shutdown()
 
     def _manage_once(self, poller: select.poll, watched: set[int]) -> bool:
-        """One round of the manager: maintain, wait up to 50 ms, handle what is ready.  True: closed."""
+        """One round of the manager: maintain, wait until something is ready or due, handle
+        what is ready.  True: closed.
+
+        No polling: in a steady pool the manager sleeps until a socket it watches is
+        readable or it is woken (:meth:`_wake`: an activation found no capsule, a keepalive
+        attached one, a backlog formed, the engine's takes left few idle, the pool closes);
+        it sets a time-out only while something is due at a time of its own (a back-off
+        after the kernel refused a fork, activations that may fail for want of one)."""
         with self._lock:
             if self._closed:
                 return True
-            self._maintain()
+            due = self._maintain()
             want: dict[int, int] = {self._wake_r: select.POLLIN}
             templates = {t.ctl.fileno(): t for t in self._templates if t.alive}
             for fd in templates:
@@ -612,7 +631,7 @@ class CapsulePool(ExecutorPart):
             poller.register(fd, mask)  # (re-)registering sets the mask
         watched.clear()
         watched.update(want)
-        ready = dict(poller.poll(50))
+        ready = dict(poller.poll(-1 if due is None else max(1, math.ceil(due * 1000))))
         with self._lock:
             if self._closed:
                 return True
@@ -633,8 +652,10 @@ class CapsulePool(ExecutorPart):
                     self._flush(cap)
         return False
 
-    def _maintain(self) -> None:
-        """With the lock: dispatch pending activations, keep the pool filled, fail what waited too long."""
+    def _maintain(self) -> float | None:
+        """With the lock: dispatch pending activations, keep the pool filled, fail what waited
+        too long.  Returns the seconds after which it must run again even if nothing wakes
+        the manager (None: not before something does)."""
         self._sync()
         self._dispatch_calls()
         while self._pending:
@@ -647,7 +668,8 @@ class CapsulePool(ExecutorPart):
                 self._start_template()
             except OSError as e:
                 self._spawn_errors.append((time.monotonic(), str(e)))
-            return
+                return _RETRY_TEMPLATE   # try again then
+            return None                  # its socket wakes the manager
         starting = sum(1 for c in self._capsules.values()
                        if c.state in ("starting", "warming") and not c.template.retired)
         want = self.size + self.reserve + min(len(self._pending), self.size + 1)
@@ -655,18 +677,25 @@ class CapsulePool(ExecutorPart):
         # after the kernel refused a fork, retry with an exponential back-off (10 ms .. 1 s)
         fails = self._consecutive_failures
         backoff = min(1.0, 0.01 * 2 ** min(fails, 10)) if fails else 0.0
-        if self._spawn_errors and time.monotonic() - self._spawn_errors[-1][0] < backoff:
+        now = time.monotonic()
+        due: float | None = None
+        if self._spawn_errors and now - self._spawn_errors[-1][0] < backoff:
+            if missing > 0:
+                due = self._spawn_errors[-1][0] + backoff - now
             missing = 0
         for _ in range(max(0, missing)):
             self._spawn(live[-1])
         # activations that found no capsule while the kernel refused to create one
-        now = time.monotonic()
         if self._spawn_errors and now - self._last_spawn_ok > self.spawn_timeout:
             while self._pending and now - self._pending[0].since > self.spawn_timeout:
                 act = self._pending.popleft()
                 self._fail(act, "no capsule available: the kernel refused to create a process "
                                 f"({self._spawn_errors[-1][1]})")
+        if self._spawn_errors and self._pending:   # when the oldest would fail (see above)
+            fail_at = max(self._last_spawn_ok, self._pending[0].since) + self.spawn_timeout
+            due = min(due if due is not None else math.inf, max(0.0, fail_at - now))
         self._gate()
+        return due
 
     def _warmed(self, cap: Capsule) -> None:
         """A warming capsule's socket is readable: it is ready (or it died warming up)."""
