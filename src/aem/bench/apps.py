@@ -9,17 +9,18 @@ Starlette for ASGI, Flask for WSGI.  Cases:
 * ``wsgi hello``, 1 and 2 workers: ``aem serve --interface wsgi`` (the app
   in capsules) vs ``gunicorn`` sync workers (which close the connection after
   each response: that is how sync workers serve);
-* ``wsgi fast p99 (N conns) + /slow``, 2 workers: wrk on ``/hello`` with 1
-  and with 4 connections while one client keeps asking ``/slow`` (sleeps
-  100 ms) one request after another (a new connection each); the p99 of the fast requests with the
-  slow client and without it (the ratio is what the issue's target is
-  about; taken round by round, see :func:`_p99_with_slow`).  With 1 fast
-  connection a worker is always free for it; with 4 the fast load alone
-  needs both workers, so the slow handler's worker is missed.  Run twice:
-  *pinned* (every process of the server on CPU 0, wrk and the slow client
-  on CPU 1, as BENCHMARKS.md asks) and with the *CPUs shared* (the server
-  and the slow client on either CPU, wrk on CPU 1: there the slow client,
-  the front and the workers also run on wrk's CPU and delay wrk itself).
+* ``wsgi fast p99 (N conns) + /slow``, 2 workers: 1 and 4 keep-alive
+  connections ask ``/hello`` while one client asks ``/slow`` (sleeps 100 ms),
+  a new connection each, in the first half of every second; the p99 of the
+  fast requests beside the slow ones and alone, both from the same run (the
+  ratio is what the issue's target is about; see :mod:`aem.bench.slowmix`),
+  and the *floor*: the same with the slow requests sent to a minimal C server
+  that sleeps 100 ms while the fast ones go to aem.  With 1 fast connection a
+  worker is always free for it; with 4 the fast load alone needs both
+  workers, so the slow handler's worker is missed.  Run twice: *pinned*
+  (every process of the server on CPU 0, the load client on CPU 1, as
+  BENCHMARKS.md asks) and with the *CPUs shared* (the server and the slow
+  requests' thread on either CPU, the fast connections on CPU 1).
 
 Figures: req/s (wrk), server CPU µs per request (utime+stime of the server's
 process tree over the run, divided by the requests served), p50/p99.  With 1
@@ -27,8 +28,8 @@ worker every server runs on CPU 0 and wrk on CPU 1; with 2 workers the
 servers may use both CPUs for throughput (wrk shares them: the figures are
 then for the machine as a whole).  Rounds are interleaved after a warm-up, the servers'
 order reversed every other round (A B C, C B A, ...); medians: throughput of
-5 rounds of 3 s per server, the p99 cases 5 rounds of 4 s without and 4 s
-with the slow client.  aem runs the WSGI
+5 rounds of 3 s per server, the p99 cases 5 rounds of 8 s (4 s of them
+beside the slow client).  aem runs the WSGI
 cases with ``--status``, and the notes say how many temporary (burst) workers
 it started.
 """
@@ -38,16 +39,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import slowmix
 from ._harness import Context, aem_pythonpath
 from .http import CLIENT_CPU, SERVER_CPU, Server, free_port, have_wrk, run_wrk, start_servers
 from .idle import OTHER_LOAD, _busy_seconds, _own_seconds
@@ -148,126 +149,100 @@ def _throughput(ctx: Context, servers: list[Server], cases: Sequence[tuple[str, 
                 _record(ctx, case, s.name, results[s.name])
 
 
-_SLOW_REQUEST = b"GET /slow HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-
-
-def _slow_client(port: int, stop: threading.Event, cpu: int | None = None) -> None:
-    """Ask ``/slow`` again and again, a new connection each time, until ``stop``; on CPU
-    ``cpu`` only when given (this thread alone).
-
-    A bare socket (send, read to the end): the client's own CPU is ~0.05 ms a
-    request, where ``urllib`` took ~0.6 ms on the same two CPUs as the server
-    and wrk, at the moment the slow answer arrives (measured in session 15:
-    the ratio read 1.31 with urllib and 1.08 with this client, aem, 1 fast
-    connection, 3 rounds each)."""
-    if cpu is not None and cpu < (os.cpu_count() or 1):
-        os.sched_setaffinity(0, {cpu})   # 0: the calling thread
-    while not stop.is_set():
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-                s.sendall(_SLOW_REQUEST)
-                while s.recv(65536):
-                    pass
-        except OSError:
-            time.sleep(0.01)
-
-
-def _fast_run(s: Server, seconds: float, conns: int, slow: bool,
-              pinned: bool = False) -> tuple[float, int, float]:
-    """wrk on ``/hello``, with one client on ``/slow`` beside it or not (on wrk's CPU when
-    ``pinned``): (p99 µs, requests, % of a CPU that other processes on the machine took
-    meanwhile)."""
-    busy0, own0, srv0 = _busy_seconds(), _own_seconds(), s.cpu_seconds()
-    t0 = time.monotonic()
-    stop = threading.Event()
-    t = threading.Thread(target=_slow_client, args=(s.port, stop, CLIENT_CPU if pinned else None)) \
-        if slow else None
-    if t is not None:
-        t.start()
-    try:
-        res = run_wrk(s.port, "/hello", seconds, conns)
-    finally:
-        stop.set()
-        if t is not None:
-            t.join(15)
-    wall = time.monotonic() - t0
+def _other_percent(busy0: float, own0: float, srv0: float, t0: float, s: Server) -> float:
+    """% of a CPU that processes other than this one and the server took since the readings."""
     other = _busy_seconds() - busy0 - (_own_seconds() - own0) - (s.cpu_seconds() - srv0)
-    return res.p99_us, res.requests, max(0.0, other) / wall * 100
+    return max(0.0, other) / (time.monotonic() - t0) * 100
 
 
-def _fast_pair(s: Server, seconds: float, conns: int, slow_first: bool,
-               pinned: bool = False) -> tuple[float, float, int, float]:
-    """Both runs of a round for ``s`` (without and with the slow client, in the order asked),
-    again once when other processes took more than ``OTHER_LOAD`` % of a CPU during either:
-    the quieter pair is kept.  Returns (p99 alone, p99 with /slow, fewest requests, other %)."""
-    best: tuple[float, float, int, float] | None = None
+def _mix_run(load: str, s: Server, slow_port: int, conns: int, seconds: float, pinned: bool,
+             out: Path) -> tuple[slowmix.Mix, float]:
+    """One run of the load client on ``s`` (its slow requests to ``slow_port``), run again once
+    when other processes took more than ``OTHER_LOAD`` % of a CPU meanwhile (the quieter
+    kept).  Returns the run and that %."""
+    best: tuple[slowmix.Mix, float] | None = None
     for _ in range(2):
-        got = {slow: _fast_run(s, seconds, conns, slow, pinned)
-               for slow in ((True, False) if slow_first else (False, True))}
-        (p_a, n_a, o_a), (p_m, n_m, o_m) = got[False], got[True]
-        pair = (p_a, p_m, min(n_a, n_m), max(o_a, o_m))
-        if best is None or pair[3] < best[3]:
-            best = pair
-        if best[3] <= OTHER_LOAD:
+        busy0, own0, srv0, t0 = _busy_seconds(), _own_seconds(), s.cpu_seconds(), time.monotonic()
+        mix = slowmix.run_mix(load, s.port, slow_port, conns, seconds, CLIENT_CPU,
+                              CLIENT_CPU if pinned else -1, out)
+        other = _other_percent(busy0, own0, srv0, t0, s)
+        if best is None or other < best[1]:
+            best = (mix, other)
+        if best[1] <= OTHER_LOAD:
             break
     assert best is not None
     return best
 
 
-def _p99_with_slow(ctx: Context, servers: list[Server], seconds: float, rounds: int,
+def _p99_with_slow(ctx: Context, servers: list[Server], tmp: Path, seconds: float, rounds: int,
                    warmup: int, conns: Sequence[int] = (1, 4), pinned: bool = False) -> None:
-    """p99 of ``/hello`` alone and while one client keeps ``/slow`` (100 ms) busy, interleaved.
+    """p99 of ``/hello`` alone and beside one client that keeps ``/slow`` (100 ms) busy, both
+    from the same run (:mod:`aem.bench.slowmix`), and the same for the *floor*: aem's fast
+    requests while the slow ones go to a minimal C server that sleeps 100 ms.
 
-    ``pinned``: every process of the servers on CPU 0 and both clients (wrk and the
-    slow one) on CPU 1, as BENCHMARKS.md asks (the caller pins the servers); else the
-    servers and the slow client may run on either CPU and only wrk is pinned.
+    ``pinned``: every process of the servers (the caller pins them) and the floor's sleep
+    server on CPU 0, the load client and its slow thread on CPU 1, as BENCHMARKS.md asks;
+    else the servers, the sleep server and the slow thread may run on either CPU and only
+    the fast connections' threads are pinned (to CPU 1).
 
-    Each round runs every server (their order reversed every other round) and,
-    for each, both runs back to back, the one without the slow client first in
-    even rounds and second in odd ones; the ratio is taken per round (the two
-    runs of the same server, seconds apart) and its median reported, with the
-    spread and the number of fast requests each p99 rests on in the notes.  A
-    round's pair of runs is run again once when other processes took more than
-    ``OTHER_LOAD`` % of a CPU meanwhile (the quieter pair is kept)."""
-    for n in conns:
-        case = (f"wsgi fast p99 ({n} conn{'s' if n > 1 else ''}) + /slow, 2 workers, "
-                f"{'pinned' if pinned else 'CPUs shared'}")
-        alone: dict[str, list[float]] = {s.name: [] for s in servers}
-        mixed: dict[str, list[float]] = {s.name: [] for s in servers}
-        ratio: dict[str, list[float]] = {s.name: [] for s in servers}
-        counts: list[int] = []
-        others: list[float] = []
-        for r in range(warmup + rounds):
-            for s in (servers if r % 2 == 0 else servers[::-1]):
-                ctx.step(f"{case}: {s.name}, round {r + 1}/{warmup + rounds}")
-                p_a, p_m, count, other = _fast_pair(s, seconds, n, r % 2 == 1, pinned)
-                if r >= warmup and p_a == p_a and p_m == p_m:
-                    alone[s.name].append(p_a)
-                    mixed[s.name].append(p_m)
-                    ratio[s.name].append(p_m / p_a)
-                    counts.append(count)
-                    others.append(other)
-        for s in servers:
-            a, m, q = alone[s.name], mixed[s.name], ratio[s.name]
-            if not q:
-                continue
-            ctx.record(case, s.name, "p99 alone", statistics.median(a), "µs", "lower", a)
-            ctx.record(case, s.name, "p99 with /slow", statistics.median(m), "µs", "lower", m)
-            ctx.record(case, s.name, "p99 ratio slow/alone", statistics.median(q), "x", "lower", q)
-            ctx.note(f"{case}, {s.name}: p99 ratio slow/alone per round {min(q):.2f}–{max(q):.2f} "
-                     f"(median {statistics.median(q):.2f} of {len(q)} rounds; ratio of the medians "
-                     f"{statistics.median(m) / statistics.median(a):.2f})")
-        if counts:
-            ctx.note(f"{case}: each p99 is of {min(counts):,} or more fast requests (one run of "
-                     f"{seconds:g} s; {max(counts):,} at most): it rests on the slowest 1% of them, "
-                     f"{min(counts) // 100:,} or more; other processes on the machine took "
-                     f"{min(others):.0f}–{max(others):.0f} % of a CPU during a round's runs "
-                     f"(median {statistics.median(others):.0f} %; a round is run again once "
-                     f"above {OTHER_LOAD:g} %, the quieter kept)")
-        burst = _burst_stats(servers)
-        if burst:
-            ctx.note(f"{case}: aem started {burst['bursts']} temporary (burst) worker(s) so far; "
-                     f"{burst['extra']} running at the end, {burst['retired']} retired")
+    Rounds run every server (their order reversed every other round); each run's ratio
+    is its own (both p99s come from it); the median of the rounds' ratios is reported,
+    with their spread and the number of fast requests each p99 rests on in the notes.  A
+    run is made again once when other processes took more than ``OTHER_LOAD`` % of a CPU
+    meanwhile (the quieter one is kept)."""
+    tools = slowmix.binaries(tmp)
+    if tools is None:
+        ctx.note("no C compiler: the p99 cases beside a slow handler were skipped")
+        return
+    load, sleep_exe = tools
+    aem_server = next((s for s in servers if s.name == "aem"), None)
+    sleep_port = free_port()
+    pin = ["taskset", "-c", str(SERVER_CPU)] if pinned and (os.cpu_count() or 1) > 1 else []
+    sleeper = subprocess.Popen([*pin, sleep_exe, str(sleep_port)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    out = tmp / "slowmix.bin"
+    try:
+        # (name, server, where its slow requests go)
+        targets = [(s.name, s, s.port) for s in servers]
+        if aem_server is not None:
+            targets.append(("floor", aem_server, sleep_port))
+        for n in conns:
+            case = (f"wsgi fast p99 ({n} conn{'s' if n > 1 else ''}) + /slow, 2 workers, "
+                    f"{'pinned' if pinned else 'CPUs shared'}")
+            runs: dict[str, list[slowmix.Mix]] = {name: [] for name, _, _ in targets}
+            others: list[float] = []
+            for r in range(warmup + rounds):
+                for name, s, slow_port in (targets if r % 2 == 0 else targets[::-1]):
+                    ctx.step(f"{case}: {name}, round {r + 1}/{warmup + rounds}")
+                    mix, other = _mix_run(load, s, slow_port, n, seconds, pinned, out)
+                    if r >= warmup and mix.ratio == mix.ratio:
+                        runs[name].append(mix)
+                        others.append(other)
+            for name, got in runs.items():
+                if not got:
+                    continue
+                q = [m.ratio for m in got]
+                ctx.record(case, name, "p99 alone", statistics.median(m.p99_alone_us for m in got), "µs",
+                           "lower", [m.p99_alone_us for m in got])
+                ctx.record(case, name, "p99 beside /slow", statistics.median(m.p99_beside_us for m in got),
+                           "µs", "lower", [m.p99_beside_us for m in got])
+                ctx.record(case, name, "p99 ratio beside/alone", statistics.median(q), "x", "lower", q)
+                ctx.note(f"{case}, {name}: p99 ratio beside/alone per round {min(q):.2f}–{max(q):.2f} "
+                         f"(median {statistics.median(q):.2f} of {len(q)} rounds); fast requests per run: "
+                         f"{min(m.alone for m in got):,}–{max(m.alone for m in got):,} alone, "
+                         f"{min(m.beside for m in got):,}–{max(m.beside for m in got):,} beside "
+                         f"{min(m.slow for m in got)}–{max(m.slow for m in got)} slow requests")
+            if others:
+                ctx.note(f"{case}: other processes on the machine took {min(others):.0f}–{max(others):.0f} % "
+                         f"of a CPU during a run (median {statistics.median(others):.0f} %; a run is made "
+                         f"again once above {OTHER_LOAD:g} %, the quieter kept)")
+            burst = _burst_stats(servers)
+            if burst:
+                ctx.note(f"{case}: aem started {burst['bursts']} temporary (burst) worker(s) so far; "
+                         f"{burst['extra']} running at the end, {burst['retired']} retired")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 def _burst_stats(servers: Sequence[Server]) -> dict[str, int] | None:
@@ -296,8 +271,8 @@ def run(ctx: Context) -> None:
             ctx.note(f"{mod} is not installed (pip install 'aem[bench]'): apps suite skipped")
             return
     # throughput: short rounds, many of them, interleaved (each server's median of 5 x 3 s);
-    # the p99 cases: 5 rounds of 4 s + 4 s (a p99 needs the requests)
-    seconds, p99_seconds = (1.0, 1.0) if ctx.quick else (3.0, 4.0)
+    # the p99 cases: 5 rounds of 8 s (half of it beside the slow client: a p99 needs the requests)
+    seconds, p99_seconds = (1.0, 2.0) if ctx.quick else (3.0, 8.0)
     rounds, warmup = (1, 0) if ctx.quick else (5, 1)
     p99_rounds = 1 if ctx.quick else 5
     groups: list[tuple[str, int]] = [("asgi", 1), ("wsgi", 1)] if ctx.quick else [
@@ -319,9 +294,9 @@ def run(ctx: Context) -> None:
                     _throughput(ctx, started, [("wsgi hello" + suffix, "/hello")], WSGI_CONNECTIONS,
                                 seconds, rounds, warmup)
                     if workers == 2:
-                        _p99_with_slow(ctx, started, p99_seconds, p99_rounds, warmup)
+                        _p99_with_slow(ctx, started, tmp, p99_seconds, p99_rounds, warmup)
                         _set_cpus(started, {SERVER_CPU})
-                        _p99_with_slow(ctx, started, p99_seconds, p99_rounds, warmup, pinned=True)
+                        _p99_with_slow(ctx, started, tmp, p99_seconds, p99_rounds, warmup, pinned=True)
             finally:
                 for s in servers:
                     s.stop()
