@@ -154,10 +154,13 @@ def test_bench_apps_runs_quick(tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
 @pytest.mark.parametrize("pinned", [False, True])
 def test_bench_apps_p99_case_runs_round_by_round(tmp_path: Path, pinned: bool) -> None:
-    from aem.bench import apps
+    from aem.bench import apps, slowmix
     from aem.bench._harness import Context
     from aem.bench.http import start_servers
 
+    tools = slowmix.binaries(tmp_path)
+    if tools is None:
+        pytest.skip("no C compiler")
     ctx = Context("apps", True, tmp_path)
     servers = [s for s in apps._servers("wsgi", 2) if s.name == "aem"]
     try:
@@ -165,14 +168,15 @@ def test_bench_apps_p99_case_runs_round_by_round(tmp_path: Path, pinned: bool) -
         assert started
         if pinned:
             apps._set_cpus(started, {0})
-        apps._p99_with_slow(ctx, started, 1.0, 2, 0, conns=(1,), pinned=pinned)
+        apps._p99_with_slow(ctx, started, tools, tmp_path, 2.0, 2, 0, conns=(1,), pinned=pinned)
     finally:
         for s in servers:
             s.stop()
-    rows = {r.metric: r for r in ctx.rows}
-    assert set(rows) == {"p99 alone", "p99 with /slow", "p99 ratio slow/alone"}
+    assert {r.variant for r in ctx.rows} == {"aem", "floor"}
+    rows = {r.metric: r for r in ctx.rows if r.variant == "aem"}
+    assert set(rows) == {"p99 alone", "p99 beside /slow", "p99 ratio beside/alone"}
     assert {r.case for r in ctx.rows} == {
         f"wsgi fast p99 (1 conn) + /slow, 2 workers, {'pinned' if pinned else 'CPUs shared'}"}
-    assert len(rows["p99 ratio slow/alone"].samples) == 2          # one ratio per round
+    assert len(rows["p99 ratio beside/alone"].samples) == 2          # one ratio per round
     assert all(v > 0 for r in rows.values() for v in r.samples)
     assert any("per round" in n for n in ctx.notes) and any("fast requests" in n for n in ctx.notes)

@@ -169,6 +169,25 @@ def aem_pythonpath() -> str:
     return here + (os.pathsep + old if old else "")
 
 
+def compile_c(tmp: Path, name: str, source: str, *flags: str) -> str | None:
+    """``source`` compiled (``-O2``, ``flags``) with the C compiler here into ``tmp/name``
+    (once: an executable already there is reused); its path, or None without a compiler or
+    when it does not compile."""
+    import shutil
+
+    exe = tmp / name
+    if exe.exists():
+        return str(exe)
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        return None
+    src = tmp / f"{name}.c"
+    src.write_text(source)
+    if subprocess.run([cc, "-O2", *flags, "-o", str(exe), str(src)], capture_output=True).returncode:
+        return None
+    return str(exe)
+
+
 def json_from_child(code: str, timeout: float) -> dict[str, float]:
     """Run ``code`` in a fresh Python (a clean process to measure memory in); the JSON
     object its last line of output holds."""

@@ -174,11 +174,13 @@ def _mix_run(load: str, s: Server, slow_port: int, conns: int, seconds: float, p
     return best
 
 
-def _p99_with_slow(ctx: Context, servers: list[Server], tmp: Path, seconds: float, rounds: int,
-                   warmup: int, conns: Sequence[int] = (1, 4), pinned: bool = False) -> None:
+def _p99_with_slow(ctx: Context, servers: list[Server], tools: tuple[str, str], tmp: Path,
+                   seconds: float, rounds: int, warmup: int, conns: Sequence[int] = (1, 4),
+                   pinned: bool = False) -> None:
     """p99 of ``/hello`` alone and beside one client that keeps ``/slow`` (100 ms) busy, both
     from the same run (:mod:`aem.bench.slowmix`), and the same for the *floor*: aem's fast
-    requests while the slow ones go to a minimal C server that sleeps 100 ms.
+    requests while the slow ones go to a minimal C server that sleeps 100 ms.  ``tools``:
+    the load client and that server (:func:`aem.bench.slowmix.binaries`).
 
     ``pinned``: every process of the servers (the caller pins them) and the floor's sleep
     server on CPU 0, the load client and its slow thread on CPU 1, as BENCHMARKS.md asks;
@@ -190,10 +192,6 @@ def _p99_with_slow(ctx: Context, servers: list[Server], tmp: Path, seconds: floa
     with their spread and the number of fast requests each p99 rests on in the notes.  A
     run is made again once when other processes took more than ``OTHER_LOAD`` % of a CPU
     meanwhile (the quieter one is kept)."""
-    tools = slowmix.binaries(tmp)
-    if tools is None:
-        ctx.note("no C compiler: the p99 cases beside a slow handler were skipped")
-        return
     load, sleep_exe = tools
     aem_server = next((s for s in servers if s.name == "aem"), None)
     sleep_port = free_port()
@@ -294,9 +292,14 @@ def run(ctx: Context) -> None:
                     _throughput(ctx, started, [("wsgi hello" + suffix, "/hello")], WSGI_CONNECTIONS,
                                 seconds, rounds, warmup)
                     if workers == 2:
-                        _p99_with_slow(ctx, started, tmp, p99_seconds, p99_rounds, warmup)
+                        tools = slowmix.binaries(tmp)
+                        if tools is None:
+                            ctx.note("no C compiler: the p99 cases beside a slow handler were skipped")
+                            continue
+                        _p99_with_slow(ctx, started, tools, tmp, p99_seconds, p99_rounds, warmup)
                         _set_cpus(started, {SERVER_CPU})
-                        _p99_with_slow(ctx, started, tmp, p99_seconds, p99_rounds, warmup, pinned=True)
+                        _p99_with_slow(ctx, started, tools, tmp, p99_seconds, p99_rounds, warmup,
+                                       pinned=True)
             finally:
                 for s in servers:
                     s.stop()

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._harness import Context, aem_pythonpath, interleave, json_from_child, pin_to_cpu
+from ._harness import Context, aem_pythonpath, compile_c, interleave, json_from_child, pin_to_cpu
 from ._plot import bars
 
 LOOPS = ("asyncio", "uvloop", "aem")
@@ -236,17 +236,7 @@ int main(int argc, char **argv) {
 
 def echo_floor_binary(tmp: Path) -> str | None:
     """The C echo floor, compiled with the C compiler here (None without one)."""
-    import shutil
-
-    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
-        return None
-    src, exe = tmp / "echo-floor.c", tmp / "echo-floor"
-    if not exe.exists():
-        src.write_text(ECHO_FLOOR_C)
-        if subprocess.run([cc, "-O2", "-o", str(exe), str(src)], capture_output=True).returncode:
-            return None
-    return str(exe)
+    return compile_c(tmp, "echo-floor", ECHO_FLOOR_C)
 
 
 def echo_server_python_epoll(port: int) -> None:

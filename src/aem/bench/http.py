@@ -54,7 +54,7 @@ from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
-from ._harness import Context, aem_pythonpath, pin_to_cpu
+from ._harness import Context, aem_pythonpath, compile_c, pin_to_cpu
 
 HELLO = b"Hello, world!"
 HELLO_PATH = "/hello"
@@ -310,14 +310,7 @@ int main(int argc, char **argv) {
 
 def floor_binary(tmp: Path) -> str | None:
     """The raw-floor server, compiled with the C compiler here (None without one)."""
-    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
-        return None
-    src, exe = tmp / "floor.c", tmp / "floor-server"
-    src.write_text(FLOOR_C)
-    if subprocess.run([cc, "-O2", "-o", str(exe), str(src)], capture_output=True).returncode:
-        return None
-    return str(exe)
+    return compile_c(tmp, "floor-server", FLOOR_C)
 
 
 def nginx_binary() -> str | None:

@@ -29,11 +29,12 @@ from __future__ import annotations
 import array
 import bisect
 import os
-import shutil
 import statistics
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+from ._harness import compile_c
 
 #: How long after a slow request's answer a fast request still counts as beside it (ns).
 MARGIN = 5_000_000
@@ -261,21 +262,10 @@ int main(int argc, char **argv) {
 """
 
 
-def _compile(tmp: Path, name: str, source: str, *flags: str) -> str | None:
-    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
-        return None
-    src, exe = tmp / f"{name}.c", tmp / name
-    src.write_text(source)
-    if subprocess.run([cc, "-O2", *flags, "-o", str(exe), str(src)], capture_output=True).returncode:
-        return None
-    return str(exe)
-
-
 def binaries(tmp: Path) -> tuple[str, str] | None:
     """The load client and the sleep server, compiled with the C compiler here (None without one)."""
-    load = _compile(tmp, "slowmix-load", LOAD_C, "-pthread")
-    sleep = _compile(tmp, "slowmix-sleep", SLEEP_C)
+    load = compile_c(tmp, "slowmix-load", LOAD_C, "-pthread")
+    sleep = compile_c(tmp, "slowmix-sleep", SLEEP_C)
     return (load, sleep) if load and sleep else None
 
 
