@@ -119,6 +119,7 @@ class Engine(_core.Engine):
         self.set_error_handler(default_error_handler)
         self._kick: tuple[int, Any] | None = None
         self._channel: tuple[socket.socket, socket.socket] | None = None
+        self._channel_buf = memoryview(b"")   # the channel's datagrams are read into it
         #: job eid -> eids of the ChildExit(job=...) registrations listening to it
         self._jobs: dict[int, set[int]] = {}
         #: eids paused by a back-off (see _backoff) that its timer will resume
@@ -238,17 +239,20 @@ class Engine(_core.Engine):
             self._add(_core.K_READABLE, r.fileno(), _core.EPOLLIN, self._on_channel, 0,
                       INTERNAL_PRIORITY, r, 0, True)
             self._channel = (r, w)
+            # one buffer for every datagram: recv(1 MiB) would allocate 1 MiB per read
+            self._channel_buf = memoryview(bytearray(_CHANNEL_DATAGRAM_MAX))
         return self._channel[1]
 
     def _on_channel(self, event: Event) -> None:
         assert self._channel is not None
         r = self._channel[0]
+        buf = self._channel_buf
         for _ in range(_CHANNEL_BATCH):
             try:
-                data = r.recv(_CHANNEL_DATAGRAM_MAX)
+                n = r.recv_into(buf)
             except BlockingIOError:
                 return
-            eid, payload = pickle.loads(data)
+            eid, payload = pickle.loads(buf[:n])
             try:
                 self.fire(eid, payload)
             except UnknownEventError:

@@ -59,6 +59,30 @@ RECV = 1 << 18          # receive buffer: larger than any message (the socket's 
 _FDS = socket.CMSG_SPACE(array.array("i").itemsize)
 
 
+class _Reader:
+    """Reads whole messages of one channel into a buffer it keeps (``RECV`` bytes, made once).
+
+    ``socket.recv(RECV)`` would allocate ``RECV`` bytes for every message and
+    shrink them to its size: ~14 µs per call here for a message of a few
+    hundred bytes (2.6 µs with this buffer), on each side of every request."""
+
+    __slots__ = ("buf", "view")
+
+    def __init__(self) -> None:
+        self.buf = bytearray(RECV)
+        self.view = memoryview(self.buf)
+
+    def recv(self, chan: socket.socket) -> bytes:
+        """The next message (b"" when the other end closed); blocking as ``chan`` is."""
+        n = chan.recv_into(self.buf)
+        return bytes(self.view[:n])
+
+    def recvmsg(self, chan: socket.socket) -> tuple[bytes, list[tuple[int, int, bytes]]]:
+        """The next message and its ancillary data (room for one descriptor)."""
+        n, anc, _flags, _addr = chan.recvmsg_into([self.buf], _FDS)
+        return bytes(self.view[:n]), anc
+
+
 # message kinds, front → worker
 M_REQUEST = b"Q"        # marshal(request fields) + first body chunk
 M_BODY = b"B"           # a body chunk; b"B" alone: the body is complete
@@ -122,8 +146,10 @@ class ClientDisconnected(OSError):
 class _Input(io.RawIOBase):
     """``wsgi.input``: the request body, read from the front's messages as the app asks."""
 
-    def __init__(self, chan: socket.socket, first: bytes, more: bool, expect: bool = False) -> None:
+    def __init__(self, chan: socket.socket, first: bytes, more: bool, expect: bool = False,
+                 reader: _Reader | None = None) -> None:
         self.chan = chan
+        self.reader = reader
         self.buf = bytearray(first)
         self.more = more
         self.expect = expect   # the client waits for 100 Continue: ask the front on the first read
@@ -137,7 +163,9 @@ class _Input(io.RawIOBase):
         if self.expect:
             self.expect = False
             self.chan.sendall(M_WANT)
-        msg = self.chan.recv(RECV)
+        if self.reader is None:
+            self.reader = _Reader()
+        msg = self.reader.recv(self.chan)
         if msg[:1] == M_ABORT:
             self.more = False
             raise ClientDisconnected("the client went away before the end of the request body")
@@ -309,10 +337,10 @@ class _Responder:
         return True
 
 
-def _handle(app: Any, chan: socket.socket, msg: bytes) -> None:
-    """One request: environ, app call, response messages."""
+def _handle(app: Any, chan: socket.socket, msg: bytes, reader: _Reader | None = None) -> None:
+    """One request: environ, app call, response messages (``reader``: the channel's)."""
     fields, first, more, expect = marshal.loads(msg[1:])
-    body = _Input(chan, first, more, expect)
+    body = _Input(chan, first, more, expect, reader)
     env = _environ(fields, body)
     resp = _Responder(chan)
     result: Any = None
@@ -379,13 +407,14 @@ def worker_main(ev: Any) -> None:
     chan.sendall(M_HELLO + marshal.dumps((os.getpid(), tag)))
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the front decides when we stop
+    reader = _Reader()
     try:
         while True:
-            msg = chan.recv(RECV)
+            msg = reader.recv(chan)
             if not msg:
                 break
             if msg[:1] == M_REQUEST:
-                _handle(app, chan, msg)
+                _handle(app, chan, msg, reader)
     except (ConnectionError, BrokenPipeError):
         pass
     finally:
@@ -447,7 +476,7 @@ class _Worker:
         chan = self.chan
         while self.reading:
             try:
-                data, anc, _flags, _addr = chan.recvmsg(RECV, _FDS)
+                data, anc = self.pool.reader.recvmsg(chan)
             except BlockingIOError:
                 return
             except OSError:
@@ -792,6 +821,7 @@ class WSGIWorkers:
         self.bursts = 0            # temporary workers started
         self.retired = 0           # ... and retired when idle
         self._address = ""
+        self.reader = _Reader()    # the workers' messages (the front reads one at a time)
         self._listen: socket.socket | None = None
         self._jobs: list[tuple[aem.UserEvent, int, int]] = []
         # temporary workers' jobs by tag (-1, -2, ...), from their start to their process's end
