@@ -184,6 +184,49 @@ def test_the_front_freezes_its_startup_objects_out_of_the_collector(tmp_path: Pa
     assert after - before > 10_000
 
 
+def test_the_front_yields_to_its_workers(flask: Served) -> None:
+    # the front's loop thread is SCHED_BATCH (its wake-ups do not preempt a worker's app
+    # call); the workers, forked from a template made before that, keep the default policy
+    assert os.sched_getscheduler(flask.proc.pid) == os.SCHED_BATCH
+    for pid in _pids(flask, 4):
+        assert os.sched_getscheduler(int(pid)) == os.SCHED_OTHER
+
+
+_POLICY = """
+import asyncio, os, sys
+import aem
+from aem.http.wsgi import WSGIWorkers
+
+async def main() -> None:
+    for yield_to_workers in (True, False):
+        workers = WSGIWorkers("flask_app:app", 1, yield_to_workers=yield_to_workers)
+        await workers.start()
+        during = os.sched_getscheduler(0)
+        await workers.close()
+        print(during, os.sched_getscheduler(0), flush=True)
+
+with asyncio.Runner(loop_factory=aem.new_event_loop) as runner:
+    runner.run(main())
+"""
+
+
+def test_the_front_gets_its_scheduling_policy_back_on_close(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from appkit import APPS
+
+    from conftest import AEM_PATH
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([AEM_PATH, str(APPS)]))
+    out = subprocess.run([sys.executable, "-c", _POLICY], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    other, batch = os.SCHED_OTHER, os.SCHED_BATCH
+    assert [tuple(map(int, line.split())) for line in out.stdout.splitlines()] == [
+        (batch, other), (other, other)]
+
+
 def test_slow_handler_does_not_hold_up_fast_ones(flask: Served) -> None:
     t = threading.Thread(target=lambda: flask.get("/sleep?s=0.8"))
     t.start()

@@ -24,6 +24,13 @@
   Other requests are not affected.
 * A worker that dies (crash, OOM kill) fails only its request (502) and is
   replaced the same way.
+* The front's thread runs as ``SCHED_BATCH`` while the workers serve
+  (``yield_to_workers``): a request arriving while a worker runs the app then
+  waits until that worker blocks (in its next read, or the app's own I/O)
+  instead of preempting it for a read that cannot be dispatched anyway.  With
+  one worker on the front's CPU this took the server's CPU per request from
+  230 to 198 µs (Flask hello, medians of 10 interleaved rounds): two context
+  switches per request instead of ~3.4, and the app's caches left warm.
 """
 
 from __future__ import annotations
@@ -408,6 +415,8 @@ def worker_main(ev: Any) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the front decides when we stop
     reader = _Reader()
+    if os.sched_getscheduler(0) != os.SCHED_OTHER:
+        _set_policy(os.SCHED_OTHER)    # (inherited from a front that yields to its workers)
     try:
         while True:
             msg = reader.recv(chan)
@@ -426,6 +435,15 @@ def worker_main(ev: Any) -> None:
 
 
 _LONG_PATHS = 4096      # slow paths remembered (the set is cleared when full)
+
+
+def _set_policy(policy: int) -> bool:
+    """Set this thread's scheduling policy (priority 0); False if the system refuses."""
+    try:
+        os.sched_setscheduler(0, policy, os.sched_param(0))
+    except OSError:
+        return False
+    return True
 
 
 def _warmth(w: _Worker) -> float:
@@ -792,7 +810,8 @@ class WSGIWorkers:
     """
 
     def __init__(self, ref: str, workers: int = 1, timeout: float = 30.0, *, burst: int | None = None,
-                 burst_after: float = 0.02, burst_idle: float = 2.0) -> None:
+                 burst_after: float = 0.02, burst_idle: float = 2.0,
+                 yield_to_workers: bool = True) -> None:
         if workers < 1:
             raise ValueError("workers must be >= 1")
         if not timeout > 0:
@@ -809,6 +828,9 @@ class WSGIWorkers:
         self.burst = burst
         self.burst_after = burst_after
         self.burst_idle = burst_idle
+        self.yield_to_workers = yield_to_workers
+        #: the policy the front's thread had before it yielded to the workers (None: not changed)
+        self._policy: int | None = None
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.idle: list[_Worker] = []
         self.waiting: collections.deque[_Exchange] = collections.deque()
@@ -867,6 +889,10 @@ class WSGIWorkers:
                 raise RuntimeError(f"WSGI workers did not start ({len(self.idle)}/{self.workers} ready)")
             await asyncio.sleep(0.005)
         self._ticker = self.loop.call_later(self._tick_s(), self._tick)
+        if self.yield_to_workers and self._policy is None:
+            policy = os.sched_getscheduler(0)
+            if policy == os.SCHED_OTHER and _set_policy(os.SCHED_BATCH):
+                self._policy = policy
 
     def _tick_s(self) -> float:
         return min(0.5, self.timeout / 8, self.burst_idle / 4)
@@ -1026,6 +1052,9 @@ class WSGIWorkers:
             if timer is not None:
                 timer.cancel()
         self._ticker = self._burst_check = None
+        if self._policy is not None:
+            _set_policy(self._policy)
+            self._policy = None
         for w in list(self.all):
             w.gone()
         if self._listen is not None:
