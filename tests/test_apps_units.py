@@ -180,3 +180,21 @@ def test_bench_apps_p99_case_runs_round_by_round(tmp_path: Path, pinned: bool) -
     assert len(rows["p99 ratio beside/alone"].samples) == 2          # one ratio per round
     assert all(v > 0 for r in rows.values() for v in r.samples)
     assert any("per round" in n for n in ctx.notes) and any("fast requests" in n for n in ctx.notes)
+
+
+def test_gunicorn_runs_go_to_its_ports_in_turn() -> None:
+    # a server that closes each connection gets a port per run (TIME_WAITs of earlier runs
+    # would slow its new connections); one that keeps them alive keeps its one port
+    from aem.bench import apps
+
+    servers = {s.name: s for s in apps._servers("wsgi", 1)}
+    gu = servers.get("gunicorn")
+    if gu is None:
+        pytest.skip("gunicorn is not installed")
+    ports = [gu.port, *gu.spare_ports]
+    assert len(set(ports)) == apps.GUNICORN_PORTS
+    assert [a for a in gu.argv if a.startswith("127.0.0.1:")] == [f"127.0.0.1:{p}" for p in ports]
+    turns = [gu.next_port() for _ in range(2 * len(ports))]
+    assert turns == ports + ports
+    aem_server = servers["aem"]
+    assert {aem_server.next_port() for _ in range(3)} == {aem_server.port}

@@ -8,7 +8,10 @@ Starlette for ASGI, Flask for WSGI.  Cases:
   --interface asgi``; wrk, 64 keep-alive connections;
 * ``wsgi hello``, 1 and 2 workers: ``aem serve --interface wsgi`` (the app
   in capsules) vs ``gunicorn`` sync workers (which close the connection after
-  each response: that is how sync workers serve);
+  each response: that is how sync workers serve; gunicorn listens on several
+  ports and each run goes to the next, so that wrk's new connections do not
+  run into the TIME_WAITs of earlier runs, see
+  :meth:`aem.bench.http.Server.next_port`);
 * ``wsgi fast p99 (N conns) + /slow``, 2 workers: 1 and 4 keep-alive
   connections ask ``/hello`` while one client asks ``/slow`` (sleeps 100 ms),
   a new connection each, in the first half of every second; the p99 of the
@@ -56,6 +59,9 @@ from .idle import OTHER_LOAD, _busy_seconds, _own_seconds
 TARGETS = "aem.bench._app_targets"
 CONNECTIONS = 64
 WSGI_CONNECTIONS = 16
+#: ports gunicorn listens on, used in turn: one is used again only after its TIME_WAITs
+#: (60 s) are gone, at the rounds' pace (see Server.next_port)
+GUNICORN_PORTS = 12
 
 
 def _exe(name: str) -> str | None:
@@ -92,10 +98,12 @@ def _servers(interface: str, workers: int) -> list[Server]:
     else:
         gu = _exe("gunicorn")
         if gu is not None:
-            port = free_port()
-            out.append(Server("gunicorn", [gu, "-k", "sync", "-w", str(workers), "-b",
-                                           f"127.0.0.1:{port}", "--log-level", "warning", app],
-                              port, env))
+            # sync workers close each connection: a port per run, in turn (Server.next_port)
+            ports = [free_port() for _ in range(GUNICORN_PORTS)]
+            binds = [arg for p in ports for arg in ("-b", f"127.0.0.1:{p}")]
+            out.append(Server("gunicorn", [gu, "-k", "sync", "-w", str(workers), *binds,
+                                           "--log-level", "warning", app],
+                              ports[0], env, spare_ports=ports[1:]))
     return out
 
 
@@ -140,7 +148,7 @@ def _throughput(ctx: Context, servers: list[Server], cases: Sequence[tuple[str, 
             for s in (servers if r % 2 == 0 else servers[::-1]):   # A B C, C B A, ...
                 ctx.step(f"{case}: {s.name}, round {r + 1}/{warmup + rounds}")
                 c0 = s.cpu_seconds()
-                res = run_wrk(s.port, path, seconds, conns)
+                res = run_wrk(s.next_port(), path, seconds, conns)
                 cpu = s.cpu_seconds() - c0
                 if r >= warmup:
                     results[s.name].append((res, cpu))
@@ -163,7 +171,7 @@ def _mix_run(load: str, s: Server, slow_port: int, conns: int, seconds: float, p
     best: tuple[slowmix.Mix, float] | None = None
     for _ in range(2):
         busy0, own0, srv0, t0 = _busy_seconds(), _own_seconds(), s.cpu_seconds(), time.monotonic()
-        mix = slowmix.run_mix(load, s.port, slow_port, conns, seconds, CLIENT_CPU,
+        mix = slowmix.run_mix(load, s.next_port(), slow_port, conns, seconds, CLIENT_CPU,
                               CLIENT_CPU if pinned else -1, out)
         other = _other_percent(busy0, own0, srv0, t0, s)
         if best is None or other < best[1]:
@@ -304,5 +312,8 @@ def run(ctx: Context) -> None:
                 for s in servers:
                     s.stop()
     ctx.note("gunicorn sync workers close each connection after its response (wrk reconnects); "
-             "aem, uvicorn and granian keep connections alive")
+             "aem, uvicorn and granian keep connections alive; gunicorn listens on "
+             f"{GUNICORN_PORTS} ports, a run goes to the next one (a port is used again after its "
+             "TIME_WAITs are gone: one load client on one port runs into them, see "
+             "aem.bench.http.Server.next_port)")
     ctx.note("server CPU/req counts the whole process tree (aem: front, template and capsules)")
