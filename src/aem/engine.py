@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import mmap
 import os
 import pickle
 import signal
@@ -239,8 +240,9 @@ class Engine(_core.Engine):
             self._add(_core.K_READABLE, r.fileno(), _core.EPOLLIN, self._on_channel, 0,
                       INTERNAL_PRIORITY, r, 0, True)
             self._channel = (r, w)
-            # one buffer for every datagram: recv(1 MiB) would allocate 1 MiB per read
-            self._channel_buf = memoryview(bytearray(_CHANNEL_DATAGRAM_MAX))
+            # one buffer for every datagram (recv(1 MiB) would allocate 1 MiB per read), its
+            # pages given by the kernel as datagrams first reach them (a bytearray is zeroed)
+            self._channel_buf = memoryview(mmap.mmap(-1, _CHANNEL_DATAGRAM_MAX))
         return self._channel[1]
 
     def _on_channel(self, event: Event) -> None:
