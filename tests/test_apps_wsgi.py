@@ -227,6 +227,34 @@ def test_the_front_gets_its_scheduling_policy_back_on_close(tmp_path: Path) -> N
         (batch, other), (other, other)]
 
 
+def _wakeups(pid: int) -> int:
+    with open(f"/proc/{pid}/task/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+
+
+def test_an_idle_front_sleeps(tmp_path: Path) -> None:
+    # no timer wakes the front's loop while no connection is open and no worker is busy (the
+    # workers' watchdog and the connections' sweeper run only while there is work for them)
+    with serve(tmp_path, "flask_app:app", "--workers", "1", "--timeout", "1", wait=WAIT) as s:
+        assert s.get("/")[0] == 200              # (its connection closes after the answer)
+        time.sleep(0.6)
+        before = _wakeups(s.proc.pid)
+        time.sleep(1.5)
+        assert _wakeups(s.proc.pid) - before <= 1   # a ticking front woke >= 4 times meanwhile
+        assert s.get("/")[0] == 200
+
+
+def test_a_worker_hung_after_an_idle_spell_is_still_caught(tmp_path: Path) -> None:
+    # the watchdog stops while the front is idle; the next request arms it again
+    with serve(tmp_path, "flask_app:app", "--workers", "1", "--timeout", "0.5", wait=WAIT) as s:
+        assert s.get("/")[0] == 200
+        time.sleep(1.2)                          # idle: no tick runs
+        t0 = time.monotonic()
+        assert s.get("/sleep?s=5")[0] == 504
+        assert time.monotonic() - t0 < 3
+        assert s.get("/")[0] == 200              # a new worker took its place
+
+
 def test_slow_handler_does_not_hold_up_fast_ones(flask: Served) -> None:
     t = threading.Thread(target=lambda: flask.get("/sleep?s=0.8"))
     t.start()

@@ -214,15 +214,21 @@ class ASGIServer:
             self._server_addr = [addr[0], addr[1]]
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _HttpProtocol(self), sock=sock, backlog=1024)
-        self._sweeper = loop.call_later(self._tick, self._sweep)
+
+    def _arm_sweeper(self) -> None:
+        """A connection came: sweep every tick while there are any (an idle server sleeps)."""
+        if self._sweeper is None and not self.shutting_down:
+            self._sweeper = asyncio.get_running_loop().call_later(self._tick, self._sweep)
 
     def _sweep(self) -> None:
-        """Every tick: close the connections whose deadline passed (one timer for all of them)."""
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        """Every tick while connections are open: close those whose deadline passed (one timer
+        for all of them)."""
+        self._sweeper = None
+        now = asyncio.get_running_loop().time()
         for conn in [c for c in self._conns if 0.0 < c.deadline <= now]:
             conn.expire()
-        self._sweeper = loop.call_later(self._tick, self._sweep)
+        if self._conns:
+            self._arm_sweeper()
 
     async def shutdown(self, graceful_timeout: float = 30.0) -> None:
         """Stop accepting; let requests in progress end within ``graceful_timeout``; close.
@@ -402,6 +408,8 @@ class _HttpProtocol(asyncio.Protocol):
         self.link = _core.AsgiLink(transport.write, getattr(self.loop, "_core", None), srv.stats,
                                    srv.access_log is not None, self.http)
         srv._conns.add(self)
+        if srv._sweeper is None:
+            srv._arm_sweeper()
         srv.stats.connections += 1
         # (asyncio's transports set TCP_NODELAY themselves; an AF_UNIX peer is a str)
         peer = transport.get_extra_info("peername")

@@ -572,6 +572,8 @@ class _Exchange(_Cycle):
         pool = self.pool
         w.since = pool.loop.time()
         w.deadline = w.since + pool.timeout
+        if pool._ticker is None:
+            pool._arm()
         req = self.req
         conn = self.conn
         target = req.target
@@ -890,7 +892,6 @@ class WSGIWorkers:
             if self.loop.time() > deadline:
                 raise RuntimeError(f"WSGI workers did not start ({len(self.idle)}/{self.workers} ready)")
             await asyncio.sleep(0.005)
-        self._ticker = self.loop.call_later(self._tick_s(), self._tick)
         if self.yield_to_workers and self._policy is None:
             policy = os.sched_getscheduler(0)
             if policy == os.SCHED_OTHER and _set_policy(os.SCHED_BATCH):
@@ -899,9 +900,17 @@ class WSGIWorkers:
     def _tick_s(self) -> float:
         return min(0.5, self.timeout / 8, self.burst_idle / 4)
 
+    def _arm(self) -> None:
+        """A request began, or a temporary worker fell idle: tick while that lasts (an idle
+        front sleeps)."""
+        if self._ticker is None and not self.closing:
+            self._ticker = self.loop.call_later(self._tick_s(), self._tick)
+
     def _tick(self) -> None:
         """Kill the workers that owe a message past their deadline, retire the temporary ones
-        idle for ``burst_idle`` (one timer for all)."""
+        idle for ``burst_idle`` (one timer for all; it runs while a worker serves a request or
+        a temporary one is idle)."""
+        self._ticker = None
         now = self.loop.time()
         for w in [w for w in self.all if 0.0 < w.deadline <= now and w.exchange is not None]:
             self._hung(w)
@@ -909,7 +918,8 @@ class WSGIWorkers:
             self.idle.remove(w)
             self.retired += 1
             w.gone()               # its channel closes: worker_main returns, the process ends
-        self._ticker = self.loop.call_later(self._tick_s(), self._tick)
+        if any(w.exchange is not None for w in self.all) or any(w.extra for w in self.idle):
+            self._arm()
 
     # -- burst workers -----------------------------------------------------------------------
 
@@ -1029,6 +1039,8 @@ class WSGIWorkers:
                 return
         w.since = now
         self.idle.append(w)
+        if w.extra and self._ticker is None:
+            self._arm()
 
     def _lost(self, w: _Worker) -> None:
         self.all.discard(w)
