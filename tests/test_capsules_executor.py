@@ -272,3 +272,61 @@ def test_stats_keys_are_the_documented_ones() -> None:
         assert st["workers"] == 1, "the capsule that ran the call stays, as a worker"
         docs = (Path(__file__).parent.parent / "docs" / "capsules.md").read_text()
         assert all(f"`{key}`" in docs for key in st), "every key is in docs/capsules.md"
+
+
+def _sleeps_of_this_thread() -> int:
+    tid = threading.get_native_id()
+    with open(f"/proc/self/task/{tid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+
+
+def test_a_thread_waiting_for_a_result_sleeps_until_it_comes() -> None:
+    # result() sleeps on the worker's socket and its thread's bell, with no time-out slices
+    # (it used to wake every 50 ms to look whether another thread had completed its call)
+    with aem.CapsulePool(size=1) as pool:
+        assert pool.wait_ready(10)
+        assert pool.submit(square, 1).result(timeout=10) == 1
+        fut = pool.submit(sleep_then, 7, 1.0)
+        before = _sleeps_of_this_thread()
+        assert fut.result() == 7
+        assert _sleeps_of_this_thread() - before <= 3   # 50 ms slices: ~20
+
+
+def test_waiters_sharing_a_worker_are_woken_by_the_one_that_reads_their_answers() -> None:
+    # two calls on the only worker (the second sent ahead), each awaited by its own thread:
+    # whichever thread reads both answers completes the other's future and rings its bell
+    # (a missed ring would leave the other asleep past its time-out: result() would raise)
+    with aem.CapsulePool(size=1) as pool:
+        assert pool.wait_ready(10)
+        for _ in range(20):
+            first = pool.submit(sleep_then, 1, 0.05)
+            second = pool.submit(square, 3)
+            got: dict[str, Any] = {}
+
+            def wait(name: str, fut: cf.Future[Any], got: dict[str, Any] = got) -> None:
+                got[name] = fut.result(timeout=10)
+
+            threads = [threading.Thread(target=wait, args=("second", second)),
+                       threading.Thread(target=wait, args=("first", first))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(10)
+            assert got == {"first": 1, "second": 9}
+
+
+def test_a_threads_bell_is_its_own_after_fork() -> None:
+    from aem.capsules._executor import _bell
+
+    mine = _bell()
+    assert _bell() is mine
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        child = _bell()
+        os.write(w, b"1" if child is not mine and child.pid == os.getpid() else b"0")
+        os._exit(0)
+    os.close(w)
+    assert os.read(r, 1) == b"1"
+    os.close(r)
+    os.waitpid(pid, 0)

@@ -4,11 +4,13 @@
  *       One message from a worker's non-blocking socket without waiting: None when
  *       there is none yet (no exception on the common path), (b"", []) at the end of
  *       the stream, else the message's bytes and the fds that came with it.
- *   wait_readable(fd, timeout_ms, spin_us=0) -> bool
+ *   wait_readable(fd, timeout_ms, spin_us=0, bell=-1) -> bool
  *       poll() one fd for input, the GIL released; True when readable (or at its
  *       end or on an error: the next call_recv says which), False on timeout.
  *       With spin_us, it first polls without sleeping (sched_yield() between two
- *       polls: a worker on this CPU runs meanwhile) for up to spin_us µs.
+ *       polls: a worker on this CPU runs meanwhile) for up to spin_us µs.  With
+ *       bell (an eventfd), it also returns (True) when the bell is readable: another
+ *       thread completed the call the caller waits for.
  *
  * Any thread may call them (the buffer is the call's own).  Errors: OSError.
  */
@@ -109,13 +111,13 @@ int aem_spin_readable(int fd, int spin_us) {
 }
 
 static PyObject *wait_readable(PyObject *mod, PyObject *args) {
-    int fd, timeout_ms, spin_us = 0;
-    if (!PyArg_ParseTuple(args, "ii|i:wait_readable", &fd, &timeout_ms, &spin_us)) return NULL;
-    struct pollfd p = {.fd = fd, .events = POLLIN};
+    int fd, timeout_ms, spin_us = 0, bell = -1;
+    if (!PyArg_ParseTuple(args, "ii|ii:wait_readable", &fd, &timeout_ms, &spin_us, &bell)) return NULL;
+    struct pollfd p[2] = {{.fd = fd, .events = POLLIN}, {.fd = bell, .events = POLLIN}};
     int n = 0;
     Py_BEGIN_ALLOW_THREADS
     if (spin_us > 0) n = aem_spin_readable(fd, spin_us);
-    if (n == 0) n = poll(&p, 1, timeout_ms);
+    if (n == 0) n = poll(p, bell >= 0 ? 2 : 1, timeout_ms);
     Py_END_ALLOW_THREADS
     if (n < 0) {
         if (errno == EINTR) {  /* a signal: its handler runs, the caller waits again */
@@ -132,8 +134,8 @@ static PyMethodDef call_methods[] = {
      "call_recv(sockfd) -> None | (data, fds)\n\nOne message from a non-blocking socket, without "
      "waiting: None if there is none yet, (b\"\", []) at its end."},
     {"wait_readable", wait_readable, METH_VARARGS,
-     "wait_readable(fd, timeout_ms, spin_us=0) -> bool\n\npoll() fd for input, the GIL released, "
-     "after spin_us µs of polls without sleeping: True if readable."},
+     "wait_readable(fd, timeout_ms, spin_us=0, bell=-1) -> bool\n\npoll() fd (and bell) for input, "
+     "the GIL released, after spin_us µs of polls without sleeping: True if readable."},
     {NULL},
 };
 

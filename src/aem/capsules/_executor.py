@@ -16,6 +16,7 @@ import concurrent.futures as cf
 import functools
 import itertools
 import math
+import os
 import pickle
 import socket
 import threading
@@ -87,6 +88,43 @@ PIPELINE = 2
 #: polls) before it sleeps: an answer that comes within it costs no wake-up of this thread
 #: (on another CPU, the worker's answer would otherwise wait for this CPU to wake up).
 SPIN_US = 30
+
+
+class _Bell:
+    """A thread's eventfd, rung (from a future's done-callback) when another thread completes
+    a call this one waits for: it then stops waiting at once, with no time-out slices."""
+
+    __slots__ = ("fd", "pid")
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.pid = os.getpid()
+
+    def ring(self, _future: object = None) -> None:
+        try:
+            os.eventfd_write(self.fd, 1)
+        except OSError:
+            pass               # (its count is saturated: it is rung already)
+
+    def clear(self) -> None:
+        try:
+            os.eventfd_read(self.fd)
+        except OSError:
+            pass               # (not rung)
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+
+
+_bells = threading.local()
+
+
+def _bell() -> _Bell:
+    """This thread's bell (a forked child makes its own: the eventfd would be shared)."""
+    bell: _Bell | None = getattr(_bells, "bell", None)
+    if bell is None or bell.pid != os.getpid():
+        bell = _bells.bell = _Bell()
+    return bell
 
 
 def _chunks(size: int, iterables: tuple[Iterable[Any], ...]) -> Iterator[tuple[tuple[Any, ...], ...]]:
@@ -317,6 +355,7 @@ class ExecutorPart(cf.Executor, abc.ABC):
         the manager leaves that worker's socket to the threads waiting on it."""
         deadline = None if timeout is None else time.monotonic() + timeout
         lock = self._lock
+        bell: _Bell | None = None
         with lock:
             cap = call.worker
             if cap is None or cap.state != "worker":
@@ -330,14 +369,22 @@ class ExecutorPart(cf.Executor, abc.ABC):
                     self._call_done(cap)  # the answer is often there already: read first
                     if call.future._state in _DONE:
                         return
-                    wait = 50
+                    wait = -1
                     if deadline is not None:
-                        wait = min(wait, math.ceil((deadline - time.monotonic()) * 1000))
-                    if wait <= 0:
+                        wait = math.ceil((deadline - time.monotonic()) * 1000)
+                        if wait <= 0:
+                            return
+                    if bell is None:
+                        # another waiter on this worker may read this call's answer (or the
+                        # pool fail it): the future's completion rings this thread's bell
+                        bell = _bell()
+                        call.future.add_done_callback(bell.ring)
+                    bell.clear()      # (a ring left by an earlier call's future, or just now)
+                    if call.future._state in _DONE:
                         return
                     lock.release()  # sleep without the lock
                     try:
-                        wait_readable(fd, wait, SPIN_US)
+                        wait_readable(fd, wait, SPIN_US, bell.fd)
                     finally:
                         lock.acquire()
             finally:
