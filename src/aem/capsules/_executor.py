@@ -94,23 +94,29 @@ class _Bell:
     """A thread's eventfd, rung (from a future's done-callback) when another thread completes
     a call this one waits for: it then stops waiting at once, with no time-out slices."""
 
-    __slots__ = ("fd", "pid")
+    __slots__ = ("fd", "owner", "rung")
 
     def __init__(self) -> None:
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.pid = os.getpid()
+        self.owner = threading.get_ident()
+        self.rung = False      # set after each write: clear() reads only then (no syscall)
 
     def ring(self, _future: object = None) -> None:
+        if threading.get_ident() == self.owner:
+            return             # the waiting thread completed it itself: it is awake
         try:
             os.eventfd_write(self.fd, 1)
         except OSError:
             pass               # (its count is saturated: it is rung already)
+        self.rung = True
 
     def clear(self) -> None:
-        try:
-            os.eventfd_read(self.fd)
-        except OSError:
-            pass               # (not rung)
+        if self.rung:
+            self.rung = False
+            try:
+                os.eventfd_read(self.fd)   # (a ring after this sets rung again)
+            except OSError:
+                pass
 
     def __del__(self) -> None:
         os.close(self.fd)
@@ -120,11 +126,20 @@ _bells = threading.local()
 
 
 def _bell() -> _Bell:
-    """This thread's bell (a forked child makes its own: the eventfd would be shared)."""
+    """This thread's bell."""
     bell: _Bell | None = getattr(_bells, "bell", None)
-    if bell is None or bell.pid != os.getpid():
+    if bell is None:
         bell = _bells.bell = _Bell()
     return bell
+
+
+def _forget_bells() -> None:
+    """In a forked child: its threads make their own bells (the eventfds would be shared)."""
+    global _bells
+    _bells = threading.local()
+
+
+os.register_at_fork(after_in_child=_forget_bells)
 
 
 def _chunks(size: int, iterables: tuple[Iterable[Any], ...]) -> Iterator[tuple[tuple[Any, ...], ...]]:
@@ -375,8 +390,15 @@ class ExecutorPart(cf.Executor, abc.ABC):
                         if wait <= 0:
                             return
                     if bell is None:
-                        # another waiter on this worker may read this call's answer (or the
-                        # pool fail it): the future's completion rings this thread's bell
+                        lock.release()  # poll without the lock (most answers come meanwhile)
+                        try:
+                            ready = wait_readable(fd, 0, SPIN_US)
+                        finally:
+                            lock.acquire()
+                        if ready:
+                            continue
+                        # then sleep; another waiter on this worker may read this call's
+                        # answer (or the pool fail it): its completion rings this thread's bell
                         bell = _bell()
                         call.future.add_done_callback(bell.ring)
                     bell.clear()      # (a ring left by an earlier call's future, or just now)
@@ -384,7 +406,7 @@ class ExecutorPart(cf.Executor, abc.ABC):
                         return
                     lock.release()  # sleep without the lock
                     try:
-                        wait_readable(fd, wait, SPIN_US, bell.fd)
+                        wait_readable(fd, wait, 0, bell.fd)
                     finally:
                         lock.acquire()
             finally:
