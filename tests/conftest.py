@@ -102,6 +102,12 @@ def run_script(code: str, timeout: float = 30, **kw: object) -> subprocess.Compl
                           text=True, timeout=timeout, env=env, **kw)  # type: ignore[call-overload]
 
 
+def voluntary_switches(pid: int, tid: int | None = None) -> int:
+    """How many times a thread (by default the process's main one) has slept so far."""
+    with open(f"/proc/{pid}/task/{pid if tid is None else tid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+
+
 def run_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
     """Dispatch on the process engine until ``cond()`` holds (fails after ``timeout``)."""
     import time

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from appkit import Served, abstract_sockets, connect_as, raw, serve
 
+from conftest import run_script, voluntary_switches
+
 WAIT = r"on http://127\.0\.0\.1:(\d+)/ with \d+ WSGI workers"
 
 
@@ -210,26 +212,14 @@ with asyncio.Runner(loop_factory=aem.new_event_loop) as runner:
 """
 
 
-def test_the_front_gets_its_scheduling_policy_back_on_close(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
+def test_the_front_gets_its_scheduling_policy_back_on_close() -> None:
     from appkit import APPS
 
-    from conftest import AEM_PATH
-
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([AEM_PATH, str(APPS)]))
-    out = subprocess.run([sys.executable, "-c", _POLICY], env=env, cwd=tmp_path, capture_output=True,
-                         text=True, timeout=60)
+    out = run_script(_POLICY, timeout=60, cwd=str(APPS))    # (the app is imported from there)
     assert out.returncode == 0, out.stderr
     other, batch = os.SCHED_OTHER, os.SCHED_BATCH
     assert [tuple(map(int, line.split())) for line in out.stdout.splitlines()] == [
         (batch, other), (other, other)]
-
-
-def _wakeups(pid: int) -> int:
-    with open(f"/proc/{pid}/task/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
 
 
 def test_an_idle_front_sleeps(tmp_path: Path) -> None:
@@ -238,9 +228,9 @@ def test_an_idle_front_sleeps(tmp_path: Path) -> None:
     with serve(tmp_path, "flask_app:app", "--workers", "1", "--timeout", "1", wait=WAIT) as s:
         assert s.get("/")[0] == 200              # (its connection closes after the answer)
         time.sleep(0.6)
-        before = _wakeups(s.proc.pid)
+        before = voluntary_switches(s.proc.pid)
         time.sleep(1.5)
-        assert _wakeups(s.proc.pid) - before <= 1   # a ticking front woke >= 4 times meanwhile
+        assert voluntary_switches(s.proc.pid) - before <= 1   # a ticking front woke >= 4 times meanwhile
         assert s.get("/")[0] == 200
 
 

@@ -17,6 +17,7 @@ import pytest
 from capsulekit import EXECUTORS, executor_of, wait_for_file
 
 import aem
+from conftest import voluntary_switches
 
 
 @pytest.fixture(params=EXECUTORS)
@@ -275,9 +276,7 @@ def test_stats_keys_are_the_documented_ones() -> None:
 
 
 def _sleeps_of_this_thread() -> int:
-    tid = threading.get_native_id()
-    with open(f"/proc/self/task/{tid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+    return voluntary_switches(os.getpid(), threading.get_native_id())
 
 
 def test_a_thread_waiting_for_a_result_sleeps_until_it_comes() -> None:

@@ -119,7 +119,9 @@ class _Bell:
                 pass
 
     def __del__(self) -> None:
-        os.close(self.fd)
+        fd = getattr(self, "fd", -1)   # (-1: eventfd() failed in __init__)
+        if fd >= 0:
+            os.close(fd)
 
 
 _bells = threading.local()

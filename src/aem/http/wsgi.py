@@ -155,8 +155,8 @@ class ClientDisconnected(OSError):
 class _Input(io.RawIOBase):
     """``wsgi.input``: the request body, read from the front's messages as the app asks."""
 
-    def __init__(self, chan: socket.socket, first: bytes, more: bool, expect: bool = False,
-                 reader: _Reader | None = None) -> None:
+    def __init__(self, chan: socket.socket, reader: _Reader, first: bytes, more: bool,
+                 expect: bool = False) -> None:
         self.chan = chan
         self.reader = reader
         self.buf = bytearray(first)
@@ -172,8 +172,6 @@ class _Input(io.RawIOBase):
         if self.expect:
             self.expect = False
             self.chan.sendall(M_WANT)
-        if self.reader is None:
-            self.reader = _Reader()
         msg = self.reader.recv(self.chan)
         if msg[:1] == M_ABORT:
             self.more = False
@@ -346,10 +344,10 @@ class _Responder:
         return True
 
 
-def _handle(app: Any, chan: socket.socket, msg: bytes, reader: _Reader | None = None) -> None:
+def _handle(app: Any, chan: socket.socket, reader: _Reader, msg: bytes) -> None:
     """One request: environ, app call, response messages (``reader``: the channel's)."""
     fields, first, more, expect = marshal.loads(msg[1:])
-    body = _Input(chan, first, more, expect, reader)
+    body = _Input(chan, reader, first, more, expect)
     env = _environ(fields, body)
     resp = _Responder(chan)
     result: Any = None
@@ -425,7 +423,7 @@ def worker_main(ev: Any) -> None:
             if not msg:
                 break
             if msg[:1] == M_REQUEST:
-                _handle(app, chan, msg, reader)
+                _handle(app, chan, reader, msg)
     except (ConnectionError, BrokenPipeError):
         pass
     finally:
